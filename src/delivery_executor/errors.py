@@ -1,0 +1,40 @@
+"""The library's exceptions.
+
+Storage failures are not wrapped: a failed write reaches its caller as the
+original ``OSError`` (same type, ``errno`` and ``filename``). The classes here
+cover what is not an ``OSError``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeliveryError",
+    "ExecutorClosed",
+    "ExecutorCrashed",
+    "InvalidMaildirPath",
+    "MessageTooLarge",
+]
+
+
+class DeliveryError(Exception):
+    """Base class of every exception this library defines."""
+
+
+class ExecutorClosed(DeliveryError, RuntimeError):
+    """``deliver()`` was called after ``aclose()`` began; nothing was queued."""
+
+
+class ExecutorCrashed(DeliveryError, RuntimeError):
+    """The executor's collector task died; pending deliveries were not made durable.
+
+    The collector's own exception is attached as ``__cause__``. Deliveries that
+    were already being flushed when it died still complete or fail on their own.
+    """
+
+
+class InvalidMaildirPath(DeliveryError, ValueError):
+    """A Maildir path is empty, holds a NUL byte, or is otherwise unusable."""
+
+
+class MessageTooLarge(DeliveryError, ValueError):
+    """A message body exceeds the configured size limit."""

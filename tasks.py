@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Project tasks that need nothing but python3: each one sets up .venv itself.
+
+python3 tasks.py demo    deliver through the executor into ./demo-maildir
+python3 tasks.py test    ruff, mypy --strict and the test suite
+python3 tasks.py bench   the microbenchmarks (see BUDGETS.md)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / "bin"
+
+
+def _run(*cmd: str | os.PathLike[str]) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the project with its dev extras, once per pyproject change."""
+    stamp = VENV / ".installed"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == want:
+        return
+    if not (BIN / "python").exists():
+        _run(sys.executable, "-m", "venv", VENV)
+    _run(BIN / "python", "-m", "pip", "install", "-q", "--upgrade", "pip")
+    _run(BIN / "python", "-m", "pip", "install", "-q", "-e", ".[dev]")
+    stamp.write_text(want)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test", "bench"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    task, rest = argv[0], argv[1:]
+    ensure_venv()
+    try:
+        if task == "demo":
+            _run(BIN / "delivery-executor", "demo", *rest)
+        elif task == "test":
+            _run(BIN / "ruff", "check", "src", "tests", "benches", "tasks.py")
+            _run(BIN / "mypy", "--strict")
+            _run(BIN / "pytest", *rest)
+        else:
+            _run(BIN / "pytest", "benches", "-p", "no:randomly", "--benchmark-only", *rest)
+    except subprocess.CalledProcessError as exc:
+        return exc.returncode or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

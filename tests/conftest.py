@@ -1,0 +1,149 @@
+"""Shared fixtures: strict event loops, syscall recorders and real small file systems."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from delivery_executor.fsops import FsOps
+
+# -- every loop error (e.g. "Task exception was never retrieved") fails the test
+
+_loop_errors: list[dict[str, Any]] = []
+
+
+def _strict(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    loop.set_exception_handler(lambda _loop, ctx: _loop_errors.append(ctx))
+    return loop
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop:
+    return _strict(asyncio.new_event_loop())
+
+
+def _uvloop_loop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return _strict(uvloop.new_event_loop())
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on a strict asyncio loop; ``uvloop``-marked ones on uvloop too."""
+    if item.get_closest_marker("uvloop") is not None:
+        return {"asyncio": _asyncio_loop, "uvloop": _uvloop_loop}
+    return {"asyncio": _asyncio_loop}
+
+
+@pytest.fixture(autouse=True)
+def _no_loop_errors() -> Iterator[None]:
+    """Fail a test whose loop reported an unhandled error, checked after a GC pass."""
+    _loop_errors.clear()
+    yield
+    gc.collect()
+    errors = [ctx.get("message", "") + " " + repr(ctx.get("exception")) for ctx in _loop_errors]
+    _loop_errors.clear()
+    assert not errors, f"event loop reported errors: {errors}"
+
+
+# -- syscall recording and fault injection through the store's FsOps seam
+
+
+class RecordingOps(FsOps):
+    """Real syscalls, with each one appended to ``calls`` as ``(op, path, ...)``."""
+
+    __slots__ = ("calls", "fail")
+
+    def __init__(self, fail: Callable[[str, str], OSError | None] | None = None) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.fail = fail
+
+    def _rec(self, op: str, path: str, *extra: str) -> None:
+        self.calls.append((op, path, *extra))
+        if self.fail is not None:
+            exc = self.fail(op, path)
+            if exc is not None:
+                raise exc
+
+    def create(self, path: str) -> int:
+        self._rec("create", path)
+        return super().create(path)
+
+    def write_all(self, fd: int, data: memoryview, path: str) -> None:
+        self._rec("write", path)
+        super().write_all(fd, data, path)
+
+    def fdatasync(self, fd: int, path: str) -> None:
+        self._rec("fdatasync", path)
+        super().fdatasync(fd, path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._rec("rename", src, dst)
+        super().rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        self._rec("unlink", path)
+        super().unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        self._rec("fsync_dir", path)
+        super().fsync_dir(path)
+
+    def syncfs(self, path: str) -> None:
+        self._rec("syncfs", path)
+        super().syncfs(path)
+
+
+@pytest.fixture
+def recording_ops() -> RecordingOps:
+    """A fresh recorder of the store's syscalls."""
+    return RecordingOps()
+
+
+# -- real small file systems (root only)
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str, *, readonly: bool = False) -> Iterator[Path]:
+    """Mount a fresh tmpfs of ``size`` and unmount it afterwards; skip if we cannot."""
+    if not _is_root():
+        pytest.skip("mounting a tmpfs needs root")
+    where = Path(tempfile.mkdtemp(prefix="de-tmpfs-"))
+    opts = f"size={size},mode=0755" + (",ro" if readonly else "")
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"cannot mount tmpfs: {res.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        where.rmdir()
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted for this test alone."""
+    with mounted_tmpfs("1m") as where:
+        yield where
+
+
+def files_in(directory: Path) -> list[str]:
+    """Names in ``directory``, sorted."""
+    return sorted(os.listdir(directory))
