@@ -12,6 +12,15 @@ from .errors import (
     InvalidMaildirPath,
     MessageTooLarge,
 )
+from .executor import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_CONCURRENT_FLUSHES,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_WAIT,
+    BatchPolicy,
+    DeliveryExecutor,
+    ExecutorStats,
+)
 from .fsops import HAVE_SYNCFS, FsOps
 from .maildir import (
     AUTO_SYNCFS_MIN_FILES,
@@ -26,19 +35,30 @@ from .maildir import (
     parse_flags,
     serialize_flags,
 )
+from .writer import BatchResult, BatchWriter, MaildirWriter
 
 __all__ = [
     "AUTO_SYNCFS_MIN_FILES",
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_CONCURRENT_FLUSHES",
+    "DEFAULT_MAX_QUEUED_BYTES",
+    "DEFAULT_MAX_WAIT",
     "HAVE_SYNCFS",
+    "BatchPolicy",
+    "BatchResult",
+    "BatchWriter",
     "Body",
     "DeliveryError",
+    "DeliveryExecutor",
     "ExecutorClosed",
     "ExecutorCrashed",
+    "ExecutorStats",
     "Flag",
     "FsOps",
     "InvalidMaildirPath",
     "Maildir",
     "MaildirEntry",
+    "MaildirWriter",
     "MessageId",
     "MessageTooLarge",
     "SyncMode",

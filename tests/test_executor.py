@@ -1,0 +1,589 @@
+"""DeliveryExecutor: batching, durability hand-off, failures, cancellation and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import random
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from delivery_executor import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_CONCURRENT_FLUSHES,
+    DEFAULT_MAX_WAIT,
+    DeliveryExecutor,
+    ExecutorClosed,
+    ExecutorCrashed,
+    InvalidMaildirPath,
+    MaildirWriter,
+    MessageId,
+    MessageTooLarge,
+)
+from delivery_executor.writer import BatchResult
+
+from .conftest import RecordingOps, files_in, mounted_tmpfs
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeWriter:
+    """A batch writer that records its calls, can block on a gate and can fail groups."""
+
+    def __init__(
+        self,
+        *,
+        gate: threading.Event | None = None,
+        fail_paths: dict[str, BaseException] | None = None,
+        raise_exc: BaseException | None = None,
+    ) -> None:
+        self.gate = gate
+        self.fail_paths = fail_paths or {}
+        self.raise_exc = raise_exc
+        self.calls: list[list[tuple[str, list[bytes]]]] = []
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+
+    def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+        with self._lock:
+            self.calls.append([(p, [bytes(b) for b in bodies]) for p, bodies in groups])
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gate is not None and not self.gate.wait(20):
+                raise TimeoutError("test gate never opened")
+            if self.raise_exc is not None:
+                raise self.raise_exc
+            out: list[list[MessageId] | BaseException] = []
+            for path, bodies in groups:
+                if path in self.fail_paths:
+                    out.append(self.fail_paths[path])
+                else:
+                    out.append([MessageId(f"fake{next(self._seq)}") for _ in bodies])
+            return out, 1
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [sum(len(b) for _, b in call) for call in self.calls]
+
+
+async def until(cond: Any, what: str, limit: float = 10.0) -> None:
+    """Yield to the loop until ``cond()`` holds; fail naming ``what`` after ``limit`` s."""
+    async with asyncio.timeout(limit):
+        # Polling on purpose: the conditions change in writer threads, not on the loop.
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+    assert cond(), what
+
+
+def read_new(path: Path) -> dict[str, bytes]:
+    return {n: (path / "new" / n).read_bytes() for n in files_in(path / "new")}
+
+
+# -- configuration
+
+
+def test_defaults_match_the_original() -> None:
+    """The defaults are the original's: 64 per batch, 10 ms, 2 concurrent flushes."""
+    assert (DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT, DEFAULT_MAX_CONCURRENT_FLUSHES) == (64, 0.010, 2)
+    ex = DeliveryExecutor()
+    assert (ex.max_batch, ex.max_wait, ex.max_concurrent_flushes) == (64, 0.010, 2)
+    assert ex.max_queued == 64 * 16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "text"),
+    [
+        ({"max_batch": 0}, ValueError, "max_batch must be >= 1, not 0"),
+        ({"max_batch": 2.5}, TypeError, "max_batch must be an int, not float"),
+        ({"max_batch": True}, TypeError, "max_batch must be an int, not bool"),
+        ({"max_wait": -1}, ValueError, "max_wait must be >= 0 seconds, not -1"),
+        ({"max_wait": "10ms"}, TypeError, "max_wait must be seconds"),
+        ({"max_concurrent_flushes": 0}, ValueError, "max_concurrent_flushes must be >= 1"),
+        ({"policy": "lazy"}, ValueError, "policy must be one of"),
+        ({"sync": "never"}, ValueError, "sync must be one of"),
+        ({"max_queued": 0}, ValueError, "max_queued must be >= 1"),
+        ({"max_queued_bytes": -5}, ValueError, "max_queued_bytes must be >= 1, not -5"),
+        ({"max_message_size": 10, "max_queued_bytes": 5}, ValueError, "must not exceed"),
+        ({"writer": 42}, TypeError, "writer must be callable, not int"),
+    ],
+)
+def test_bad_configuration_names_the_value(kwargs: dict[str, Any], exc: type, text: str) -> None:
+    """Each bad knob raises TypeError/ValueError naming the knob and its value."""
+    with pytest.raises(exc, match=text.replace("(", r"\(")):
+        DeliveryExecutor(**kwargs)
+
+
+def test_original_constructors_and_timedelta() -> None:
+    """with_config/with_full_config set the knobs; max_wait accepts a timedelta."""
+    a = DeliveryExecutor.with_config(128, timedelta(milliseconds=5))
+    assert (a.max_batch, a.max_wait, a.max_concurrent_flushes) == (128, 0.005, 2)
+    b = DeliveryExecutor.with_full_config(64, 0.01, 3)
+    assert b.max_concurrent_flushes == 3
+
+
+def test_construction_outside_a_loop_is_lazy_and_spawn_needs_a_loop() -> None:
+    """An executor builds without a loop; spawn() outside one raises RuntimeError."""
+    ex = DeliveryExecutor()
+    assert "idle" in repr(ex)
+    with pytest.raises(RuntimeError):
+        DeliveryExecutor.spawn()
+
+
+# -- the original's behaviour, ported
+
+
+@pytest.mark.uvloop
+@pytest.mark.asyncio
+async def test_single_delivery_is_durable_in_new(tmp_path: Path) -> None:
+    """One deliver() returns an id naming a file in new/ with the exact bytes."""
+    async with DeliveryExecutor.spawn() as ex:
+        mid = await ex.deliver(tmp_path / "alice", b"From: a@b\r\n\r\nhello\r\n")
+    assert read_new(tmp_path / "alice") == {mid.name: b"From: a@b\r\n\r\nhello\r\n"}
+    assert files_in(tmp_path / "alice" / "tmp") == []
+
+
+@pytest.mark.uvloop
+@pytest.mark.asyncio
+async def test_concurrent_callers_share_batches(tmp_path: Path) -> None:
+    """32 concurrent callers to one path all land, with mean batch size above 4."""
+    async with DeliveryExecutor() as ex:
+        bodies = [f"msg {i}".encode() for i in range(32)]
+        ids = await asyncio.gather(*(ex.deliver(tmp_path / "box", b) for b in bodies))
+        stats = ex.stats()
+    on_disk = read_new(tmp_path / "box")
+    assert {i.name: b for i, b in zip(ids, bodies, strict=True)} == on_disk
+    assert stats.delivered == 32
+    assert stats.mean_batch_size > 4
+    assert stats.syncs < 32
+
+
+@pytest.mark.asyncio
+async def test_batch_spanning_paths_shares_its_syncs(tmp_path: Path) -> None:
+    """Three paths in one batch each get their own mail, for two syncfs in all."""
+    async with DeliveryExecutor(sync="syncfs") as ex:
+        jobs = [(tmp_path / f"u{i % 3}", f"to u{i % 3} #{i}".encode()) for i in range(12)]
+        ids = await asyncio.gather(*(ex.deliver(p, b) for p, b in jobs))
+        stats = ex.stats()
+    assert stats.batches == 1
+    assert stats.syncs == 2
+    for mid, (path, body) in zip(ids, jobs, strict=True):
+        assert (path / "new" / mid.name).read_bytes() == body
+
+
+@pytest.mark.asyncio
+async def test_max_batch_is_respected(tmp_path: Path) -> None:
+    """With max_batch=8, 40 concurrent requests go out in batches of at most 8."""
+    writer = FakeWriter()
+    async with DeliveryExecutor(max_batch=8, writer=writer) as ex:
+        await asyncio.gather(*(ex.deliver("p", b"x") for _ in range(40)))
+    assert max(writer.batch_sizes) == 8
+    assert sum(writer.batch_sizes) == 40
+
+
+@pytest.mark.asyncio
+async def test_window_policy_flushes_a_full_batch_without_waiting() -> None:
+    """Window policy flushes as soon as max_batch arrive, even with an hour-long max_wait."""
+    writer = FakeWriter()
+    async with DeliveryExecutor(max_batch=4, max_wait=3600, policy="window", writer=writer) as ex:
+        await asyncio.gather(*(ex.deliver("p", b"x") for _ in range(4)))
+    assert writer.batch_sizes == [4]
+
+
+@pytest.mark.asyncio
+async def test_window_policy_holds_a_lone_caller_until_max_wait() -> None:
+    """Window policy holds a lone request for max_wait; aclose() flushes it at once."""
+    writer = FakeWriter()
+    ex = DeliveryExecutor(max_wait=3600, policy="window", writer=writer)
+    task = asyncio.ensure_future(ex.deliver("p", b"x"))
+    done, _ = await asyncio.wait([task], timeout=0.2)
+    assert not done  # held by the window: nothing reached the writer
+    assert writer.calls == []
+    await ex.aclose()
+    assert (await task).name.startswith("fake")
+    assert writer.batch_sizes == [1]
+
+
+@pytest.mark.uvloop
+@pytest.mark.asyncio
+async def test_eager_policy_never_holds_a_lone_caller(tmp_path: Path) -> None:
+    """Eager policy delivers a lone caller at once, in a batch of 1, despite max_wait=1h."""
+    async with DeliveryExecutor(max_wait=3600) as ex:
+        for i in range(5):
+            await ex.deliver(tmp_path / "m", b"%d" % i)
+        assert ex.stats().batch_sizes == {1: 5}
+
+
+@pytest.mark.asyncio
+async def test_flushes_pipeline_up_to_max_concurrent_flushes() -> None:
+    """With 2 slots, two batches are written at once and the rest queue behind them."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    async with DeliveryExecutor(max_concurrent_flushes=2, writer=writer) as ex:
+        first = asyncio.ensure_future(ex.deliver("p", b"1"))
+        await until(lambda: len(writer.calls) == 1, "first flush")
+        second = asyncio.ensure_future(ex.deliver("p", b"2"))
+        await until(lambda: len(writer.calls) == 2, "second flush")
+        rest = [asyncio.ensure_future(ex.deliver("p", b"r")) for _ in range(10)]
+        await until(lambda: ex.stats().queued == 10, "queued behind the slots")
+        assert ex.stats().in_flight == 2
+        assert "in_flight=2" in repr(ex)
+        gate.set()
+        await asyncio.gather(first, second, *rest)
+    assert writer.max_active == 2
+    assert writer.batch_sizes[:2] == [1, 1]
+    assert sum(writer.batch_sizes[2:]) == 10
+    assert len(writer.batch_sizes) <= 4  # the ten that waited went out together
+
+
+@pytest.mark.asyncio
+async def test_one_slot_means_strictly_serial_flushes() -> None:
+    """max_concurrent_flushes=1 never runs two writes at once."""
+    writer = FakeWriter()
+    async with DeliveryExecutor(max_concurrent_flushes=1, max_batch=4, writer=writer) as ex:
+        await asyncio.gather(*(ex.deliver("p", b"x") for _ in range(40)))
+    assert writer.max_active == 1
+
+
+# -- failures reach exactly the callers they concern
+
+
+@pytest.mark.asyncio
+async def test_a_failing_path_fails_only_its_callers(tmp_path: Path) -> None:
+    """A path under a regular file fails its callers with ENOTDIR; the others land."""
+    (tmp_path / "file").write_bytes(b"")
+    bad = tmp_path / "file" / "box"
+    async with DeliveryExecutor() as ex:
+        results = await asyncio.gather(
+            *(ex.deliver(bad if i % 4 == 0 else tmp_path / "ok", b"%d" % i) for i in range(16)),
+            return_exceptions=True,
+        )
+        stats = ex.stats()
+    assert stats.batches == 1
+    for i, r in enumerate(results):
+        if i % 4 == 0:
+            assert isinstance(r, NotADirectoryError)
+            assert r.errno == errno.ENOTDIR
+            assert str(tmp_path / "file") in str(r.filename)
+        else:
+            assert isinstance(r, MessageId)
+    assert len(files_in(tmp_path / "ok" / "new")) == 12
+    assert (stats.delivered, stats.failed) == (12, 4)
+
+
+@pytest.mark.asyncio
+async def test_sync_failure_fails_every_covered_message_and_is_not_retried(tmp_path: Path) -> None:
+    """EIO from syncfs fails every caller in the batch; the next batch is fresh."""
+    calls = [0]
+
+    def fail(op: str, path: str) -> OSError | None:
+        if op == "syncfs":
+            calls[0] += 1
+            if calls[0] == 1:
+                return OSError(errno.EIO, "Input/output error", path)
+        return None
+
+    ops = RecordingOps(fail)
+    async with DeliveryExecutor(writer=MaildirWriter("syncfs", ops)) as ex:
+        results = await asyncio.gather(
+            *(ex.deliver(tmp_path / f"u{i % 2}", b"x") for i in range(6)), return_exceptions=True
+        )
+        assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results)
+        assert len({id(r) for r in results}) == 1  # the one original exception
+        assert ex.stats().delivered == 0
+        later = await ex.deliver(tmp_path / "u0", b"later")
+    assert [c[0] for c in ops.calls].count("syncfs") == 3  # failed once, never retried
+    assert read_new(tmp_path / "u0") == {later.name: b"later"}
+
+
+@pytest.mark.asyncio
+async def test_writer_failing_mid_batch_fails_only_that_group() -> None:
+    """A writer that fails one group resolves the other groups' callers normally."""
+    boom = PermissionError(errno.EACCES, "Permission denied", "/m/b/tmp/x")
+    writer = FakeWriter(fail_paths={"b": boom})
+    async with DeliveryExecutor(writer=writer) as ex:
+        res = await asyncio.gather(*(ex.deliver(p, b"x") for p in "abcab"), return_exceptions=True)
+    assert [type(r) for r in res] == [MessageId, PermissionError, MessageId, MessageId, type(boom)]
+    assert res[1] is boom
+    assert res[4] is boom
+
+
+@pytest.mark.asyncio
+async def test_writer_bug_fails_its_batch_and_the_executor_goes_on() -> None:
+    """A writer raising a non-OSError fails that batch's callers; later batches work."""
+    writer = FakeWriter(raise_exc=ZeroDivisionError("bug"))
+    async with DeliveryExecutor(writer=writer) as ex:
+        with pytest.raises(ZeroDivisionError, match="bug"):
+            await ex.deliver("p", b"x")
+        writer.raise_exc = None
+        assert (await ex.deliver("p", b"y")).name.startswith("fake")
+
+
+@pytest.mark.asyncio
+async def test_writer_returning_the_wrong_count_is_an_error() -> None:
+    """A writer returning too few results fails its callers with RuntimeError."""
+
+    def short(groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+        return [], 0
+
+    async with DeliveryExecutor(writer=short) as ex:
+        with pytest.raises(RuntimeError, match="0 results for 1 groups"):
+            await ex.deliver("p", b"x")
+
+
+# -- bad input is rejected at deliver(), before queuing
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "exc", "text"),
+    [
+        ("p", "text", TypeError, "body must be bytes"),
+        ("p", None, TypeError, "not NoneType"),
+        ("", b"x", InvalidMaildirPath, "empty"),
+        ("a\0b", b"x", ValueError, "NUL"),
+        (b"/p", b"x", TypeError, "Maildir path must be str"),
+        ("p", b"x" * 101, MessageTooLarge, "101 bytes exceeds max_message_size=100"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_bad_input_is_rejected_without_poisoning_the_batch(
+    tmp_path: Path, path: Any, body: Any, exc: type, text: str
+) -> None:
+    """A bad request raises at deliver() while concurrent good ones in its batch land."""
+    writer = FakeWriter()
+    async with DeliveryExecutor(writer=writer, max_message_size=100) as ex:
+        results = await asyncio.gather(
+            ex.deliver("good", b"1"),
+            ex.deliver(path, body),
+            ex.deliver("good", b"2"),
+            return_exceptions=True,
+        )
+    assert isinstance(results[1], exc)
+    assert text in str(results[1])
+    assert isinstance(results[0], MessageId)
+    assert isinstance(results[2], MessageId)
+    assert [p for call in writer.calls for p, _ in call] == ["good"]
+
+
+# -- cancellation
+
+
+@pytest.mark.uvloop
+@pytest.mark.asyncio
+async def test_cancelled_caller_does_not_cancel_the_write(tmp_path: Path) -> None:
+    """A caller cancelled mid-flush leaves the write to complete, with no loop error."""
+    gate = threading.Event()
+    real = MaildirWriter()
+
+    def gated(groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+        gate.wait(20)
+        return real(groups)
+
+    async with DeliveryExecutor(writer=gated) as ex:
+        task = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"still written"))
+        await until(lambda: ex.stats().in_flight == 1, "flush started")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        after = await ex.deliver(tmp_path / "m", b"after")
+    on_disk = sorted(read_new(tmp_path / "m").values())
+    assert on_disk == [b"after", b"still written"]
+    assert after.name in read_new(tmp_path / "m")
+
+
+@pytest.mark.asyncio
+async def test_cancelled_caller_of_a_failing_write_logs_nothing() -> None:
+    """A failure for a cancelled caller is swallowed: no 'never retrieved' error."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate, raise_exc=OSError(errno.EIO, "Input/output error"))
+    async with DeliveryExecutor(writer=writer) as ex:
+        task = asyncio.ensure_future(ex.deliver("p", b"x"))
+        await until(lambda: len(writer.calls) == 1, "flush started")
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ex.stats().failed == 0  # nobody was told of it
+
+
+# -- shutdown
+
+
+@pytest.mark.asyncio
+async def test_aclose_drains_queued_and_in_flight_work(tmp_path: Path) -> None:
+    """aclose() completes every accepted delivery before it returns."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(max_batch=4, writer=writer)
+    tasks = [asyncio.ensure_future(ex.deliver("p", b"x")) for _ in range(30)]
+    await until(lambda: writer.active == 2, "both slots busy")
+    closing = asyncio.ensure_future(ex.aclose())
+    await asyncio.sleep(0.01)
+    assert not closing.done()
+    assert "closing" in repr(ex)
+    gate.set()
+    await closing
+    assert all(t.done() and not t.exception() for t in tasks)
+    assert sum(writer.batch_sizes) == 30
+    assert "closed" in repr(ex)
+
+
+@pytest.mark.asyncio
+async def test_deliver_after_close_raises_and_close_is_idempotent() -> None:
+    """After aclose(), deliver() raises ExecutorClosed; aclose() may be called again."""
+    ex = DeliveryExecutor(writer=FakeWriter())
+    await ex.deliver("p", b"x")
+    await asyncio.gather(ex.aclose(), ex.aclose())
+    await ex.aclose()
+    with pytest.raises(ExecutorClosed, match="closed"):
+        await ex.deliver("p", b"x")
+    assert ex.closed
+
+
+@pytest.mark.asyncio
+async def test_close_of_an_unused_executor_is_instant() -> None:
+    """aclose() on an executor that never ran starts nothing and returns."""
+    ex = DeliveryExecutor()
+    await ex.aclose()
+    assert "closed" in repr(ex)
+
+
+@pytest.mark.asyncio
+async def test_aclose_waits_for_callers_blocked_on_a_full_queue() -> None:
+    """Callers blocked by backpressure before aclose() are still delivered."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(max_batch=2, max_queued=2, writer=writer)
+    tasks = [asyncio.ensure_future(ex.deliver("p", b"x")) for _ in range(20)]
+    # Two in the queue plus one held by the collector while it waits for a slot.
+    await until(lambda: writer.active == 2 and ex.stats().queued == 3, "queue full")
+    closing = asyncio.ensure_future(ex.aclose())
+    await asyncio.sleep(0)
+    gate.set()
+    await closing
+    assert all(t.done() and isinstance(t.result(), MessageId) for t in tasks)
+    assert sum(writer.batch_sizes) == 20
+
+
+# -- a collector crash releases everyone
+
+
+@pytest.mark.asyncio
+async def test_collector_crash_fails_waiters_fast_and_later_calls(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the collector dies, queued callers get ExecutorCrashed at once; none hang."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(max_batch=4, max_queued=4, writer=writer)
+    in_flight = []
+    for n in (1, 2):
+        in_flight.append(asyncio.ensure_future(ex.deliver("p", b"f")))
+        await until(lambda n=n: writer.active == n, f"{n} slots busy")
+    queued = [asyncio.ensure_future(ex.deliver("p", b"q")) for _ in range(10)]
+    await until(lambda: ex.stats().queued == 5, "queue full, five callers blocked")
+
+    def broken(batch: object) -> bool:
+        raise RuntimeError("collector bug")
+
+    monkeypatch.setattr(ex, "_drain", broken)
+    with caplog.at_level(logging.ERROR, logger="delivery_executor"):
+        gate.set()  # frees a slot: the collector wakes, drains, and dies
+        results = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(r, ExecutorCrashed) for r in results)
+    assert isinstance(results[0], ExecutorCrashed)
+    assert isinstance(results[0].__cause__, RuntimeError)
+    assert "collector crashed" in caplog.text
+    assert all(isinstance(r, MessageId) for r in await asyncio.gather(*in_flight))
+    with pytest.raises(ExecutorCrashed, match="collector bug"):
+        await ex.deliver("p", b"late")
+    assert "crashed" in repr(ex)
+    await ex.aclose()
+
+
+# -- backpressure
+
+
+@pytest.mark.asyncio
+async def test_queued_bytes_stay_under_the_limit() -> None:
+    """With max_queued_bytes=1000, at most 1000 body bytes are ever accepted at once."""
+    seen: list[int] = []
+    ex: DeliveryExecutor
+
+    def watching(groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+        seen.append(ex.stats().queued_bytes)
+        return [[MessageId(f"m{i}") for i, _ in enumerate(b)] for _, b in groups], 0
+
+    ex = DeliveryExecutor(max_queued_bytes=1000, writer=watching)
+    async with ex:
+        await asyncio.gather(*(ex.deliver("p", b"x" * 300) for _ in range(20)))
+        assert ex.stats().delivered == 20
+        assert ex.stats().queued_bytes == 0
+    assert seen
+    assert max(seen) <= 1000
+    with pytest.raises(MessageTooLarge):
+        await DeliveryExecutor(max_queued_bytes=10).deliver("p", b"x" * 11)
+
+
+# -- stats and repr
+
+
+@pytest.mark.asyncio
+async def test_stats_snapshot(tmp_path: Path) -> None:
+    """stats() counts deliveries, batches, syncs and gives flush-latency percentiles."""
+    async with DeliveryExecutor() as ex:
+        assert ex.stats().delivered == 0
+        assert ex.stats().mean_batch_size == 0.0
+        await ex.deliver(tmp_path / "m", b"x")
+        s = ex.stats()
+    assert (s.delivered, s.failed, s.batches, s.queued, s.in_flight) == (1, 0, 1, 0, 0)
+    assert s.syncs == 2  # fdatasync + fsync(new/) for a lone message
+    assert set(s.flush_latency) == {"p50", "p90", "p99", "max"}
+    assert s.batch_sizes == {1: 1}
+
+
+# -- stress on real files
+
+
+@pytest.mark.root
+@pytest.mark.timeout(300)
+@pytest.mark.asyncio
+async def test_stress_20000_deliveries_from_200_tasks(tmp_path: Path) -> None:
+    """20,000 deliveries to 1-500 paths: each id holds its bytes, and no file is extra."""
+    rng = random.Random(7)
+    with mounted_tmpfs("512m") as root:
+        expected: dict[tuple[str, str], bytes] = {}
+
+        async def session(n: int, ex: DeliveryExecutor) -> None:
+            for i in range(100):
+                path = root / f"user{rng.randrange(1 + (n * 5) % 500)}"
+                body = f"session {n} message {i}\r\n".encode() * rng.randrange(1, 20)
+                mid = await ex.deliver(path, body)
+                expected[(str(path), mid.name)] = body
+
+        async with DeliveryExecutor() as ex:
+            await asyncio.gather(*(session(n, ex) for n in range(200)))
+            stats = ex.stats()
+        found = {}
+        for box in os.listdir(root):
+            for name in os.listdir(root / box / "new"):
+                found[(str(root / box), name)] = (root / box / "new" / name).read_bytes()
+            assert os.listdir(root / box / "tmp") == []
+        assert len(expected) == 20_000
+        assert found == expected
+        assert stats.delivered == 20_000
+        assert stats.mean_batch_size > 4
