@@ -51,7 +51,14 @@ def main(argv: list[str]) -> int:
             _run(BIN / "mypy", "--strict")
             _run(BIN / "pytest", *rest)
         else:
-            _run(BIN / "pytest", "benches", "-p", "no:randomly", "--benchmark-only", *rest)
+            _run(
+                BIN / "pytest",
+                "benches",
+                "-o",
+                "python_files=bench_*.py",
+                "--benchmark-only",
+                *rest,
+            )
     except subprocess.CalledProcessError as exc:
         return exc.returncode or 1
     return 0
