@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
             _run(BIN / "delivery-executor", "demo", *rest)
         elif task == "test":
             _run(BIN / "ruff", "check", "src", "tests", "benches", "tasks.py")
+            _run(BIN / "ruff", "format", "--check", "src", "tests", "benches", "tasks.py")
             _run(BIN / "mypy", "--strict")
             _run(BIN / "pytest", *rest)
         else:
