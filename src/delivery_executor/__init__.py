@@ -11,6 +11,7 @@ from .errors import (
     ExecutorCrashed,
     InvalidMaildirPath,
     MessageTooLarge,
+    RecipientRejected,
 )
 from .executor import (
     DEFAULT_MAX_BATCH,
@@ -35,6 +36,7 @@ from .maildir import (
     parse_flags,
     serialize_flags,
 )
+from .recipients import MailboxResolver
 from .writer import BatchResult, BatchWriter, MaildirWriter
 
 __all__ = [
@@ -56,11 +58,13 @@ __all__ = [
     "Flag",
     "FsOps",
     "InvalidMaildirPath",
+    "MailboxResolver",
     "Maildir",
     "MaildirEntry",
     "MaildirWriter",
     "MessageId",
     "MessageTooLarge",
+    "RecipientRejected",
     "SyncMode",
     "add_flag",
     "commit_batch",

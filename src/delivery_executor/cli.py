@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .executor import DeliveryExecutor, ExecutorStats
 from .fsops import HAVE_SYNCFS
@@ -91,23 +93,99 @@ def _verify(delivered: Delivered, stats: ExecutorStats) -> int:
     return 1 if bad else 0
 
 
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run a durable Maildir delivery server (LMTP or SMTP)")
+    p.add_argument("--root", type=Path, default=Path("maildirs"), help="root of all Maildirs")
+    p.add_argument(
+        "--listen",
+        type=_listen,
+        default=("127.0.0.1", 2525),
+        help="HOST:PORT (default 127.0.0.1:2525)",
+    )
+    proto = p.add_mutually_exclusive_group()
+    proto.add_argument(
+        "--lmtp", dest="lmtp", action="store_true", default=True, help="LMTP (default)"
+    )
+    proto.add_argument("--smtp", dest="lmtp", action="store_false", help="SMTP")
+    p.add_argument("--domain", action="append", help="accepted domain (repeatable; default: any)")
+    p.add_argument("--recipient-delimiter", help="e.g. + to map a+tag@d to a@d")
+    p.add_argument("--existing-only", action="store_true", help="reject unknown mailboxes at RCPT")
+    p.add_argument("--max-size", type=int, default=32 * 1024 * 1024, help="bytes per message")
+    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-concurrent-flushes", type=int, default=2)
+    p.add_argument("--policy", choices=["eager", "window"], default="eager")
+    p.add_argument("--sync", choices=["auto", "syncfs", "fsync"], default="auto")
+    p.add_argument("--no-headers", action="store_true", help="do not prepend trace headers")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .server import ServerConfig, run_server
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.log_level.upper() != "DEBUG":
+        # aiosmtpd logs every connection at INFO: real CPU at thousands per second.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    if args.workers < 1:
+        raise SystemExit("--workers must be >= 1")
+    config = ServerConfig(
+        root=args.root.resolve(),
+        host=args.listen[0],
+        port=args.listen[1],
+        lmtp=args.lmtp,
+        domains=args.domain,
+        recipient_delimiter=args.recipient_delimiter,
+        existing_only=args.existing_only,
+        max_message_size=args.max_size,
+        max_connections=args.max_connections,
+        max_batch=args.max_batch,
+        max_wait=args.max_wait_ms / 1000.0,
+        max_concurrent_flushes=args.max_concurrent_flushes,
+        policy=args.policy,
+        sync=args.sync,
+        add_headers=not args.no_headers,
+        reuse_port=args.reuse_port,
+        workers=args.workers,
+        uvloop=args.uvloop,
+    )
+    try:
+        return run_server(config, argv)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"delivery-executor serve: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``delivery-executor`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="delivery-executor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="deliver sample mail into a local Maildir tree")
     demo.add_argument("--root", type=Path, default=Path("demo-maildir"), help="Maildir tree root")
     demo.add_argument("--sessions", type=int, default=32, help="concurrent sessions")
     demo.add_argument("--messages", type=int, default=50, help="messages per session")
+    _add_serve(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.sessions < 1 or args.messages < 1:
             parser.error("--sessions and --messages must be >= 1")
         delivered, stats = asyncio.run(_demo(args.root.resolve(), args.sessions, args.messages))
         return _verify(delivered, stats)
+    if args.command == "serve":
+        return _serve(args, argv)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2  # pragma: no cover
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -13,6 +13,7 @@ __all__ = [
     "ExecutorCrashed",
     "InvalidMaildirPath",
     "MessageTooLarge",
+    "RecipientRejected",
 ]
 
 
@@ -38,3 +39,21 @@ class InvalidMaildirPath(DeliveryError, ValueError):
 
 class MessageTooLarge(DeliveryError, ValueError):
     """A message body exceeds the configured size limit."""
+
+
+class RecipientRejected(DeliveryError, ValueError):
+    """A recipient address cannot be delivered here; carries the SMTP reply.
+
+    ``code`` is the basic and enhanced status (``"553 5.1.3"``), ``text`` says
+    why, and ``reply`` is the full reply line.
+    """
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+    @property
+    def reply(self) -> str:
+        """The SMTP reply line: ``"<code> <text>"``."""
+        return f"{self.code} {self.text}"
