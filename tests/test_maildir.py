@@ -96,6 +96,30 @@ def test_bad_paths_are_rejected_with_a_clear_error(bad: object, exc: type[Except
         Maildir.create(bad)  # type: ignore[arg-type]
 
 
+def test_concurrent_create_of_one_new_path_succeeds_everywhere(tmp_path: Path) -> None:
+    """16 threads creating the same nested Maildir at once all succeed (no EEXIST)."""
+    target = tmp_path / "a" / "b" / "c" / "box"
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    def work() -> None:
+        start.wait()
+        try:
+            Maildir.create(target)
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(20):
+        threads = [threading.Thread(target=work) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        Maildir.open(target)
+        subprocess.run(["rm", "-rf", str(tmp_path / "a")], check=True)
+
+
 def test_cached_returns_the_same_object_and_forget_recreates(tmp_path: Path) -> None:
     """cached() skips the syscalls on a hit; forget() makes the next call create again."""
     p = tmp_path / "c"

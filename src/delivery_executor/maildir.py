@@ -405,19 +405,28 @@ _CACHE_LOCK = threading.Lock()
 
 def _makedirs(path: str, created: list[str]) -> None:
     # os.makedirs does not say which components it made; we need them to fsync.
+    # Another thread or process may create any component at the same time.
     try:
         os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
-        return
     except FileNotFoundError:
         parent = os.path.dirname(path)
         if parent == path:
             raise
         _makedirs(parent, created)
-        os.mkdir(path, 0o700)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            _require_dir(path)
+            return
+    except FileExistsError:
+        _require_dir(path)
+        return
     created.append(path)
+
+
+def _require_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
 
 
 # --------------------------------------------------------------------------

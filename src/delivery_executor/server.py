@@ -157,6 +157,13 @@ async def serve(
     )
 
 
+def _say(line: str) -> None:
+    # One write per line: worker processes share the parent's stdout, and
+    # print() writes the text and its newline separately, so lines interleave.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _run_one(config: ServerConfig) -> int:
     """Run one server process until SIGINT/SIGTERM; print where it listens and a summary."""
 
@@ -168,10 +175,9 @@ def _run_one(config: ServerConfig) -> int:
         proto = "LMTP" if config.lmtp else "SMTP"
 
         def ready(host: str, port: int) -> None:
-            print(
+            _say(
                 f"listening on {host}:{port} ({proto}, pid {os.getpid()}),"
-                f" delivering into {config.root}",
-                flush=True,
+                f" delivering into {config.root}"
             )
 
         return await serve(config, stop, on_ready=ready)
@@ -182,7 +188,7 @@ def _run_one(config: ServerConfig) -> int:
         summary = uvloop.run(main())
     else:
         summary = asyncio.run(main())
-    print(summary.line(), flush=True)
+    _say(summary.line())
     return 0
 
 
@@ -209,7 +215,7 @@ def _run_workers(config: ServerConfig, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, forward)
     codes = [c.wait() for c in children]
     bad = [c for c in codes if c != 0]
-    print(f"workers exited: {codes}", flush=True)
+    _say(f"workers exited: {codes}")
     return bad[0] if bad else 0
 
 
