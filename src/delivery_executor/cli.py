@@ -128,6 +128,12 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
+    p.add_argument(
+        "--mode",
+        choices=["executor", "noop", "per-message"],
+        default="executor",
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -161,6 +167,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         reuse_port=args.reuse_port,
         workers=args.workers,
         uvloop=args.uvloop,
+        mode=args.mode,
     )
     try:
         return run_server(config, argv)

@@ -13,13 +13,15 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from .baselines import NoopHandler, PerMessageHandler
 from .executor import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENT_FLUSHES,
@@ -62,7 +64,8 @@ class ServerConfig:
     """Seconds to let open sessions finish after a stop signal."""
     workers: int = 1
     uvloop: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
+    mode: str = "executor"
+    """``"executor"``, or a benchmark baseline: ``"noop"``, ``"per-message"``."""
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,15 @@ async def serve(
         recipient_delimiter=config.recipient_delimiter,
         existing_only=config.existing_only,
     )
-    handler = DeliveryHandler(
+    handler: object = DeliveryHandler(
         executor, resolver, max_message_size=config.max_message_size, add_headers=config.add_headers
     )
+    if config.mode == "noop":
+        handler = NoopHandler()
+    elif config.mode == "per-message":
+        handler = PerMessageHandler(resolver)
+    elif config.mode != "executor":
+        raise ValueError(f"mode must be executor, noop or per-message, not {config.mode!r}")
     factory = SessionFactory(
         handler,
         lmtp=config.lmtp,
@@ -126,7 +135,7 @@ async def serve(
         loop=loop,
         data_size_limit=config.max_message_size,
         enable_SMTPUTF8=True,
-        hostname=handler.hostname,
+        hostname=resolver_hostname(),
     )
     async with executor:
         server = await loop.create_server(
@@ -146,8 +155,11 @@ async def serve(
                     "%d sessions still open after %.1f s; closing", factory.live, config.grace
                 )
     stats = executor.stats()
+    delivered = stats.delivered
+    if isinstance(handler, (NoopHandler, PerMessageHandler)):
+        delivered = handler.accepted
     return ServerSummary(
-        delivered=stats.delivered,
+        delivered=delivered,
         failed=stats.failed,
         batches=stats.batches,
         mean_batch_size=stats.mean_batch_size,
@@ -155,6 +167,11 @@ async def serve(
         refused_connections=factory.refused,
         seconds=time.monotonic() - started,
     )
+
+
+def resolver_hostname() -> str:
+    """The name we greet with: this host's FQDN."""
+    return socket.getfqdn()
 
 
 def _say(line: str) -> None:

@@ -282,7 +282,7 @@ class SessionFactory:
 
     def __init__(
         self,
-        handler: DeliveryHandler,
+        handler: object,
         *,
         lmtp: bool,
         max_connections: int,
