@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from delivery_executor import BatchPolicy, DeliveryExecutor, Maildir, MessageId
-
-from ._fs import bench_filesystem
+from delivery_executor.benchfs import bench_filesystem
 
 BODY = (b"From: bench@example.org\r\nSubject: x\r\n\r\n" + b"x" * 500)[:500]
 CONTENDERS = ("per-message", "window", "eager")

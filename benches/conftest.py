@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from delivery_executor import Maildir
-
-from ._fs import bench_filesystem
+from delivery_executor.benchfs import bench_filesystem
 
 _FS_DESCRIPTION: list[str] = []
 

@@ -145,3 +145,16 @@ def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path: Path) -> Non
     assert sum(len(Maildir.open(b).scan_new()) for b in (root / "example.org").iterdir()) == len(
         found
     )
+
+
+def test_bench_cell_runs_server_and_load_and_verifies_disk(tmp_path: Path) -> None:
+    """One bench cell: serve + load generator processes, a row whose counts match the disk."""
+    from delivery_executor.bench import format_table, run_cell
+
+    row = run_cell(tmp_path, "32 conns, 1000 rcpts", "executor", 1.0, 0.2, lmtp=True)
+    assert row.errors == 0
+    assert row.msg_s > 0
+    assert row.delivered >= row.msg_s * 1.0  # the warm-up's deliveries count too
+    assert row.on_disk == row.delivered
+    assert row.mean_batch >= 1
+    assert "32 conns, 1000 rcpts" in format_table([row])

@@ -93,6 +93,20 @@ def _verify(delivered: Delivered, stats: ExecutorStats) -> int:
     return 1 if bad else 0
 
 
+def _demo_server(root: Path, seconds: float) -> int:
+    from .bench import format_table, run_cell
+
+    print(
+        f"\nserver demo: 'delivery-executor serve' (LMTP) on 127.0.0.1, delivering into {root};"
+        f"\n32 load-generator connections for {seconds:g} s, a new connection per message"
+    )
+    row = run_cell(root, "32 conns, 1 rcpt", "executor", seconds, 1.0, lmtp=True)
+    print(format_table([row]))
+    ok = row.on_disk >= row.delivered > 0 and row.errors == 0
+    print("verified: every delivery the server counted is a file in new/" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -185,13 +199,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--root", type=Path, default=Path("demo-maildir"), help="Maildir tree root")
     demo.add_argument("--sessions", type=int, default=32, help="concurrent sessions")
     demo.add_argument("--messages", type=int, default=50, help="messages per session")
+    demo.add_argument("--seconds", type=float, default=3.0, help="length of the server demo")
     _add_serve(sub)
+    sub.add_parser(
+        "bench", help="the SMTP/LMTP load benchmark (see 'bench --help')", add_help=False
+    )
+    if argv and argv[0] == "bench":  # its own parser: see delivery_executor.bench
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.sessions < 1 or args.messages < 1:
             parser.error("--sessions and --messages must be >= 1")
-        delivered, stats = asyncio.run(_demo(args.root.resolve(), args.sessions, args.messages))
-        return _verify(delivered, stats)
+        root = args.root.resolve()
+        delivered, stats = asyncio.run(_demo(root, args.sessions, args.messages))
+        code = _verify(delivered, stats)
+        return code or _demo_server(root / "server", args.seconds)
     if args.command == "serve":
         return _serve(args, argv)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
