@@ -116,6 +116,8 @@ def _server(root: Path, args: list[str], lmtp: bool) -> Iterator[tuple[int, list
             proc.kill()
             proc.wait()
         reader.join(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _count_files(root: Path) -> int:
