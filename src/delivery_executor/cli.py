@@ -138,6 +138,12 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--max-concurrent-flushes", type=int, default=2)
     p.add_argument("--policy", choices=["eager", "window"], default="eager")
     p.add_argument("--sync", choices=["auto", "syncfs", "fsync"], default="auto")
+    p.add_argument(
+        "--offload",
+        choices=["process", "syncs", "all"],
+        default="process",
+        help="where batches are written: a helper process (default), the loop, or a thread",
+    )
     p.add_argument("--no-headers", action="store_true", help="do not prepend trace headers")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -182,6 +188,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         workers=args.workers,
         uvloop=args.uvloop,
         mode=args.mode,
+        offload=args.offload,
     )
     try:
         return run_server(config, argv)

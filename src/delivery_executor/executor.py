@@ -28,11 +28,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Literal, Self, TypeAlias
+from typing import Literal, Self, TypeAlias, TypeVar
 
 from .errors import ExecutorClosed, ExecutorCrashed, MessageTooLarge
 from .maildir import Body, MessageId, SyncMode, check_body, check_maildir_path
@@ -59,8 +59,11 @@ DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 BatchPolicy: TypeAlias = Literal["eager", "window"]
 _POLICIES = ("eager", "window")
+Offloading: TypeAlias = Literal["syncs", "all"]
+_OFFLOADS = ("syncs", "all")
 _LATENCY_SAMPLES = 4096
 _log = logging.getLogger("delivery_executor")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,10 @@ class DeliveryExecutor:
         max_message_size: larger bodies raise :class:`MessageTooLarge`
             (default and upper bound: ``max_queued_bytes``).
         writer: the batch writer (default :class:`MaildirWriter` with ``sync``).
+        offload: what runs in the executor's threads. ``"syncs"`` (default,
+            for writers with an ``acommit`` method such as
+            :class:`MaildirWriter`): only the syncs; the page-cache work runs on
+            the loop. ``"all"``: the whole batch, in one thread call.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class DeliveryExecutor:
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         max_message_size: int | None = None,
         writer: BatchWriter | None = None,
+        offload: Offloading = "syncs",
     ) -> None:
         self.max_batch = _positive_int("max_batch", max_batch)
         self.max_wait = _seconds("max_wait", max_wait)
@@ -180,6 +188,9 @@ class DeliveryExecutor:
             raise ValueError(
                 f"max_message_size ({size}) must not exceed max_queued_bytes ({max_queued_bytes})"
             )
+        if offload not in _OFFLOADS:
+            raise ValueError(f"offload must be one of {_OFFLOADS}, not {offload!r}")
+        self.offload: Offloading = offload
         if writer is not None and not callable(writer):
             raise TypeError(f"writer must be callable, not {type(writer).__name__}")
         self._writer: BatchWriter = writer if writer is not None else MaildirWriter(sync)
@@ -299,6 +310,9 @@ class DeliveryExecutor:
                     await asyncio.shield(self._collector)
             while self._flushes:
                 await asyncio.gather(*self._flushes, return_exceptions=True)
+            closer = getattr(self._writer, "aclose", None)
+            if closer is not None:
+                await closer()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
@@ -498,7 +512,11 @@ class DeliveryExecutor:
         self._batch_sizes[len(batch)] += 1
         started = time.perf_counter()
         try:
-            results, syncs = await self._loop.run_in_executor(self._pool, self._writer, payload)
+            acommit = getattr(self._writer, "acommit", None)
+            if self.offload == "syncs" and acommit is not None:
+                results, syncs = await acommit(payload, self._offload)
+            else:
+                results, syncs = await self._loop.run_in_executor(self._pool, self._writer, payload)
             self._syncs += syncs
             if len(results) != len(payload):
                 raise RuntimeError(
@@ -529,6 +547,10 @@ class DeliveryExecutor:
             self._in_flight -= 1
             self._slots.release()
             self._release_bytes(sum(r.size for r in batch))
+
+    def _offload(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        assert self._loop is not None
+        return self._loop.run_in_executor(self._pool, fn, *args)
 
     def _settle_error(self, reqs: Sequence[_Request], exc: BaseException) -> None:
         for req in reqs:

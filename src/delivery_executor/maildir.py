@@ -40,7 +40,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -61,7 +61,9 @@ __all__ = [
     "check_body",
     "check_maildir_path",
     "commit_batch",
+    "commit_steps",
     "parse_flags",
+    "run_sync_call",
     "serialize_flags",
 ]
 
@@ -300,6 +302,11 @@ class Maildir:
         return md
 
     @staticmethod
+    def peek_cached(path: str) -> Maildir | None:
+        """The :meth:`cached` entry for ``path`` if there is one; never touches the disk."""
+        return _CACHE.get(path)
+
+    @staticmethod
     def forget(path: str | os.PathLike[str]) -> None:
         """Drop ``path`` from the :meth:`cached` table, if present."""
         with _CACHE_LOCK:
@@ -455,6 +462,13 @@ class _Group:
         self.names = self.names[: self.renamed]
 
 
+SyncCall: TypeAlias = tuple[str, int, str]
+"""A sync the protocol needs: ``("fdatasync", fd, path)``, ``("fsync_dir", -1, path)``
+or ``("syncfs", -1, path)``."""
+
+CommitSteps: TypeAlias = Generator[SyncCall, "OSError | None", "list[list[MessageId] | OSError]"]
+
+
 def commit_batch(
     groups: Sequence[tuple[Maildir, Sequence[Body]]],
     *,
@@ -478,9 +492,52 @@ def commit_batch(
     Raises ``TypeError``/``ValueError`` for bad bodies or ``sync`` before any
     file is touched. Cost: see the module docstring for the syscalls.
     """
+    steps = commit_steps(groups, sync=sync, ops=ops)
+    try:
+        call = next(steps)
+        while True:
+            call = steps.send(run_sync_call(ops, call))
+    except StopIteration as done:
+        results: list[list[MessageId] | OSError] = done.value
+        return results
+
+
+def commit_steps(
+    groups: Sequence[tuple[Maildir, Sequence[Body]]],
+    *,
+    sync: SyncMode = "auto",
+    ops: FsOps = OS_OPS,
+) -> CommitSteps:
+    """:func:`commit_batch` as a generator that hands each sync to its driver.
+
+    The generator does the page-cache work (open, write, close, rename) itself
+    and yields a :data:`SyncCall` wherever the protocol must wait for the disk;
+    the driver makes that call (for instance in a thread, see
+    :func:`run_sync_call`) and sends back ``None`` or the ``OSError`` it raised.
+    Its return value is :func:`commit_batch`'s. Bodies and ``sync`` are checked
+    here, before the generator exists.
+    """
     _check_sync(sync)
     work = [_Group(md, [check_body(b) for b in bodies]) for md, bodies in groups]
+    return _steps(work, sync, ops)
 
+
+def run_sync_call(ops: FsOps, call: SyncCall) -> OSError | None:
+    """Make one yielded sync through ``ops``; return its ``OSError`` instead of raising."""
+    kind, fd, path = call
+    try:
+        if kind == "fdatasync":
+            ops.fdatasync(fd, path)
+        elif kind == "fsync_dir":
+            ops.fsync_dir(path)
+        else:
+            ops.syncfs(path)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _steps(work: list[_Group], sync: str, ops: FsOps) -> CommitSteps:
     # Decide the form per file system before writing: it changes step 2.
     per_dev: dict[int, int] = {}
     for g in work:
@@ -492,18 +549,18 @@ def commit_batch(
     else:
         syncfs_devs = set()
 
-    # 1-2. Write into tmp/ (fdatasync inline for the portable form).
+    # 1-2. Write into tmp/ (fdatasync per file for the portable form).
     for g in work:
         datasync = g.md.dev not in syncfs_devs
         try:
             for view in g.views:
-                _write_one(g, view, datasync, ops)
+                yield from _write_one(g, view, datasync, ops)
         except OSError as exc:
             g.fail(exc, ops)
 
     # 2. syncfs form: one sync per file system covers every file's data.
     for dev in syncfs_devs:
-        _sync_dev(work, dev, ops)
+        yield from _sync_dev(work, dev, ops)
 
     # 3. Rename into new/.
     for g in work:
@@ -518,22 +575,23 @@ def commit_batch(
 
     # 4. Make the renames durable.
     for dev in syncfs_devs:
-        _sync_dev(work, dev, ops)
+        yield from _sync_dev(work, dev, ops)
     new_dirs: dict[str, list[_Group]] = {}
     for g in work:
         if g.error is None and g.md.dev not in syncfs_devs and g.names:
             new_dirs.setdefault(g.md._new, []).append(g)
     for new_dir, members in new_dirs.items():
-        try:
-            ops.fsync_dir(new_dir)
-        except OSError as exc:
+        err = yield ("fsync_dir", -1, new_dir)
+        if err is not None:
             for g in members:
-                g.fail(exc, ops)
+                g.fail(err, ops)
 
     return [g.error if g.error is not None else [MessageId(n) for n in g.names] for g in work]
 
 
-def _write_one(g: _Group, view: memoryview, datasync: bool, ops: FsOps) -> None:
+def _write_one(
+    g: _Group, view: memoryview, datasync: bool, ops: FsOps
+) -> Generator[SyncCall, OSError | None, None]:
     for _ in range(_EEXIST_RETRIES):
         name = _unique_name()
         path = g.md._tmp + name
@@ -545,19 +603,22 @@ def _write_one(g: _Group, view: memoryview, datasync: bool, ops: FsOps) -> None:
         try:
             ops.write_all(fd, view, path)
             if datasync:
-                ops.fdatasync(fd, path)
+                err = yield ("fdatasync", fd, path)
+                if err is not None:
+                    raise err
         finally:
             ops.close(fd)
         return
     raise FileExistsError(errno.EEXIST, "no unique name after retries", g.md._tmp)
 
 
-def _sync_dev(work: list[_Group], dev: int, ops: FsOps) -> None:
+def _sync_dev(
+    work: list[_Group], dev: int, ops: FsOps
+) -> Generator[SyncCall, OSError | None, None]:
     live = [g for g in work if g.md.dev == dev and g.error is None and g.names]
     if not live:
         return
-    try:
-        ops.syncfs(live[0].md._new)
-    except OSError as exc:
+    err = yield ("syncfs", -1, live[0].md._new)
+    if err is not None:
         for g in live:
-            g.fail(exc, ops)
+            g.fail(err, ops)

@@ -31,6 +31,7 @@ from .executor import (
     DeliveryExecutor,
 )
 from .maildir import SyncMode
+from .offproc import ProcessWriter
 from .recipients import MailboxResolver
 from .smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, SessionFactory
 
@@ -64,6 +65,10 @@ class ServerConfig:
     """Seconds to let open sessions finish after a stop signal."""
     workers: int = 1
     uvloop: bool = False
+    offload: str = "process"
+    """Where batches are written: ``"process"`` (a helper process, the default:
+    the loop keeps its core), ``"syncs"`` (on the loop, syncs in a thread) or
+    ``"all"`` (in a thread)."""
     mode: str = "executor"
     """``"executor"``, or a benchmark baseline: ``"noop"``, ``"per-message"``."""
 
@@ -108,6 +113,8 @@ async def serve(
         config.max_concurrent_flushes,
         policy=config.policy,
         sync=config.sync,
+        offload="all" if config.offload == "all" else "syncs",
+        writer=ProcessWriter(config.sync) if config.offload == "process" else None,
         max_queued_bytes=max(
             DEFAULT_MAX_QUEUED_BYTES, 2 * (config.max_message_size + _HEADER_SLACK)
         ),
