@@ -1,0 +1,135 @@
+"""ProcessWriter: the wire format, delivery through a helper process, and its failures."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from delivery_executor import DeliveryExecutor, MessageId
+from delivery_executor.offproc import (
+    ProcessWriter,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
+
+from .conftest import files_in
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_request_round_trip() -> None:
+    """A framed batch decodes to the same paths and bodies, binary and empty included."""
+    groups = [("/m/é", [memoryview(b""), memoryview(b"\x00\xff\r\n.")]), ("/x", [memoryview(b"y")])]
+    frame = encode_request(7, groups)
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    batch, decoded = decode_request(frame[4:])
+    assert batch == 7
+    assert [(p, [bytes(b) for b in bs]) for p, bs in decoded] == [
+        (p, [bytes(b) for b in bs]) for p, bs in groups
+    ]
+
+
+def test_reply_round_trip_keeps_error_type_errno_and_filename() -> None:
+    """Ids, OSErrors (subclass, errno, filename) and other errors survive the pipe."""
+    results: list[list[MessageId] | BaseException] = [
+        [MessageId("1.M2P3Q4.h"), MessageId("1.M2P3Q5.h")],
+        FileNotFoundError(errno.ENOENT, "No such file or directory", "/m/tmp/x"),
+        OSError(errno.EIO, "Input/output error", None),
+        ZeroDivisionError("bug"),
+    ]
+    frame = encode_reply(9, results, 4)
+    batch, (decoded, syncs) = decode_reply(frame[4:])
+    assert (batch, syncs) == (9, 4)
+    assert decoded[0] == results[0]
+    err = decoded[1]
+    assert type(err) is FileNotFoundError
+    assert isinstance(err, OSError)
+    assert (err.errno, err.filename) == (errno.ENOENT, "/m/tmp/x")
+    assert isinstance(decoded[2], OSError)
+    assert decoded[2].errno == errno.EIO
+    assert decoded[2].filename is None
+    assert isinstance(decoded[3], RuntimeError)
+    assert "ZeroDivisionError: bug" in str(decoded[3])
+
+
+@pytest.mark.asyncio
+async def test_delivers_through_the_helper_and_stops_it_on_close(tmp_path: Path) -> None:
+    """200 deliveries to 3 Maildirs land byte for byte; aclose ends the helper cleanly."""
+    writer = ProcessWriter()
+    async with DeliveryExecutor(writer=writer) as ex:
+        jobs = [(tmp_path / f"u{i % 3}", b"message %d\r\n" % i) for i in range(200)]
+        ids = await asyncio.gather(*(ex.deliver(p, b) for p, b in jobs))
+        proc = writer._proc
+        assert proc is not None
+        assert ex.stats().syncs > 0
+    for mid, (path, body) in zip(ids, jobs, strict=True):
+        assert (path / "new" / mid.name).read_bytes() == body
+    assert proc.returncode == 0
+    assert sum(len(files_in(tmp_path / f"u{i}" / "new")) for i in range(3)) == 200
+
+
+@pytest.mark.asyncio
+async def test_a_failing_path_fails_only_its_callers(tmp_path: Path) -> None:
+    """ENOTDIR from the helper reaches only that path's callers, as NotADirectoryError."""
+    (tmp_path / "file").write_bytes(b"")
+    async with DeliveryExecutor(writer=ProcessWriter()) as ex:
+        res = await asyncio.gather(
+            ex.deliver(tmp_path / "file" / "box", b"x"),
+            ex.deliver(tmp_path / "ok", b"y"),
+            return_exceptions=True,
+        )
+    assert isinstance(res[0], NotADirectoryError)
+    assert res[0].errno == errno.ENOTDIR
+    assert str(tmp_path / "file") in str(res[0].filename)
+    assert isinstance(res[1], MessageId)
+
+
+@pytest.mark.asyncio
+async def test_helper_death_fails_its_batch_and_the_next_batch_restarts_it(tmp_path: Path) -> None:
+    """Killing the helper mid-batch gives BrokenPipeError; later deliveries succeed."""
+    writer = ProcessWriter()
+    async with DeliveryExecutor(writer=writer) as ex:
+        await ex.deliver(tmp_path / "m", b"first")
+        proc = writer._proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)  # the next batch is sent but never answered
+        pending = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"lost?"))
+        while ex.stats().in_flight == 0:  # noqa: ASYNC110 - waiting for the send
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        os.kill(proc.pid, signal.SIGKILL)
+        with pytest.raises(BrokenPipeError, match="writer process"):
+            await pending
+        after = await ex.deliver(tmp_path / "m", b"after")
+        assert writer.restarts == 1
+    assert (tmp_path / "m" / "new" / after.name).read_bytes() == b"after"
+
+
+@pytest.mark.asyncio
+async def test_helper_ignores_sigint_and_sigterm(tmp_path: Path) -> None:
+    """A Ctrl-C or SIGTERM to the process group does not kill a batch in progress."""
+    writer = ProcessWriter()
+    async with DeliveryExecutor(writer=writer) as ex:
+        await ex.deliver(tmp_path / "m", b"one")
+        proc = writer._proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        await ex.deliver(tmp_path / "m", b"two")
+        assert writer.restarts == 0
+        assert proc.returncode is None
+
+
+def test_bad_sync_is_rejected_before_any_process_starts() -> None:
+    """ProcessWriter(sync=...) validates in the caller, not in the helper."""
+    with pytest.raises(ValueError, match="sync must be one of"):
+        ProcessWriter("sometimes")  # type: ignore[arg-type]
