@@ -11,8 +11,9 @@ Modes:
     per-message   naive durable delivery (aiofiles write, fsync, rename, fsync dir)
     window-1      the executor with the original's fixed 10 ms window, 1 flush at a time
     window-2      the same with 2 concurrent flushes (the original 1.1 default)
-    executor      our defaults (eager policy, syncfs/fsync auto)
-    executor-w2   our defaults, --workers 2 (both cores)
+    executor      our defaults (eager policy, sync auto, batches written by a helper process)
+    executor-loop the same, batches written on the loop with the syncs in a thread
+    executor-w2   our defaults, --workers 2 (two server processes on one port)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ MODES: dict[str, list[str]] = {
     "window-1": ["--policy", "window", "--max-concurrent-flushes", "1"],
     "window-2": ["--policy", "window", "--max-concurrent-flushes", "2"],
     "executor": [],
+    "executor-loop": ["--offload", "syncs"],
     "executor-w2": ["--workers", "2"],
 }
 WORKLOADS: dict[str, tuple[int, int]] = {  # name: (connections, recipients)
