@@ -171,6 +171,32 @@ async def test_concurrent_callers_share_batches(tmp_path: Path) -> None:
     assert stats.syncs < 32
 
 
+@pytest.mark.parametrize("offload", ["syncs", "all"])
+@pytest.mark.asyncio
+async def test_both_offload_modes_deliver_and_confine_failures(
+    tmp_path: Path, offload: str
+) -> None:
+    """Writing on the loop (syncs offloaded) or in a thread: same files, same errors."""
+    (tmp_path / "file").write_bytes(b"")
+    async with DeliveryExecutor(offload=offload) as ex:  # type: ignore[arg-type]
+        jobs = [(tmp_path / f"u{i % 3}", b"m%d" % i) for i in range(30)]
+        ids = await asyncio.gather(*(ex.deliver(p, b) for p, b in jobs))
+        with pytest.raises(NotADirectoryError) as ei:
+            await ex.deliver(tmp_path / "file" / "x", b"y")
+        stats = ex.stats()
+    assert ei.value.errno == errno.ENOTDIR
+    for mid, (path, body) in zip(ids, jobs, strict=True):
+        assert (path / "new" / mid.name).read_bytes() == body
+    assert stats.syncs >= 2
+    assert (stats.delivered, stats.failed) == (30, 1)
+
+
+def test_bad_offload_is_rejected() -> None:
+    """An unknown offload mode raises ValueError naming it."""
+    with pytest.raises(ValueError, match="offload must be one of"):
+        DeliveryExecutor(offload="gpu")  # type: ignore[arg-type]
+
+
 @pytest.mark.asyncio
 async def test_batch_spanning_paths_shares_its_syncs(tmp_path: Path) -> None:
     """Three paths in one batch each get their own mail, for two syncfs in all."""

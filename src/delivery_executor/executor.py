@@ -3,9 +3,14 @@
 Callers ``await executor.deliver(path, body)``. Requests go into one bounded
 ``asyncio.Queue``; one collector task takes them in batches, groups each batch
 by Maildir path and hands it to a batch writer (by default
-:class:`~delivery_executor.writer.MaildirWriter`) on the executor's own thread
-pool, under ``asyncio.Semaphore(max_concurrent_flushes)``. Every caller awaits
-its own future, resolved only once its message is durable.
+:class:`~delivery_executor.writer.MaildirWriter`) under
+``asyncio.Semaphore(max_concurrent_flushes)``. The blocking work runs in the
+executor's own thread pool (``run_in_executor``), never the loop's default
+one: by default only the syncs go there (``offload="syncs"``), while the
+microsecond page-cache work stays on the loop; ``offload="all"`` sends the
+whole batch. :class:`~delivery_executor.offproc.ProcessWriter` writes in a
+helper process instead. Every caller awaits its own future, resolved only
+once its message is durable.
 
 Two batching policies:
 
