@@ -244,6 +244,14 @@ def test_accepts_bytearray_and_memoryview(tmp_path: Path) -> None:
     assert got == [b"ba", b"mv", b"abcdefgh"]
 
 
+def test_strided_memoryview_is_rejected(tmp_path: Path) -> None:
+    """A non-contiguous memoryview body raises TypeError instead of writing garbage."""
+    md = Maildir.create(tmp_path / "m")
+    with pytest.raises(TypeError, match="C-contiguous"):
+        md.deliver(memoryview(b"abcdef")[::2])
+    assert files_in(md.path / "tmp") == []
+
+
 def test_wrong_body_type_raises_before_any_file_is_touched(tmp_path: Path) -> None:
     """A str body in a batch raises TypeError naming the type; no file is created."""
     md = Maildir.create(tmp_path / "m")

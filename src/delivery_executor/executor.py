@@ -250,7 +250,8 @@ class DeliveryExecutor:
 
         ``path`` is a str or PathLike naming a Maildir root, created on first
         use. Returns once the message's bytes and its name in ``new/`` are
-        durable. Waits for room when the queue is full (backpressure).
+        durable. Waits for room when the queue is full (backpressure). The body
+        is not copied: a ``bytearray`` must not change until this returns.
 
         Raises, before anything is queued: ``TypeError`` (wrong types),
         :class:`InvalidMaildirPath` (empty path, NUL byte),

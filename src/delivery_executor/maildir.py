@@ -186,9 +186,9 @@ def check_body(body: object) -> memoryview:
             f"message body must be bytes, bytearray or memoryview, not {type(body).__name__}"
         )
     view = memoryview(body)
+    if not view.c_contiguous:
+        raise TypeError("message body memoryview must be C-contiguous")
     if view.format != "B" or view.ndim != 1:
-        if not view.c_contiguous:
-            raise TypeError("message body memoryview must be C-contiguous")
         view = view.cast("B")
     return view
 
