@@ -181,7 +181,7 @@ def format_table(rows: list[Row]) -> str:
     )
     out = [head, "-" * len(head)]
     for r in rows:
-        disk = f"{r.on_disk}/{r.delivered}" if r.mode != "noop" else "-"
+        disk = f"{r.on_disk}/{r.delivered}" if r.mode not in ("noop", "target") else "-"
         out.append(
             f"{r.workload:<21} {r.mode:<12} {r.msg_s:>7.0f} {r.p50_ms:>6.1f} {r.p90_ms:>6.1f}"
             f" {r.p99_ms:>6.1f} {r.p999_ms:>6.1f} {r.max_ms:>6.1f} {r.mean_batch:>6.1f}"
