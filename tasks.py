@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
                 "benches",
                 "-o",
                 "python_files=bench_*.py",
-                "--benchmark-only",
+                "-s",  # bench_executor prints its table
                 *rest,
             )
     except subprocess.CalledProcessError as exc:

@@ -36,6 +36,7 @@ from .maildir import (
     parse_flags,
     serialize_flags,
 )
+from .offproc import ProcessWriter
 from .recipients import MailboxResolver
 from .writer import BatchResult, BatchWriter, MaildirWriter
 
@@ -64,6 +65,7 @@ __all__ = [
     "MaildirWriter",
     "MessageId",
     "MessageTooLarge",
+    "ProcessWriter",
     "RecipientRejected",
     "SyncMode",
     "add_flag",
