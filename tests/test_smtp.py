@@ -255,3 +255,18 @@ async def test_handler_rejects_bad_configuration(tmp_path: Path) -> None:
         DeliveryHandler(ex, res, max_message_size=0)
     with pytest.raises(ValueError, match="max_connections must be >= 1"):
         SessionFactory(DeliveryHandler(ex, res), lmtp=True, max_connections=0, loop=None)  # type: ignore[arg-type]
+
+
+async def test_each_recipient_is_resolved_once(tmp_path: Path) -> None:
+    """The path resolved at RCPT is reused at DATA: the mapper runs once per recipient."""
+    calls: list[str] = []
+
+    def mapper(local: str, domain: str) -> str:
+        calls.append(local)
+        return f"{domain}/{local}"
+
+    async with server(tmp_path, resolver_kwargs={"mapper": mapper}) as (port, _, _):
+        replies = await send(port, ["a@example.org", "b@example.org", "a@example.org"])
+    assert [r.code for r in replies] == [250, 250, 250]
+    assert calls == ["a", "b", "a"]
+    assert len(mailbox(tmp_path, "example.org", "a")) == 2

@@ -27,6 +27,8 @@ import itertools
 import logging
 import os
 import socket
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, AnyStr
 
@@ -98,6 +100,9 @@ class DeliveryHandler:
         self.add_headers = add_headers
         self.hostname = _clean(hostname or socket.getfqdn(), "localhost")
         self._ids = itertools.count()
+        # Each envelope's resolved paths, in RCPT order: resolved once, at RCPT.
+        self._paths: weakref.WeakKeyDictionary[Envelope, list[str]] = weakref.WeakKeyDictionary()
+        self._date = (0, "")
         self.accepted = 0
         self.rejected = 0
 
@@ -119,10 +124,11 @@ class DeliveryHandler:
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients})"
         try:
-            self.resolver.resolve(address, smtputf8=envelope.smtp_utf8)
+            path = self.resolver.resolve(address, smtputf8=envelope.smtp_utf8)
         except RecipientRejected as exc:
             return exc.reply
         envelope.rcpt_tos.append(address)  # aiosmtpd leaves this to the handler
+        self._paths.setdefault(envelope, []).append(path)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -161,12 +167,16 @@ class DeliveryHandler:
         replies: list[str | None] = [None] * len(rcpts)
         jobs: list[tuple[int, str, str, bytes]] = []
         received = self._received(session, rcpts, lmtp) if self.add_headers else b""
+        paths = self._paths.pop(envelope, None)
         for i, rcpt in enumerate(rcpts):
-            try:
-                path = self.resolver.resolve(rcpt, smtputf8=envelope.smtp_utf8, check_exists=False)
-            except RecipientRejected as exc:
-                replies[i] = exc.reply
-                continue
+            if paths is not None and len(paths) == len(rcpts):
+                path = paths[i]
+            else:  # recipients added some other way than our handle_RCPT
+                try:
+                    path = self.resolver.resolve(rcpt, smtputf8=envelope.smtp_utf8)
+                except RecipientRejected as exc:
+                    replies[i] = exc.reply
+                    continue
             copy = body
             if self.add_headers:
                 copy = self._headers(envelope.mail_from, rcpt) + received + body
@@ -216,7 +226,10 @@ class DeliveryHandler:
         proto = "LMTP" if lmtp else ("ESMTP" if session.extended_smtp else "SMTP")
         qid = f"{os.getpid():x}{next(self._ids):x}"
         for_part = f"\r\n\tfor <{_clean(rcpts[0])}>" if len(rcpts) == 1 else ""
-        date = email.utils.formatdate(localtime=True)
+        now = int(time.time())
+        if self._date[0] != now:  # formatting the date costs more than the rest
+            self._date = (now, email.utils.formatdate(now, localtime=True))
+        date = self._date[1]
         return (
             f"Received: from {helo} ([{ip}])\r\n\tby {self.hostname} (delivery-executor)"
             f" with {proto} id {qid}{for_part};\r\n\t{date}\r\n"
