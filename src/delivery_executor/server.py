@@ -126,8 +126,13 @@ async def serve(
         recipient_delimiter=config.recipient_delimiter,
         existing_only=config.existing_only,
     )
+    hostname = socket.getfqdn()  # one look-up, for the greeting and our Received lines
     handler: object = DeliveryHandler(
-        executor, resolver, max_message_size=config.max_message_size, add_headers=config.add_headers
+        executor,
+        resolver,
+        max_message_size=config.max_message_size,
+        add_headers=config.add_headers,
+        hostname=hostname,
     )
     if config.mode == "noop":
         handler = NoopHandler()
@@ -142,7 +147,7 @@ async def serve(
         loop=loop,
         data_size_limit=config.max_message_size,
         enable_SMTPUTF8=True,
-        hostname=resolver_hostname(),
+        hostname=hostname,
     )
     async with executor:
         server = await loop.create_server(
@@ -174,11 +179,6 @@ async def serve(
         refused_connections=factory.refused,
         seconds=time.monotonic() - started,
     )
-
-
-def resolver_hostname() -> str:
-    """The name we greet with: this host's FQDN."""
-    return socket.getfqdn()
 
 
 def _say(line: str) -> None:
