@@ -93,7 +93,7 @@ def test_fifty_random_sigkills_lose_nothing_acknowledged(tmp_path: Path) -> None
                 assert data == body_for(m.group(1).decode())
             md.cleanup_tmp(0)
             assert list((boxdir / "tmp").iterdir()) == []
-    assert total_acked > 500, "the children never got going"
+    assert total_acked > 100, "the children never got going"
 
 
 def fill_until_enospc(path: Path) -> None:
