@@ -277,11 +277,20 @@ async def test_flushes_pipeline_up_to_max_concurrent_flushes() -> None:
 
 @pytest.mark.asyncio
 async def test_one_slot_means_strictly_serial_flushes() -> None:
-    """max_concurrent_flushes=1 never runs two writes at once."""
-    writer = FakeWriter()
+    """max_concurrent_flushes=1: while one write is blocked, no second write starts."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
     async with DeliveryExecutor(max_concurrent_flushes=1, max_batch=4, writer=writer) as ex:
-        await asyncio.gather(*(ex.deliver("p", b"x") for _ in range(40)))
+        first = asyncio.ensure_future(ex.deliver("p", b"1"))
+        await until(lambda: writer.active == 1, "first write started")
+        rest = [asyncio.ensure_future(ex.deliver("p", b"r")) for _ in range(12)]
+        await until(lambda: ex.stats().queued == 12, "the rest queued")
+        await asyncio.sleep(0.05)  # give a (wrong) second flush every chance to start
+        assert len(writer.calls) == 1
+        gate.set()
+        await asyncio.gather(first, *rest)
     assert writer.max_active == 1
+    assert writer.batch_sizes == [1, 4, 4, 4]
 
 
 # -- failures reach exactly the callers they concern

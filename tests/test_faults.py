@@ -157,20 +157,22 @@ async def test_sync_error_fails_every_covered_message(tmp_path: Path, op: str, s
             *(ex.deliver(tmp_path / "m", b"%d" % i) for i in range(4)), return_exceptions=True
         )
         stats = ex.stats()
+        calls_of_op = [c[0] for c in ops.calls].count(op)
         later = await ex.deliver(tmp_path / "m", b"later")
-    failed = [r for r in first if isinstance(r, OSError)]
-    assert failed
-    assert all(r.errno == errno.EIO for r in failed)
-    # fdatasync covers one file; a directory or fs sync covers the whole batch.
-    if op == "fdatasync":
-        assert stats.batches <= 2
-    else:
-        assert len(failed) == stats.failed
-    assert stats.delivered + stats.failed == 4
-    assert isinstance(later, MessageId)
+    # The four requests made one batch; the one failed sync failed all of them,
+    # with the same original exception, and was not retried.
+    assert stats.batches == 1
+    assert (stats.delivered, stats.failed) == (0, 4)
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in first)
+    assert len({id(r) for r in first}) == 1
+    assert calls_of_op == 1
     assert not armed[0]
-    # Nothing is retried: exactly one failing call of that kind was made.
-    assert [c[0] for c in ops.calls].count(op) >= 1
+    on_disk = sorted(p.read_bytes() for p in (tmp_path / "m" / "new").iterdir())
+    if op == "fsync_dir":  # failed after the renames: complete, unacknowledged copies
+        assert on_disk == [b"0", b"1", b"2", b"3", b"later"]
+    else:  # failed before any rename: nothing of the batch in new/
+        assert on_disk == [b"later"]
+    assert isinstance(later, MessageId)
 
 
 @pytest.mark.timeout(120)
