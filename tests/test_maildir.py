@@ -86,6 +86,7 @@ def test_create_under_a_file_raises_enotdir_with_path(tmp_path: Path) -> None:
     [
         ("", InvalidMaildirPath),
         ("a\0b", InvalidMaildirPath),
+        ("/" + "x" * 4095, InvalidMaildirPath),
         (b"/tmp/x", TypeError),
         (3, TypeError),
     ],

@@ -158,3 +158,26 @@ def test_bench_cell_runs_server_and_load_and_verifies_disk(tmp_path: Path) -> No
     assert row.on_disk == row.delivered
     assert row.mean_batch >= 1
     assert "32 conns, 1000 rcpts" in format_table([row])
+
+
+def test_bench_target_mode_drives_an_external_server(tmp_path: Path) -> None:
+    """bench --target loads a server it did not start and writes its row as JSON."""
+    import json
+
+    from delivery_executor.bench import main as bench_main
+
+    out = tmp_path / "rows.json"
+    with ServerProcess(tmp_path / "mail") as srv:
+        code = bench_main(
+            ["--target", f"127.0.0.1:{srv.port}", "--duration", "0.5", "--warmup", "0.1",
+             "--workloads", "2", "--json", str(out)]
+        )  # fmt: skip
+        assert srv.stop() == 0
+    assert code == 0
+    (row,) = json.loads(out.read_text())
+    assert row["mode"] == "target"
+    assert row["workload"] == "1 conn, 1 rcpt"
+    assert row["msg_s"] > 0
+    assert row["errors"] == 0
+    delivered = sum(int(m.group(1)) for line in srv.lines if (m := _SUMMARY.search(line)))
+    assert delivered >= row["msg_s"] * 0.5  # the measured half second, at least

@@ -77,6 +77,7 @@ batch uses syncfs instead of per-file fdatasync."""
 _SYNC_MODES = ("auto", "syncfs", "fsync")
 _EEXIST_RETRIES = 8
 _CACHE_MAX = 4096
+_PATH_MAX = 4096  # Linux's PATH_MAX, terminating NUL included
 DEFAULT_TMP_MAX_AGE = timedelta(hours=36)
 
 
@@ -165,7 +166,8 @@ def _unique_name() -> str:
 def check_maildir_path(path: str | os.PathLike[str]) -> str:
     """Return ``path`` as a str, or raise ``TypeError``/``InvalidMaildirPath``.
 
-    Rejects non-str paths (bytes included), the empty path and NUL bytes.
+    Rejects non-str paths (bytes included), the empty path, NUL bytes and
+    paths of PATH_MAX (4,096) bytes or more.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"Maildir path must be str or os.PathLike, not {type(path).__name__}")
@@ -176,6 +178,10 @@ def check_maildir_path(path: str | os.PathLike[str]) -> str:
         raise InvalidMaildirPath("Maildir path is empty")
     if "\0" in p:
         raise InvalidMaildirPath(f"Maildir path contains a NUL byte: {p!r}")
+    if len(p) > _PATH_MAX // 4 and len(os.fsencode(p)) >= _PATH_MAX:
+        raise InvalidMaildirPath(
+            f"Maildir path is {len(os.fsencode(p))} bytes long (limit {_PATH_MAX - 1})"
+        )
     return p
 
 

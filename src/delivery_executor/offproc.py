@@ -45,7 +45,8 @@ _ERR = struct.Struct(">Bi")
 
 
 def _s(text: str) -> bytes:
-    raw = text.encode("utf-8", "surrogateescape")
+    # Paths are under PATH_MAX (checked at deliver()); only error texts get cut.
+    raw = text.encode("utf-8", "surrogateescape")[:0xFFFF]
     return _U16.pack(len(raw)) + raw
 
 
@@ -112,7 +113,7 @@ def encode_reply(batch: int, results: Sequence[GroupResult], syncs: int) -> byte
             parts.append(_s(res.strerror or str(res)))
             parts.append(_s("" if res.filename is None else os.fsdecode(res.filename)))
         elif isinstance(res, BaseException):
-            parts.append(b"\x02" + _s(f"{type(res).__name__}: {res}"[:60000]))
+            parts.append(b"\x02" + _s(f"{type(res).__name__}: {res}"))
         else:
             parts.append(b"\x00" + _U32.pack(len(res)))
             parts.extend(_s(mid.name) for mid in res)
