@@ -20,6 +20,7 @@ from delivery_executor import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENT_FLUSHES,
     DEFAULT_MAX_WAIT,
+    INLINE_WRITE_LIMIT,
     DeliveryExecutor,
     ExecutorClosed,
     ExecutorCrashed,
@@ -189,6 +190,27 @@ async def test_both_offload_modes_deliver_and_confine_failures(
         assert (path / "new" / mid.name).read_bytes() == body
     assert stats.syncs >= 2
     assert (stats.delivered, stats.failed) == (30, 1)
+
+
+@pytest.mark.asyncio
+async def test_big_batches_are_written_in_a_thread_not_on_the_loop(tmp_path: Path) -> None:
+    """With offload='syncs', a batch over INLINE_WRITE_LIMIT bytes goes to a thread."""
+    threads: list[str] = []
+
+    class Watching(MaildirWriter):
+        def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+            threads.append(threading.current_thread().name)
+            return super().__call__(groups)
+
+    async with DeliveryExecutor(writer=Watching()) as ex:
+        small = await ex.deliver(tmp_path / "m", b"small")
+        assert threads == []  # written on the loop: the thread path never ran
+        big_body = b"x" * (INLINE_WRITE_LIMIT + 1)
+        big = await ex.deliver(tmp_path / "m", big_body)
+    assert len(threads) == 1
+    assert threads[0].startswith("delivery-flush")
+    assert (tmp_path / "m" / "new" / small.name).read_bytes() == b"small"
+    assert (tmp_path / "m" / "new" / big.name).read_bytes() == big_body
 
 
 def test_bad_offload_is_rejected() -> None:

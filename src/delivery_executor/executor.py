@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_MAX_CONCURRENT_FLUSHES",
     "DEFAULT_MAX_QUEUED_BYTES",
     "DEFAULT_MAX_WAIT",
+    "INLINE_WRITE_LIMIT",
     "BatchPolicy",
     "DeliveryExecutor",
     "ExecutorStats",
@@ -59,6 +60,9 @@ DEFAULT_MAX_WAIT = 0.010
 """Seconds a request may wait for its batch to fill (``"window"`` policy)."""
 DEFAULT_MAX_CONCURRENT_FLUSHES = 2
 """Batches being written at once: 2 hides one batch's sync behind the next's collection."""
+INLINE_WRITE_LIMIT = 256 * 1024
+"""With ``offload="syncs"``, a batch with more body bytes than this is written
+in a thread instead: on the loop it would stall every other session."""
 DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
 """Body bytes accepted but not yet durable, at most; ``deliver`` waits for room past it."""
 
@@ -158,7 +162,9 @@ class DeliveryExecutor:
         offload: what runs in the executor's threads. ``"syncs"`` (default,
             for writers with an ``acommit`` method such as
             :class:`MaildirWriter`): only the syncs; the page-cache work runs on
-            the loop. ``"all"``: the whole batch, in one thread call.
+            the loop, unless the batch holds more than
+            :data:`INLINE_WRITE_LIMIT` body bytes. ``"all"``: the whole batch,
+            in one thread call.
     """
 
     def __init__(
@@ -519,7 +525,12 @@ class DeliveryExecutor:
         started = time.perf_counter()
         try:
             acommit = getattr(self._writer, "acommit", None)
-            if self.offload == "syncs" and acommit is not None:
+            inline = self.offload == "syncs" and acommit is not None
+            if inline and isinstance(self._writer, MaildirWriter):
+                # Big bodies written on the loop would stall every other session.
+                inline = sum(r.size for r in batch) <= INLINE_WRITE_LIMIT
+            if inline:
+                assert acommit is not None
                 results, syncs = await acommit(payload, self._offload)
             else:
                 results, syncs = await self._loop.run_in_executor(self._pool, self._writer, payload)
