@@ -98,19 +98,10 @@ class MaildirWriter:
 
     def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
         """Write the batch, blocking (all of it in the calling thread)."""
-        results: list[GroupResult | None] = [None] * len(groups)
-        live: list[tuple[Maildir, Sequence[memoryview]]] = []
-        where: list[int] = []
-        for i, (path, bodies) in enumerate(groups):
-            try:
-                live.append((Maildir.cached(path), bodies))
-                where.append(i)
-            except OSError as exc:
-                results[i] = exc
         ops = _CountingOps(self.ops)
-        return self._merge(
-            groups, results, where, commit_batch(live, sync=self.sync, ops=ops)
-        ), ops.syncs
+        results, where, live = _plan(groups, Maildir.cached)
+        committed = commit_batch(live, sync=self.sync, ops=ops)
+        return self._merge(groups, results, where, committed), ops.syncs
 
     async def acommit(
         self, groups: Sequence[tuple[str, Sequence[memoryview]]], offload: Offload
@@ -123,20 +114,21 @@ class MaildirWriter:
         than running everything in a thread, whose every syscall return has to
         win the GIL back from the busy loop (see BUDGETS.md).
         """
-        results: list[GroupResult | None] = [None] * len(groups)
-        live: list[tuple[Maildir, Sequence[memoryview]]] = []
-        where: list[int] = []
-        for i, (path, bodies) in enumerate(groups):
-            md = Maildir.peek_cached(path)
-            if md is None:
+        opened: dict[str, Maildir | OSError] = {}
+        for path, _ in groups:
+            if path not in opened and Maildir.peek_cached(path) is None:
                 try:
-                    md = await offload(Maildir.cached, path)
+                    opened[path] = await offload(Maildir.cached, path)
                 except OSError as exc:
-                    results[i] = exc
-                    continue
-            assert md is not None
-            live.append((md, bodies))
-            where.append(i)
+                    opened[path] = exc
+
+        def lookup(path: str) -> Maildir:
+            md = opened.get(path) or Maildir.peek_cached(path)
+            if isinstance(md, OSError):
+                raise md
+            return md if md is not None else Maildir.cached(path)
+
+        results, where, live = _plan(groups, lookup)
         syncs = 0
         steps = commit_steps(live, sync=self.sync, ops=self.ops)
         try:
@@ -161,3 +153,19 @@ class MaildirWriter:
             if isinstance(res, OSError) and res.errno in (errno.ENOENT, errno.ENOTDIR):
                 Maildir.forget(groups[i][0])
         return [r for r in results if r is not None]
+
+
+def _plan(
+    groups: Sequence[tuple[str, Sequence[memoryview]]], lookup: Callable[[str], Maildir]
+) -> tuple[list[GroupResult | None], list[int], list[tuple[Maildir, Sequence[memoryview]]]]:
+    """Open each group's Maildir: per-group errors, the indexes that opened, and those."""
+    results: list[GroupResult | None] = [None] * len(groups)
+    where: list[int] = []
+    live: list[tuple[Maildir, Sequence[memoryview]]] = []
+    for i, (path, bodies) in enumerate(groups):
+        try:
+            live.append((lookup(path), bodies))
+            where.append(i)
+        except OSError as exc:
+            results[i] = exc
+    return results, where, live
