@@ -147,7 +147,6 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--no-headers", action="store_true", help="do not prepend trace headers")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
     p.add_argument(
         "--mode",
         choices=["executor", "noop", "per-message"],
@@ -186,7 +185,6 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         add_headers=not args.no_headers,
         reuse_port=args.reuse_port,
         workers=args.workers,
-        uvloop=args.uvloop,
         mode=args.mode,
         offload=args.offload,
     )

@@ -4,7 +4,7 @@ In a Python server the event loop thread is the bottleneck. Writing a batch in
 a thread of the same process costs the loop a GIL handoff at every syscall
 the thread makes (four or five per message); writing it on the loop costs the
 loop the syscalls themselves. :class:`ProcessWriter` sends each batch, framed,
-over a pipe to a helper process (``python -m delivery_executor.offproc``) that
+over a pipe to a helper process (``python -m delivery_executor._writerproc``) that
 runs the same :class:`~delivery_executor.writer.MaildirWriter` on the other
 core, and awaits its reply. The loop pays one pipe write and one read per batch.
 
@@ -30,7 +30,7 @@ import signal
 import struct
 import sys
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from .maildir import MessageId, SyncMode
 from .writer import BatchResult, GroupResult, MaildirWriter, Offload
@@ -237,7 +237,7 @@ class ProcessWriter:
             if self._proc is not None:
                 self.restarts += 1
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "delivery_executor.offproc", "--sync", self.sync,
+                sys.executable, "-m", "delivery_executor._writerproc", "--sync", self.sync,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             self._reader = asyncio.get_running_loop().create_task(
@@ -277,12 +277,3 @@ class ProcessWriter:
         if self._reader is not None:
             with contextlib.suppress(BaseException):
                 await self._reader
-
-
-def _main(argv: list[str]) -> int:
-    sync: Any = argv[argv.index("--sync") + 1] if "--sync" in argv else "auto"
-    return child_main(sync)
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

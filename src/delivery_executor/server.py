@@ -64,7 +64,6 @@ class ServerConfig:
     grace: float = 10.0
     """Seconds to let open sessions finish after a stop signal."""
     workers: int = 1
-    uvloop: bool = False
     offload: str = "process"
     """Where batches are written: ``"process"`` (a helper process, the default:
     the loop keeps its core), ``"syncs"`` (on the loop, syncs in a thread) or
@@ -206,12 +205,9 @@ def _run_one(config: ServerConfig) -> int:
 
         return await serve(config, stop, on_ready=ready)
 
-    if config.uvloop:
-        import uvloop
-
-        summary = uvloop.run(main())
-    else:
-        summary = asyncio.run(main())
+    # No uvloop option: it changes msg/s by less than the noise (DESIGN.md §4), and
+    # started from a background shell job it ignored our SIGTERM handler.
+    summary = asyncio.run(main())
     _say(summary.line())
     return 0
 
