@@ -30,8 +30,14 @@ class ServerProcess:
         self.root = root
         cmd = [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
         cmd += ["--listen", f"127.0.0.1:{port}", "--workers", str(workers), *args]
+        # Its own process group: kill() reaches the workers and writer helpers too.
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
         self.lines: list[str] = []
         # A thread feeds a queue: select() on a buffered pipe misses lines that
@@ -42,12 +48,16 @@ class ServerProcess:
         self.ports: list[int] = []
         self.pids: list[int] = []
         deadline = time.monotonic() + 20
-        while len(self.ports) < workers:
-            line = self.readline(deadline - time.monotonic())
-            m = _LISTEN.search(line)
-            if m:
-                self.ports.append(int(m.group(2)))
-                self.pids.append(int(m.group(4)))
+        try:
+            while len(self.ports) < workers:
+                line = self.readline(deadline - time.monotonic())
+                m = _LISTEN.search(line)
+                if m:
+                    self.ports.append(int(m.group(2)))
+                    self.pids.append(int(m.group(4)))
+        except BaseException:
+            self.__exit__()  # a failed start must not leave servers behind
+            raise
         self.port = self.ports[0]
 
     def _pump(self) -> None:
@@ -83,20 +93,18 @@ class ServerProcess:
         return code
 
     def kill(self) -> None:
-        """SIGKILL every server process at once (the parent and any workers)."""
-        for pid in {self.proc.pid, *self.pids}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL every process of the server at once: parent, workers, helpers."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(10)
 
     def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.kill()
+        self.kill()  # also any worker or helper still running after a clean stop
         self._reader.join(10)  # EOF once every writer of the pipe has exited
         if self.proc.stdout is not None:
             self.proc.stdout.close()

@@ -87,7 +87,9 @@ def _server(root: Path, args: list[str], lmtp: bool) -> Iterator[tuple[int, list
     cmd = [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
     cmd += ["--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"]
     cmd += args + ([] if lmtp else ["--smtp"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines: list[str] = []
     ready = threading.Event()
     ports: list[int] = []
@@ -115,8 +117,10 @@ def _server(root: Path, args: list[str], lmtp: bool) -> Iterator[tuple[int, list
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers and helpers, if any are left
+        proc.wait()
         reader.join(10)
         if proc.stdout is not None:
             proc.stdout.close()
