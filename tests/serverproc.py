@@ -6,21 +6,17 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from delivery_executor.bench import free_port
+
+__all__ = ["ServerProcess", "free_port"]
+
 _LISTEN = re.compile(r"listening on ([\d.]+):(\d+) \((LMTP|SMTP), pid (\d+)\)")
-
-
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServerProcess:

@@ -36,7 +36,7 @@ from typing import Any
 
 from .benchfs import bench_filesystem
 
-__all__ = ["MODES", "WORKLOADS", "main"]
+__all__ = ["MODES", "WORKLOADS", "free_port", "main"]
 
 MODES: dict[str, list[str]] = {
     "noop": ["--mode", "noop"],
@@ -73,7 +73,8 @@ class Row:
     cdf_ms: list[float]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -83,7 +84,7 @@ def _free_port() -> int:
 def _server(root: Path, args: list[str], lmtp: bool) -> Iterator[tuple[int, list[str]]]:
     """A ``serve`` child; yields its port and, after the block, its output lines."""
     workers = 2 if "--workers" in args else 1
-    port = _free_port() if workers > 1 else 0
+    port = free_port() if workers > 1 else 0
     cmd = [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
     cmd += ["--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"]
     cmd += args + ([] if lmtp else ["--smtp"])

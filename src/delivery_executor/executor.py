@@ -360,7 +360,7 @@ class DeliveryExecutor:
             batches=self._batches,
             syncs=self._syncs,
             batch_sizes=dict(sorted(self._batch_sizes.items())),
-            queued=self._queue.qsize() + len(self._collecting),
+            queued=self._queued(),
             queued_bytes=self._queued_bytes,
             in_flight=self._in_flight,
             flush_latency=lat,
@@ -382,12 +382,16 @@ class DeliveryExecutor:
             state = "open" if self._collector is not None else "idle"
         return (
             f"<DeliveryExecutor {state} policy={self.policy}"
-            f" queued={self._queue.qsize() + len(self._collecting)}"
+            f" queued={self._queued()}"
             f" in_flight={self._in_flight} delivered={self._delivered}"
             f" failed={self._failed} batches={self._batches}>"
         )
 
     # -- internals ---------------------------------------------------------
+
+    def _queued(self) -> int:
+        # The collector holds the requests it took while it waits for a slot.
+        return self._queue.qsize() + len(self._collecting)
 
     def _check_open(self) -> None:
         self._check_alive()
@@ -476,14 +480,13 @@ class DeliveryExecutor:
 
     def _drain(self, batch: list[_Request]) -> bool:
         """Move queued requests into ``batch`` up to max_batch; True if _STOP was taken."""
-        saw_stop = False
         while len(batch) < self.max_batch and not self._queue.empty():
             item = self._queue.get_nowait()
             if item is _STOP:
                 return True
             assert isinstance(item, _Request)
             batch.append(item)
-        return saw_stop
+        return False
 
     async def _fill_window(self, batch: list[_Request]) -> bool:
         """Collect until max_batch or max_wait after the first; True if _STOP was taken."""
@@ -520,6 +523,7 @@ class DeliveryExecutor:
         for req in batch:
             groups.setdefault(req.path, []).append(req)
         payload = [(path, [r.body for r in reqs]) for path, reqs in groups.items()]
+        nbytes = sum(r.size for r in batch)
         self._batches += 1
         self._batch_sizes[len(batch)] += 1
         started = time.perf_counter()
@@ -528,12 +532,12 @@ class DeliveryExecutor:
             inline = self.offload == "syncs" and acommit is not None
             if inline and isinstance(self._writer, MaildirWriter):
                 # Big bodies written on the loop would stall every other session.
-                inline = sum(r.size for r in batch) <= INLINE_WRITE_LIMIT
+                inline = nbytes <= INLINE_WRITE_LIMIT
             if inline:
                 assert acommit is not None
                 results, syncs = await acommit(payload, self._offload)
             else:
-                results, syncs = await self._loop.run_in_executor(self._pool, self._writer, payload)
+                results, syncs = await self._offload(self._writer, payload)
             self._syncs += syncs
             if len(results) != len(payload):
                 raise RuntimeError(
@@ -563,7 +567,7 @@ class DeliveryExecutor:
             self._flush_times.append(time.perf_counter() - started)
             self._in_flight -= 1
             self._slots.release()
-            self._release_bytes(sum(r.size for r in batch))
+            self._release_bytes(nbytes)
 
     def _offload(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         assert self._loop is not None

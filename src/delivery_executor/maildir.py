@@ -63,6 +63,7 @@ __all__ = [
     "commit_batch",
     "commit_steps",
     "parse_flags",
+    "run_steps",
     "run_sync_call",
     "serialize_flags",
 ]
@@ -498,14 +499,7 @@ def commit_batch(
     Raises ``TypeError``/``ValueError`` for bad bodies or ``sync`` before any
     file is touched. Cost: see the module docstring for the syscalls.
     """
-    steps = commit_steps(groups, sync=sync, ops=ops)
-    try:
-        call = next(steps)
-        while True:
-            call = steps.send(run_sync_call(ops, call))
-    except StopIteration as done:
-        results: list[list[MessageId] | OSError] = done.value
-        return results
+    return run_steps(commit_steps(groups, sync=sync, ops=ops), ops)[0]
 
 
 def commit_steps(
@@ -526,6 +520,20 @@ def commit_steps(
     _check_sync(sync)
     work = [_Group(md, [check_body(b) for b in bodies]) for md, bodies in groups]
     return _steps(work, sync, ops)
+
+
+def run_steps(steps: CommitSteps, ops: FsOps) -> tuple[list[list[MessageId] | OSError], int]:
+    """Drive :func:`commit_steps` in this thread; its results and the syncs made."""
+    syncs = 0
+    try:
+        call = next(steps)
+        while True:
+            err = run_sync_call(ops, call)
+            syncs += 1
+            call = steps.send(err)
+    except StopIteration as done:
+        results: list[list[MessageId] | OSError] = done.value
+        return results, syncs
 
 
 def run_sync_call(ops: FsOps, call: SyncCall) -> OSError | None:

@@ -189,7 +189,7 @@ class ProcessWriter:
     """
 
     def __init__(self, sync: SyncMode = "auto") -> None:
-        MaildirWriter(sync)  # validates sync now, not in the helper
+        self._local = MaildirWriter(sync)  # validates sync here, not in the helper
         self.sync: SyncMode = sync
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -204,7 +204,7 @@ class ProcessWriter:
 
     def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
         """Blocking use (``offload="all"``): write in this thread instead."""
-        return MaildirWriter(self.sync)(groups)
+        return self._local(groups)
 
     async def acommit(
         self, groups: Sequence[tuple[str, Sequence[memoryview]]], offload: Offload

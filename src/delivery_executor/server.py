@@ -126,18 +126,20 @@ async def serve(
         existing_only=config.existing_only,
     )
     hostname = socket.getfqdn()  # one look-up, for the greeting and our Received lines
-    handler: object = DeliveryHandler(
-        executor,
-        resolver,
-        max_message_size=config.max_message_size,
-        add_headers=config.add_headers,
-        hostname=hostname,
-    )
-    if config.mode == "noop":
+    handler: object
+    if config.mode == "executor":
+        handler = DeliveryHandler(
+            executor,
+            resolver,
+            max_message_size=config.max_message_size,
+            add_headers=config.add_headers,
+            hostname=hostname,
+        )
+    elif config.mode == "noop":
         handler = NoopHandler()
     elif config.mode == "per-message":
         handler = PerMessageHandler(resolver)
-    elif config.mode != "executor":
+    else:
         raise ValueError(f"mode must be executor, noop or per-message, not {config.mode!r}")
     factory = SessionFactory(
         handler,

@@ -19,8 +19,8 @@ from .maildir import (
     SyncCall,
     SyncMode,
     _check_sync,
-    commit_batch,
     commit_steps,
+    run_steps,
     run_sync_call,
 )
 
@@ -39,42 +39,6 @@ class BatchWriter(Protocol):
     def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
         """Return one result per group, in order, and the number of syncs made."""
         ...
-
-
-class _CountingOps(FsOps):
-    # One per batch, so counting needs no lock across flush threads.
-    __slots__ = ("inner", "syncs")
-
-    def __init__(self, inner: FsOps) -> None:
-        self.inner = inner
-        self.syncs = 0
-
-    def create(self, path: str) -> int:
-        return self.inner.create(path)
-
-    def write_all(self, fd: int, data: memoryview, path: str) -> None:
-        self.inner.write_all(fd, data, path)
-
-    def fdatasync(self, fd: int, path: str) -> None:
-        self.syncs += 1
-        self.inner.fdatasync(fd, path)
-
-    def close(self, fd: int) -> None:
-        self.inner.close(fd)
-
-    def rename(self, src: str, dst: str) -> None:
-        self.inner.rename(src, dst)
-
-    def unlink(self, path: str) -> None:
-        self.inner.unlink(path)
-
-    def fsync_dir(self, path: str) -> None:
-        self.syncs += 1
-        self.inner.fsync_dir(path)
-
-    def syncfs(self, path: str) -> None:
-        self.syncs += 1
-        self.inner.syncfs(path)
 
 
 class MaildirWriter:
@@ -98,10 +62,9 @@ class MaildirWriter:
 
     def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
         """Write the batch, blocking (all of it in the calling thread)."""
-        ops = _CountingOps(self.ops)
         results, where, live = _plan(groups, Maildir.cached)
-        committed = commit_batch(live, sync=self.sync, ops=ops)
-        return self._merge(groups, results, where, committed), ops.syncs
+        committed, syncs = run_steps(commit_steps(live, sync=self.sync, ops=self.ops), self.ops)
+        return self._merge(groups, results, where, committed), syncs
 
     async def acommit(
         self, groups: Sequence[tuple[str, Sequence[memoryview]]], offload: Offload
