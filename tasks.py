@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Project tasks that need nothing but python3: each one sets up .venv itself.
 
-python3 tasks.py demo    deliver through the executor into ./demo-maildir
-python3 tasks.py test    ruff, mypy --strict and the test suite
-python3 tasks.py bench   the microbenchmarks (see BUDGETS.md)
+python3 tasks.py demo        deliver through the executor and `serve` into ./demo-maildir
+python3 tasks.py test        ruff, mypy --strict and the test suite
+python3 tasks.py bench       the microbenchmarks (see BUDGETS.md)
+python3 tasks.py loadbench   the SMTP/LMTP load table (python -m benches.load; see BUDGETS.md)
 """
 
 from __future__ import annotations
@@ -33,19 +34,21 @@ def ensure_venv() -> None:
     if not (BIN / "python").exists():
         _run(sys.executable, "-m", "venv", VENV)
     _run(BIN / "python", "-m", "pip", "install", "-q", "--upgrade", "pip")
-    _run(BIN / "python", "-m", "pip", "install", "-q", "-e", ".[dev]")
+    _run(BIN / "python", "-m", "pip", "install", "-q", "-e", ".[dev,bench]")
     stamp.write_text(want)
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test", "bench"):
+    if not argv or argv[0] not in ("demo", "test", "bench", "loadbench"):
         print(__doc__, file=sys.stderr)
         return 2
     task, rest = argv[0], argv[1:]
     ensure_venv()
     try:
         if task == "demo":
-            _run(BIN / "delivery-executor", "demo", *rest)
+            _run(BIN / "python", "-m", "benches.demo", *rest)
+        elif task == "loadbench":
+            _run(BIN / "python", "-m", "benches.load", *rest)
         elif task == "test":
             _run(BIN / "ruff", "check", "src", "tests", "benches", "tasks.py")
             _run(BIN / "ruff", "format", "--check", "src", "tests", "benches", "tasks.py")

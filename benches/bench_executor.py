@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from delivery_executor import BatchPolicy, DeliveryExecutor, Maildir, MessageId
-from delivery_executor.benchfs import bench_filesystem
+from delivery_executor.stats import percentile
+
+from .benchfs import bench_filesystem
 
 BODY = (b"From: bench@example.org\r\nSubject: x\r\n\r\n" + b"x" * 500)[:500]
 CONTENDERS = ("per-message", "window", "eager")
@@ -82,7 +84,7 @@ async def run_one(
     lat.sort()
 
     def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3
+        return percentile(lat, q) * 1e3
 
     return {
         "msg_s": len(lat) / elapsed,

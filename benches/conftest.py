@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from delivery_executor import Maildir
-from delivery_executor.benchfs import bench_filesystem
+
+from .benchfs import bench_filesystem
 
 _FS_DESCRIPTION: list[str] = []
 

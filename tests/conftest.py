@@ -8,7 +8,7 @@ import gc
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,13 @@ class RecordingOps(FsOps):
         self._rec("create", path)
         return super().create(path)
 
-    def write_all(self, fd: int, data: memoryview, path: str) -> None:
+    def write_all(self, fd: int, parts: Sequence[memoryview], path: str) -> None:
         self._rec("write", path)
-        super().write_all(fd, data, path)
+        super().write_all(fd, parts, path)
+
+    def mkdir(self, path: str) -> None:
+        self._rec("mkdir", path)
+        super().mkdir(path)
 
     def fdatasync(self, fd: int, path: str) -> None:
         self._rec("fdatasync", path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from delivery_executor.fsops import FsOps
@@ -48,9 +49,9 @@ class TraceOps(FsOps):
         self.log.append(Op("create", path))
         return super().create(path)
 
-    def write_all(self, fd: int, data: memoryview, path: str) -> None:
-        self.log.append(Op("write", path, data=bytes(data)))
-        super().write_all(fd, data, path)
+    def write_all(self, fd: int, parts: Sequence[memoryview], path: str) -> None:
+        self.log.append(Op("write", path, data=b"".join(parts)))
+        super().write_all(fd, parts, path)
 
     def fdatasync(self, fd: int, path: str) -> None:
         self.log.append(Op("fdatasync", path))

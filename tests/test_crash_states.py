@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from delivery_executor import Maildir, commit_batch
-from delivery_executor import maildir as md_mod
+from delivery_executor.store import names as md_mod
 
 from .crashcheck import TraceOps, violations
 
@@ -45,11 +45,11 @@ def test_checker_rejects_the_original_batch_protocol(tmp_path: Path) -> None:
     """mailrs-maildir 1.2's batch (no file sync; fsync tmp/, rename, fsync new/) tears mail."""
     md = Maildir.create(tmp_path / "m")
     ops = TraceOps()
-    names = [md_mod._unique_name() for _ in range(3)]
+    names = [md_mod.unique_name() for _ in range(3)]
     for name in names:
         path = str(md.path / "tmp" / name)
         fd = ops.create(path)
-        ops.write_all(fd, memoryview(b"body of " + name.encode()), path)
+        ops.write_all(fd, (memoryview(b"body of " + name.encode()),), path)
         ops.close(fd)
     ops.fsync_dir(str(md.path / "tmp"))
     for name in names:
@@ -69,10 +69,10 @@ def test_checker_rejects_fsync_then_rename_without_directory_fsync(tmp_path: Pat
     """qmail/Postfix-style 'fsync file, rename, no dir fsync' can lose an acked message."""
     md = Maildir.create(tmp_path / "m")
     ops = TraceOps()
-    name = md_mod._unique_name()
+    name = md_mod.unique_name()
     tmp = str(md.path / "tmp" / name)
     fd = ops.create(tmp)
-    ops.write_all(fd, memoryview(b"hello"), tmp)
+    ops.write_all(fd, (memoryview(b"hello"),), tmp)
     ops.fdatasync(fd, tmp)
     ops.close(fd)
     ops.rename(tmp, str(md.path / "new" / name))

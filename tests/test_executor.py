@@ -25,11 +25,14 @@ from delivery_executor import (
     ExecutorClosed,
     ExecutorCrashed,
     InvalidMaildirPath,
-    MaildirWriter,
+    LoopWriter,
     MessageId,
     MessageTooLarge,
+    ThreadWriter,
+    WriterName,
 )
-from delivery_executor.writer import BatchResult
+from delivery_executor.writers import BatchResult, Group, write_batch
+from delivery_executor.writers import local as writers_local
 
 from .conftest import RecordingOps, files_in, mounted_tmpfs
 
@@ -55,9 +58,12 @@ class FakeWriter:
         self._lock = threading.Lock()
         self._seq = itertools.count()
 
-    def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+    def __call__(self, groups: Sequence[Group]) -> BatchResult:
         with self._lock:
-            self.calls.append([(p, [bytes(b) for b in bodies]) for p, bodies in groups])
+            # Paths by their last part: the executor hands over absolute paths.
+            self.calls.append(
+                [(os.path.basename(p), [b"".join(m) for m in msgs]) for p, msgs in groups]
+            )
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
@@ -67,8 +73,8 @@ class FakeWriter:
                 raise self.raise_exc
             out: list[list[MessageId] | BaseException] = []
             for path, bodies in groups:
-                if path in self.fail_paths:
-                    out.append(self.fail_paths[path])
+                if os.path.basename(path) in self.fail_paths:
+                    out.append(self.fail_paths[os.path.basename(path)])
                 else:
                     out.append([MessageId(f"fake{next(self._seq)}") for _ in bodies])
             return out, 1
@@ -111,7 +117,7 @@ def test_defaults_match_the_original() -> None:
         ({"max_batch": 0}, ValueError, "max_batch must be >= 1, not 0"),
         ({"max_batch": 2.5}, TypeError, "max_batch must be an int, not float"),
         ({"max_batch": True}, TypeError, "max_batch must be an int, not bool"),
-        ({"max_wait": -1}, ValueError, "max_wait must be >= 0 seconds, not -1"),
+        ({"max_wait": -1}, ValueError, "max_wait must be a finite number of seconds >= 0, not -1"),
         ({"max_wait": "10ms"}, TypeError, "max_wait must be seconds"),
         ({"max_concurrent_flushes": 0}, ValueError, "max_concurrent_flushes must be >= 1"),
         ({"policy": "lazy"}, ValueError, "policy must be one of"),
@@ -119,7 +125,8 @@ def test_defaults_match_the_original() -> None:
         ({"max_queued": 0}, ValueError, "max_queued must be >= 1"),
         ({"max_queued_bytes": -5}, ValueError, "max_queued_bytes must be >= 1, not -5"),
         ({"max_message_size": 10, "max_queued_bytes": 5}, ValueError, "must not exceed"),
-        ({"writer": 42}, TypeError, "writer must be callable, not int"),
+        ({"writer": 42}, TypeError, "writer must be one of .* not int"),
+        ({"max_wait": float("inf")}, ValueError, "max_wait must be a finite number"),
     ],
 )
 def test_bad_configuration_names_the_value(kwargs: dict[str, Any], exc: type, text: str) -> None:
@@ -172,14 +179,14 @@ async def test_concurrent_callers_share_batches(tmp_path: Path) -> None:
     assert stats.syncs < 32
 
 
-@pytest.mark.parametrize("offload", ["syncs", "all"])
+@pytest.mark.parametrize("writer", ["loop", "thread", "process"])
 @pytest.mark.asyncio
-async def test_both_offload_modes_deliver_and_confine_failures(
-    tmp_path: Path, offload: str
+async def test_every_named_writer_delivers_and_confines_failures(
+    tmp_path: Path, writer: WriterName
 ) -> None:
-    """Writing on the loop (syncs offloaded) or in a thread: same files, same errors."""
+    """On the loop, in a thread or in a helper process: same files, same errors."""
     (tmp_path / "file").write_bytes(b"")
-    async with DeliveryExecutor(offload=offload) as ex:  # type: ignore[arg-type]
+    async with DeliveryExecutor(writer=writer) as ex:
         jobs = [(tmp_path / f"u{i % 3}", b"m%d" % i) for i in range(30)]
         ids = await asyncio.gather(*(ex.deliver(p, b) for p, b in jobs))
         with pytest.raises(NotADirectoryError) as ei:
@@ -193,30 +200,33 @@ async def test_both_offload_modes_deliver_and_confine_failures(
 
 
 @pytest.mark.asyncio
-async def test_big_batches_are_written_in_a_thread_not_on_the_loop(tmp_path: Path) -> None:
-    """With offload='syncs', a batch over INLINE_WRITE_LIMIT bytes goes to a thread."""
+async def test_big_batches_are_written_in_a_thread_not_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoopWriter writes a batch over INLINE_WRITE_LIMIT bytes whole in a thread."""
     threads: list[str] = []
+    real_write_batch = writers_local.write_batch
 
-    class Watching(MaildirWriter):
-        def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
-            threads.append(threading.current_thread().name)
-            return super().__call__(groups)
+    def watching(groups: Sequence[Group], **kwargs: Any) -> BatchResult:
+        threads.append(threading.current_thread().name)
+        return real_write_batch(groups, **kwargs)
 
-    async with DeliveryExecutor(writer=Watching()) as ex:
+    monkeypatch.setattr(writers_local, "write_batch", watching)
+    async with DeliveryExecutor(writer="loop") as ex:
         small = await ex.deliver(tmp_path / "m", b"small")
         assert threads == []  # written on the loop: the thread path never ran
         big_body = b"x" * (INLINE_WRITE_LIMIT + 1)
         big = await ex.deliver(tmp_path / "m", big_body)
     assert len(threads) == 1
-    assert threads[0].startswith("delivery-flush")
+    assert threads[0].startswith("delivery-sync")
     assert (tmp_path / "m" / "new" / small.name).read_bytes() == b"small"
     assert (tmp_path / "m" / "new" / big.name).read_bytes() == big_body
 
 
-def test_bad_offload_is_rejected() -> None:
-    """An unknown offload mode raises ValueError naming it."""
-    with pytest.raises(ValueError, match="offload must be one of"):
-        DeliveryExecutor(offload="gpu")  # type: ignore[arg-type]
+def test_bad_writer_name_is_rejected() -> None:
+    """An unknown writer name raises ValueError naming it."""
+    with pytest.raises(ValueError, match=r"writer must be one of .* not 'gpu'"):
+        DeliveryExecutor(writer="gpu")  # type: ignore[arg-type]
 
 
 @pytest.mark.asyncio
@@ -236,7 +246,7 @@ async def test_batch_spanning_paths_shares_its_syncs(tmp_path: Path) -> None:
 async def test_max_batch_is_respected(tmp_path: Path) -> None:
     """With max_batch=8, 40 concurrent requests go out in batches of at most 8."""
     writer = FakeWriter()
-    async with DeliveryExecutor(max_batch=8, writer=writer) as ex:
+    async with DeliveryExecutor(max_batch=8, writer=ThreadWriter(writer)) as ex:
         await asyncio.gather(*(ex.deliver("p", b"x") for _ in range(40)))
     assert max(writer.batch_sizes) == 8
     assert sum(writer.batch_sizes) == 40
@@ -246,7 +256,9 @@ async def test_max_batch_is_respected(tmp_path: Path) -> None:
 async def test_window_policy_flushes_a_full_batch_without_waiting() -> None:
     """Window policy flushes as soon as max_batch arrive, even with an hour-long max_wait."""
     writer = FakeWriter()
-    async with DeliveryExecutor(max_batch=4, max_wait=3600, policy="window", writer=writer) as ex:
+    async with DeliveryExecutor(
+        max_batch=4, max_wait=3600, policy="window", writer=ThreadWriter(writer)
+    ) as ex:
         await asyncio.gather(*(ex.deliver("p", b"x") for _ in range(4)))
     assert writer.batch_sizes == [4]
 
@@ -255,7 +267,7 @@ async def test_window_policy_flushes_a_full_batch_without_waiting() -> None:
 async def test_window_policy_holds_a_lone_caller_until_max_wait() -> None:
     """Window policy holds a lone request for max_wait; aclose() flushes it at once."""
     writer = FakeWriter()
-    ex = DeliveryExecutor(max_wait=3600, policy="window", writer=writer)
+    ex = DeliveryExecutor(max_wait=3600, policy="window", writer=ThreadWriter(writer))
     task = asyncio.ensure_future(ex.deliver("p", b"x"))
     done, _ = await asyncio.wait([task], timeout=0.2)
     assert not done  # held by the window: nothing reached the writer
@@ -280,7 +292,7 @@ async def test_flushes_pipeline_up_to_max_concurrent_flushes() -> None:
     """With 2 slots, two batches are written at once and the rest queue behind them."""
     gate = threading.Event()
     writer = FakeWriter(gate=gate)
-    async with DeliveryExecutor(max_concurrent_flushes=2, writer=writer) as ex:
+    async with DeliveryExecutor(max_concurrent_flushes=2, writer=ThreadWriter(writer)) as ex:
         first = asyncio.ensure_future(ex.deliver("p", b"1"))
         await until(lambda: len(writer.calls) == 1, "first flush")
         second = asyncio.ensure_future(ex.deliver("p", b"2"))
@@ -302,7 +314,9 @@ async def test_one_slot_means_strictly_serial_flushes() -> None:
     """max_concurrent_flushes=1: while one write is blocked, no second write starts."""
     gate = threading.Event()
     writer = FakeWriter(gate=gate)
-    async with DeliveryExecutor(max_concurrent_flushes=1, max_batch=4, writer=writer) as ex:
+    async with DeliveryExecutor(
+        max_concurrent_flushes=1, max_batch=4, writer=ThreadWriter(writer)
+    ) as ex:
         first = asyncio.ensure_future(ex.deliver("p", b"1"))
         await until(lambda: writer.active == 1, "first write started")
         rest = [asyncio.ensure_future(ex.deliver("p", b"r")) for _ in range(12)]
@@ -354,7 +368,7 @@ async def test_sync_failure_fails_every_covered_message_and_is_not_retried(tmp_p
         return None
 
     ops = RecordingOps(fail)
-    async with DeliveryExecutor(writer=MaildirWriter("syncfs", ops)) as ex:
+    async with DeliveryExecutor(writer=LoopWriter("syncfs", ops)) as ex:
         results = await asyncio.gather(
             *(ex.deliver(tmp_path / f"u{i % 2}", b"x") for i in range(6)), return_exceptions=True
         )
@@ -371,7 +385,7 @@ async def test_writer_failing_mid_batch_fails_only_that_group() -> None:
     """A writer that fails one group resolves the other groups' callers normally."""
     boom = PermissionError(errno.EACCES, "Permission denied", "/m/b/tmp/x")
     writer = FakeWriter(fail_paths={"b": boom})
-    async with DeliveryExecutor(writer=writer) as ex:
+    async with DeliveryExecutor(writer=ThreadWriter(writer)) as ex:
         res = await asyncio.gather(*(ex.deliver(p, b"x") for p in "abcab"), return_exceptions=True)
     assert [type(r) for r in res] == [MessageId, PermissionError, MessageId, MessageId, type(boom)]
     assert res[1] is boom
@@ -382,7 +396,7 @@ async def test_writer_failing_mid_batch_fails_only_that_group() -> None:
 async def test_writer_bug_fails_its_batch_and_the_executor_goes_on() -> None:
     """A writer raising a non-OSError fails that batch's callers; later batches work."""
     writer = FakeWriter(raise_exc=ZeroDivisionError("bug"))
-    async with DeliveryExecutor(writer=writer) as ex:
+    async with DeliveryExecutor(writer=ThreadWriter(writer)) as ex:
         with pytest.raises(ZeroDivisionError, match="bug"):
             await ex.deliver("p", b"x")
         writer.raise_exc = None
@@ -393,10 +407,10 @@ async def test_writer_bug_fails_its_batch_and_the_executor_goes_on() -> None:
 async def test_writer_returning_the_wrong_count_is_an_error() -> None:
     """A writer returning too few results fails its callers with RuntimeError."""
 
-    def short(groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+    def short(groups: Sequence[Group]) -> BatchResult:
         return [], 0
 
-    async with DeliveryExecutor(writer=short) as ex:
+    async with DeliveryExecutor(writer=ThreadWriter(short)) as ex:
         with pytest.raises(RuntimeError, match="0 results for 1 groups"):
             await ex.deliver("p", b"x")
 
@@ -421,7 +435,7 @@ async def test_bad_input_is_rejected_without_poisoning_the_batch(
 ) -> None:
     """A bad request raises at deliver() while concurrent good ones in its batch land."""
     writer = FakeWriter()
-    async with DeliveryExecutor(writer=writer, max_message_size=100) as ex:
+    async with DeliveryExecutor(writer=ThreadWriter(writer), max_message_size=100) as ex:
         results = await asyncio.gather(
             ex.deliver("good", b"1"),
             ex.deliver(path, body),
@@ -443,13 +457,12 @@ async def test_bad_input_is_rejected_without_poisoning_the_batch(
 async def test_cancelled_caller_does_not_cancel_the_write(tmp_path: Path) -> None:
     """A caller cancelled mid-flush leaves the write to complete, with no loop error."""
     gate = threading.Event()
-    real = MaildirWriter()
 
-    def gated(groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+    def gated(groups: Sequence[Group]) -> BatchResult:
         gate.wait(20)
-        return real(groups)
+        return write_batch(groups)
 
-    async with DeliveryExecutor(writer=gated) as ex:
+    async with DeliveryExecutor(writer=ThreadWriter(gated)) as ex:
         task = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"still written"))
         await until(lambda: ex.stats().in_flight == 1, "flush started")
         task.cancel()
@@ -467,7 +480,7 @@ async def test_cancelled_caller_of_a_failing_write_logs_nothing() -> None:
     """A failure for a cancelled caller is swallowed: no 'never retrieved' error."""
     gate = threading.Event()
     writer = FakeWriter(gate=gate, raise_exc=OSError(errno.EIO, "Input/output error"))
-    async with DeliveryExecutor(writer=writer) as ex:
+    async with DeliveryExecutor(writer=ThreadWriter(writer)) as ex:
         task = asyncio.ensure_future(ex.deliver("p", b"x"))
         await until(lambda: len(writer.calls) == 1, "flush started")
         task.cancel()
@@ -485,7 +498,7 @@ async def test_aclose_drains_queued_and_in_flight_work(tmp_path: Path) -> None:
     """aclose() completes every accepted delivery before it returns."""
     gate = threading.Event()
     writer = FakeWriter(gate=gate)
-    ex = DeliveryExecutor(max_batch=4, writer=writer)
+    ex = DeliveryExecutor(max_batch=4, writer=ThreadWriter(writer))
     tasks = [asyncio.ensure_future(ex.deliver("p", b"x")) for _ in range(30)]
     await until(lambda: writer.active == 2, "both slots busy")
     closing = asyncio.ensure_future(ex.aclose())
@@ -502,7 +515,7 @@ async def test_aclose_drains_queued_and_in_flight_work(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_deliver_after_close_raises_and_close_is_idempotent() -> None:
     """After aclose(), deliver() raises ExecutorClosed; aclose() may be called again."""
-    ex = DeliveryExecutor(writer=FakeWriter())
+    ex = DeliveryExecutor(writer=ThreadWriter(FakeWriter()))
     await ex.deliver("p", b"x")
     await asyncio.gather(ex.aclose(), ex.aclose())
     await ex.aclose()
@@ -524,10 +537,13 @@ async def test_aclose_waits_for_callers_blocked_on_a_full_queue() -> None:
     """Callers blocked by backpressure before aclose() are still delivered."""
     gate = threading.Event()
     writer = FakeWriter(gate=gate)
-    ex = DeliveryExecutor(max_batch=2, max_queued=2, writer=writer)
+    ex = DeliveryExecutor(max_batch=2, max_queued=2, writer=ThreadWriter(writer))
     tasks = [asyncio.ensure_future(ex.deliver("p", b"x")) for _ in range(20)]
-    # Two in the queue plus one held by the collector while it waits for a slot.
-    await until(lambda: writer.active == 2 and ex.stats().queued == 3, "queue full")
+    # Both slots busy, two requests queued, the rest waiting for room.
+    await until(
+        lambda: writer.active == 2 and ex.stats().queued == 2 and ex.stats().waiting > 0,
+        "queue full",
+    )
     closing = asyncio.ensure_future(ex.aclose())
     await asyncio.sleep(0)
     gate.set()
@@ -546,18 +562,19 @@ async def test_collector_crash_fails_waiters_fast_and_later_calls(
     """If the collector dies, queued callers get ExecutorCrashed at once; none hang."""
     gate = threading.Event()
     writer = FakeWriter(gate=gate)
-    ex = DeliveryExecutor(max_batch=4, max_queued=4, writer=writer)
+    ex = DeliveryExecutor(max_batch=4, max_queued=4, writer=ThreadWriter(writer))
     in_flight = []
     for n in (1, 2):
         in_flight.append(asyncio.ensure_future(ex.deliver("p", b"f")))
         await until(lambda n=n: writer.active == n, f"{n} slots busy")
     queued = [asyncio.ensure_future(ex.deliver("p", b"q")) for _ in range(10)]
-    await until(lambda: ex.stats().queued == 5, "queue full, five callers blocked")
+    await until(lambda: ex.stats().queued == 4, "queue full, six callers waiting for room")
+    assert ex.stats().waiting == 6
 
-    def broken(batch: object) -> bool:
+    def broken() -> list[object]:
         raise RuntimeError("collector bug")
 
-    monkeypatch.setattr(ex, "_drain", broken)
+    monkeypatch.setattr(ex, "_take", broken)
     with caplog.at_level(logging.ERROR, logger="delivery_executor"):
         gate.set()  # frees a slot: the collector wakes, drains, and dies
         results = await asyncio.gather(*queued, return_exceptions=True)
@@ -581,11 +598,11 @@ async def test_queued_bytes_stay_under_the_limit() -> None:
     seen: list[int] = []
     ex: DeliveryExecutor
 
-    def watching(groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+    def watching(groups: Sequence[Group]) -> BatchResult:
         seen.append(ex.stats().queued_bytes)
         return [[MessageId(f"m{i}") for i, _ in enumerate(b)] for _, b in groups], 0
 
-    ex = DeliveryExecutor(max_queued_bytes=1000, writer=watching)
+    ex = DeliveryExecutor(max_queued_bytes=1000, writer=ThreadWriter(watching))
     async with ex:
         await asyncio.gather(*(ex.deliver("p", b"x" * 300) for _ in range(20)))
         assert ex.stats().delivered == 20

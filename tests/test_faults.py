@@ -25,16 +25,17 @@ from hypothesis import strategies as st
 from delivery_executor import (
     DeliveryExecutor,
     Flag,
+    LoopWriter,
+    MailboxResolver,
     Maildir,
-    MaildirWriter,
     MessageId,
+    ThreadWriter,
     add_flag,
     parse_flags,
     serialize_flags,
 )
-from delivery_executor.recipients import MailboxResolver
 from delivery_executor.smtp import DeliveryHandler
-from delivery_executor.writer import BatchResult
+from delivery_executor.writers import BatchResult, Group
 
 from .conftest import RecordingOps, mounted_tmpfs
 
@@ -151,8 +152,9 @@ async def test_sync_error_fails_every_covered_message(tmp_path: Path, op: str, s
             return OSError(errno.EIO, "Input/output error", path)
         return None
 
+    Maildir.cached(tmp_path / "m")  # created now: the armed fault is for the batch's syncs
     ops = RecordingOps(fail)
-    async with DeliveryExecutor(writer=MaildirWriter(sync, ops)) as ex:  # type: ignore[arg-type]
+    async with DeliveryExecutor(writer=LoopWriter(sync, ops)) as ex:  # type: ignore[arg-type]
         first = await asyncio.gather(
             *(ex.deliver(tmp_path / "m", b"%d" % i) for i in range(4)), return_exceptions=True
         )
@@ -184,14 +186,14 @@ async def test_slow_disk_overload_stays_bounded_and_completes() -> None:
     lock = threading.Lock()
     ex: DeliveryExecutor
 
-    def slow(groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+    def slow(groups: Sequence[Group]) -> BatchResult:
         with lock:
             seen_bytes.append(ex.stats().queued_bytes)
         time.sleep(0.1)  # data sync
         time.sleep(0.1)  # rename sync
         return [[MessageId(f"m{id(b)}") for b in bodies] for _, bodies in groups], 2
 
-    ex = DeliveryExecutor(writer=slow, max_queued_bytes=limit)
+    ex = DeliveryExecutor(writer=ThreadWriter(slow), max_queued_bytes=limit)
     body = bytes(64 * 1024)
     tracemalloc.start()
     try:

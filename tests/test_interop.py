@@ -21,9 +21,7 @@ from pathlib import Path
 import pytest
 
 from delivery_executor import Maildir
-from delivery_executor.client import send_message
-
-from .serverproc import ServerProcess, free_port
+from delivery_executor.testing import ServerProcess, free_port, send_message
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -26,7 +26,7 @@ from delivery_executor import (
     parse_flags,
     serialize_flags,
 )
-from delivery_executor import maildir as md_mod
+from delivery_executor.store import names as md_mod
 
 from .conftest import RecordingOps, files_in
 
@@ -139,7 +139,7 @@ def test_cached_returns_the_same_object_and_forget_recreates(tmp_path: Path) -> 
 
 def test_names_follow_the_maildir_convention_and_are_distinct() -> None:
     """Names are {secs}.M{usec}P{pid}Q{seq}.{host} with our pid and growing seq."""
-    a, b = md_mod._unique_name(), md_mod._unique_name()
+    a, b = md_mod.unique_name(), md_mod.unique_name()
     ma, mb = NAME_RE.match(a), NAME_RE.match(b)
     assert ma and mb
     assert int(ma.group(3)) == os.getpid()
@@ -150,8 +150,8 @@ def test_names_follow_the_maildir_convention_and_are_distinct() -> None:
 
 def test_host_is_sanitized() -> None:
     """'/' and ':' in the host name become \\057 and \\072."""
-    assert md_mod._sanitize_host("a/b:c") == "a\\057b\\072c"
-    assert md_mod._sanitize_host("") == "localhost"
+    assert md_mod.sanitize_host("a/b:c") == "a\\057b\\072c"
+    assert md_mod.sanitize_host("") == "localhost"
 
 
 def test_names_are_unique_across_threads() -> None:
@@ -159,7 +159,7 @@ def test_names_are_unique_across_threads() -> None:
     out: list[list[str]] = [[] for _ in range(8)]
 
     def work(i: int) -> None:
-        out[i].extend(md_mod._unique_name() for _ in range(2000))
+        out[i].extend(md_mod.unique_name() for _ in range(2000))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
@@ -400,10 +400,10 @@ def _order_violations(calls: list[tuple[str, ...]]) -> list[str]:
 
 def _original_protocol(md: Maildir, bodies: list[bytes], ops: RecordingOps) -> None:
     """mailrs-maildir 1.2's deliver_batch: no file sync, fsync(tmp/), rename, fsync(new/)."""
-    names = [md_mod._unique_name() for _ in bodies]
+    names = [md_mod.unique_name() for _ in bodies]
     for name, body in zip(names, bodies, strict=True):
         fd = ops.create(str(md.path / "tmp" / name))
-        ops.write_all(fd, memoryview(body), name)
+        ops.write_all(fd, (memoryview(body),), name)
         ops.close(fd)
     ops.fsync_dir(str(md.path / "tmp"))
     for name in names:
@@ -436,7 +436,7 @@ def test_order_checker_catches_a_missing_directory_sync(tmp_path: Path) -> None:
     ops = RecordingOps()
     md = Maildir.create(tmp_path / "m")
     fd = ops.create(str(md.path / "tmp" / "x"))
-    ops.write_all(fd, memoryview(b"x"), "x")
+    ops.write_all(fd, (memoryview(b"x"),), "x")
     ops.fdatasync(fd, str(md.path / "tmp" / "x"))
     ops.close(fd)
     ops.rename(str(md.path / "tmp" / "x"), str(md.path / "new" / "x"))

@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from delivery_executor import Maildir
+from delivery_executor import MailboxResolver, Maildir
 from delivery_executor.errors import RecipientRejected
-from delivery_executor.recipients import MailboxResolver
 
 
 def test_default_layout_lowercases_domain_and_local(tmp_path: Path) -> None:

@@ -11,11 +11,15 @@ from typing import Any
 
 import pytest
 
-from delivery_executor import DeliveryExecutor, MaildirWriter
-from delivery_executor.client import Reply, send_message
-from delivery_executor.recipients import MailboxResolver
+from delivery_executor import (
+    DeliveryExecutor,
+    MailboxResolver,
+    ThreadWriter,
+    write_batch,
+)
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
-from delivery_executor.writer import BatchResult
+from delivery_executor.testing import Reply, send_message
+from delivery_executor.writers import BatchResult, Group
 
 from .conftest import files_in
 
@@ -190,13 +194,12 @@ async def test_connection_cap_answers_421(tmp_path: Path) -> None:
 async def test_client_disconnect_during_delivery_does_not_lose_or_crash(tmp_path: Path) -> None:
     """A client that hangs up while its copy is being written leaves it written, no errors."""
     gate = threading.Event()
-    real = MaildirWriter()
 
-    def gated(groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
+    def gated(groups: Sequence[Group]) -> BatchResult:
         gate.wait(20)
-        return real(groups)
+        return write_batch(groups)
 
-    ex = DeliveryExecutor(writer=gated)
+    ex = DeliveryExecutor(writer=ThreadWriter(gated))
     async with server(tmp_path, executor=ex) as (port, _, factory):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         for line in (b"LHLO c\r\n", b"MAIL FROM:<s@x.org>\r\n", b"RCPT TO:<a@example.org>\r\n"):
@@ -235,6 +238,7 @@ async def test_many_concurrent_sessions_share_batches(tmp_path: Path) -> None:
             return codes
 
         codes = await asyncio.gather(*(session(n) for n in range(32)))
+        assert isinstance(handler.executor, DeliveryExecutor)
         stats = handler.executor.stats()
     assert {c for cs in codes for c in cs} == {250}
     total = sum(len(mailbox(tmp_path, "example.org", f"user{k}")) for k in range(4))

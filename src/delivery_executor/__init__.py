@@ -2,8 +2,11 @@
 
 The store (:class:`Maildir`, :func:`commit_batch`) makes each delivery survive
 power loss; the :class:`DeliveryExecutor` shares its syncs between concurrent
-callers.
+callers on any loop or thread; :class:`DeliveryHandler` plugs it into an
+aiosmtpd server, and :func:`serve` is the ``delivery-executor serve`` command.
 """
+
+from importlib.metadata import PackageNotFoundError, version
 
 from .errors import (
     DeliveryError,
@@ -18,18 +21,22 @@ from .executor import (
     DEFAULT_MAX_CONCURRENT_FLUSHES,
     DEFAULT_MAX_QUEUED_BYTES,
     DEFAULT_MAX_WAIT,
-    INLINE_WRITE_LIMIT,
     BatchPolicy,
     DeliveryExecutor,
-    ExecutorStats,
+    WriterName,
 )
 from .fsops import HAVE_SYNCFS, FsOps
-from .maildir import (
+from .recipients import MailboxResolver
+from .server import ServerConfig, ServerSummary, run_server, serve
+from .smtp import DeliveryHandler, DeliveryLMTP, DeliverySMTP, SessionFactory
+from .stats import ExecutorStats
+from .store import (
     AUTO_SYNCFS_MIN_FILES,
     Body,
     Flag,
     Maildir,
     MaildirEntry,
+    Message,
     MessageId,
     SyncMode,
     add_flag,
@@ -37,9 +44,21 @@ from .maildir import (
     parse_flags,
     serialize_flags,
 )
-from .offproc import ProcessWriter
-from .recipients import MailboxResolver
-from .writer import BatchResult, BatchWriter, MaildirWriter
+from .writers import (
+    INLINE_WRITE_LIMIT,
+    BatchResult,
+    BatchWriter,
+    BlockingWriter,
+    LoopWriter,
+    ProcessWriter,
+    ThreadWriter,
+    write_batch,
+)
+
+try:
+    __version__ = version("delivery-executor")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AUTO_SYNCFS_MIN_FILES",
@@ -52,28 +71,40 @@ __all__ = [
     "BatchPolicy",
     "BatchResult",
     "BatchWriter",
+    "BlockingWriter",
     "Body",
     "DeliveryError",
     "DeliveryExecutor",
+    "DeliveryHandler",
+    "DeliveryLMTP",
+    "DeliverySMTP",
     "ExecutorClosed",
     "ExecutorCrashed",
     "ExecutorStats",
     "Flag",
     "FsOps",
     "InvalidMaildirPath",
+    "LoopWriter",
     "MailboxResolver",
     "Maildir",
     "MaildirEntry",
-    "MaildirWriter",
+    "Message",
     "MessageId",
     "MessageTooLarge",
     "ProcessWriter",
     "RecipientRejected",
+    "ServerConfig",
+    "ServerSummary",
+    "SessionFactory",
     "SyncMode",
+    "ThreadWriter",
+    "WriterName",
+    "__version__",
     "add_flag",
     "commit_batch",
     "parse_flags",
+    "run_server",
     "serialize_flags",
+    "serve",
+    "write_batch",
 ]
-
-__version__ = "0.1.0"

@@ -1,16 +1,21 @@
-"""``DeliveryExecutor``: group commit for concurrent asyncio delivery sessions.
+"""``DeliveryExecutor``: group commit for concurrent delivery sessions, on any loop or thread.
 
-Callers ``await executor.deliver(path, body)``. Requests go into one bounded
-``asyncio.Queue``; one collector task takes them in batches, groups each batch
-by Maildir path and hands it to a batch writer (by default
-:class:`~delivery_executor.writer.MaildirWriter`) under
-``asyncio.Semaphore(max_concurrent_flushes)``. The blocking work runs in the
-executor's own thread pool (``run_in_executor``), never the loop's default
-one: by default only the syncs go there (``offload="syncs"``), while the
-microsecond page-cache work stays on the loop; ``offload="all"`` sends the
-whole batch. :class:`~delivery_executor.offproc.ProcessWriter` writes in a
-helper process instead. Every caller awaits its own future, resolved only
-once its message is durable.
+Callers ``await executor.deliver(path, body)``. Requests are admitted under a
+count and byte budget (:mod:`.budget`), queued, and taken in batches by one
+collector task, which groups each batch by Maildir path and hands it to a
+batch writer (:mod:`.writers`) under ``asyncio.Semaphore(max_concurrent_flushes)``.
+Every caller awaits its own future, resolved only once its message is durable.
+
+**Home loop.** The collector, the queue and the writer live on one event loop,
+the executor's *home*: the loop that first enters ``async with``, calls
+:meth:`start` or awaits :meth:`deliver`; or, for :meth:`start_thread`, ``with``
+and :meth:`deliver_sync` on an executor not yet started, a private loop in a
+daemon thread the executor owns. A caller on any other loop or thread is
+served through the home loop: its request is handed over with one
+``call_soon_threadsafe`` (shared by every request posted while the previous
+hand-off was pending) and its result comes back the same way, one call per
+caller loop per batch. Neither loop blocks or polls. The home loop must keep
+running until :meth:`aclose` (or :meth:`close`) returns.
 
 Two batching policies:
 
@@ -31,27 +36,30 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from datetime import timedelta
 from types import TracebackType
-from typing import Literal, Self, TypeAlias, TypeVar
+from typing import Literal, Self, TypeAlias
 
+from .budget import Budget
 from .errors import ExecutorClosed, ExecutorCrashed, MessageTooLarge
-from .maildir import Body, MessageId, SyncMode, check_body, check_maildir_path
-from .writer import BatchWriter, MaildirWriter
+from .stats import ExecutorStats, StatsRecorder
+from .store import Message, MessageId, SyncMode, check_maildir_path, check_message, check_sync
+from .store.commit import Parts
+from .writers import BatchWriter, LoopWriter, ProcessWriter, ThreadWriter
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_CONCURRENT_FLUSHES",
     "DEFAULT_MAX_QUEUED_BYTES",
     "DEFAULT_MAX_WAIT",
-    "INLINE_WRITE_LIMIT",
     "BatchPolicy",
     "DeliveryExecutor",
-    "ExecutorStats",
+    "WriterName",
 ]
 
 DEFAULT_MAX_BATCH = 64
@@ -60,62 +68,52 @@ DEFAULT_MAX_WAIT = 0.010
 """Seconds a request may wait for its batch to fill (``"window"`` policy)."""
 DEFAULT_MAX_CONCURRENT_FLUSHES = 2
 """Batches being written at once: 2 hides one batch's sync behind the next's collection."""
-INLINE_WRITE_LIMIT = 256 * 1024
-"""With ``offload="syncs"``, a batch with more body bytes than this is written
-in a thread instead: on the loop it would stall every other session."""
 DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
-"""Body bytes accepted but not yet durable, at most; ``deliver`` waits for room past it."""
+"""Body bytes accepted but not yet durable, at most; past it requests wait for room."""
 
 BatchPolicy: TypeAlias = Literal["eager", "window"]
-_POLICIES = ("eager", "window")
-Offloading: TypeAlias = Literal["syncs", "all"]
-_OFFLOADS = ("syncs", "all")
-_LATENCY_SAMPLES = 4096
+WriterName: TypeAlias = Literal["loop", "thread", "process"]
+POLICIES: tuple[BatchPolicy, ...] = ("eager", "window")
+WRITERS: tuple[WriterName, ...] = ("loop", "thread", "process")
 _log = logging.getLogger("delivery_executor")
-T = TypeVar("T")
 
-
-@dataclass(frozen=True, slots=True)
-class ExecutorStats:
-    """A snapshot of an executor's counters (see :meth:`DeliveryExecutor.stats`)."""
-
-    delivered: int
-    """Messages made durable and acknowledged."""
-    failed: int
-    """Messages whose delivery raised (to their caller)."""
-    batches: int
-    """Batches handed to the writer."""
-    syncs: int
-    """fdatasync/fsync/syncfs calls the writer made."""
-    batch_sizes: dict[int, int]
-    """Batch size → how many batches had it."""
-    queued: int
-    """Requests accepted and waiting for a flush slot."""
-    queued_bytes: int
-    """Body bytes accepted and not yet durable (queued or being flushed)."""
-    in_flight: int
-    """Batches being written right now."""
-    flush_latency: dict[str, float] = field(default_factory=dict)
-    """Seconds per batch write over recent batches: ``p50``, ``p90``, ``p99``, ``max``."""
-
-    @property
-    def mean_batch_size(self) -> float:
-        """Messages per batch, over all batches so far (0.0 before the first)."""
-        n = sum(self.batch_sizes.values())
-        return sum(k * v for k, v in self.batch_sizes.items()) / n if n else 0.0
+AnyFuture: TypeAlias = "asyncio.Future[MessageId] | concurrent.futures.Future[MessageId]"
+Outcome: TypeAlias = "MessageId | BaseException"
 
 
 class _Request:
-    __slots__ = ("body", "future", "path", "size")
+    __slots__ = ("future", "loop", "parts", "path", "size")
 
-    def __init__(self, path: str, body: memoryview, future: asyncio.Future[MessageId]) -> None:
+    def __init__(
+        self,
+        path: str,
+        parts: Parts,
+        size: int,
+        future: AnyFuture,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.path = path
-        self.body = body
-        self.size = body.nbytes
+        self.parts = parts
+        self.size = size
         self.future = future
+        self.loop = loop  # the caller's loop when it is not home; None: settle directly
+
+    def abandoned(self) -> bool:
+        return self.future.cancelled()
 
 
-_STOP = object()
+def _resolve(future: AnyFuture, outcome: Outcome) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _resolve_all(items: list[tuple[AnyFuture, Outcome]]) -> None:
+    for future, outcome in items:
+        _resolve(future, outcome)
 
 
 def _seconds(name: str, value: float | timedelta) -> float:
@@ -124,8 +122,8 @@ def _seconds(name: str, value: float | timedelta) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = type(value).__name__
         raise TypeError(f"{name} must be seconds (float) or a timedelta, not {kind}")
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0 seconds, not {value!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
     return float(value)
 
 
@@ -137,34 +135,54 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
+def _make_writer(writer: BatchWriter | WriterName, sync: SyncMode) -> BatchWriter:
+    check_sync(sync)
+    if isinstance(writer, str):
+        if writer == "loop":
+            return LoopWriter(sync)
+        if writer == "thread":
+            return ThreadWriter(sync=sync)
+        if writer == "process":
+            return ProcessWriter(sync)
+        raise ValueError(f"writer must be one of {WRITERS} or a BatchWriter, not {writer!r}")
+    if not callable(getattr(writer, "acommit", None)) or not callable(
+        getattr(writer, "aclose", None)
+    ):
+        raise TypeError(
+            f"writer must be one of {WRITERS} or a BatchWriter (async acommit and aclose),"
+            f" not {type(writer).__name__}"
+        )
+    return writer
+
+
 class DeliveryExecutor:
     """Group-commits concurrent Maildir deliveries; each caller awaits its own result.
 
-    Construction needs no event loop: the executor binds to the running loop at
-    the first :meth:`deliver` (or ``async with``), and must then only be used
-    from that loop. Close it with :meth:`aclose` or ``async with``.
+    Build it with keywords and use it with ``async with`` (or ``with`` from
+    threads); ``spawn``, ``with_config`` and ``with_full_config`` are the
+    original's constructors. It can be shared by every session, loop and
+    thread of a process (see the module doc for the home loop).
 
     Parameters:
         max_batch: requests per batch at most.
         max_wait: seconds (or timedelta) a request may wait for its batch to
             fill; only the ``"window"`` policy waits it out.
-        max_concurrent_flushes: batches written at once, each in its own thread.
-        policy: ``"eager"`` (default) or ``"window"`` (the original); see the
-            module docstring.
-        sync: the store's sync form, ``"auto"``, ``"syncfs"`` or ``"fsync"``.
+        max_concurrent_flushes: batches being written at once.
+        policy: ``"eager"`` (default) or ``"window"`` (the original).
+        sync: the store's sync form for a named writer: ``"auto"``,
+            ``"syncfs"`` or ``"fsync"``.
         max_queued: requests queued at most (default ``max_batch * 16``);
-            ``deliver`` waits for room beyond it.
+            further requests wait for room, oldest first.
         max_queued_bytes: body bytes accepted and not yet durable, at most;
-            ``deliver`` waits for room beyond it.
+            further requests wait for room, oldest first.
         max_message_size: larger bodies raise :class:`MessageTooLarge`
             (default and upper bound: ``max_queued_bytes``).
-        writer: the batch writer (default :class:`MaildirWriter` with ``sync``).
-        offload: what runs in the executor's threads. ``"syncs"`` (default,
-            for writers with an ``acommit`` method such as
-            :class:`MaildirWriter`): only the syncs; the page-cache work runs on
-            the loop, unless the batch holds more than
-            :data:`INLINE_WRITE_LIMIT` body bytes. ``"all"``: the whole batch,
-            in one thread call.
+        writer: where batches are written: ``"loop"`` (default: page-cache
+            work on the loop, syncs in a thread), ``"thread"``, ``"process"``
+            (a helper process), or any :class:`~delivery_executor.writers.BatchWriter`.
+
+    Raises ``TypeError``/``ValueError`` naming the bad value. Costs nothing
+    until started: no loop, thread or process is needed to construct it.
     """
 
     def __init__(
@@ -178,16 +196,15 @@ class DeliveryExecutor:
         max_queued: int | None = None,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         max_message_size: int | None = None,
-        writer: BatchWriter | None = None,
-        offload: Offloading = "syncs",
+        writer: BatchWriter | WriterName = "loop",
     ) -> None:
         self.max_batch = _positive_int("max_batch", max_batch)
         self.max_wait = _seconds("max_wait", max_wait)
         self.max_concurrent_flushes = _positive_int(
             "max_concurrent_flushes", max_concurrent_flushes
         )
-        if policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {_POLICIES}, not {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self.policy: BatchPolicy = policy
         self.max_queued = _positive_int(
             "max_queued", max_batch * 16 if max_queued is None else max_queued
@@ -199,42 +216,36 @@ class DeliveryExecutor:
             raise ValueError(
                 f"max_message_size ({size}) must not exceed max_queued_bytes ({max_queued_bytes})"
             )
-        if offload not in _OFFLOADS:
-            raise ValueError(f"offload must be one of {_OFFLOADS}, not {offload!r}")
-        self.offload: Offloading = offload
-        if writer is not None and not callable(writer):
-            raise TypeError(f"writer must be callable, not {type(writer).__name__}")
-        self._writer: BatchWriter = writer if writer is not None else MaildirWriter(sync)
+        self.writer: BatchWriter = _make_writer(writer, sync)
 
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[_Request | object] = asyncio.Queue(self.max_queued)
-        self._slots = asyncio.Semaphore(self.max_concurrent_flushes)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # guards binding and the inbox, the only shared state
+        self._home: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._inbox: collections.deque[_Request] = collections.deque()
+        self._inbox_armed = False
+        self._ended: ExecutorClosed | None = None  # set when the home loop ends before aclose
+
+        # Home-loop state from here on.
+        self._budget: Budget[_Request] = Budget(self.max_queued, self.max_queued_bytes)
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._collector: asyncio.Task[None] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
-        self._collecting: list[_Request] = []  # taken from the queue, not yet in a flush
-        self._putters = 0
         self._in_flight = 0
-        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closing = False
         self._closed: asyncio.Future[None] | None = None
         self._crash: BaseException | None = None
-
-        self._queued_bytes = 0
-        self._delivered = 0
-        self._failed = 0
-        self._batches = 0
-        self._syncs = 0
-        self._batch_sizes: collections.Counter[int] = collections.Counter()
-        self._flush_times: collections.deque[float] = collections.deque(maxlen=_LATENCY_SAMPLES)
+        self._abort: ExecutorClosed | None = None
+        self._stats = StatsRecorder()
 
     # -- the original's constructors --------------------------------------
 
     @classmethod
     def spawn(cls) -> Self:
-        """Defaults, with the collector started now; needs a running loop."""
+        """Defaults, with the collector started now on the running loop (needs one)."""
         ex = cls()
-        ex._start(asyncio.get_running_loop())
+        ex._bind(asyncio.get_running_loop())
         return ex
 
     @classmethod
@@ -249,92 +260,191 @@ class DeliveryExecutor:
         """The original's ``with_full_config(max_batch, max_wait, max_concurrent_flushes)``."""
         return cls(max_batch, max_wait, max_concurrent_flushes)
 
-    # -- public API --------------------------------------------------------
+    # -- delivering --------------------------------------------------------
 
-    async def deliver(self, path: str | os.PathLike[str], body: Body) -> MessageId:
+    async def deliver(self, path: str | os.PathLike[str], body: Message) -> MessageId:
         """Deliver ``body`` durably into the Maildir at ``path``; return its id.
 
-        ``path`` is a str or PathLike naming a Maildir root, created on first
-        use. Returns once the message's bytes and its name in ``new/`` are
-        durable. Waits for room when the queue is full (backpressure). The body
-        is not copied: a ``bytearray`` must not change until this returns.
+        ``path`` names a Maildir root (str or PathLike; a relative path is
+        resolved against the working directory now), created on first use.
+        ``body`` is bytes-like, or a tuple of bytes-like parts written in
+        order; it is not copied, so a ``bytearray`` must not change until this
+        returns. Returns once the message's bytes and its name in ``new/`` are
+        durable. Waits for room under backpressure. Works from any event loop
+        and thread (see the module doc); the first caller's loop becomes home
+        if the executor is not started yet.
 
         Raises, before anything is queued: ``TypeError`` (wrong types),
-        :class:`InvalidMaildirPath` (empty path, NUL byte),
+        :class:`InvalidMaildirPath` (empty path, NUL byte, too long),
         :class:`MessageTooLarge`, :class:`ExecutorClosed` and
         :class:`ExecutorCrashed`. A storage failure raises the original
-        ``OSError`` (type, errno, filename). If the caller is cancelled, the
-        write goes on and may still complete: at least once, never lost.
+        ``OSError`` (type, errno, filename). If the caller is cancelled once
+        its request is queued, the write goes on and may complete: at least
+        once, never lost.
         """
-        p = check_maildir_path(path)
-        view = check_body(body)
-        if view.nbytes > self.max_message_size:
-            raise MessageTooLarge(
-                f"message of {view.nbytes} bytes exceeds max_message_size={self.max_message_size}"
-            )
-        self._check_open()
+        p, parts, size = self._check(path, body)
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self._start(loop)
-
-        req = _Request(p, view, loop.create_future())
-        # Counted from here, so that a closing collector waits for this request.
-        self._putters += 1
+        home = self._home
+        if home is None:
+            home = self._bind(loop)
+        future: asyncio.Future[MessageId] = loop.create_future()
+        if home is loop:
+            self._admit(_Request(p, parts, size, future, None))
+        else:
+            self._post(_Request(p, parts, size, future, loop))
         try:
-            # Backpressure on both count and bytes. Our own waiters (not Queue.put)
-            # so that a crash or a flush can wake every one of them.
-            while self._queue.full() or self._queued_bytes + req.size > self.max_queued_bytes:
-                waiter = loop.create_future()
-                self._room_waiters.append(waiter)
-                await waiter
-                self._check_alive()
-            self._queued_bytes += req.size
-            self._queue.put_nowait(req)
-        finally:
-            self._putters -= 1
-            if self._closing and self._putters == 0 and self._queue.empty():
-                self._queue.put_nowait(_STOP)  # wake a collector waiting for us
-
-        try:
-            return await req.future
+            return await future
         except asyncio.CancelledError:
-            if req.future.done() and not req.future.cancelled():
-                req.future.exception()  # retrieved: no "never retrieved" warning
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: no "never retrieved" warning
             raise
 
-    async def aclose(self) -> None:
-        """Stop accepting, flush everything already accepted, wait for in-flight flushes.
+    def deliver_sync(
+        self, path: str | os.PathLike[str], body: Message, *, timeout: float | None = None
+    ) -> MessageId:
+        """:meth:`deliver` for threads: block until the message is durable; return its id.
+
+        For threaded servers and scripts. Starts a private home loop thread if
+        the executor has no home yet. Raises ``RuntimeError`` when called
+        from a thread that runs an event loop (on the home loop it would
+        deadlock; on another it would stall that loop: ``await deliver()``
+        there). ``TimeoutError`` after ``timeout`` seconds, in which case the
+        write may still complete. Other errors as :meth:`deliver`.
+        """
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:
+            which = "the executor's own" if running is self._home else "an"
+            raise RuntimeError(
+                f"deliver_sync() called from {which} event loop thread, which it would block;"
+                " use 'await executor.deliver(...)' there"
+            )
+        p, parts, size = self._check(path, body)
+        if self._home is None:
+            self.start_thread()
+        future: concurrent.futures.Future[MessageId] = concurrent.futures.Future()
+        self._post(_Request(p, parts, size, future, None))
+        return future.result(timeout)
+
+    def _check(self, path: str | os.PathLike[str], body: Message) -> tuple[str, Parts, int]:
+        p = check_maildir_path(path)
+        parts = check_message(body)
+        size = parts[0].nbytes if len(parts) == 1 else sum(v.nbytes for v in parts)
+        if size > self.max_message_size:
+            raise MessageTooLarge(
+                f"message of {size} bytes exceeds max_message_size={self.max_message_size}"
+            )
+        self._check_open()
+        return p, parts, size
+
+    # -- starting and closing ----------------------------------------------
+
+    async def start(self) -> Self:
+        """Make the running loop the executor's home and start the collector now."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        if self._bind(loop) is not loop:
+            raise RuntimeError("this DeliveryExecutor already has another home loop")
+        if isinstance(self.writer, ProcessWriter):
+            await self.writer.start()
+        return self
+
+    def start_thread(self) -> Self:
+        """Give the executor a private home loop in a daemon thread, started now.
+
+        For executors shared by several loops that may stop independently
+        (aiosmtpd ``Controller`` threads) and for threaded code. Close it with
+        :meth:`close` or :meth:`aclose` from anywhere.
+        """
+        self._check_open()
+        with self._lock:
+            if self._home is not None:
+                raise RuntimeError("this DeliveryExecutor already has a home loop")
+            loop = asyncio.new_event_loop()
+            self._home = loop
+            self._thread = threading.Thread(
+                target=self._run_home_thread, args=(loop,), name="delivery-executor", daemon=True
+            )
+            # Queued before any hand-off can be: the collector exists before the first request.
+            loop.call_soon(self._start_collector, loop)
+            self._thread.start()
+        return self
+
+    @staticmethod
+    def _run_home_thread(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    # A caller's own asyncio.timeout() would only stop waiting; this one fails what is left.
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Stop accepting, deliver everything accepted, wait for in-flight writes; from any loop.
 
         Idempotent and safe to call concurrently. Later :meth:`deliver` calls
-        raise :class:`ExecutorClosed`.
+        raise :class:`ExecutorClosed`. With ``timeout`` (seconds), whatever is
+        not written by then fails with :class:`ExecutorClosed` (queued
+        requests) or :class:`ExecutorCrashed` (batches being written, which may
+        or may not be durable), and ``aclose`` returns.
         """
-        if self._closed is not None:
-            await asyncio.shield(self._closed)
-            return
-        self._closing = True
+        if timeout is not None:
+            _seconds("timeout", timeout)
         loop = asyncio.get_running_loop()
-        self._closed = loop.create_future()
+        home = self._home
+        if home is None or self._ended is not None:
+            self._closing = True
+            await self.writer.aclose()
+            return
+        if home is loop:
+            await self._aclose_home(timeout)
+            return
         try:
-            if self._collector is not None:
-                if not self._collector.done():
-                    await self._queue.put(_STOP)
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(self._collector)
-            while self._flushes:
-                await asyncio.gather(*self._flushes, return_exceptions=True)
-            closer = getattr(self._writer, "aclose", None)
-            if closer is not None:
-                await closer()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._closed.set_result(None)
+            done = asyncio.run_coroutine_threadsafe(self._aclose_home(timeout), home)
+        except RuntimeError:  # the home loop is already closed
+            self._closing = True
+            return
+        await asyncio.wrap_future(done)
+        self._stop_private_thread(join=False)
+
+    def close(self, timeout: float | None = None) -> None:
+        """:meth:`aclose` for threads and scripts: blocks until closed.
+
+        ``RuntimeError`` if called from the home loop's own thread (it would
+        deadlock there: use ``await aclose()``).
+        """
+        home = self._home
+        if home is None or self._ended is not None:
+            self._closing = True
+            return
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is home:
+                raise RuntimeError("close() would block the executor's own loop; await aclose()")
+        try:
+            asyncio.run_coroutine_threadsafe(self._aclose_home(timeout), home).result()
+        except RuntimeError:  # the home loop is already closed
+            self._closing = True
+        self._stop_private_thread(join=True)
+
+    def _stop_private_thread(self, *, join: bool) -> None:
+        thread, home = self._thread, self._home
+        if thread is None or home is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            home.call_soon_threadsafe(home.stop)
+        if join and thread is not threading.current_thread():
+            thread.join()
 
     async def __aenter__(self) -> Self:
         self._check_open()
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self._start(loop)
+        if self._home is None:
+            await self.start()
+        elif self._home is not loop and self._thread is None:
+            raise RuntimeError("async with: this DeliveryExecutor has another home loop")
         return self
 
     async def __aexit__(
@@ -345,237 +455,309 @@ class DeliveryExecutor:
     ) -> None:
         await self.aclose()
 
+    def __enter__(self) -> Self:
+        if self._home is None:
+            self.start_thread()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- state -------------------------------------------------------------
+
     def stats(self) -> ExecutorStats:
-        """A consistent snapshot of the counters; O(samples) for the percentiles."""
-        times = sorted(self._flush_times)
-        lat: dict[str, float] = {}
-        if times:
-            last = len(times) - 1
-            for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-                lat[name] = times[min(last, int(q * len(times)))]
-            lat["max"] = times[-1]
+        """A snapshot of the counters; O(samples) for the percentiles."""
+        s = self._stats
         return ExecutorStats(
-            delivered=self._delivered,
-            failed=self._failed,
-            batches=self._batches,
-            syncs=self._syncs,
-            batch_sizes=dict(sorted(self._batch_sizes.items())),
-            queued=self._queued(),
-            queued_bytes=self._queued_bytes,
+            delivered=s.delivered,
+            failed=s.failed,
+            batches=s.batches,
+            syncs=s.syncs,
+            batch_sizes=dict(sorted(s.batch_sizes.items())),
+            queued=len(self._queue),
+            queued_bytes=self._budget.nbytes,
             in_flight=self._in_flight,
-            flush_latency=lat,
+            flush_latency=s.flush_latency(),
+            waiting=len(self._budget.room) + len(self._inbox),
         )
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`aclose` has begun."""
-        return self._closing
+        """True once :meth:`aclose` has begun (or the home loop ended)."""
+        return self._closing or self._ended is not None
 
     def __repr__(self) -> str:
         if self._crash is not None:
             state = "crashed"
-        elif self._closed is not None and self._closed.done():
+        elif (
+            self._ended is not None
+            or (self._closed is not None and self._closed.done())
+            or (self._closing and self._home is None)
+        ):
             state = "closed"
         elif self._closing:
             state = "closing"
         else:
-            state = "open" if self._collector is not None else "idle"
+            state = "idle" if self._home is None else "open"
+        home = "thread" if self._thread is not None else ("loop" if self._home else "none")
         return (
-            f"<DeliveryExecutor {state} policy={self.policy}"
-            f" queued={self._queued()}"
-            f" in_flight={self._in_flight} delivered={self._delivered}"
-            f" failed={self._failed} batches={self._batches}>"
+            f"<DeliveryExecutor {state} home={home} policy={self.policy}"
+            f" writer={type(self.writer).__name__} queued={len(self._queue)}"
+            f" waiting={len(self._budget.room) + len(self._inbox)}"
+            f" in_flight={self._in_flight} delivered={self._stats.delivered}"
+            f" failed={self._stats.failed} batches={self._stats.batches}>"
         )
 
-    # -- internals ---------------------------------------------------------
-
-    def _queued(self) -> int:
-        # The collector holds the requests it took while it waits for a slot.
-        return self._queue.qsize() + len(self._collecting)
+    # -- internals: binding and hand-off -----------------------------------
 
     def _check_open(self) -> None:
-        self._check_alive()
-        if self._closing:
-            raise ExecutorClosed("the DeliveryExecutor is closed; nothing was queued")
-
-    def _check_alive(self) -> None:
         if self._crash is not None:
             raise self._crashed_error()
+        if self._ended is not None:
+            raise self._ended
+        if self._closing:
+            raise ExecutorClosed("the DeliveryExecutor is closed; nothing was queued")
 
     def _crashed_error(self) -> ExecutorCrashed:
         err = ExecutorCrashed(f"the executor's collector died: {self._crash!r}")
         err.__cause__ = self._crash
         return err
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is not None:
-            raise RuntimeError(
-                "this DeliveryExecutor is bound to another event loop; create one per loop"
-            )
-        self._loop = loop
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self.max_concurrent_flushes, thread_name_prefix="delivery-flush"
-        )
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+        """Make ``loop`` (running in this thread) home unless there is one; return home."""
+        with self._lock:
+            if self._home is not None:
+                return self._home
+            self._home = loop
+        self._start_collector(loop)
+        return loop
+
+    def _start_collector(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._slots = asyncio.Semaphore(self.max_concurrent_flushes)
         self._collector = loop.create_task(self._run_collector(), name="delivery-collector")
 
-    def _release_bytes(self, n: int) -> None:
-        self._queued_bytes -= n
-        self._wake_room()
+    def _post(self, req: _Request) -> None:
+        """Hand ``req`` to the home loop from another thread; never blocks."""
+        with self._lock:
+            ended = self._ended
+            if ended is None:
+                self._inbox.append(req)
+                if self._inbox_armed:
+                    return
+                self._inbox_armed = True
+        home = self._home
+        if ended is None and home is not None:
+            try:
+                home.call_soon_threadsafe(self._take_inbox)
+                return
+            except RuntimeError:  # closed without our collector noticing (loop.stop + close)
+                ended = self._end_home(
+                    ExecutorClosed("the executor's home event loop is closed; nothing was queued")
+                )
+        self._settle([(req, ended or ExecutorClosed("the executor is closed"))])
 
-    def _wake_room(self) -> None:
-        while self._room_waiters:
-            w = self._room_waiters.popleft()
-            if not w.done():
-                w.set_result(None)
+    def _take_inbox(self) -> None:
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+            self._inbox_armed = False
+        for req in items:
+            self._admit(req)
+
+    def _end_home(self, err: ExecutorClosed) -> ExecutorClosed:
+        """The home loop is going away: refuse new requests, fail the inbox."""
+        with self._lock:
+            if self._ended is None:
+                self._ended = err
+            items = list(self._inbox)
+            self._inbox.clear()
+        self._settle([(r, err) for r in items])
+        return self._ended
+
+    # -- internals: the collector -------------------------------------------
+
+    def _admit(self, req: _Request) -> None:
+        if self._collector is None or self._collector.done():
+            self._settle([(req, self._ended or ExecutorClosed("the executor is closed"))])
+        elif self._budget.offer(req):
+            self._queue.append(req)
+            self._notify()
+
+    def _enqueue(self, admitted: Iterable[_Request]) -> None:
+        self._queue.extend(admitted)
+        self._notify()
+
+    def _notify(self) -> None:
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait_for_work(self, within: float | None = None) -> bool:
+        """Sleep until a request or close arrives; False if ``within`` seconds passed first."""
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(within):
+                await self._wakeup
+        except TimeoutError:
+            return False
+        finally:
+            self._wakeup = None
+        return True
 
     async def _run_collector(self) -> None:
         try:
             await self._collect()
+        except asyncio.CancelledError:
+            # aclose(timeout) expired, or the loop is being torn down (asyncio.run's end).
+            err = self._abort or ExecutorClosed(
+                "the executor's event loop ended before aclose(); an executor lives as long"
+                " as its home loop: create a new one, or use 'async with' / start_thread()"
+            )
+            self._fail_pending(self._end_home(err) if self._abort is None else err)
+            raise
         except BaseException as exc:
-            # Every waiter learns of it through ExecutorCrashed; log the bug once here.
             self._crash = exc
-            self._fail_pending()
-            if not isinstance(exc, asyncio.CancelledError):
-                _log.error("delivery collector crashed", exc_info=exc)
-        finally:
-            self._collecting = []
+            self._fail_pending(self._crashed_error())
+            if not isinstance(exc, Exception):
+                raise
+            _log.error("delivery collector crashed", exc_info=exc)
 
-    def _fail_pending(self) -> None:
-        """Fail everything accepted but not handed to a flush; wake every waiter."""
-        err = self._crashed_error()
-        pending = self._collecting
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, _Request):
-                pending.append(item)
-        for req in pending:
-            self._failed += 1
-            self._release_bytes(req.size)
-            if not req.future.done():
-                req.future.set_exception(err)
-        self._release_bytes(0)
+    def _fail_pending(self, err: BaseException) -> None:
+        """Fail everything accepted but not handed to a flush."""
+        pending = list(self._queue) + list(self._budget.room)
+        self._queue.clear()
+        self._budget.room.clear()
+        self._settle([(req, err) for req in pending])
 
     async def _collect(self) -> None:
-        stopping = False
+        loop = asyncio.get_running_loop()
+        assert self._slots is not None
         while True:
-            if stopping and self._queue.empty() and self._putters == 0:
-                return
-            first = await self._queue.get()
-            self._wake_room()
-            if first is _STOP:
-                stopping = True
+            if not self._queue:
+                if self._closing and not self._budget.room and not self._inbox:
+                    return
+                await self._wait_for_work()
                 continue
-            assert isinstance(first, _Request)
-            batch = self._collecting = [first]
             if self.policy == "window":
-                stopping = await self._fill_window(batch) or stopping
-                await self._slots.acquire()
-            else:
-                # Natural batching: take everything that piled up while the slots were busy.
-                await self._slots.acquire()
-                stopping = self._drain(batch) or stopping
-            self._collecting = []
-            self._wake_room()
+                deadline = loop.time() + self.max_wait
+                while len(self._queue) < self.max_batch and not self._closing:
+                    if not await self._wait_for_work(deadline - loop.time()):
+                        break
+            # Eager: while every slot is busy, requests keep piling up in the queue.
+            await self._slots.acquire()
+            batch = self._take()
             self._launch(batch)
 
-    def _drain(self, batch: list[_Request]) -> bool:
-        """Move queued requests into ``batch`` up to max_batch; True if _STOP was taken."""
-        while len(batch) < self.max_batch and not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is _STOP:
-                return True
-            assert isinstance(item, _Request)
-            batch.append(item)
-        return False
-
-    async def _fill_window(self, batch: list[_Request]) -> bool:
-        """Collect until max_batch or max_wait after the first; True if _STOP was taken."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
-        saw_stop = False
-        while len(batch) < self.max_batch:
-            saw_stop = self._drain(batch) or saw_stop
-            timeout = deadline - loop.time()
-            if saw_stop or len(batch) >= self.max_batch or timeout <= 0:
-                break
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                break
-            self._wake_room()
-            if item is _STOP:
-                return True
-            assert isinstance(item, _Request)
-            batch.append(item)
-        return saw_stop
+    def _take(self) -> list[_Request]:
+        """Move up to max_batch requests from the queue into a batch."""
+        queue = self._queue
+        n = min(len(queue), self.max_batch)
+        batch = [queue.popleft() for _ in range(n)]
+        self._enqueue(self._budget.taken(n))
+        return batch
 
     def _launch(self, batch: list[_Request]) -> None:
-        assert self._loop is not None
         self._in_flight += 1
-        task = self._loop.create_task(self._flush(batch), name="delivery-flush")
+        task = asyncio.get_running_loop().create_task(self._flush(batch), name="delivery-flush")
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
     async def _flush(self, batch: list[_Request]) -> None:
-        """Write one batch in the pool and resolve each caller's future."""
-        assert self._loop is not None
+        """Write one batch through the writer and settle each caller's future."""
+        assert self._slots is not None
         groups: dict[str, list[_Request]] = {}
         for req in batch:
             groups.setdefault(req.path, []).append(req)
-        payload = [(path, [r.body for r in reqs]) for path, reqs in groups.items()]
+        payload = [(path, [r.parts for r in reqs]) for path, reqs in groups.items()]
         nbytes = sum(r.size for r in batch)
-        self._batches += 1
-        self._batch_sizes[len(batch)] += 1
+        self._stats.batch(len(batch))
         started = time.perf_counter()
+        outcomes: list[tuple[_Request, Outcome]] = []
+        fatal: BaseException | None = None
         try:
-            acommit = getattr(self._writer, "acommit", None)
-            inline = self.offload == "syncs" and acommit is not None
-            if inline and isinstance(self._writer, MaildirWriter):
-                # Big bodies written on the loop would stall every other session.
-                inline = nbytes <= INLINE_WRITE_LIMIT
-            if inline:
-                assert acommit is not None
-                results, syncs = await acommit(payload, self._offload)
-            else:
-                results, syncs = await self._offload(self._writer, payload)
-            self._syncs += syncs
+            results, syncs = await self.writer.acommit(payload)
+            self._stats.syncs += syncs
             if len(results) != len(payload):
                 raise RuntimeError(
                     f"batch writer returned {len(results)} results for {len(payload)} groups"
                 )
             for reqs, result in zip(groups.values(), results, strict=True):
                 if isinstance(result, BaseException):
-                    self._settle_error(reqs, result)
-                    continue
-                if len(result) != len(reqs):
+                    outcomes.extend((r, result) for r in reqs)
+                elif len(result) != len(reqs):
                     raise RuntimeError(
                         f"batch writer returned {len(result)} ids for {len(reqs)} messages"
                     )
-                for req, mid in zip(reqs, result, strict=True):
-                    self._delivered += 1
-                    if not req.future.done():
-                        req.future.set_result(mid)
+                else:
+                    outcomes.extend(zip(reqs, result, strict=True))
         except asyncio.CancelledError:
-            # Only loop teardown cancels a flush; the write itself may still finish.
-            self._settle_error(
-                batch, ExecutorCrashed("flush cancelled; the write may or may not be durable")
-            )
+            # Only aclose(timeout) or loop teardown cancels a flush; the write may finish.
+            self._settle_counted(
+                [(r, ExecutorCrashed("flush cancelled; the write may or may not be durable"))
+                 for r in batch]
+            )  # fmt: skip
             raise
-        except BaseException as exc:
-            self._settle_error([r for r in batch if not r.future.done()], exc)
+        except Exception as exc:
+            outcomes = [(r, exc) for r in batch]
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: settle, then re-raise
+            fatal = exc
+            err = ExecutorCrashed(f"the batch writer raised {type(exc).__name__}")
+            err.__cause__ = exc
+            outcomes = [(r, err) for r in batch]
         finally:
-            self._flush_times.append(time.perf_counter() - started)
+            self._stats.flush_times.append(time.perf_counter() - started)
             self._in_flight -= 1
             self._slots.release()
-            self._release_bytes(nbytes)
+            self._enqueue(self._budget.done(nbytes))
+        self._settle_counted(outcomes)
+        if fatal is not None:
+            raise fatal
 
-    def _offload(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        assert self._loop is not None
-        return self._loop.run_in_executor(self._pool, fn, *args)
+    def _settle_counted(self, outcomes: list[tuple[_Request, Outcome]]) -> None:
+        failed = sum(1 for _, o in outcomes if isinstance(o, BaseException))
+        self._stats.failed += failed
+        self._stats.delivered += len(outcomes) - failed
+        self._settle(outcomes)
 
-    def _settle_error(self, reqs: Sequence[_Request], exc: BaseException) -> None:
-        for req in reqs:
-            if req.future.done():
-                continue
-            self._failed += 1
-            req.future.set_exception(exc)
+    @staticmethod
+    def _settle(outcomes: Iterable[tuple[_Request, Outcome]]) -> None:
+        """Resolve each future with its outcome, on the loop that owns it."""
+        remote: dict[asyncio.AbstractEventLoop, list[tuple[AnyFuture, Outcome]]] = {}
+        for req, outcome in outcomes:
+            if req.loop is None:
+                _resolve(req.future, outcome)
+            else:
+                remote.setdefault(req.loop, []).append((req.future, outcome))
+        for loop, items in remote.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve_all, items)
+
+    async def _aclose_home(self, limit: float | None) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+            return
+        self._closing = True
+        self._closed = asyncio.get_running_loop().create_future()
+        self._notify()
+        try:
+            try:
+                async with asyncio.timeout(limit):
+                    if self._collector is not None:
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(self._collector)
+                    while self._flushes:
+                        await asyncio.gather(*self._flushes, return_exceptions=True)
+            except TimeoutError:
+                self._abort = ExecutorClosed(f"aclose(timeout={limit}) expired before delivery")
+                tasks = [t for t in (self._collector, *self._flushes) if t is not None]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await self.writer.aclose()
+        finally:
+            self._closed.set_result(None)

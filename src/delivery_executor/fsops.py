@@ -12,7 +12,7 @@ import ctypes.util
 import errno
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 __all__ = ["HAVE_SYNCFS", "OS_OPS", "FsOps"]
 
@@ -53,13 +53,25 @@ class FsOps:
         """``open(path, O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0o600)``."""
         return os.open(path, _O_NEW, 0o600)
 
-    def write_all(self, fd: int, data: memoryview, path: str) -> None:
-        """``write(2)`` until every byte is written (short writes are retried)."""
-        total = len(data)
-        done = 0
+    def write_all(self, fd: int, parts: Sequence[memoryview], path: str) -> None:
+        """``write(2)``/``writev(2)`` until every byte of ``parts`` is written, in order.
+
+        Short writes are retried from where they stopped.
+        """
         try:
-            while done < total:
-                done += os.write(fd, data[done:])
+            if len(parts) == 1:
+                data = parts[0]
+                done, total = 0, data.nbytes
+                while done < total:
+                    done += os.write(fd, data[done:])
+                return
+            pending = [p for p in parts if p.nbytes]
+            while pending:
+                n = os.writev(fd, pending)
+                while pending and n >= pending[0].nbytes:
+                    n -= pending.pop(0).nbytes
+                if n:
+                    pending[0] = pending[0][n:]
         except OSError as exc:
             raise _with_path(exc, path) from None
 
@@ -69,6 +81,10 @@ class FsOps:
             os.fdatasync(fd)
         except OSError as exc:
             raise _with_path(exc, path) from None
+
+    def mkdir(self, path: str) -> None:
+        """``mkdir(path, 0o700)``; the caller fsyncs the parent to make it durable."""
+        os.mkdir(path, 0o700)
 
     def close(self, fd: int) -> None:
         """``close(2)``."""

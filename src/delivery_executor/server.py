@@ -1,15 +1,19 @@
 """``delivery-executor serve``: a durable Maildir delivery server over LMTP or SMTP.
 
 One process runs one event loop holding the executor and the listening
-socket (aiosmtpd's ``Controller`` would run its own loop in a thread, which
-the executor's futures cannot cross). ``workers > 1`` starts that many such
+socket, so no request crosses threads. ``workers > 1`` starts that many such
 processes on one port with ``SO_REUSEPORT``, each with its own executor.
+
+``--handler MODULE:FACTORY`` (``ServerConfig.handler``) replaces the delivery
+handler with ``FACTORY(executor, resolver, config)``, any aiosmtpd handler:
+the benchmark's baselines plug in this way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -21,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .baselines import NoopHandler, PerMessageHandler
 from .executor import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENT_FLUSHES,
@@ -29,13 +32,15 @@ from .executor import (
     DEFAULT_MAX_WAIT,
     BatchPolicy,
     DeliveryExecutor,
+    WriterName,
 )
-from .maildir import SyncMode
-from .offproc import ProcessWriter
 from .recipients import MailboxResolver
 from .smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, SessionFactory
+from .store import SyncMode
 
-__all__ = ["ServerConfig", "ServerSummary", "run_server", "serve"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "ServerConfig", "ServerSummary", "run_server", "serve"]
+
+DEFAULT_MAX_CONNECTIONS = 256
 
 _log = logging.getLogger("delivery_executor.server")
 _HEADER_SLACK = 64 * 1024  # our prepended headers, on top of the message size
@@ -53,7 +58,7 @@ class ServerConfig:
     recipient_delimiter: str | None = None
     existing_only: bool = False
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    max_connections: int = 256
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait: float = DEFAULT_MAX_WAIT
     max_concurrent_flushes: int = DEFAULT_MAX_CONCURRENT_FLUSHES
@@ -64,12 +69,13 @@ class ServerConfig:
     grace: float = 10.0
     """Seconds to let open sessions finish after a stop signal."""
     workers: int = 1
-    offload: str = "process"
+    writer: WriterName = "process"
     """Where batches are written: ``"process"`` (a helper process, the default:
-    the loop keeps its core), ``"syncs"`` (on the loop, syncs in a thread) or
-    ``"all"`` (in a thread)."""
-    mode: str = "executor"
-    """``"executor"``, or a benchmark baseline: ``"noop"``, ``"per-message"``."""
+    the loop keeps its core), ``"loop"`` (on the loop, syncs in a thread) or
+    ``"thread"``."""
+    handler: str | None = None
+    """``"module:factory"``: ``factory(executor, resolver, config)`` returns the
+    aiosmtpd handler to use instead of :class:`DeliveryHandler`."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,56 @@ class ServerSummary:
         )
 
 
+def load_handler_factory(spec: str) -> Callable[..., object]:
+    """``"package.module:name"`` → that callable; ``ValueError`` saying what is wrong."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"--handler must be MODULE:FACTORY, not {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--handler {spec}: {exc}") from exc
+    if not callable(factory):
+        raise ValueError(f"--handler {spec}: {name} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+def _executor(config: ServerConfig) -> DeliveryExecutor:
+    return DeliveryExecutor(
+        max_batch=config.max_batch,
+        max_wait=config.max_wait,
+        max_concurrent_flushes=config.max_concurrent_flushes,
+        policy=config.policy,
+        sync=config.sync,
+        writer=config.writer,
+        max_queued_bytes=max(
+            DEFAULT_MAX_QUEUED_BYTES, 2 * (config.max_message_size + _HEADER_SLACK)
+        ),
+        max_message_size=config.max_message_size + _HEADER_SLACK,
+    )
+
+
+def _handler(
+    config: ServerConfig, executor: DeliveryExecutor, hostname: str
+) -> tuple[object, MailboxResolver]:
+    resolver = MailboxResolver(
+        config.root,
+        domains=config.domains,
+        recipient_delimiter=config.recipient_delimiter,
+        existing_only=config.existing_only,
+    )
+    if config.handler is not None:
+        return load_handler_factory(config.handler)(executor, resolver, config), resolver
+    handler = DeliveryHandler(
+        executor,
+        resolver,
+        max_message_size=config.max_message_size,
+        add_headers=config.add_headers,
+        hostname=hostname,
+    )
+    return handler, resolver
+
+
 async def serve(
     config: ServerConfig,
     stop: asyncio.Event,
@@ -102,45 +158,14 @@ async def serve(
 
     After ``stop``: the listening socket closes, open sessions get up to
     ``config.grace`` seconds to finish, then the executor flushes everything it
-    accepted. Raises ``OSError`` if the address cannot be bound.
+    accepted. Raises ``OSError`` if the address cannot be bound or the writer
+    helper cannot start.
     """
     started = time.monotonic()
     loop = asyncio.get_running_loop()
-    executor = DeliveryExecutor(
-        config.max_batch,
-        config.max_wait,
-        config.max_concurrent_flushes,
-        policy=config.policy,
-        sync=config.sync,
-        offload="all" if config.offload == "all" else "syncs",
-        writer=ProcessWriter(config.sync) if config.offload == "process" else None,
-        max_queued_bytes=max(
-            DEFAULT_MAX_QUEUED_BYTES, 2 * (config.max_message_size + _HEADER_SLACK)
-        ),
-        max_message_size=config.max_message_size + _HEADER_SLACK,
-    )
-    resolver = MailboxResolver(
-        config.root,
-        domains=config.domains,
-        recipient_delimiter=config.recipient_delimiter,
-        existing_only=config.existing_only,
-    )
+    executor = _executor(config)
     hostname = socket.getfqdn()  # one look-up, for the greeting and our Received lines
-    handler: object
-    if config.mode == "executor":
-        handler = DeliveryHandler(
-            executor,
-            resolver,
-            max_message_size=config.max_message_size,
-            add_headers=config.add_headers,
-            hostname=hostname,
-        )
-    elif config.mode == "noop":
-        handler = NoopHandler()
-    elif config.mode == "per-message":
-        handler = PerMessageHandler(resolver)
-    else:
-        raise ValueError(f"mode must be executor, noop or per-message, not {config.mode!r}")
+    handler, _ = _handler(config, executor, hostname)
     factory = SessionFactory(
         handler,
         lmtp=config.lmtp,
@@ -168,11 +193,8 @@ async def serve(
                     "%d sessions still open after %.1f s; closing", factory.live, config.grace
                 )
     stats = executor.stats()
-    delivered = stats.delivered
-    if isinstance(handler, (NoopHandler, PerMessageHandler)):
-        delivered = handler.accepted
     return ServerSummary(
-        delivered=delivered,
+        delivered=stats.delivered,
         failed=stats.failed,
         batches=stats.batches,
         mean_batch_size=stats.mean_batch_size,
@@ -207,8 +229,6 @@ def _run_one(config: ServerConfig) -> int:
 
         return await serve(config, stop, on_ready=ready)
 
-    # No uvloop option: it changes msg/s by less than the noise (DESIGN.md §4), and
-    # started from a background shell job it ignored our SIGTERM handler.
     summary = asyncio.run(main())
     _say(summary.line())
     return 0

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from delivery_executor import DeliveryExecutor, MessageId
-from delivery_executor.offproc import (
+from delivery_executor.writers import Group
+from delivery_executor.writers.process import (
     ProcessWriter,
     decode_reply,
     decode_request,
@@ -24,16 +25,38 @@ from .conftest import files_in
 pytestmark = pytest.mark.timeout(60)
 
 
+def _frame(batch: int, groups: list[Group]) -> bytes:
+    return b"".join(encode_request(batch, groups))
+
+
 def test_request_round_trip() -> None:
-    """A framed batch decodes to the same paths and bodies, binary and empty included."""
-    groups = [("/m/é", [memoryview(b""), memoryview(b"\x00\xff\r\n.")]), ("/x", [memoryview(b"y")])]
-    frame = encode_request(7, groups)
+    """A framed batch decodes to the same paths and messages, parts, binary and empty included."""
+    shared = b"shared body"
+    groups: list[Group] = [
+        ("/m/é", [(memoryview(b""),), (memoryview(b"\x00\xff\r\n."),)]),
+        (
+            "/x",
+            [(memoryview(b"head 1"), memoryview(shared)), (memoryview(b"h2"), memoryview(shared))],
+        ),
+    ]
+    frame = _frame(7, groups)
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    assert frame.count(shared) == 1  # a body shared by two copies crosses the pipe once
     batch, decoded = decode_request(frame[4:])
     assert batch == 7
-    assert [(p, [bytes(b) for b in bs]) for p, bs in decoded] == [
-        (p, [bytes(b) for b in bs]) for p, bs in groups
+    assert [(p, [[bytes(v) for v in m] for m in ms]) for p, ms in decoded] == [
+        (p, [[bytes(v) for v in m] for m in ms]) for p, ms in groups
     ]
+
+
+def test_more_than_65535_groups_and_a_too_many_parts_message() -> None:
+    """70,000 Maildirs in one batch frame fine; a message of 256 parts is a clear ValueError."""
+    groups: list[Group] = [(f"/m/{i}", [(memoryview(b"x"),)]) for i in range(70_000)]
+    _, decoded = decode_request(_frame(1, groups)[4:])
+    assert len(decoded) == 70_000
+    assert decoded[-1][0] == "/m/69999"
+    with pytest.raises(ValueError, match="256 parts; the helper takes 255"):
+        encode_request(1, [("/m", [tuple(memoryview(b"x") for _ in range(256))])])
 
 
 def test_reply_round_trip_keeps_error_type_errno_and_filename() -> None:
@@ -114,19 +137,35 @@ async def test_helper_death_fails_its_batch_and_the_next_batch_restarts_it(tmp_p
 
 
 @pytest.mark.asyncio
-async def test_helper_ignores_sigint_and_sigterm(tmp_path: Path) -> None:
-    """A Ctrl-C or SIGTERM to the process group does not kill a batch in progress."""
+async def test_helper_ignores_sigint_and_sigterm_mid_batch(tmp_path: Path) -> None:
+    """SIGINT and SIGTERM reaching the helper while it holds a batch do not lose it."""
     writer = ProcessWriter()
     async with DeliveryExecutor(writer=writer) as ex:
         await ex.deliver(tmp_path / "m", b"one")
         proc = writer._proc
         assert proc is not None
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGSTOP)  # the batch below is sent and held, unanswered
+        pending = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"two"))
+        while ex.stats().in_flight == 0:  # noqa: ASYNC110 - waiting for the send
+            await asyncio.sleep(0.005)
+        os.kill(proc.pid, signal.SIGINT)  # what a Ctrl-C or a service stop sends the group
         os.kill(proc.pid, signal.SIGTERM)
-        await asyncio.sleep(0.1)
-        await ex.deliver(tmp_path / "m", b"two")
+        os.kill(proc.pid, signal.SIGCONT)
+        two = await pending
         assert writer.restarts == 0
         assert proc.returncode is None
+    assert (tmp_path / "m" / "new" / two.name).read_bytes() == b"two"
+
+
+@pytest.mark.asyncio
+async def test_start_fails_fast_when_the_helper_cannot_run(tmp_path: Path) -> None:
+    """An interpreter that cannot run makes start() raise OSError naming it, at once."""
+    writer = ProcessWriter(python=str(tmp_path / "no-python"))
+    with pytest.raises(OSError, match=r"writer helper .*no-python.* did not start"):
+        await writer.start()
+    ex = DeliveryExecutor(writer=writer)
+    with pytest.raises(OSError, match="did not start"):
+        await ex.__aenter__()
 
 
 def test_bad_sync_is_rejected_before_any_process_starts() -> None:

@@ -1,4 +1,7 @@
-"""Comparison handlers for the load benchmark (``serve --mode``); not for production.
+"""Comparison handlers for the load benchmark; not for production.
+
+``serve --handler benches.baselines:noop`` (or ``:per_message``) runs them in
+place of the delivery handler, with everything else of ``serve`` unchanged.
 
 ``NoopHandler``
     Accepts every recipient and discards the message: the protocol ceiling.
@@ -18,10 +21,20 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
-from .maildir import Maildir, _unique_name
-from .recipients import MailboxResolver
+from delivery_executor import MailboxResolver, Maildir
+from delivery_executor.store import unique_name
 
-__all__ = ["NoopHandler", "PerMessageHandler"]
+__all__ = ["NoopHandler", "PerMessageHandler", "noop", "per_message"]
+
+
+def noop(executor: object, resolver: MailboxResolver, config: object) -> NoopHandler:
+    """``serve --handler`` factory: the protocol ceiling."""
+    return NoopHandler()
+
+
+def per_message(executor: object, resolver: MailboxResolver, config: object) -> PerMessageHandler:
+    """``serve --handler`` factory: naive durable delivery, one commit per copy."""
+    return PerMessageHandler(resolver)
 
 
 class NoopHandler:
@@ -77,7 +90,7 @@ class PerMessageHandler:
     async def _deliver(path: str, body: bytes) -> None:
         loop = asyncio.get_running_loop()
         md = await loop.run_in_executor(None, Maildir.cached, path)
-        name = _unique_name()
+        name = unique_name()
         tmp = os.path.join(md.path, "tmp", name)
         async with aiofiles.open(tmp, "wb") as f:
             await f.write(body)

@@ -1,12 +1,12 @@
-"""Entry point of ProcessWriter's helper: ``python -m delivery_executor._writerproc``.
+"""Entry point of ProcessWriter's helper: ``python -m delivery_executor.writers._helper``.
 
 A module of its own, which the package does not import, so that ``-m`` runs
-it fresh (``offproc`` itself is imported by the package's ``__init__``).
+it fresh.
 """
 
 import sys
 
-from .offproc import child_main
+from .process import child_main
 
 sync = sys.argv[sys.argv.index("--sync") + 1] if "--sync" in sys.argv else "auto"
 sys.exit(child_main(sync))  # type: ignore[arg-type]

@@ -1,50 +1,52 @@
-"""``delivery-executor bench``: the original's SMTP load table, beside the baselines.
+"""The SMTP/LMTP load benchmark: the original's table, beside the baselines.
 
-For each workload and mode, in one run on one fresh file system: start
-``serve`` in a child process on loopback, drive it from a separate
-load-generator process (``delivery_executor.loadgen``: C closed-loop clients,
-a new connection per message), stop it with SIGTERM, read its summary, and
-count the delivered files on disk.
+    .venv/bin/python -m benches.load --duration 10 --warmup 2 [--json out.json] [--plot out.png]
+
+(``python3 tasks.py loadbench ...`` runs the same.) For each workload and mode,
+in one run on one fresh file system: start ``serve`` in a child process on
+loopback (:class:`delivery_executor.testing.ServerProcess`), drive it from a
+separate load-generator process (:mod:`benches.loadgen`: C closed-loop
+clients, a new connection per message), stop it with SIGTERM, read its
+summary, and check that every copy the load generator saw acknowledged is a
+file in ``new/``.
 
 Modes:
-    noop          the server discards mail: the protocol ceiling
+    noop          the server discards mail: the protocol ceiling (--handler benches.baselines:noop)
     per-message   naive durable delivery (aiofiles write, fsync, rename, fsync dir)
+                  (--handler benches.baselines:per_message)
     window-1      the executor with the original's fixed 10 ms window, 1 flush at a time
     window-2      the same with 2 concurrent flushes (the original 1.1 default)
     executor      our defaults (eager policy, sync auto, batches written by a helper process)
-    executor-loop the same, batches written on the loop with the syncs in a thread
+    executor-loop the same, batches written on the loop with the syncs in a thread (--writer loop)
     executor-w2   our defaults, --workers 2 (two server processes on one port)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from delivery_executor.testing import ServerProcess
+
 from .benchfs import bench_filesystem
 
-__all__ = ["MODES", "WORKLOADS", "free_port", "main"]
+__all__ = ["MODES", "WORKLOADS", "Row", "format_table", "main", "run_cell"]
 
 MODES: dict[str, list[str]] = {
-    "noop": ["--mode", "noop"],
-    "per-message": ["--mode", "per-message"],
+    "noop": ["--handler", "benches.baselines:noop"],
+    "per-message": ["--handler", "benches.baselines:per_message"],
     "window-1": ["--policy", "window", "--max-concurrent-flushes", "1"],
     "window-2": ["--policy", "window", "--max-concurrent-flushes", "2"],
     "executor": [],
-    "executor-loop": ["--offload", "syncs"],
+    "executor-loop": ["--writer", "loop"],
     "executor-w2": ["--workers", "2"],
 }
 WORKLOADS: dict[str, tuple[int, int]] = {  # name: (connections, recipients)
@@ -53,6 +55,7 @@ WORKLOADS: dict[str, tuple[int, int]] = {  # name: (connections, recipients)
     "1 conn, 1 rcpt": (1, 1),
 }
 _SUMMARY = re.compile(r"summary: delivered (\d+), failed (\d+), batches (\d+), .* syncs (\d+)")
+_REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -68,63 +71,16 @@ class Row:
     errors: int
     mean_batch: float
     syncs_per_s: float
-    delivered: int
+    acked: int
     on_disk: int
     cdf_ms: list[float]
 
 
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _server(root: Path, args: list[str], lmtp: bool) -> Iterator[tuple[int, list[str]]]:
-    """A ``serve`` child; yields its port and, after the block, its output lines."""
-    workers = 2 if "--workers" in args else 1
-    port = free_port() if workers > 1 else 0
-    cmd = [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
-    cmd += ["--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"]
-    cmd += args + ([] if lmtp else ["--smtp"])
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-    ports: list[int] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            m = re.search(r"listening on [\d.]+:(\d+)", line)
-            if m:
-                ports.append(int(m.group(1)))
-                if len(ports) == workers:
-                    ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        if not ready.wait(30) or len(ports) < workers:
-            raise RuntimeError(f"server did not start: {lines}")
-        yield ports[0], lines
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # workers and helpers, if any are left
-        proc.wait()
-        reader.join(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+def _env() -> dict[str, str]:
+    # The baselines live in benches/, beside the package: make them importable.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
+    return env
 
 
 def _count_files(root: Path) -> int:
@@ -138,11 +94,13 @@ def _count_files(root: Path) -> int:
 def _load(
     port: int, conns: int, rcpts: int, duration: float, warmup: float, lmtp: bool, host: str
 ) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "delivery_executor.loadgen", "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "benches.loadgen", "--host", host, "--port", str(port)]
     cmd += ["--conns", str(conns), "--recipients", str(rcpts)]
     cmd += ["--duration", str(duration), "--warmup", str(warmup)]
     cmd += [] if lmtp else ["--smtp"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120)
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration + warmup + 120, cwd=_REPO, env=_env()
+    )
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr}")
     result: dict[str, Any] = json.loads(out.stdout)
@@ -154,10 +112,16 @@ def run_cell(
 ) -> Row:
     """One server, one load run, one verified row."""
     conns, rcpts = WORKLOADS[workload]
-    root = base / f"{mode}-{conns}-{rcpts}-{time.monotonic_ns()}"
-    with _server(root, MODES[mode], lmtp) as (port, lines):
-        res = _load(port, conns, rcpts, duration, warmup, lmtp, "127.0.0.1")
-    sums = [m for line in lines if (m := _SUMMARY.search(line))]
+    root = base / f"{mode}-{conns}-{rcpts}-{os.getpid()}-{len(os.listdir(base))}"
+    args = [*MODES[mode], "--log-level", "WARNING", *([] if lmtp else ["--smtp"])]
+    workers = 2 if "--workers" in args else 1
+    if workers > 1:
+        i = args.index("--workers")
+        del args[i : i + 2]
+    with ServerProcess(root, *args, workers=workers, env=_env(), start_timeout=30) as server:
+        res = _load(server.port, conns, rcpts, duration, warmup, lmtp, "127.0.0.1")
+        server.stop(signal.SIGTERM, timeout=60)
+    sums = [m for line in server.lines if (m := _SUMMARY.search(line))]
     delivered = sum(int(m.group(1)) for m in sums)
     batches = sum(int(m.group(3)) for m in sums)
     syncs = sum(int(m.group(4)) for m in sums)
@@ -173,7 +137,7 @@ def run_cell(
         errors=res["errors"],
         mean_batch=delivered / batches if batches else 0.0,
         syncs_per_s=(syncs / delivered * res["msg_s"]) if delivered else 0.0,
-        delivered=delivered,
+        acked=res["acked_total"],
         on_disk=_count_files(root),
         cdf_ms=res["cdf_ms"],
     )
@@ -182,17 +146,17 @@ def run_cell(
 def format_table(rows: list[Row]) -> str:
     head = (
         f"{'workload':<21} {'mode':<12} {'msg/s':>7} {'p50':>6} {'p90':>6} {'p99':>6}"
-        f" {'p99.9':>6} {'max':>6} {'batch':>6} {'syncs/s':>8} {'on disk':>15}"
+        f" {'p99.9':>6} {'max':>6} {'batch':>6} {'syncs/s':>8} {'on disk/acked':>15}"
     )
     out = [head, "-" * len(head)]
     for r in rows:
-        disk = f"{r.on_disk}/{r.delivered}" if r.mode not in ("noop", "target") else "-"
+        disk = f"{r.on_disk}/{r.acked}" if r.mode not in ("noop", "target") else "-"
         out.append(
             f"{r.workload:<21} {r.mode:<12} {r.msg_s:>7.0f} {r.p50_ms:>6.1f} {r.p90_ms:>6.1f}"
             f" {r.p99_ms:>6.1f} {r.p999_ms:>6.1f} {r.max_ms:>6.1f} {r.mean_batch:>6.1f}"
             f" {r.syncs_per_s:>8.0f} {disk:>15}"
         )
-    out.append("latencies in ms; 'on disk' = files in new/ over deliveries the server counted")
+    out.append("latencies in ms; 'on disk/acked' = files in new/ over copies acknowledged (250)")
     return "\n".join(out)
 
 
@@ -231,7 +195,7 @@ def _plot(rows: list[Row], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="delivery-executor bench",
+        prog="python -m benches.load",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -267,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 Row(
                     wl, "target", res["msg_s"], res["p50_ms"], res["p90_ms"], res["p99_ms"],
-                    res["p999_ms"], res["max_ms"], res["errors"], 0.0, 0.0, 0, 0, res["cdf_ms"],
+                    res["p999_ms"], res["max_ms"], res["errors"], 0.0, 0.0, res["acked_total"], 0,
+                    res["cdf_ms"],
                 )
             )  # fmt: skip
         print(format_table(rows))
@@ -286,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     if a.plot:
         _plot(rows, a.plot)
-    failed = [r for r in rows if r.mode not in ("noop", "target") and r.on_disk < r.delivered]
+    failed = [r for r in rows if r.mode not in ("noop", "target") and r.on_disk < r.acked]
     return 1 if failed else 0
 
 

@@ -1,8 +1,8 @@
 """An aiosmtpd handler that delivers through a :class:`DeliveryExecutor`.
 
-Use it with ``aiosmtpd.smtp.SMTP`` or ``aiosmtpd.lmtp.LMTP`` running in the
-executor's own event loop (``loop.create_server``), or take the ready-made
-:class:`DeliverySMTP`/:class:`DeliveryLMTP` protocols and :func:`serve`.
+Use it with aiosmtpd's ``SMTP``/``LMTP`` or our :class:`DeliverySMTP` /
+:class:`DeliveryLMTP`, through ``loop.create_server`` or aiosmtpd's
+``Controller`` (its own thread and loop: the executor serves any loop).
 
 Replies:
 
@@ -21,6 +21,7 @@ Replies:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import email.utils
 import itertools
@@ -29,28 +30,30 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, AnyStr
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from .errors import DeliveryError, RecipientRejected
-from .executor import DeliveryExecutor
-from .maildir import MessageId
-from .recipients import MailboxResolver
+from ..errors import DeliveryError, RecipientRejected
+from ..executor import DeliveryExecutor
+from ..recipients import MailboxResolver
+from ..store import Message
 
-__all__ = [
-    "DeliveryHandler",
-    "DeliveryLMTP",
-    "DeliverySMTP",
-    "SessionFactory",
-    "TooManyConnections",
-]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_RECIPIENTS", "Deliverer", "DeliveryHandler"]
 
 _log = logging.getLogger("delivery_executor.smtp")
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 DEFAULT_MAX_RECIPIENTS = 1000
+
+
+class Deliverer(Protocol):
+    """Anything with ``await deliver(path, body)`` returning the stored name (str-able)."""
+
+    async def deliver(self, path: str, body: bytes, /) -> object:
+        """Store ``body`` durably in the Maildir at ``path``; raise ``OSError`` on failure."""
+        ...
 
 
 def _clean(text: str | None, default: str = "unknown", limit: int = 255) -> str:
@@ -64,18 +67,27 @@ class DeliveryHandler:
     """aiosmtpd handler: RCPT checks through a resolver, DATA through the executor.
 
     Parameters:
-        executor: delivers each recipient's copy; must run in the server's loop.
+        executor: delivers each recipient's copy: a :class:`DeliveryExecutor`
+            (from any loop or thread) or any object with an async
+            ``deliver(path, body)``.
         resolver: maps and checks recipients (:class:`MailboxResolver`).
         max_message_size: bodies above it get ``552 5.3.4``.
         max_recipients: RCPTs beyond it get ``452 4.5.3``.
         add_headers: prepend ``Return-Path``, ``Delivered-To`` and ``Received``
             (as Dovecot and Postfix's local delivery do).
         hostname: the name in our ``Received`` line (default: this host's FQDN).
+
+    With a :class:`DeliveryExecutor` a message is held once, whatever the
+    number of recipients: each copy is its own small header block followed by
+    the shared body. Any other ``deliver`` gets one joined ``bytes`` per copy.
+    Works with aiosmtpd's ``SMTP``/``LMTP`` (``decode_data`` either way: the
+    raw bytes are delivered) and with ``python -m aiosmtpd -c
+    delivery_executor.DeliveryHandler ROOT`` (see :meth:`from_cli`).
     """
 
     def __init__(
         self,
-        executor: DeliveryExecutor,
+        executor: Deliverer | DeliveryExecutor,
         resolver: MailboxResolver,
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -83,8 +95,11 @@ class DeliveryHandler:
         add_headers: bool = True,
         hostname: str | None = None,
     ) -> None:
-        if not isinstance(executor, DeliveryExecutor):
-            raise TypeError(f"executor must be a DeliveryExecutor, not {type(executor).__name__}")
+        if not asyncio.iscoroutinefunction(getattr(executor, "deliver", None)):
+            raise TypeError(
+                "executor must be a DeliveryExecutor or have an async deliver(path, body),"
+                f" not {type(executor).__name__}"
+            )
         if not isinstance(resolver, MailboxResolver):
             raise TypeError(f"resolver must be a MailboxResolver, not {type(resolver).__name__}")
         for name, value in (
@@ -99,12 +114,25 @@ class DeliveryHandler:
         self.max_recipients = max_recipients
         self.add_headers = add_headers
         self.hostname = _clean(hostname or socket.getfqdn(), "localhost")
+        # Our executor takes (headers, body) tuples and writes them with writev.
+        self._parts = isinstance(executor, DeliveryExecutor)
         self._ids = itertools.count()
         # Each envelope's resolved paths, in RCPT order: resolved once, at RCPT.
         self._paths: weakref.WeakKeyDictionary[Envelope, list[str]] = weakref.WeakKeyDictionary()
         self._date = (0, "")
         self.accepted = 0
         self.rejected = 0
+
+    @classmethod
+    def from_cli(cls, parser: argparse.ArgumentParser, *args: str) -> DeliveryHandler:
+        """aiosmtpd's CLI hook: ``python -m aiosmtpd -c delivery_executor.DeliveryHandler ROOT``.
+
+        ``ROOT`` is the directory of all Maildirs (``<root>/<domain>/<user>``).
+        The executor binds to aiosmtpd's loop at the first message.
+        """
+        if len(args) != 1:
+            parser.error("delivery_executor.DeliveryHandler takes one argument: the Maildir root")
+        return cls(DeliveryExecutor(), MailboxResolver(args[0]))
 
     def __repr__(self) -> str:
         return (
@@ -144,10 +172,17 @@ class DeliveryHandler:
             replies = ["451 4.3.0 Local error in processing"] * len(rcpts)
         if lmtp:
             return "\r\n".join(replies)
+        return self._smtp_reply(replies, len(rcpts))
+
+    @staticmethod
+    def _smtp_reply(replies: list[str], n: int) -> str:
+        # One reply for the whole transaction: it must be true of every recipient.
         if all(r.startswith("250") for r in replies):
-            return f"250 2.0.0 Ok: delivered to {len(rcpts)} mailbox(es)"
+            return f"250 2.0.0 Ok: delivered to {n} mailbox(es)"
         if all(r.startswith("552") for r in replies):
             return replies[0]
+        if not any(r.startswith("250") for r in replies):
+            return "451 4.3.0 Delivery failed; try again later"
         return "451 4.3.0 Delivery failed for some recipients; try again later"
 
     async def _deliver_all(
@@ -155,52 +190,40 @@ class DeliveryHandler:
     ) -> list[str]:
         body = envelope.original_content
         if body is None:
-            content = envelope.content
-            body = (
-                content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content
-            )
-        if body is None:
             return ["554 5.6.0 No message data"] * len(rcpts)
         if len(body) > self.max_message_size:
             self.rejected += len(rcpts)
             return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
-        replies: list[str | None] = [None] * len(rcpts)
-        jobs: list[tuple[int, str, str, bytes]] = []
+        paths = self._paths.pop(envelope)
         received = self._received(session, rcpts, lmtp) if self.add_headers else b""
-        paths = self._paths.pop(envelope, None)
-        for i, rcpt in enumerate(rcpts):
-            if paths is not None and len(paths) == len(rcpts):
-                path = paths[i]
-            else:  # recipients added some other way than our handle_RCPT
-                try:
-                    path = self.resolver.resolve(rcpt, smtputf8=envelope.smtp_utf8)
-                except RecipientRejected as exc:
-                    replies[i] = exc.reply
-                    continue
-            copy = body
-            if self.add_headers:
-                copy = self._headers(envelope.mail_from, rcpt) + received + body
-            jobs.append((i, rcpt, path, copy))
-        results: Sequence[MessageId | BaseException]
-        if len(jobs) == 1:  # the common case: no task per message
-            _, _, path, copy = jobs[0]
-            results = [await self._one(path, copy)]
+        copies: list[Message] = []
+        for rcpt in rcpts:
+            if not self.add_headers:
+                copies.append(body)
+                continue
+            head = self._headers(envelope.mail_from, rcpt) + received
+            copies.append((head, body) if self._parts else head + body)
+        results: Sequence[object]
+        if len(rcpts) == 1:  # the common case: no task per message
+            results = [await self._one(paths[0], copies[0])]
         else:
             results = await asyncio.gather(
-                *(self._one(path, copy) for _, _, path, copy in jobs), return_exceptions=True
+                *(self._one(p, c) for p, c in zip(paths, copies, strict=True)),
+                return_exceptions=True,
             )
-        for (i, rcpt, _, _), res in zip(jobs, results, strict=True):
-            if isinstance(res, MessageId):
-                self.accepted += 1
-                replies[i] = f"250 2.0.0 <{rcpt}> Ok: delivered as {res.name}"
-            else:
+        replies = []
+        for rcpt, res in zip(rcpts, results, strict=True):
+            if isinstance(res, BaseException):
                 self.rejected += 1
-                replies[i] = self._failure(rcpt, res)
-        return [r if r is not None else "451 4.3.0 Local error" for r in replies]
+                replies.append(self._failure(rcpt, res))
+            else:
+                self.accepted += 1
+                replies.append(f"250 2.0.0 <{rcpt}> Ok: delivered as {res}")
+        return replies
 
-    async def _one(self, path: str, copy: bytes) -> MessageId | BaseException:
+    async def _one(self, path: str, copy: Message) -> object:
         try:
-            return await self.executor.deliver(path, copy)
+            return await self.executor.deliver(path, copy)  # type: ignore[arg-type]
         except (OSError, DeliveryError) as exc:
             return exc
 
@@ -234,100 +257,3 @@ class DeliveryHandler:
             f"Received: from {helo} ([{ip}])\r\n\tby {self.hostname} (delivery-executor)"
             f" with {proto} id {qid}{for_part};\r\n\t{date}\r\n"
         ).encode("utf-8", "replace")
-
-
-class _DeliveryProtocol:
-    """Enhanced codes for aiosmtpd's own DATA errors (one per recipient in LMTP),
-    and a hook run once when the connection is gone."""
-
-    envelope: Envelope | None
-    _per_recipient = False
-    on_close: Callable[[], None] | None = None
-
-    async def push(self, status: AnyStr) -> None:
-        if not isinstance(status, str):
-            await super().push(status)  # type: ignore[misc]
-            return
-        if status.startswith("552 Error: Too much mail data"):
-            status = "552 5.3.4 Message too big"
-        elif status.startswith("500 Line too long"):
-            status = "500 5.6.0 Line too long (RFC 5321 4.5.3.1.6)"
-        else:
-            await super().push(status)  # type: ignore[misc]
-            return
-        env = self.envelope
-        if self._per_recipient and env is not None and len(env.rcpt_tos) > 1:
-            status = "\r\n".join([status] * len(env.rcpt_tos))
-        await super().push(status)  # type: ignore[misc]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)  # type: ignore[misc]
-        hook, self.on_close = self.on_close, None
-        if hook is not None:
-            hook()
-
-
-class DeliverySMTP(_DeliveryProtocol, SMTP):
-    """aiosmtpd SMTP with enhanced status codes on its own DATA errors."""
-
-
-class DeliveryLMTP(_DeliveryProtocol, LMTP):
-    """aiosmtpd LMTP that also answers its own DATA errors once per recipient."""
-
-    _per_recipient = True
-
-
-class TooManyConnections(asyncio.Protocol):
-    """Answers ``421 4.3.2`` and closes: what a connection over the cap gets."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
-        transport.close()
-
-
-class SessionFactory:
-    """A ``loop.create_server`` protocol factory that caps live sessions.
-
-    ``live`` counts open sessions; past ``max_connections`` a new connection
-    gets ``421 4.3.2`` and is closed.
-    """
-
-    def __init__(
-        self,
-        handler: object,
-        *,
-        lmtp: bool,
-        max_connections: int,
-        loop: asyncio.AbstractEventLoop,
-        **smtp_kwargs: Any,
-    ) -> None:
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-            raise TypeError(f"max_connections must be an int, not {type(max_connections).__name__}")
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, not {max_connections}")
-        self.handler = handler
-        self.cls = DeliveryLMTP if lmtp else DeliverySMTP
-        self.max_connections = max_connections
-        self.loop = loop
-        self.smtp_kwargs = smtp_kwargs
-        self.live = 0
-        self.refused = 0
-        self.idle = asyncio.Event()
-        """Set while no session is open."""
-        self.idle.set()
-
-    def __call__(self) -> asyncio.BaseProtocol:
-        if self.live >= self.max_connections:
-            self.refused += 1
-            return TooManyConnections()
-        self.live += 1
-        self.idle.clear()
-        proto = self.cls(self.handler, loop=self.loop, **self.smtp_kwargs)
-        proto.on_close = self._closed
-        return proto
-
-    def _closed(self) -> None:
-        self.live -= 1
-        if self.live == 0:
-            self.idle.set()

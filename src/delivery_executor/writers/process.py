@@ -1,30 +1,34 @@
 """Batch writing in a helper process: the file work leaves the event loop's GIL.
 
-In a Python server the event loop thread is the bottleneck. Writing a batch in
-a thread of the same process costs the loop a GIL handoff at every syscall
-the thread makes (four or five per message); writing it on the loop costs the
-loop the syscalls themselves. :class:`ProcessWriter` sends each batch, framed,
-over a pipe to a helper process (``python -m delivery_executor._writerproc``) that
-runs the same :class:`~delivery_executor.writer.MaildirWriter` on the other
-core, and awaits its reply. The loop pays one pipe write and one read per batch.
+In a Python server the event-loop thread is the bottleneck. A thread of the
+same process costs the loop a GIL hand-off at every syscall it makes (four or
+five per message); writing on the loop costs the loop the syscalls
+themselves. :class:`ProcessWriter` sends each batch, framed, over a pipe to a
+helper process (``python -m delivery_executor.writers._helper``) that runs
+:func:`~delivery_executor.writers.write_batch` on the other core, and awaits
+its reply. The loop pays one pipe write and one read per batch.
 
 If the helper dies, every batch it held fails with ``BrokenPipeError`` (its
 messages may or may not be on disk: the caller was not told they are, so a
 retry can duplicate but never lose) and the next batch starts a new helper.
 
-Wire format, all integers big-endian. Request: ``u32 length``, ``u32 batch``,
-``u16 groups``, then per group ``u16 len, path (UTF-8, surrogateescape)``,
-``u32 count``, per message ``u32 len, body``. Reply: ``u32 length``,
-``u32 batch``, ``u32 syncs``, ``u16 groups``, then per group either ``u8 0,
+Wire format, integers big-endian, each frame prefixed by its ``u32`` length.
+Request: ``u32 batch``, ``u32 blobs``, per blob ``u32 len`` and its bytes,
+``u32 groups``, per group ``u16 len, path`` (UTF-8, surrogateescape), ``u32
+count``, per message ``u8 parts`` and per part ``u32 blob``. A buffer shared
+by several messages (one body for many recipients) is one blob, sent once.
+Reply: ``u32 batch``, ``u32 syncs``, ``u32 groups``, per group either ``u8 0,
 u32 count`` and per id ``u16 len, name``, or ``u8 1, i32 errno, u16 len,
 strerror, u16 len, filename`` (an ``OSError``), or ``u8 2, u16 len, text``
-(any other exception, reported as ``RuntimeError``).
+(any other exception, reported as ``RuntimeError``). A batch whose frame would
+pass 4 GiB fails with ``ValueError`` before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import struct
@@ -32,16 +36,17 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from .maildir import MessageId, SyncMode
-from .writer import BatchResult, GroupResult, MaildirWriter, Offload
+from ..store import MessageId, SyncMode, check_sync
+from .base import BatchResult, Group, GroupResult, write_batch
 
 __all__ = ["ProcessWriter", "decode_reply", "decode_request", "encode_reply", "encode_request"]
 
+_U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_HEAD = struct.Struct(">IH")  # batch, groups
-_REPLY_HEAD = struct.Struct(">IIH")  # batch, syncs, groups
+_REPLY_HEAD = struct.Struct(">III")  # batch, syncs, groups
 _ERR = struct.Struct(">Bi")
+_FRAME_MAX = 0xFFFFFFFF
 
 
 def _s(text: str) -> bytes:
@@ -50,32 +55,58 @@ def _s(text: str) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
-def encode_request(batch: int, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> bytes:
-    """Frame one batch: its id and every group's path and bodies."""
-    parts: list[bytes | memoryview] = [b"", _HEAD.pack(batch, len(groups))]
-    for path, bodies in groups:
-        parts.append(_s(path))
-        parts.append(_U32.pack(len(bodies)))
-        for body in bodies:
-            parts.append(_U32.pack(body.nbytes))
-            parts.append(body)
-    payload = b"".join(parts)
-    return _U32.pack(len(payload)) + payload
+def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryview]:
+    """Frame one batch as a list of buffers to write in order (bodies are not copied)."""
+    blobs: list[memoryview] = []
+    index: dict[int, int] = {}
+    refs: list[bytes] = [_U32.pack(len(groups))]
+    for path, messages in groups:
+        refs.append(_s(path))
+        refs.append(_U32.pack(len(messages)))
+        for parts in messages:
+            if len(parts) > 0xFF:
+                raise ValueError(f"a message has {len(parts)} parts; the helper takes 255")
+            refs.append(_U8.pack(len(parts)))
+            for part in parts:
+                # A view of a whole object is shared by identity: one blob per body.
+                whole = isinstance(part.obj, bytes) and len(part.obj) == part.nbytes
+                key = id(part.obj) if whole else id(part)
+                i = index.get(key)
+                if i is None:
+                    i = index[key] = len(blobs)
+                    blobs.append(part)
+                refs.append(_U32.pack(i))
+    out: list[bytes | memoryview] = [b"", _U32.pack(batch), _U32.pack(len(blobs))]
+    size = 8
+    for blob in blobs:
+        out.append(_U32.pack(blob.nbytes))
+        out.append(blob)
+        size += 4 + blob.nbytes
+    tail = b"".join(refs)
+    out.append(tail)
+    size += len(tail)
+    if size > _FRAME_MAX:
+        raise ValueError(f"batch of {size} bytes is too large for the helper's 4 GiB frame")
+    out[0] = _U32.pack(size)
+    return out
 
 
 class _Reader:
     __slots__ = ("buf", "pos")
 
-    def __init__(self, buf: bytes) -> None:
-        self.buf = buf
+    def __init__(self, buf: bytes | memoryview) -> None:
+        self.buf = memoryview(buf)
         self.pos = 0
 
-    def take(self, n: int) -> bytes:
+    def take(self, n: int) -> memoryview:
         out = self.buf[self.pos : self.pos + n]
         if len(out) != n:
             raise ValueError("truncated frame")
         self.pos += n
         return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
 
     def u16(self) -> int:
         return int(_U16.unpack(self.take(2))[0])
@@ -84,23 +115,22 @@ class _Reader:
         return int(_U32.unpack(self.take(4))[0])
 
     def text(self) -> str:
-        return self.take(self.u16()).decode("utf-8", "surrogateescape")
+        return bytes(self.take(self.u16())).decode("utf-8", "surrogateescape")
 
 
-def decode_request(payload: bytes) -> tuple[int, list[tuple[str, list[memoryview]]]]:
-    """The batch id and groups of a request payload (without its length prefix)."""
+def decode_request(payload: bytes | memoryview) -> tuple[int, list[Group]]:
+    """The batch id and groups of a request payload (without its length prefix).
+
+    Messages are views into ``payload``: nothing is copied.
+    """
     r = _Reader(payload)
-    batch, n = _HEAD.unpack(r.take(_HEAD.size))
-    view = memoryview(payload)
-    groups = []
-    for _ in range(n):
+    batch = r.u32()
+    blobs = [r.take(r.u32()) for _ in range(r.u32())]
+    groups: list[Group] = []
+    for _ in range(r.u32()):
         path = r.text()
-        bodies = []
-        for _ in range(r.u32()):
-            size = r.u32()
-            bodies.append(view[r.pos : r.pos + size])
-            r.take(size)
-        groups.append((path, bodies))
+        messages = [tuple(blobs[r.u32()] for _ in range(r.u8())) for _ in range(r.u32())]
+        groups.append((path, messages))
     return batch, groups
 
 
@@ -127,7 +157,7 @@ def decode_reply(payload: bytes) -> tuple[int, BatchResult]:
     batch, syncs, n = _REPLY_HEAD.unpack(r.take(_REPLY_HEAD.size))
     results: list[GroupResult] = []
     for _ in range(n):
-        kind = r.take(1)[0]
+        kind = r.u8()
         if kind == 0:
             results.append([MessageId(r.text()) for _ in range(r.u32())])
         elif kind == 1:
@@ -162,7 +192,7 @@ def child_main(sync: SyncMode) -> int:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    writer = MaildirWriter(sync)
+    check_sync(sync)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         head = _read_exactly(stdin, 4)
@@ -173,7 +203,7 @@ def child_main(sync: SyncMode) -> int:
             return 0
         batch, groups = decode_request(payload)
         try:
-            results, syncs = writer(groups)
+            results, syncs = write_batch(groups, sync=sync)
         except Exception as exc:  # a bug: report it to the batch, keep serving
             results, syncs = [exc] * len(groups), 0
         stdout.write(encode_reply(batch, results, syncs))
@@ -183,14 +213,16 @@ def child_main(sync: SyncMode) -> int:
 class ProcessWriter:
     """A batch writer whose file work runs in a helper process (see the module doc).
 
-    Use it as ``DeliveryExecutor(writer=ProcessWriter())``; the executor awaits
-    :meth:`acommit` and closes the helper in :meth:`aclose`. Costs one helper
-    process (about 20 MB), started at the first batch.
+    Use it as ``DeliveryExecutor(writer="process")`` or
+    ``DeliveryExecutor(writer=ProcessWriter(sync))``. Costs one helper process
+    (about 20 MB), started by :meth:`start` or at the first batch, and one
+    copy of each batch through a pipe.
     """
 
-    def __init__(self, sync: SyncMode = "auto") -> None:
-        self._local = MaildirWriter(sync)  # validates sync here, not in the helper
+    def __init__(self, sync: SyncMode = "auto", *, python: str | None = None) -> None:
+        check_sync(sync)
         self.sync: SyncMode = sync
+        self.python = python or sys.executable
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[BatchResult]] = {}
@@ -202,21 +234,32 @@ class ProcessWriter:
         pid = self._proc.pid if self._proc is not None else None
         return f"<ProcessWriter sync={self.sync!r} pid={pid} waiting={len(self._waiting)}>"
 
-    def __call__(self, groups: Sequence[tuple[str, Sequence[memoryview]]]) -> BatchResult:
-        """Blocking use (``offload="all"``): write in this thread instead."""
-        return self._local(groups)
+    async def start(self) -> None:
+        """Start the helper now and check that it answers; ``OSError`` if it cannot run.
 
-    async def acommit(
-        self, groups: Sequence[tuple[str, Sequence[memoryview]]], offload: Offload
-    ) -> BatchResult:
+        ``serve`` calls this at start-up, so that an interpreter the service
+        user cannot run is reported there rather than as a ``451`` per message.
+        """
+        try:
+            await asyncio.wait_for(self.acommit([]), 30)
+        except (OSError, TimeoutError) as exc:
+            raise OSError(
+                getattr(exc, "errno", None) or errno.ECHILD,
+                f"the writer helper ({self.python} -m delivery_executor.writers._helper)"
+                f" did not start: {exc}",
+            ) from exc
+
+    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
         """Send the batch to the helper and await its results."""
+        frame = encode_request(0, groups)  # ValueError (too large) before any state changes
         proc = await self._ensure()
         batch = self._next = (self._next + 1) & 0xFFFFFFFF
+        frame[1] = _U32.pack(batch)
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._waiting[batch] = fut
         assert proc.stdin is not None
         try:
-            proc.stdin.write(encode_request(batch, groups))
+            proc.stdin.writelines(frame)
             await proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError) as exc:
             self._waiting.pop(batch, None)
@@ -237,11 +280,11 @@ class ProcessWriter:
             if self._proc is not None:
                 self.restarts += 1
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "delivery_executor._writerproc", "--sync", self.sync,
+                self.python, "-m", "delivery_executor.writers._helper", "--sync", self.sync,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             self._reader = asyncio.get_running_loop().create_task(
-                self._read_replies(self._proc), name="delivery-offproc-reader"
+                self._read_replies(self._proc), name="delivery-helper-reader"
             )
             return self._proc
 
@@ -256,7 +299,7 @@ class ProcessWriter:
                 if fut is not None and not fut.done():
                     fut.set_result(result)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
-            err = BrokenPipeError(32, f"the writer process ended: {exc!r}")
+            err = BrokenPipeError(errno.EPIPE, f"the writer process ended: {exc!r}")
             waiting, self._waiting = self._waiting, {}
             for fut in waiting.values():
                 if not fut.done():

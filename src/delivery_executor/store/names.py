@@ -1,0 +1,111 @@
+"""Maildir file names: unique names for new messages, and the ``:2,`` flags suffix.
+
+A new message's name is ``{secs}.M{usec}P{pid}Q{seq}.{host}``: the original's
+``secs.M<usec>P<pid>`` plus a per-process sequence number (``Q``, so that two
+messages of one process in the same microsecond differ) and the sanitized host
+name, as the Maildir spec asks. Flags follow in ``:2,<letters>``, sorted in ASCII
+order; lower-case letters are keywords (Dovecot maps them through
+``dovecot-keywords``) and are kept as they are.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "Flag",
+    "MessageId",
+    "add_flag",
+    "parse_flags",
+    "sanitize_host",
+    "serialize_flags",
+    "unique_name",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageId:
+    """A delivered message's unique file name in ``new/`` (no ``:2,`` suffix)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Flag(enum.StrEnum):
+    """The standard Maildir flags, as their ``:2,`` letters."""
+
+    DRAFT = "D"
+    FLAGGED = "F"
+    PASSED = "P"
+    REPLIED = "R"
+    SEEN = "S"
+    TRASHED = "T"
+
+
+_FLAG_BY_LETTER = {f.value: f for f in Flag}
+
+
+def parse_flags(name: str) -> frozenset[Flag]:
+    """The standard flags of a Maildir file name (``"1.M2P3.h:2,RSa"`` → {REPLIED, SEEN}).
+
+    Keyword letters (``a``-``z``) are not :class:`Flag` values and are left out
+    here; :func:`add_flag` keeps them in the name. A name without ``:2,`` has
+    no flags.
+    """
+    _, sep, info = name.partition(":2,")
+    if not sep:
+        return frozenset()
+    return frozenset(_FLAG_BY_LETTER[c] for c in info if c in _FLAG_BY_LETTER)
+
+
+def serialize_flags(flags: Iterable[Flag]) -> str:
+    """The ``:2,`` suffix for ``flags``, letters in ASCII order as the spec asks."""
+    return ":2," + "".join(sorted({Flag(f).value for f in flags}))
+
+
+def add_flag(name: str, flag: Flag) -> str:
+    """``name`` with ``flag`` added to its ``:2,`` suffix (created if missing).
+
+    Every letter already there is kept, keyword letters included, and the
+    result is sorted in ASCII order: ``"x:2,FSab"`` + REPLIED → ``"x:2,FRSab"``.
+    """
+    base, sep, info = name.partition(":2,")
+    if not sep:
+        base, info = name.partition(":")[0], ""
+    return base + ":2," + "".join(sorted(set(info) | {Flag(flag).value}))
+
+
+def sanitize_host(host: str) -> str:
+    """``host`` with ``/`` and ``:`` escaped as the Maildir spec asks (``\\057``, ``\\072``)."""
+    return host.replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+_HOST = sanitize_host(socket.gethostname())
+_PID = os.getpid()
+_SEQ = itertools.count()
+_SEQ_LOCK = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def unique_name() -> str:
+    """``{secs}.M{usec}P{pid}Q{seq}.{host}``: unique across threads, forks and hosts."""
+    with _SEQ_LOCK:
+        seq = next(_SEQ)
+    secs, usec = divmod(time.time_ns() // 1000, 1_000_000)
+    return f"{secs}.M{usec}P{_PID}Q{seq}.{_HOST}"

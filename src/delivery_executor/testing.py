@@ -1,0 +1,256 @@
+"""Tools for testing a delivery set-up: an LMTP-aware client and a ``serve`` process.
+
+- :func:`send_message`: one message over one connection. Unlike
+  ``smtplib.LMTP`` it reads one reply per accepted recipient after DATA
+  (RFC 2033), so it can check a server's LMTP replies one by one.
+- :class:`ServerProcess`: ``delivery-executor serve`` as a child process, in
+  its own process group, with its output captured line by line; the project's
+  tests and benchmarks start every server through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Reply",
+    "SMTPClientError",
+    "ServerProcess",
+    "dot_stuff",
+    "free_port",
+    "send_message",
+]
+
+
+class SMTPClientError(Exception):
+    """The server answered a command the client cannot go on after."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One recipient's outcome: the RCPT reply if refused there, else its DATA reply."""
+
+    rcpt: str
+    code: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """``body`` with CRLF line ends, leading dots doubled, and the final ``.`` line."""
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    if body.startswith(b"."):
+        body = b"." + body
+    return body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise SMTPClientError("connection closed by the server")
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        lines.append(text[4:])
+        if len(text) < 4 or text[3] != "-":
+            return int(text[:3]), "\n".join(lines)
+
+
+async def send_message(
+    host: str,
+    port: int,
+    *,
+    mail_from: str,
+    rcpts: list[str],
+    body: bytes,
+    lmtp: bool = True,
+    helo: str = "client.invalid",
+) -> list[Reply]:
+    """One connection, one message: greet, MAIL, RCPT each, DATA, QUIT.
+
+    Returns one :class:`Reply` per recipient, in order. Raises
+    :class:`SMTPClientError` when the greeting, HELO or MAIL is refused, and
+    ``OSError`` when the connection fails.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        code, text = await _reply(reader)
+        if code != 220:
+            raise SMTPClientError(f"greeting: {code} {text}")
+        writer.write(f"{'LHLO' if lmtp else 'EHLO'} {helo}\r\n".encode())
+        code, text = await _reply(reader)
+        if code != 250:
+            raise SMTPClientError(f"{'LHLO' if lmtp else 'EHLO'}: {code} {text}")
+        writer.write(f"MAIL FROM:<{mail_from}>\r\n".encode())
+        code, text = await _reply(reader)
+        if code != 250:
+            raise SMTPClientError(f"MAIL: {code} {text}")
+        results: list[Reply | None] = []
+        accepted: list[int] = []
+        for i, rcpt in enumerate(rcpts):
+            writer.write(f"RCPT TO:<{rcpt}>\r\n".encode())
+            code, text = await _reply(reader)
+            if code == 250:
+                accepted.append(i)
+                results.append(None)
+            else:
+                results.append(Reply(rcpt, code, text))
+        if accepted:
+            writer.write(b"DATA\r\n")
+            code, text = await _reply(reader)
+            if code != 354:
+                for i in accepted:
+                    results[i] = Reply(rcpts[i], code, text)
+            else:
+                writer.write(dot_stuff(body))
+                if lmtp:
+                    for i in accepted:
+                        code, text = await _reply(reader)
+                        results[i] = Reply(rcpts[i], code, text)
+                else:
+                    code, text = await _reply(reader)
+                    for i in accepted:
+                        results[i] = Reply(rcpts[i], code, text)
+        writer.write(b"QUIT\r\n")
+        try:
+            await _reply(reader)
+        except SMTPClientError:
+            pass
+        return [r for r in results if r is not None]
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_LISTEN = re.compile(r"listening on \[?([\w.:]+?)\]?:(\d+) \((LMTP|SMTP), pid (\d+)\)")
+
+
+class ServerProcess:
+    """``python -m delivery_executor serve`` with its output captured line by line.
+
+    Waits (up to ``start_timeout`` s) until every worker prints where it
+    listens; ``port`` and ``ports`` tell where. ``stop()`` signals it and
+    collects the rest of its output (the summary); leaving the ``with`` block
+    SIGKILLs whatever of its process group is left. ``AssertionError`` if it
+    does not start; nothing is left running then.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *args: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
+        self.root = root
+        if workers > 1 and port == 0:
+            port = free_port()
+        cmd = [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
+        cmd += ["--listen", f"{host}:{port}", "--workers", str(workers), *args]
+        # Its own process group: kill() reaches the workers and writer helpers too.
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        # A thread feeds a queue: select() on a buffered pipe misses lines that
+        # already sit in Python's buffer.
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        self.ports: list[int] = []
+        self.pids: list[int] = []
+        deadline = time.monotonic() + start_timeout
+        try:
+            while len(self.ports) < workers:
+                line = self.readline(deadline - time.monotonic())
+                m = _LISTEN.search(line)
+                if m:
+                    self.ports.append(int(m.group(2)))
+                    self.pids.append(int(m.group(4)))
+        except BaseException:
+            self.__exit__()  # a failed start must not leave servers behind
+            raise
+        self.port = self.ports[0]
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def readline(self, timeout: float) -> str:
+        """The next output line; AssertionError if none comes in ``timeout`` s or on exit."""
+        try:
+            line = self._queue.get(timeout=max(timeout, 0.01))
+        except queue.Empty:
+            raise AssertionError(
+                f"no output from the server in time; so far: {self.lines}"
+            ) from None
+        assert line is not None, f"server exited ({self.proc.poll()}); output: {self.lines}"
+        self.lines.append(line)
+        return line
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the server, collect the rest of its output and return its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"server did not stop in {timeout} s: {self.lines}") from None
+        self._reader.join(10)
+        while (line := self._queue.get_nowait() if not self._queue.empty() else None) is not None:
+            self.lines.append(line)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL every process of the server at once: parent, workers, helpers."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()  # also any worker or helper still running after a clean stop
+        self._reader.join(10)  # EOF once every writer of the pipe has exited
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

@@ -1,0 +1,140 @@
+"""The batch-writer contract between the executor and the store.
+
+The executor hands a writer one batch at a time: ``[(path, [message, ...]), ...]``
+with each message a tuple of byte views. The writer makes every message
+durable and returns, per group and in order, its ids or the exception that
+failed it, plus the number of syncs it made.
+
+Two forms:
+
+- :class:`BatchWriter` (async): what the executor awaits. ``acommit(groups)``
+  on the executor's event loop, ``aclose()`` once at shutdown.
+- :class:`BlockingWriter` (sync): a plain callable that blocks, such as
+  :func:`write_batch`. :class:`~delivery_executor.writers.ThreadWriter` runs
+  one in a thread; the helper process runs :func:`write_batch` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeAlias, TypeVar
+
+from ..fsops import OS_OPS, FsOps
+from ..store import Maildir, MessageId, StepDriver, SyncMode, commit_steps
+from ..store.commit import Parts
+
+__all__ = [
+    "BatchResult",
+    "BatchWriter",
+    "BlockingWriter",
+    "Group",
+    "GroupResult",
+    "write_batch",
+]
+
+Group: TypeAlias = tuple[str, Sequence[Parts]]
+"""One Maildir path and its messages, each a tuple of byte views."""
+GroupResult: TypeAlias = "list[MessageId] | BaseException"
+BatchResult: TypeAlias = tuple[list[GroupResult], int]
+"""Per group its ids or the exception that failed it; and the syncs made."""
+T = TypeVar("T")
+
+
+class BatchWriter(Protocol):
+    """Makes batches durable for a :class:`~delivery_executor.DeliveryExecutor`."""
+
+    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+        """Write ``groups`` durably; one result per group, in order, and the syncs made.
+
+        Runs on the executor's loop; may be awaited for up to
+        ``max_concurrent_flushes`` batches at once. A failure that concerns
+        one group is returned as that group's result; an exception raised
+        fails the whole batch.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the writer holds (threads, processes); called once, at close."""
+        ...
+
+
+class BlockingWriter(Protocol):
+    """The synchronous form: ``writer(groups)`` blocks until the batch is durable."""
+
+    def __call__(self, groups: Sequence[Group]) -> BatchResult:
+        """Return one result per group, in order, and the number of syncs made."""
+        ...
+
+
+def write_batch(
+    groups: Sequence[Group], *, sync: SyncMode = "auto", ops: FsOps = OS_OPS
+) -> BatchResult:
+    """The blocking writer: :meth:`Maildir.cached` + :func:`commit_batch`, in this thread.
+
+    A path that cannot be opened or created fails only its own group. A group
+    that fails with ``ENOENT`` or ``ENOTDIR`` drops its path from the Maildir
+    cache, so a Maildir removed at run time is created again next time.
+    """
+    opened = open_maildirs(groups, lambda path: Maildir.cached(path, ops=ops))
+    driver = StepDriver(commit_steps(opened.live, sync=sync, ops=ops)).run_here(ops)
+    return opened.merge(driver.results), driver.syncs
+
+
+class OpenedGroups:
+    """A batch's Maildirs, opened: per-group errors kept aside, the rest ready to commit."""
+
+    __slots__ = ("groups", "live", "results", "where")
+
+    def __init__(self, groups: Sequence[Group]) -> None:
+        self.groups = groups
+        self.results: list[GroupResult | None] = [None] * len(groups)
+        self.where: list[int] = []
+        self.live: list[tuple[Maildir, Sequence[Parts]]] = []
+
+    def merge(self, committed: Sequence[list[MessageId] | OSError]) -> list[GroupResult]:
+        """All groups' results, in order: the open errors and ``committed`` for the rest."""
+        for i, res in zip(self.where, committed, strict=True):
+            self.results[i] = res
+            if isinstance(res, OSError) and res.errno in (errno.ENOENT, errno.ENOTDIR):
+                Maildir.forget(self.groups[i][0])
+        return [r for r in self.results if r is not None]
+
+
+def open_maildirs(groups: Sequence[Group], lookup: Callable[[str], Maildir]) -> OpenedGroups:
+    """Open each group's Maildir with ``lookup``; an ``OSError`` fails only its group."""
+    opened = OpenedGroups(groups)
+    for i, (path, messages) in enumerate(groups):
+        try:
+            opened.live.append((lookup(path), messages))
+            opened.where.append(i)
+        except OSError as exc:
+            opened.results[i] = exc
+    return opened
+
+
+class ThreadPool:
+    """A lazily started thread pool whose calls are awaited from the running loop."""
+
+    __slots__ = ("_name", "_pool", "_size")
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """``fn(*args)`` in a pool thread, as a future of the running loop."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self._size, thread_name_prefix=self._name
+            )
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        """Stop the threads once their current calls return; the pool can start again."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)

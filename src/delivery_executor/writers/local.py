@@ -1,0 +1,127 @@
+"""Writers that run in the executor's own process: on the loop, or in a thread.
+
+:class:`LoopWriter` (``writer="loop"``, the library's default)
+    The page-cache work of a batch (open, write, close, rename: microseconds
+    each) runs on the event loop; each sync, and the first creation of a
+    Maildir, runs in a thread. A batch with more than
+    :data:`INLINE_WRITE_LIMIT` body bytes is written whole in a thread instead:
+    copying megabytes on the loop would stall every other session.
+:class:`ThreadWriter` (``writer="thread"``)
+    The whole batch in a thread, by a :class:`BlockingWriter` (default
+    :func:`write_batch`).
+
+Why the loop: a thread that makes a syscall must win the GIL back from the
+busy loop thread when it returns, so a flush thread costs the loop a GIL
+hand-off per syscall; on the loop the syscalls cost it their own time, which
+measured less (BUDGETS.md). :class:`~delivery_executor.writers.ProcessWriter`
+avoids both.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+from ..fsops import OS_OPS, FsOps
+from ..store import Maildir, StepDriver, SyncMode, check_sync, commit_steps, run_sync_call
+from .base import BatchResult, BlockingWriter, Group, ThreadPool, open_maildirs, write_batch
+
+__all__ = ["INLINE_WRITE_LIMIT", "LoopWriter", "ThreadWriter", "write_batch"]
+
+INLINE_WRITE_LIMIT = 256 * 1024
+"""Body bytes above which :class:`LoopWriter` writes a batch in a thread instead."""
+
+_THREADS = 8  # upper bound; threads start only as concurrent flushes need them
+
+
+def _nbytes(groups: Sequence[Group]) -> int:
+    return sum(part.nbytes for _, messages in groups for parts in messages for part in parts)
+
+
+class ThreadWriter:
+    """Writes each batch in a thread with a blocking writer (see the module doc).
+
+    ``ThreadWriter()`` uses :func:`write_batch` with ``sync`` and ``ops``;
+    ``ThreadWriter(fn)`` runs any :class:`BlockingWriter` instead (tests use
+    slow or failing fakes this way).
+    """
+
+    __slots__ = ("_threads", "write")
+
+    def __init__(
+        self, write: BlockingWriter | None = None, *, sync: SyncMode = "auto", ops: FsOps = OS_OPS
+    ) -> None:
+        if write is None:
+            check_sync(sync)
+            write = functools.partial(write_batch, sync=sync, ops=ops)
+        elif not callable(write):
+            raise TypeError(f"write must be callable, not {type(write).__name__}")
+        self.write: BlockingWriter = write
+        self._threads = ThreadPool(_THREADS, "delivery-write")
+
+    def __repr__(self) -> str:
+        return f"ThreadWriter({self.write!r})"
+
+    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+        """Run the blocking writer on ``groups`` in a thread and await it."""
+        return await self._threads.run(self.write, groups)
+
+    async def aclose(self) -> None:
+        """Stop the threads (a call still running finishes first)."""
+        self._threads.close()
+
+
+class LoopWriter:
+    """Writes on the loop, syncs in a thread (see the module doc). Costs nothing idle."""
+
+    __slots__ = ("_threads", "inline_limit", "ops", "sync")
+
+    def __init__(
+        self,
+        sync: SyncMode = "auto",
+        ops: FsOps = OS_OPS,
+        *,
+        inline_limit: int = INLINE_WRITE_LIMIT,
+    ) -> None:
+        check_sync(sync)
+        self.sync: SyncMode = sync
+        self.ops = ops
+        self.inline_limit = inline_limit
+        self._threads = ThreadPool(_THREADS, "delivery-sync")
+
+    def __repr__(self) -> str:
+        return f"LoopWriter(sync={self.sync!r})"
+
+    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+        """Write ``groups``: page-cache work here, syncs and Maildir creation in a thread."""
+        if _nbytes(groups) > self.inline_limit:
+            return await self._threads.run(
+                functools.partial(write_batch, sync=self.sync, ops=self.ops), groups
+            )
+        created: dict[str, Maildir | OSError] = {}
+        for path, _ in groups:
+            if path not in created and Maildir.peek_cached(path) is None:
+                try:
+                    created[path] = await self._threads.run(self._create, path)
+                except OSError as exc:
+                    created[path] = exc
+
+        def lookup(path: str) -> Maildir:
+            md = Maildir.peek_cached(path) or created.get(path) or self._create(path)
+            if isinstance(md, OSError):
+                raise md
+            return md
+
+        opened = open_maildirs(groups, lookup)
+        driver = StepDriver(commit_steps(opened.live, sync=self.sync, ops=self.ops))
+        err: OSError | None = None
+        while (call := driver.next_call(err)) is not None:
+            err = await self._threads.run(run_sync_call, self.ops, call)
+        return opened.merge(driver.results), driver.syncs
+
+    def _create(self, path: str) -> Maildir:
+        return Maildir.cached(path, ops=self.ops)
+
+    async def aclose(self) -> None:
+        """Stop the sync threads (a sync still running finishes first)."""
+        self._threads.close()
