@@ -327,6 +327,34 @@ def test_flags_parse_serialize_and_add() -> None:
     assert add_flag("x:2,S", Flag.REPLIED) == "x:2,RS"
 
 
+def test_add_flag_keeps_dovecot_keyword_letters(tmp_path: Path) -> None:
+    """A Dovecot-flagged file (:2,FSab: Junk and $Label1 as keywords) keeps every letter."""
+    dovecot_name = "1764000000.M123456P789.mx.example.org,S=5,W=5:2,FSab"
+    assert add_flag(dovecot_name, Flag.REPLIED) == dovecot_name.replace(":2,FSab", ":2,FRSab")
+    assert add_flag(dovecot_name, Flag.SEEN) == dovecot_name  # already there: unchanged
+    md = Maildir.create(tmp_path / "m")
+    (md.path / "cur" / dovecot_name).write_bytes(b"hello")
+    entry = md.add_flag(MessageId(dovecot_name.partition(":")[0]), Flag.REPLIED)
+    assert entry.path.name.endswith(":2,FRSab")
+    assert entry.path.read_bytes() == b"hello"
+    assert files_in(md.path / "cur") == [entry.path.name]
+
+
+def test_names_carry_dovecot_sizes_and_can_leave_them_out(tmp_path: Path) -> None:
+    """,S= is the file's size and ,W= its size with CRLF line ends; size_in_names=False drops both."""
+    md = Maildir.create(tmp_path / "m")
+    lf, crlf, split = b"a\nbb\n", b"a\r\nbb\r\n", (b"x\r", b"\ny\n")
+    (r_lf, r_crlf, r_split) = commit_batch([(md, [lf, crlf, split])])[0]  # type: ignore[misc]
+    assert r_lf.name.endswith(",S=5,W=7")
+    assert r_crlf.name.endswith(",S=7,W=7")
+    assert r_split.name.endswith(",S=5,W=6")  # the CRLF split across two parts counts once
+    for mid in (r_lf, r_crlf, r_split):
+        size = int(mid.name.rpartition(",S=")[2].partition(",")[0])
+        assert (md.path / "new" / mid.name).stat().st_size == size
+    (plain,) = commit_batch([(md, [b"z"])], size_in_names=False)[0]  # type: ignore[misc]
+    assert ",S=" not in plain.name and NAME_RE.match(plain.name)
+
+
 def test_scans_and_add_flag_move_new_to_cur(tmp_path: Path) -> None:
     """add_flag moves a message from new/ to cur/ with its flags; scans see it there."""
     md = Maildir.create(tmp_path / "m")

@@ -135,15 +135,15 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
-def _make_writer(writer: BatchWriter | WriterName, sync: SyncMode) -> BatchWriter:
+def _make_writer(writer: BatchWriter | WriterName, sync: SyncMode, sizes: bool) -> BatchWriter:
     check_sync(sync)
     if isinstance(writer, str):
         if writer == "loop":
-            return LoopWriter(sync)
+            return LoopWriter(sync, size_in_names=sizes)
         if writer == "thread":
-            return ThreadWriter(sync=sync)
+            return ThreadWriter(sync=sync, size_in_names=sizes)
         if writer == "process":
-            return ProcessWriter(sync)
+            return ProcessWriter(sync, size_in_names=sizes)
         raise ValueError(f"writer must be one of {WRITERS} or a BatchWriter, not {writer!r}")
     if not callable(getattr(writer, "acommit", None)) or not callable(
         getattr(writer, "aclose", None)
@@ -180,6 +180,8 @@ class DeliveryExecutor:
         writer: where batches are written: ``"loop"`` (default: page-cache
             work on the loop, syncs in a thread), ``"thread"``, ``"process"``
             (a helper process), or any :class:`~delivery_executor.writers.BatchWriter`.
+        size_in_names: for a named writer, end each file name with
+            ``,S=<size>,W=<size with CRLF>`` as Dovecot does (default).
 
     Raises ``TypeError``/``ValueError`` naming the bad value. Costs nothing
     until started: no loop, thread or process is needed to construct it.
@@ -197,6 +199,7 @@ class DeliveryExecutor:
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         max_message_size: int | None = None,
         writer: BatchWriter | WriterName = "loop",
+        size_in_names: bool = True,
     ) -> None:
         self.max_batch = _positive_int("max_batch", max_batch)
         self.max_wait = _seconds("max_wait", max_wait)
@@ -216,7 +219,7 @@ class DeliveryExecutor:
             raise ValueError(
                 f"max_message_size ({size}) must not exceed max_queued_bytes ({max_queued_bytes})"
             )
-        self.writer: BatchWriter = _make_writer(writer, sync)
+        self.writer: BatchWriter = _make_writer(writer, sync, size_in_names)
 
         self._lock = threading.Lock()  # guards binding and the inbox, the only shared state
         self._home: asyncio.AbstractEventLoop | None = None

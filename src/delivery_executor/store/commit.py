@@ -43,7 +43,7 @@ from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from ..fsops import HAVE_SYNCFS, OS_OPS, FsOps
-from .names import MessageId, unique_name
+from .names import MessageId, size_suffix, unique_name
 
 if TYPE_CHECKING:
     from .maildir import Maildir
@@ -152,6 +152,7 @@ def commit_batch(
     *,
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
+    size_in_names: bool = True,
 ) -> list[list[MessageId] | OSError]:
     """Durably deliver several Maildirs' messages with shared sync steps, in this thread.
 
@@ -167,10 +168,15 @@ def commit_batch(
     error), those messages are complete in ``new/`` but were not acknowledged:
     a retry may deliver them twice, never zero times.
 
+    With ``size_in_names`` (the default) each name carries ``,S=<bytes>,W=<bytes
+    with CRLF line ends>``, the Maildir++ sizes Dovecot and quota tools read
+    without a ``stat`` (see :func:`~delivery_executor.store.names.size_suffix`).
+
     Raises ``TypeError``/``ValueError`` for bad bodies or ``sync`` before any
     file is touched. Cost: see the module docstring for the syscalls.
     """
-    return StepDriver(commit_steps(groups, sync=sync, ops=ops)).run_here(ops).results
+    steps = commit_steps(groups, sync=sync, ops=ops, size_in_names=size_in_names)
+    return StepDriver(steps).run_here(ops).results
 
 
 def commit_steps(
@@ -178,6 +184,7 @@ def commit_steps(
     *,
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
+    size_in_names: bool = True,
 ) -> CommitSteps:
     """:func:`commit_batch` as a generator that hands each sync to its driver.
 
@@ -189,7 +196,7 @@ def commit_steps(
     """
     check_sync(sync)
     work = [_Group(md, [check_message(m) for m in messages]) for md, messages in groups]
-    return _steps(work, sync, ops)
+    return _steps(work, sync, ops, size_in_names)
 
 
 class StepDriver:
@@ -246,7 +253,7 @@ def run_sync_call(ops: FsOps, call: SyncCall) -> OSError | None:
     return None
 
 
-def _steps(work: list[_Group], sync: str, ops: FsOps) -> CommitSteps:
+def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitSteps:
     # Decide the form per file system before writing: it changes step 2.
     per_dev: dict[int, int] = {}
     for g in work:
@@ -263,7 +270,7 @@ def _steps(work: list[_Group], sync: str, ops: FsOps) -> CommitSteps:
         datasync = g.md.dev not in syncfs_devs
         try:
             for parts in g.messages:
-                yield from _write_one(g, parts, datasync, ops)
+                yield from _write_one(g, parts, size_suffix(parts) if sizes else "", datasync, ops)
         except OSError as exc:
             g.fail(exc, ops)
 
@@ -299,10 +306,10 @@ def _steps(work: list[_Group], sync: str, ops: FsOps) -> CommitSteps:
 
 
 def _write_one(
-    g: _Group, parts: Parts, datasync: bool, ops: FsOps
+    g: _Group, parts: Parts, suffix: str, datasync: bool, ops: FsOps
 ) -> Generator[SyncCall, OSError | None, None]:
     for _ in range(_EEXIST_RETRIES):
-        name = unique_name()
+        name = unique_name() + suffix
         path = g.md.tmp_prefix + name
         try:
             fd = ops.create(path)

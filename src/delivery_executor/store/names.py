@@ -3,9 +3,11 @@
 A new message's name is ``{secs}.M{usec}P{pid}Q{seq}.{host}``: the original's
 ``secs.M<usec>P<pid>`` plus a per-process sequence number (``Q``, so that two
 messages of one process in the same microsecond differ) and the sanitized host
-name, as the Maildir spec asks. Flags follow in ``:2,<letters>``, sorted in ASCII
-order; lower-case letters are keywords (Dovecot maps them through
-``dovecot-keywords``) and are kept as they are.
+name, as the Maildir spec asks. By default the store appends
+``,S=<size>,W=<size with CRLF>`` as Dovecot does (:func:`size_suffix`).
+Flags follow in ``:2,<letters>``, sorted in ASCII order; lower-case letters
+are keywords (Dovecot maps them through ``dovecot-keywords``) and are kept as
+they are.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "parse_flags",
     "sanitize_host",
     "serialize_flags",
+    "size_suffix",
     "unique_name",
 ]
 
@@ -109,3 +112,33 @@ def unique_name() -> str:
         seq = next(_SEQ)
     secs, usec = divmod(time.time_ns() // 1000, 1_000_000)
     return f"{secs}.M{usec}P{_PID}Q{seq}.{_HOST}"
+
+
+def size_suffix(parts: Sequence[memoryview]) -> str:
+    """``,S=<bytes>,W=<bytes if every line ended in CRLF>`` for a message made of ``parts``.
+
+    ``S`` is the file's size; ``W`` is the RFC 822 size IMAP reports, which
+    Dovecot reads from the name instead of counting. Cost: two C scans of the
+    bytes (``bytes.count``), about 10 µs per 64 KiB, plus a copy of any part
+    that is not a whole ``bytes`` object.
+    """
+    size = lf = crlf = 0
+    prev_cr = False
+    for part in parts:
+        if not part.nbytes:
+            continue
+        data = _whole_bytes(part)
+        size += len(data)
+        lf += data.count(b"\n")
+        crlf += data.count(b"\r\n")
+        if prev_cr and data[0] == 10:  # a CRLF split between two parts
+            crlf += 1
+        prev_cr = data[-1] == 13
+    return f",S={size},W={size + lf - crlf}"
+
+
+def _whole_bytes(part: memoryview) -> bytes:
+    obj = part.obj
+    if isinstance(obj, bytes) and len(obj) == part.nbytes:
+        return obj
+    return part.tobytes()

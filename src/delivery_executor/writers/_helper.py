@@ -9,4 +9,4 @@ import sys
 from .process import child_main
 
 sync = sys.argv[sys.argv.index("--sync") + 1] if "--sync" in sys.argv else "auto"
-sys.exit(child_main(sync))  # type: ignore[arg-type]
+sys.exit(child_main(sync, size_in_names="--plain-names" not in sys.argv))  # type: ignore[arg-type]

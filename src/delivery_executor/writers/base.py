@@ -70,7 +70,11 @@ class BlockingWriter(Protocol):
 
 
 def write_batch(
-    groups: Sequence[Group], *, sync: SyncMode = "auto", ops: FsOps = OS_OPS
+    groups: Sequence[Group],
+    *,
+    sync: SyncMode = "auto",
+    ops: FsOps = OS_OPS,
+    size_in_names: bool = True,
 ) -> BatchResult:
     """The blocking writer: :meth:`Maildir.cached` + :func:`commit_batch`, in this thread.
 
@@ -79,7 +83,8 @@ def write_batch(
     cache, so a Maildir removed at run time is created again next time.
     """
     opened = open_maildirs(groups, lambda path: Maildir.cached(path, ops=ops))
-    driver = StepDriver(commit_steps(opened.live, sync=sync, ops=ops)).run_here(ops)
+    steps = commit_steps(opened.live, sync=sync, ops=ops, size_in_names=size_in_names)
+    driver = StepDriver(steps).run_here(ops)
     return opened.merge(driver.results), driver.syncs
 
 

@@ -41,7 +41,8 @@ def _nbytes(groups: Sequence[Group]) -> int:
 class ThreadWriter:
     """Writes each batch in a thread with a blocking writer (see the module doc).
 
-    ``ThreadWriter()`` uses :func:`write_batch` with ``sync`` and ``ops``;
+    ``ThreadWriter()`` uses :func:`write_batch` with ``sync``, ``ops`` and
+    ``size_in_names``;
     ``ThreadWriter(fn)`` runs any :class:`BlockingWriter` instead (tests use
     slow or failing fakes this way).
     """
@@ -49,11 +50,16 @@ class ThreadWriter:
     __slots__ = ("_threads", "write")
 
     def __init__(
-        self, write: BlockingWriter | None = None, *, sync: SyncMode = "auto", ops: FsOps = OS_OPS
+        self,
+        write: BlockingWriter | None = None,
+        *,
+        sync: SyncMode = "auto",
+        ops: FsOps = OS_OPS,
+        size_in_names: bool = True,
     ) -> None:
         if write is None:
             check_sync(sync)
-            write = functools.partial(write_batch, sync=sync, ops=ops)
+            write = functools.partial(write_batch, sync=sync, ops=ops, size_in_names=size_in_names)
         elif not callable(write):
             raise TypeError(f"write must be callable, not {type(write).__name__}")
         self.write: BlockingWriter = write
@@ -74,7 +80,7 @@ class ThreadWriter:
 class LoopWriter:
     """Writes on the loop, syncs in a thread (see the module doc). Costs nothing idle."""
 
-    __slots__ = ("_threads", "inline_limit", "ops", "sync")
+    __slots__ = ("_threads", "inline_limit", "ops", "size_in_names", "sync")
 
     def __init__(
         self,
@@ -82,11 +88,13 @@ class LoopWriter:
         ops: FsOps = OS_OPS,
         *,
         inline_limit: int = INLINE_WRITE_LIMIT,
+        size_in_names: bool = True,
     ) -> None:
         check_sync(sync)
         self.sync: SyncMode = sync
         self.ops = ops
         self.inline_limit = inline_limit
+        self.size_in_names = size_in_names
         self._threads = ThreadPool(_THREADS, "delivery-sync")
 
     def __repr__(self) -> str:
@@ -95,9 +103,10 @@ class LoopWriter:
     async def acommit(self, groups: Sequence[Group]) -> BatchResult:
         """Write ``groups``: page-cache work here, syncs and Maildir creation in a thread."""
         if _nbytes(groups) > self.inline_limit:
-            return await self._threads.run(
-                functools.partial(write_batch, sync=self.sync, ops=self.ops), groups
+            whole = functools.partial(
+                write_batch, sync=self.sync, ops=self.ops, size_in_names=self.size_in_names
             )
+            return await self._threads.run(whole, groups)
         created: dict[str, Maildir | OSError] = {}
         for path, _ in groups:
             if path not in created and Maildir.peek_cached(path) is None:
@@ -113,7 +122,10 @@ class LoopWriter:
             return md
 
         opened = open_maildirs(groups, lookup)
-        driver = StepDriver(commit_steps(opened.live, sync=self.sync, ops=self.ops))
+        steps = commit_steps(
+            opened.live, sync=self.sync, ops=self.ops, size_in_names=self.size_in_names
+        )
+        driver = StepDriver(steps)
         err: OSError | None = None
         while (call := driver.next_call(err)) is not None:
             err = await self._threads.run(run_sync_call, self.ops, call)

@@ -121,11 +121,12 @@ class _Reader:
 def decode_request(payload: bytes | memoryview) -> tuple[int, list[Group]]:
     """The batch id and groups of a request payload (without its length prefix).
 
-    Messages are views into ``payload``: nothing is copied.
+    Each blob is copied out once, as ``bytes``, which the store can scan for
+    its ``,S=``/``,W=`` sizes without another copy.
     """
     r = _Reader(payload)
     batch = r.u32()
-    blobs = [r.take(r.u32()) for _ in range(r.u32())]
+    blobs = [memoryview(r.take(r.u32()).tobytes()) for _ in range(r.u32())]
     groups: list[Group] = []
     for _ in range(r.u32()):
         path = r.text()
@@ -183,7 +184,7 @@ def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def child_main(sync: SyncMode) -> int:
+def child_main(sync: SyncMode, *, size_in_names: bool = True) -> int:
     """The helper's loop: read a batch, write it durably, reply; exit at end of input.
 
     SIGINT and SIGTERM are ignored: a Ctrl-C or a service manager signals the
@@ -203,7 +204,7 @@ def child_main(sync: SyncMode) -> int:
             return 0
         batch, groups = decode_request(payload)
         try:
-            results, syncs = write_batch(groups, sync=sync)
+            results, syncs = write_batch(groups, sync=sync, size_in_names=size_in_names)
         except Exception as exc:  # a bug: report it to the batch, keep serving
             results, syncs = [exc] * len(groups), 0
         stdout.write(encode_reply(batch, results, syncs))
@@ -219,9 +220,12 @@ class ProcessWriter:
     copy of each batch through a pipe.
     """
 
-    def __init__(self, sync: SyncMode = "auto", *, python: str | None = None) -> None:
+    def __init__(
+        self, sync: SyncMode = "auto", *, python: str | None = None, size_in_names: bool = True
+    ) -> None:
         check_sync(sync)
         self.sync: SyncMode = sync
+        self.size_in_names = size_in_names
         self.python = python or sys.executable
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -279,9 +283,10 @@ class ProcessWriter:
                 return self._proc
             if self._proc is not None:
                 self.restarts += 1
+            names = [] if self.size_in_names else ["--plain-names"]
             self._proc = await asyncio.create_subprocess_exec(
                 self.python, "-m", "delivery_executor.writers._helper", "--sync", self.sync,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                *names, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             self._reader = asyncio.get_running_loop().create_task(
                 self._read_replies(self._proc), name="delivery-helper-reader"
