@@ -341,7 +341,7 @@ def test_add_flag_keeps_dovecot_keyword_letters(tmp_path: Path) -> None:
 
 
 def test_names_carry_dovecot_sizes_and_can_leave_them_out(tmp_path: Path) -> None:
-    """,S= is the file's size and ,W= its size with CRLF line ends; size_in_names=False drops both."""
+    """,S= is the size and ,W= the size with CRLF line ends; size_in_names=False drops both."""
     md = Maildir.create(tmp_path / "m")
     lf, crlf, split = b"a\nbb\n", b"a\r\nbb\r\n", (b"x\r", b"\ny\n")
     (r_lf, r_crlf, r_split) = commit_batch([(md, [lf, crlf, split])])[0]  # type: ignore[misc]
