@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
+LINTED = ("src", "tests", "benches", "examples", "tasks.py")
 
 
 def _run(*cmd: str | os.PathLike[str]) -> None:
@@ -50,8 +51,8 @@ def main(argv: list[str]) -> int:
         elif task == "loadbench":
             _run(BIN / "python", "-m", "benches.load", *rest)
         elif task == "test":
-            _run(BIN / "ruff", "check", "src", "tests", "benches", "tasks.py")
-            _run(BIN / "ruff", "format", "--check", "src", "tests", "benches", "tasks.py")
+            _run(BIN / "ruff", "check", *LINTED)
+            _run(BIN / "ruff", "format", "--check", *LINTED)
             _run(BIN / "mypy", "--strict")
             _run(BIN / "pytest", *rest)
         else:

@@ -116,6 +116,13 @@ def _resolve_all(items: list[tuple[AnyFuture, Outcome]]) -> None:
         _resolve(future, outcome)
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _seconds(name: str, value: float | timedelta) -> float:
     if isinstance(value, timedelta):
         value = value.total_seconds()
@@ -314,10 +321,7 @@ class DeliveryExecutor:
         there). ``TimeoutError`` after ``timeout`` seconds, in which case the
         write may still complete. Other errors as :meth:`deliver`.
         """
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
+        running = _running_loop()
         if running is not None:
             which = "the executor's own" if running is self._home else "an"
             raise RuntimeError(
@@ -423,9 +427,8 @@ class DeliveryExecutor:
         if home is None or self._ended is not None:
             self._closing = True
             return
-        with contextlib.suppress(RuntimeError):
-            if asyncio.get_running_loop() is home:
-                raise RuntimeError("close() would block the executor's own loop; await aclose()")
+        if _running_loop() is home:
+            raise RuntimeError("close() would block the executor's own loop; await aclose()")
         try:
             asyncio.run_coroutine_threadsafe(self._aclose_home(timeout), home).result()
         except RuntimeError:  # the home loop is already closed

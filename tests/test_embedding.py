@@ -1,0 +1,374 @@
+"""Embedding: one executor shared by aiosmtpd Controllers, other loops, threads and scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+from delivery_executor import (
+    DeliveryExecutor,
+    DeliveryHandler,
+    DeliverySMTP,
+    ExecutorClosed,
+    LoopWriter,
+    MailboxResolver,
+    MessageId,
+    ThreadWriter,
+)
+from delivery_executor.fsops import FsOps
+from delivery_executor.testing import free_port
+from delivery_executor.writers import BatchResult, Group, write_batch
+
+from .conftest import files_in
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class SlowSyncOps(FsOps):
+    """Real syscalls with 20 ms per sync: callers pile up while a commit is in flight."""
+
+    __slots__ = ()
+
+    def fdatasync(self, fd: int, path: str) -> None:
+        time.sleep(0.02)
+        super().fdatasync(fd, path)
+
+    def fsync_dir(self, path: str) -> None:
+        time.sleep(0.02)
+        super().fsync_dir(path)
+
+    def syncfs(self, path: str) -> None:
+        time.sleep(0.02)
+        super().syncfs(path)
+
+
+def bodies_in(path: Path) -> list[bytes]:
+    return sorted((path / "new" / n).read_bytes() for n in files_in(path / "new"))
+
+
+class FastController(Controller):
+    def factory(self) -> SMTP:
+        return DeliverySMTP(self.handler, **self.SMTP_kwargs)
+
+
+# -- the Done-when test of the embedding issue
+
+
+@pytest.mark.asyncio
+async def test_controller_threads_and_a_third_loop_share_one_executor(tmp_path: Path) -> None:
+    """Home loop in main; 200 messages from 8 threads via a Controller's loop; then a third loop."""
+    async with DeliveryExecutor(writer=LoopWriter(ops=SlowSyncOps())) as ex:
+        handler = DeliveryHandler(ex, MailboxResolver(tmp_path), add_headers=False)
+        controller = FastController(handler, hostname="127.0.0.1", port=free_port())
+        controller.start()
+        try:
+
+            def client(n: int) -> list[dict[str, tuple[int, bytes]]]:
+                out = []
+                with smtplib.SMTP("127.0.0.1", controller.port, timeout=30) as s:
+                    for i in range(25):
+                        body = f"Subject: {n}.{i}\r\n\r\nthread {n} message {i}\r\n"
+                        out.append(s.sendmail("a@example.net", [f"u{n}@example.org"], body))
+                return out
+
+            with ThreadPoolExecutor(8) as pool:
+                results = await asyncio.gather(
+                    *(asyncio.get_running_loop().run_in_executor(pool, client, n) for n in range(8))
+                )
+        finally:
+            controller.stop()
+        assert all(r == {} for per_thread in results for r in per_thread)  # no refusals
+        via_controller = ex.stats()
+
+        def third_loop() -> list[MessageId]:
+            async def go() -> list[MessageId]:
+                return await asyncio.gather(
+                    *(ex.deliver(tmp_path / "third", b"from loop 3, %d" % i) for i in range(20))
+                )
+
+            return asyncio.run(go())
+
+        third = await asyncio.to_thread(third_loop)
+    for n in range(8):
+        got = bodies_in(tmp_path / "example.org" / f"u{n}")
+        want = sorted(
+            f"Subject: {n}.{i}\r\n\r\nthread {n} message {i}\r\n".encode() for i in range(25)
+        )
+        assert got == want
+    assert via_controller.delivered == 200
+    assert max(via_controller.batch_sizes) > 1  # sessions of another loop shared commits
+    assert sorted(bodies_in(tmp_path / "third")) == sorted(
+        b"from loop 3, %d" % i for i in range(20)
+    )
+    assert {m.name for m in third} == set(files_in(tmp_path / "third" / "new"))
+
+
+def test_deliver_sync_from_16_threads_shares_commits(tmp_path: Path) -> None:
+    """deliver_sync from 16 threads: every message lands and batches average more than one."""
+    with DeliveryExecutor(writer=LoopWriter(ops=SlowSyncOps())) as ex:
+
+        def work(i: int) -> MessageId:
+            return ex.deliver_sync(tmp_path / f"box{i % 4}", b"message %d" % i)
+
+        with ThreadPoolExecutor(16) as pool:
+            ids = list(pool.map(work, range(320)))
+        stats = ex.stats()
+    assert "home=thread" in repr(ex) and "closed" in repr(ex)
+    assert len(set(ids)) == 320
+    assert sum(len(files_in(tmp_path / f"box{k}" / "new")) for k in range(4)) == 320
+    assert stats.mean_batch_size > 1
+
+
+# -- the same guarantees across loops
+
+
+def _in_other_loop(coro_fn: object) -> object:
+    """Run ``coro_fn()`` on a fresh loop in a new thread and return its result."""
+    out: list[object] = []
+
+    def run() -> None:
+        out.append(asyncio.run(coro_fn()))  # type: ignore[operator]
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    return out[0]
+
+
+@pytest.mark.asyncio
+async def test_an_oserror_reaches_a_caller_on_another_loop_unchanged(tmp_path: Path) -> None:
+    """ENOTDIR from the store reaches a caller on another loop as the same type, errno, path."""
+    (tmp_path / "file").write_bytes(b"")
+    async with DeliveryExecutor() as ex:
+
+        async def other() -> object:
+            try:
+                return await ex.deliver(tmp_path / "file" / "box", b"x")
+            except OSError as exc:
+                return exc
+
+        exc = await asyncio.to_thread(_in_other_loop, other)
+    assert isinstance(exc, NotADirectoryError)
+    assert exc.errno == errno.ENOTDIR
+    assert str(tmp_path / "file") in str(exc.filename)
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_caller_on_another_loop_leaves_the_write_to_finish(
+    tmp_path: Path,
+) -> None:
+    """A foreign caller cancelled while its batch is written: the message still lands."""
+    gate = threading.Event()
+    started = threading.Event()
+
+    def gated(groups: Sequence[Group]) -> BatchResult:
+        started.set()
+        gate.wait(20)
+        return write_batch(groups)
+
+    async with DeliveryExecutor(writer=ThreadWriter(gated)) as ex:
+
+        async def other() -> str:
+            task = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"written anyway"))
+            await asyncio.to_thread(started.wait, 20)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return "cancelled"
+            return "not cancelled"
+
+        outcome = await asyncio.to_thread(_in_other_loop, other)
+        gate.set()
+        after = await ex.deliver(tmp_path / "m", b"after")
+    assert outcome == "cancelled"
+    assert bodies_in(tmp_path / "m") == [b"after", b"written anyway"]
+    assert after.name in files_in(tmp_path / "m" / "new")
+
+
+@pytest.mark.asyncio
+async def test_aclose_from_another_loop_drains_and_closes(tmp_path: Path) -> None:
+    """aclose() awaited on a foreign loop delivers what was accepted, then refuses more."""
+    ex = DeliveryExecutor()
+    await ex.start()
+    pending = [asyncio.ensure_future(ex.deliver(tmp_path / "m", b"%d" % i)) for i in range(10)]
+    await asyncio.sleep(0)
+
+    async def close_there() -> None:
+        await ex.aclose()
+
+    await asyncio.gather(asyncio.to_thread(_in_other_loop, close_there), *pending)
+    assert all(isinstance(p.result(), MessageId) for p in pending)
+    assert len(files_in(tmp_path / "m" / "new")) == 10
+    with pytest.raises(ExecutorClosed):
+        await ex.deliver(tmp_path / "m", b"late")
+
+
+# -- clear errors
+
+
+@pytest.mark.asyncio
+async def test_deliver_sync_on_the_home_loop_is_a_clear_error(tmp_path: Path) -> None:
+    """deliver_sync() from the executor's own loop thread raises RuntimeError, not a deadlock."""
+    async with DeliveryExecutor() as ex:
+        with pytest.raises(RuntimeError, match="executor's own event loop thread"):
+            ex.deliver_sync(tmp_path / "m", b"x")
+        with pytest.raises(RuntimeError, match="await aclose"):
+            ex.close()
+
+
+def test_a_second_asyncio_run_gets_executor_closed_not_a_crash(tmp_path: Path) -> None:
+    """After the home loop's asyncio.run() ends, the next run gets ExecutorClosed saying why."""
+    ex = DeliveryExecutor()
+
+    async def use() -> MessageId:
+        return await ex.deliver(tmp_path / "m", b"first run")
+
+    first = asyncio.run(use())
+    with pytest.raises(ExecutorClosed, match="event loop ended before aclose"):
+        asyncio.run(use())
+    assert bodies_in(tmp_path / "m") == [b"first run"]
+    assert first.name in files_in(tmp_path / "m" / "new")
+    assert "closed" in repr(ex)
+
+
+# -- the handler for embedders
+
+
+@pytest.mark.asyncio
+async def test_controller_with_decode_data_delivers_the_raw_bytes(tmp_path: Path) -> None:
+    """aiosmtpd's Controller with decode_data=True: our handler delivers, no 500 per message."""
+    async with DeliveryExecutor() as ex:
+        handler = DeliveryHandler(ex, MailboxResolver(tmp_path), add_headers=False)
+        controller = Controller(handler, hostname="127.0.0.1", port=free_port(), decode_data=True)
+        controller.start()
+        try:
+
+            def send() -> dict[str, tuple[int, bytes]]:
+                with smtplib.SMTP("127.0.0.1", controller.port, timeout=30) as s:
+                    return s.sendmail(
+                        "a@example.net", ["bob@example.org"], "Subject: d\r\n\r\nok\r\n"
+                    )
+
+            assert await asyncio.to_thread(send) == {}
+        finally:
+            controller.stop()
+    assert bodies_in(tmp_path / "example.org" / "bob") == [b"Subject: d\r\n\r\nok\r\n"]
+
+
+class ListDeliverer:
+    """Any object with an async deliver(path, body): here, a list in memory."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+
+    async def deliver(self, path: str, body: bytes) -> str:
+        self.got.append((path, body))
+        return f"stored-{len(self.got)}"
+
+
+@pytest.mark.asyncio
+async def test_handler_accepts_any_async_deliver(tmp_path: Path) -> None:
+    """DeliveryHandler works with any object that has an async deliver(path, body)."""
+    sink = ListDeliverer()
+    handler = DeliveryHandler(sink, MailboxResolver(tmp_path))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: DeliverySMTP(handler), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            return s.sendmail(
+                "a@example.net", ["x@example.org", "y@example.org"], "S: 1\r\n\r\nb\r\n"
+            )
+
+    async with server:
+        assert await asyncio.to_thread(send) == {}
+    assert [p for p, _ in sink.got] == [str(tmp_path / "example.org" / u) for u in ("x", "y")]
+    assert all(isinstance(b, bytes) and b.endswith(b"S: 1\r\n\r\nb\r\n") for _, b in sink.got)
+    with pytest.raises(TypeError, match="async deliver"):
+        DeliveryHandler(object(), MailboxResolver(tmp_path))  # type: ignore[arg-type]
+
+
+class FailingDeliverer:
+    async def deliver(self, path: str, body: bytes) -> str:
+        raise OSError(errno.EIO, "Input/output error", path)
+
+
+@pytest.mark.asyncio
+async def test_smtp_reply_does_not_say_some_when_every_recipient_failed(tmp_path: Path) -> None:
+    """SMTP: all copies failed gives '451 4.3.0 Delivery failed', without 'some'."""
+    handler = DeliveryHandler(FailingDeliverer(), MailboxResolver(tmp_path))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: DeliverySMTP(handler), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def send() -> str:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            try:
+                s.sendmail("a@example.net", ["x@example.org", "y@example.org"], "S\r\n\r\nb\r\n")
+            except smtplib.SMTPDataError as exc:
+                err = exc.smtp_error
+                return f"{exc.smtp_code} {err.decode() if isinstance(err, bytes) else err}"
+        return "accepted"
+
+    async with server:
+        reply = await asyncio.to_thread(send)
+    assert reply.startswith("451 4.3.0 Delivery failed")
+    assert "some" not in reply
+
+
+def test_aiosmtpd_cli_runs_our_handler(tmp_path: Path) -> None:
+    """python -m aiosmtpd -c delivery_executor.DeliveryHandler ROOT delivers durably."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}"]
+    cmd += ["-c", "delivery_executor.DeliveryHandler", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "aiosmtpd did not start"
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else b""
+                time.sleep(0.1)
+        with s:
+            assert s.sendmail("a@example.net", ["carol@example.org"], "S: cli\r\n\r\nhi\r\n") == {}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    (body,) = bodies_in(tmp_path / "example.org" / "carol")
+    assert body.endswith(b"S: cli\r\n\r\nhi\r\n")
+    assert b"Delivered-To: carol@example.org" in body
+
+
+def test_relative_paths_are_resolved_once_at_the_boundary(tmp_path: Path) -> None:
+    """A relative path is resolved when deliver() is called, not later in another directory."""
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with DeliveryExecutor() as ex:
+            mid = ex.deliver_sync("rel/box", b"where?")
+            os.chdir("/")
+            mid2 = ex.deliver_sync(tmp_path / "rel" / "box", b"same box")
+    finally:
+        os.chdir(old)
+    assert set(files_in(tmp_path / "rel" / "box" / "new")) == {mid.name, mid2.name}
