@@ -31,6 +31,8 @@ from delivery_executor import (
     ThreadWriter,
     WriterName,
 )
+from delivery_executor.budget import Budget
+from delivery_executor.executor import _Request
 from delivery_executor.writers import BatchResult, Group, write_batch
 from delivery_executor.writers import local as writers_local
 
@@ -661,3 +663,121 @@ async def test_stress_20000_deliveries_from_200_tasks(tmp_path: Path) -> None:
         assert found == expected
         assert stats.delivered == 20_000
         assert stats.mean_batch_size > 4
+
+
+# -- admission order, bounded close, fatal writer errors
+
+
+class _Item:
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        self.cancelled = False
+
+    def abandoned(self) -> bool:
+        return self.cancelled
+
+
+def test_budget_admits_waiters_in_fifo_order_one_per_freed_room() -> None:
+    """Budget: waiters enter oldest first, only as room frees, cancelled ones skipped."""
+    budget: Budget[_Item] = Budget(max_count=2, max_bytes=100)
+    a, b, c, d, e = (_Item(n, s) for n, s in zip("abcde", (40, 40, 10, 10, 90), strict=True))
+    assert budget.offer(a) and budget.offer(b)
+    assert not budget.offer(c)  # count full
+    assert not budget.offer(d)
+    assert not budget.offer(e)
+    assert [i.name for i in budget.taken(1)] == ["c"]  # one slot freed: exactly one in
+    d.cancelled = True
+    assert [i.name for i in budget.taken(2)] == []  # e (90 bytes) does not fit: 90 held
+    assert [i.name for i in budget.done(40)] == []  # d was dropped; e needs 90, 50 held
+    assert [i.name for i in budget.done(40)] == ["e"]  # 10 held: e fits
+    assert (budget.count, budget.nbytes, len(budget.room)) == (1, 100, 0)
+
+
+@pytest.mark.asyncio
+async def test_callers_waiting_for_room_are_admitted_in_arrival_order() -> None:
+    """Under backpressure, requests reach the writer in the order their callers arrived."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(max_batch=1, max_queued=1, max_concurrent_flushes=1,
+                          writer=ThreadWriter(writer))  # fmt: skip
+    tasks = []
+    for i in range(40):
+        tasks.append(asyncio.ensure_future(ex.deliver("p", b"%02d" % i)))
+        await asyncio.sleep(0)  # arrival order is creation order
+    await until(lambda: writer.active == 1 and ex.stats().waiting == 38, "backlog")
+    gate.set()
+    await asyncio.gather(*tasks)
+    await ex.aclose()
+    order = [body for call in writer.calls for _, bodies in call for body in bodies]
+    assert order == [b"%02d" % i for i in range(40)]
+
+
+@pytest.mark.asyncio
+async def test_5000_waiters_cost_constant_work_per_admission() -> None:
+    """Freeing room wakes one waiter, not all: 5,000 waiters cost O(1) checks per message."""
+    checks = [0]
+    original = _Request.abandoned
+
+    def counting(self: _Request) -> bool:
+        checks[0] += 1
+        return original(self)
+
+    writer = FakeWriter()
+    ex = DeliveryExecutor(max_batch=8, max_queued=8, writer=ThreadWriter(writer))
+    _Request.abandoned = counting  # type: ignore[method-assign]
+    try:
+        async with ex:
+            await asyncio.gather(*(ex.deliver("p", b"x") for _ in range(5000)))
+    finally:
+        _Request.abandoned = original  # type: ignore[method-assign]
+    assert ex.stats().delivered == 5000
+    assert checks[0] <= 2 * 5000  # a wake-all design makes about 5000²/16 checks
+
+
+@pytest.mark.asyncio
+async def test_aclose_with_timeout_fails_what_is_left_and_returns() -> None:
+    """aclose(timeout) on a stuck writer: queued callers get ExecutorClosed, in-flight Crashed."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(max_batch=1, max_concurrent_flushes=1, writer=ThreadWriter(writer))
+    tasks = [asyncio.ensure_future(ex.deliver("p", b"%d" % i)) for i in range(5)]
+    await until(lambda: writer.active == 1, "one batch stuck in the writer")
+    await ex.aclose(timeout=0.2)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    gate.set()
+    assert isinstance(results[0], ExecutorCrashed)
+    assert "may or may not be durable" in str(results[0])
+    assert all(isinstance(r, ExecutorClosed) for r in results[1:])
+    assert "aclose(timeout=0.2) expired" in str(results[1])
+    assert "closed" in repr(ex)
+
+
+def test_keyboard_interrupt_in_a_writer_settles_every_caller_then_propagates() -> None:
+    """A writer raising KeyboardInterrupt: callers get ExecutorCrashed, the interrupt goes on."""
+    writer = FakeWriter(raise_exc=KeyboardInterrupt())
+    ex = DeliveryExecutor(writer=ThreadWriter(writer))
+    loop = asyncio.new_event_loop()
+    tasks: list[asyncio.Future[MessageId]] = []
+
+    async def main() -> None:
+        await ex.start()
+        tasks.extend(asyncio.ensure_future(ex.deliver("p", b"x")) for _ in range(3))
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(3600)  # the interrupt ends this
+
+    main_task = loop.create_task(main())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(main_task)
+        # Settled before the interrupt left the loop: each caller knows.
+        results = loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        assert all(isinstance(r, ExecutorCrashed) for r in results)
+        assert all(isinstance(r.__cause__, KeyboardInterrupt) for r in results)  # type: ignore[union-attr]
+        writer.raise_exc = None
+        loop.run_until_complete(ex.aclose())
+        main_task.cancel()
+        loop.run_until_complete(asyncio.gather(main_task, return_exceptions=True))
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
