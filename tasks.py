@@ -3,6 +3,7 @@
 
 python3 tasks.py demo        deliver through the executor and `serve` into ./demo-maildir
 python3 tasks.py test        ruff, mypy --strict and the test suite
+                             (--cov: with line coverage, child processes included)
 python3 tasks.py bench       the microbenchmarks (see BUDGETS.md)
 python3 tasks.py loadbench   the SMTP/LMTP load table (python -m benches.load; see BUDGETS.md)
 """
@@ -54,7 +55,16 @@ def main(argv: list[str]) -> int:
             _run(BIN / "ruff", "check", *LINTED)
             _run(BIN / "ruff", "format", "--check", *LINTED)
             _run(BIN / "mypy", "--strict")
-            _run(BIN / "pytest", *rest)
+            if "--cov" in rest:
+                rest.remove("--cov")
+                _run(BIN / "coverage", "erase")
+                try:
+                    _run(BIN / "coverage", "run", "-m", "pytest", *rest)
+                finally:
+                    _run(BIN / "coverage", "combine", "-q")
+                    _run(BIN / "coverage", "report")
+            else:
+                _run(BIN / "pytest", *rest)
         else:
             _run(
                 BIN / "pytest",
