@@ -77,10 +77,14 @@ def test_fifty_random_sigkills_lose_nothing_acknowledged(tmp_path: Path) -> None
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(root)], stdout=subprocess.PIPE, text=True
         )
-        time.sleep(0.15 + rng.random() * 0.35)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # delivering has begun: this trial has mail to check
+        time.sleep(rng.random() * 0.2)
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
-        acked = [line.split() for line in out.splitlines() if line.startswith("ack ")]
+        lines = [first, *out.splitlines()]
+        acked = [line.split() for line in lines if line.startswith("ack ")]
+        assert acked, f"trial {trial}: the child acknowledged nothing: {first!r}"
         total_acked += len(acked)
         for _, box, name, token in acked:
             path = root / box / "new" / name
@@ -94,7 +98,7 @@ def test_fifty_random_sigkills_lose_nothing_acknowledged(tmp_path: Path) -> None
                 assert data == body_for(m.group(1).decode())
             md.cleanup_tmp(0)
             assert list((boxdir / "tmp").iterdir()) == []
-    assert total_acked > 100, "the children never got going"
+    assert total_acked >= 50
 
 
 def fill_until_enospc(path: Path) -> None:

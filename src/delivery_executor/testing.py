@@ -89,43 +89,21 @@ async def send_message(
     """
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        code, text = await _reply(reader)
-        if code != 220:
-            raise SMTPClientError(f"greeting: {code} {text}")
-        writer.write(f"{'LHLO' if lmtp else 'EHLO'} {helo}\r\n".encode())
-        code, text = await _reply(reader)
-        if code != 250:
-            raise SMTPClientError(f"{'LHLO' if lmtp else 'EHLO'}: {code} {text}")
-        writer.write(f"MAIL FROM:<{mail_from}>\r\n".encode())
-        code, text = await _reply(reader)
-        if code != 250:
-            raise SMTPClientError(f"MAIL: {code} {text}")
+        hello = "LHLO" if lmtp else "EHLO"
+        await _expect(reader, writer, None, 220, "greeting")
+        await _expect(reader, writer, f"{hello} {helo}", 250, hello)
+        await _expect(reader, writer, f"MAIL FROM:<{mail_from}>", 250, "MAIL")
         results: list[Reply | None] = []
-        accepted: list[int] = []
-        for i, rcpt in enumerate(rcpts):
+        for rcpt in rcpts:
             writer.write(f"RCPT TO:<{rcpt}>\r\n".encode())
             code, text = await _reply(reader)
-            if code == 250:
-                accepted.append(i)
-                results.append(None)
-            else:
-                results.append(Reply(rcpt, code, text))
+            results.append(None if code == 250 else Reply(rcpt, code, text))
+        accepted = [i for i, r in enumerate(results) if r is None]
         if accepted:
-            writer.write(b"DATA\r\n")
-            code, text = await _reply(reader)
-            if code != 354:
-                for i in accepted:
-                    results[i] = Reply(rcpts[i], code, text)
-            else:
-                writer.write(dot_stuff(body))
-                if lmtp:
-                    for i in accepted:
-                        code, text = await _reply(reader)
-                        results[i] = Reply(rcpts[i], code, text)
-                else:
-                    code, text = await _reply(reader)
-                    for i in accepted:
-                        results[i] = Reply(rcpts[i], code, text)
+            for i, (code, text) in zip(
+                accepted, await _data(reader, writer, body, len(accepted), lmtp), strict=True
+            ):
+                results[i] = Reply(rcpts[i], code, text)
         writer.write(b"QUIT\r\n")
         try:
             await _reply(reader)
@@ -138,6 +116,34 @@ async def send_message(
             await writer.wait_closed()
         except OSError:
             pass
+
+
+async def _expect(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    line: str | None,
+    want: int,
+    what: str,
+) -> None:
+    if line is not None:
+        writer.write(line.encode() + b"\r\n")
+    code, text = await _reply(reader)
+    if code != want:
+        raise SMTPClientError(f"{what}: {code} {text}")
+
+
+async def _data(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes, n: int, lmtp: bool
+) -> list[tuple[int, str]]:
+    """DATA for ``n`` accepted recipients: one reply each (LMTP), or one shared (SMTP)."""
+    writer.write(b"DATA\r\n")
+    code, text = await _reply(reader)
+    if code != 354:
+        return [(code, text)] * n
+    writer.write(dot_stuff(body))
+    if lmtp:
+        return [await _reply(reader) for _ in range(n)]
+    return [await _reply(reader)] * n
 
 
 def free_port() -> int:
