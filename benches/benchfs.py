@@ -23,6 +23,7 @@ IMAGE_SIZE = "8G"  # sparse: only what is written takes space
 def bench_filesystem(kind: str = "ext4") -> Iterator[tuple[Path, str]]:
     """Yield ``(directory, description)`` on a fresh file system, unmounted afterwards."""
     work = Path(tempfile.mkdtemp(prefix="de-bench-", dir="/var/tmp"))
+    work.chmod(0o755)  # Dovecot's LMTP runs as the mail user and must reach its Maildirs
     mnt = work / "mnt"
     mnt.mkdir()
     image = work / f"{kind}.img"
@@ -63,6 +64,7 @@ def bench_filesystem(kind: str = "ext4") -> Iterator[tuple[Path, str]]:
             else:
                 why = f"mkfs failed: {mk.stderr.strip()}"
         if mounted:
+            mnt.chmod(0o755)
             yield mnt, f"loop-mounted {kind} image (journal, default options) on {_root_fs()}"
         else:
             yield mnt, f"plain directory on {_root_fs()} ({why}; not representative)"

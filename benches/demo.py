@@ -97,7 +97,7 @@ def _server(root: Path, seconds: float) -> int:
         f"\n32 load-generator connections for {seconds:g} s, a new connection per message"
     )
     root.mkdir(parents=True, exist_ok=True)
-    row = run_cell(root, "32 conns, 1 rcpt", "executor", seconds, 1.0, lmtp=True)
+    row = run_cell(root, "32 conns/1 box", "executor", seconds, 1.0, lmtp=True)
     print(format_table([row]))
     ok = row.on_disk >= row.acked > 0 and row.errors == 0
     print("verified: every acknowledged copy is a file in new/" if ok else "MISMATCH")

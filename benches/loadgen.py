@@ -1,13 +1,19 @@
 """Closed-loop SMTP/LMTP load generator: ``python -m benches.loadgen``.
 
-Each of ``--conns`` clients loops connect → LHLO/EHLO → MAIL → RCPT → DATA →
-QUIT, one new connection per message (the original benchmark's shape), for
-``--warmup`` seconds unmeasured and then ``--duration`` seconds measured. It
-prints one JSON object: messages acknowledged, errors, elapsed seconds,
-latency percentiles and a latency CDF (200 points), all in milliseconds, and
-``acked_total``: every copy acknowledged with 250, warm-up included, which the
-benchmark compares with the files on disk.
-Every loop is bounded by the duration and by ``--max-messages``.
+Each of ``--conns`` clients loops connect → LHLO/EHLO → MAIL → RCPT (×
+``--rcpts``) → DATA → QUIT, one new connection per message (the original
+benchmark's shape), for ``--warmup`` seconds unmeasured and then
+``--duration`` seconds measured. Recipients are drawn from ``--mailboxes``
+mailboxes (``alice@example.org`` when 1). Bodies are ``--size`` bytes, or
+drawn from a seeded mix with ``--size mixed`` (60 % up to 8 KiB, 35 % up to
+128 KiB, 5 % up to 4 MiB).
+
+It prints one JSON object: messages and copies acknowledged in the measured
+window, msg/s, copies/s, MB/s of message bytes, errors, latency percentiles
+and a latency CDF (200 points) in milliseconds, and ``acked_total``: every
+copy acknowledged with 250, warm-up included, which the benchmark compares
+with the files on disk. Every loop is bounded by the duration and by
+``--max-messages``.
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ import argparse
 import asyncio
 import json
 import random
+import resource
 import sys
 import time
 from typing import Any
 
 from delivery_executor.stats import percentile
-from delivery_executor.testing import SMTPClientError, send_message
+from delivery_executor.testing import SMTPClientError, dot_stuff, send_message
 
-__all__ = ["run_load"]
+__all__ = ["body_pool", "run_load"]
+
+_MIX = ((0.60, 500, 8 * 1024), (0.35, 8 * 1024, 128 * 1024), (0.05, 128 * 1024, 4 * 1024 * 1024))
 
 
 def _body(size: int, n: int) -> bytes:
@@ -33,6 +42,24 @@ def _body(size: int, n: int) -> bytes:
     return head + filler + b"\r\n"
 
 
+def body_pool(size: str, n: int = 64, seed: int = 1) -> list[bytes]:
+    """``n`` bodies of ``size`` bytes, or of the seeded ``mixed`` distribution."""
+    if size != "mixed":
+        return [_body(int(size), i) for i in range(n)]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        r, acc = rng.random(), 0.0
+        for share, lo, hi in _MIX:
+            acc += share
+            if r < acc:
+                out.append(_body(rng.randrange(lo, hi), i))
+                break
+        else:
+            out.append(_body(_MIX[-1][2], i))
+    return out
+
+
 async def run_load(
     host: str,
     port: int,
@@ -40,48 +67,48 @@ async def run_load(
     conns: int,
     duration: float,
     warmup: float,
-    recipients: int,
+    mailboxes: int,
+    rcpts: int,
     lmtp: bool,
-    size: int,
+    size: str,
     max_messages: int,
 ) -> dict[str, Any]:
     """Drive the server; return counts and latencies of the measured window."""
     latencies: list[float] = []
-    errors = 0
-    sent = 0
-    acked = 0
+    errors = sent = acked = copies = nbytes = 0
     start = time.monotonic()
     measure_from = start + warmup
     end = measure_from + duration
     rng = random.Random(1)
+    pool = [(body, dot_stuff(body)) for body in body_pool(size)]
+
+    def recipients() -> list[str]:
+        if mailboxes == 1:
+            return ["alice@example.org"] * rcpts
+        return [f"user{k}@example.org" for k in rng.sample(range(mailboxes), rcpts)]
 
     async def client(n: int) -> None:
-        nonlocal errors, sent, acked
+        nonlocal errors, sent, acked, copies, nbytes
         while time.monotonic() < end and sent < max_messages:
+            body, data = pool[(sent + n) % len(pool)]
             sent += 1
-            rcpt = (
-                f"user{rng.randrange(recipients)}@example.org"
-                if recipients > 1
-                else "alice@example.org"
-            )
             t0 = time.monotonic()
             try:
                 replies = await send_message(
-                    host,
-                    port,
-                    mail_from="load@example.net",
-                    rcpts=[rcpt],
-                    body=_body(size, n),
-                    lmtp=lmtp,
-                )
-                ok = bool(replies) and replies[0].code == 250
-                acked += sum(1 for r in replies if r.code == 250)
+                    host, port, mail_from="load@example.net", rcpts=recipients(),
+                    body=body, data=data, lmtp=lmtp,
+                )  # fmt: skip
+                good = sum(1 for r in replies if r.code == 250)
+                ok = good == rcpts
+                acked += good
             except (OSError, SMTPClientError):
-                ok = False
+                ok, good = False, 0
             t1 = time.monotonic()
             if t0 >= measure_from and t1 <= end:
                 if ok:
                     latencies.append(t1 - t0)
+                    copies += good
+                    nbytes += len(body)
                 else:
                     errors += 1
             if not ok:
@@ -95,10 +122,13 @@ async def run_load(
 
     return {
         "messages": len(latencies),
+        "copies": copies,
         "acked_total": acked,
         "errors": errors,
         "seconds": duration,
         "msg_s": len(latencies) / duration,
+        "copies_s": copies / duration,
+        "mb_s": nbytes / duration / 1e6,
         "p50_ms": q(0.5),
         "p90_ms": q(0.9),
         "p99_ms": q(0.99),
@@ -108,6 +138,13 @@ async def run_load(
     }
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft open-file limit to the hard one: 1,000 sessions need more than 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benches.loadgen", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
@@ -115,14 +152,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--recipients", type=int, default=1, help="spread over this many mailboxes")
+    p.add_argument("--mailboxes", type=int, default=1, help="recipients are drawn from these")
+    p.add_argument("--rcpts", type=int, default=1, help="recipients per message")
     p.add_argument("--smtp", action="store_true", help="SMTP instead of LMTP")
-    p.add_argument("--size", type=int, default=498, help="message bytes")
+    p.add_argument("--size", default="498", help="message bytes, or 'mixed'")
     p.add_argument("--max-messages", type=int, default=1_000_000)
     a = p.parse_args(argv)
+    if a.size != "mixed" and not a.size.isdigit():
+        p.error(f"--size must be a number of bytes or 'mixed', not {a.size!r}")
+    if not 1 <= a.rcpts <= a.mailboxes and a.mailboxes > 1:
+        p.error("--rcpts must be between 1 and --mailboxes")
+    raise_fd_limit()
     coro = run_load(
         a.host, a.port, conns=a.conns, duration=a.duration, warmup=a.warmup,
-        recipients=a.recipients, lmtp=not a.smtp, size=a.size, max_messages=a.max_messages,
+        mailboxes=a.mailboxes, rcpts=a.rcpts, lmtp=not a.smtp, size=a.size,
+        max_messages=a.max_messages,
     )  # fmt: skip
     try:
         import uvloop  # the client should cost as little CPU as it can

@@ -143,39 +143,3 @@ def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path: Path) -> Non
     assert sum(len(Maildir.open(b).scan_new()) for b in (root / "example.org").iterdir()) == len(
         found
     )
-
-
-def test_bench_cell_runs_server_and_load_and_verifies_disk(tmp_path: Path) -> None:
-    """One bench cell: serve + load generator processes, a row whose counts match the disk."""
-    from benches.load import format_table, run_cell
-
-    row = run_cell(tmp_path, "32 conns, 1000 rcpts", "executor", 1.0, 0.2, lmtp=True)
-    assert row.errors == 0
-    assert row.msg_s > 0
-    assert row.acked >= row.msg_s * 1.0  # the warm-up's deliveries count too
-    assert row.on_disk == row.acked
-    assert row.mean_batch >= 1
-    assert "32 conns, 1000 rcpts" in format_table([row])
-
-
-def test_bench_target_mode_drives_an_external_server(tmp_path: Path) -> None:
-    """bench --target loads a server it did not start and writes its row as JSON."""
-    import json
-
-    from benches.load import main as bench_main
-
-    out = tmp_path / "rows.json"
-    with ServerProcess(tmp_path / "mail") as srv:
-        code = bench_main(
-            ["--target", f"127.0.0.1:{srv.port}", "--duration", "0.5", "--warmup", "0.1",
-             "--workloads", "2", "--json", str(out)]
-        )  # fmt: skip
-        assert srv.stop() == 0
-    assert code == 0
-    (row,) = json.loads(out.read_text())
-    assert row["mode"] == "target"
-    assert row["workload"] == "1 conn, 1 rcpt"
-    assert row["msg_s"] > 0
-    assert row["errors"] == 0
-    delivered = sum(int(m.group(1)) for line in srv.lines if (m := _SUMMARY.search(line)))
-    assert delivered >= row["msg_s"] * 0.5  # the measured half second, at least

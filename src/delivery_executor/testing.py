@@ -80,12 +80,15 @@ async def send_message(
     body: bytes,
     lmtp: bool = True,
     helo: str = "client.invalid",
+    data: bytes | None = None,
 ) -> list[Reply]:
     """One connection, one message: greet, MAIL, RCPT each, DATA, QUIT.
 
-    Returns one :class:`Reply` per recipient, in order. Raises
-    :class:`SMTPClientError` when the greeting, HELO or MAIL is refused, and
-    ``OSError`` when the connection fails.
+    ``data``, if given, is sent after DATA as it is (already dot-stuffed and
+    ending in the lone ``.`` line) instead of ``dot_stuff(body)``: load generators
+    prepare it once. Returns one :class:`Reply` per recipient, in order.
+    Raises :class:`SMTPClientError` when the greeting, HELO or MAIL is refused,
+    and ``OSError`` when the connection fails.
     """
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -100,9 +103,9 @@ async def send_message(
             results.append(None if code == 250 else Reply(rcpt, code, text))
         accepted = [i for i, r in enumerate(results) if r is None]
         if accepted:
-            for i, (code, text) in zip(
-                accepted, await _data(reader, writer, body, len(accepted), lmtp), strict=True
-            ):
+            payload = dot_stuff(body) if data is None else data
+            replies = await _data(reader, writer, payload, len(accepted), lmtp)
+            for i, (code, text) in zip(accepted, replies, strict=True):
                 results[i] = Reply(rcpts[i], code, text)
         writer.write(b"QUIT\r\n")
         try:
@@ -133,14 +136,14 @@ async def _expect(
 
 
 async def _data(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes, n: int, lmtp: bool
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes, n: int, lmtp: bool
 ) -> list[tuple[int, str]]:
     """DATA for ``n`` accepted recipients: one reply each (LMTP), or one shared (SMTP)."""
     writer.write(b"DATA\r\n")
     code, text = await _reply(reader)
     if code != 354:
         return [(code, text)] * n
-    writer.write(dot_stuff(body))
+    writer.write(payload)
     if lmtp:
         return [await _reply(reader) for _ in range(n)]
     return [await _reply(reader)] * n
@@ -159,11 +162,12 @@ _LISTEN = re.compile(r"listening on \[?([\w.:]+?)\]?:(\d+) \((LMTP|SMTP), pid (\
 class ServerProcess:
     """``python -m delivery_executor serve`` with its output captured line by line.
 
-    Waits (up to ``start_timeout`` s) until every worker prints where it
-    listens; ``port`` and ``ports`` tell where. ``stop()`` signals it and
-    collects the rest of its output (the summary); leaving the ``with`` block
-    SIGKILLs whatever of its process group is left. ``AssertionError`` if it
-    does not start; nothing is left running then.
+    ``command`` replaces ``python -m delivery_executor serve`` (a stand-in
+    server taking the same options). Waits (up to ``start_timeout`` s) until
+    every worker prints where it listens; ``port`` and ``ports`` tell where.
+    ``stop()`` signals it and collects the rest of its output (the summary);
+    leaving the ``with`` block SIGKILLs whatever of its process group is left.
+    ``AssertionError`` if it does not start; nothing is left running then.
     """
 
     def __init__(
@@ -175,11 +179,13 @@ class ServerProcess:
         workers: int = 1,
         env: dict[str, str] | None = None,
         start_timeout: float = 20.0,
+        command: list[str] | None = None,
     ) -> None:
         self.root = root
         if workers > 1 and port == 0:
             port = free_port()
-        cmd = [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
+        cmd = command or [sys.executable, "-m", "delivery_executor", "serve"]
+        cmd = [*cmd, "--root", str(root)]
         cmd += ["--listen", f"{host}:{port}", "--workers", str(workers), *args]
         # Its own process group: kill() reaches the workers and writer helpers too.
         self.proc = subprocess.Popen(
