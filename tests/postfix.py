@@ -116,6 +116,9 @@ _DELIVERY = re.compile(
     r" status=(?P<status>\w+) \((?P<text>.*)\)$"
 )
 _ACCEPTED = re.compile(r"postfix/smtpd\[\d+\]: (\w+): client=")
+_LOST = re.compile(
+    r"postfix/(?:lmtp|smtp)\[\d+\]: (\w+): lost connection with (\S+) while (.*)$", re.M
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +313,6 @@ class PrivatePostfix:
             main += "".join(f"{k} = {v}\n" for k, v in self._settings.items())
         (self.conf / "main.cf").write_text(main)
         (self.conf / "master.cf").write_text(self._render("master.cf.in"))
-        self._postfix_cmd("check")
         self._postfix_cmd("start")
         pid_file = self.queue_dir / "pid" / "master.pid"
         wait_for(pid_file.exists, 10, "Postfix's master.pid")
@@ -413,6 +415,17 @@ class PrivatePostfix:
     def count_status(self, status: str) -> int:
         """How many log lines say ``status=<status>`` (sent, deferred, bounced)."""
         return sum(1 for d in self.deliveries() if d.status == status)
+
+    def lost_sessions(self) -> list[tuple[str, str, str]]:
+        """``(queue id, peer, what)`` for each ``QID: lost connection with PEER while WHAT``.
+
+        Postfix logs this when a session dies under a transaction; with a
+        next-hop list it then goes on to the next host in the same attempt, so
+        no ``status=deferred`` line need follow. ``WHAT`` ends in ``-- message
+        may be sent more than once`` when the peer died after the whole
+        message was sent: the at-least-once window.
+        """
+        return [(m[0], m[1], m[2]) for m in _LOST.findall(self.maillog())]
 
     def accepted_ids(self) -> list[str]:
         """Queue ids of the messages smtpd accepted (``QID: client=...``), in log order."""
