@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["ServeHost", "require_unshare"]
+__all__ = ["ServeHost", "group_members", "kill_group", "require_unshare"]
 
 _LISTEN = re.compile(r"listening on ([\d.]+):(\d+) \((LMTP|SMTP), pid (\d+)\)")
 
@@ -41,6 +41,40 @@ def require_unshare() -> str:
     if res.returncode != 0:
         pytest.skip(f"cannot make UTS/PID namespaces here: {res.stderr.strip()}")
     return path
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``, from /proc.
+
+    A process whose parent died is reaped by init, which may take a moment
+    here; an exited, unreaped process holds nothing, so it is not counted.
+    """
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def kill_group(proc: subprocess.Popen[str], timeout: float = 10) -> None:
+    """SIGKILL process group ``proc.pid`` (one we started), reap ``proc``, wait for the rest."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while group_members(proc.pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process group {proc.pid} still has {group_members(proc.pid)}")
+        time.sleep(0.02)
 
 
 class ServeHost:
@@ -130,19 +164,7 @@ class ServeHost:
 
     def kill(self) -> None:
         """SIGKILL the whole host (its process group: server and helper); wait until it is gone."""
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"process group {self.pgid} still has members after SIGKILL")
+        kill_group(self.proc)
 
     @property
     def summary(self) -> str | None:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from delivery_executor import Maildir
 from delivery_executor import maildir as md_mod
 
 from .namechild import body
-from .servehost import require_unshare
+from .servehost import kill_group, require_unshare
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -90,25 +88,8 @@ def run_children(box: Path, hosts: list[str], count: int = COUNT) -> list[Child]
         return out
     finally:
         for _, _, p in procs:
-            _kill_group(p)
+            kill_group(p)
         pool.shutdown(wait=True)
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL what is left of the group we started (by its id) and reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process group {proc.pid} survived SIGKILL")
 
 
 @pytest.fixture

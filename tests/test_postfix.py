@@ -29,7 +29,7 @@ from .postfix import (
 )
 from .servehost import ServeHost
 
-pytestmark = [pytest.mark.timeout(150), pytest.mark.root]
+pytestmark = pytest.mark.timeout(150)
 
 DOMAIN = "example.org"
 OTHER = "other.example"  # Postfix takes it, serve (--domain example.org) refuses it
@@ -73,6 +73,7 @@ def by_queue_id(files: list[Delivered]) -> Counter[tuple[str | None, str]]:
     return Counter((f.queue_id, f.mailbox) for f in files)
 
 
+@pytest.mark.root
 def test_swaks_single_multi_and_refused_recipients(
     tmp_path: Path, postfix: PrivatePostfix, serve_port: int
 ) -> None:
@@ -163,6 +164,7 @@ def check_exactly_once(
     assert sent == Counter(dict.fromkeys(accepted, 1))
 
 
+@pytest.mark.root
 def test_smtp_source_then_outage_then_flush(
     tmp_path: Path, postfix: PrivatePostfix, serve_port: int
 ) -> None:
@@ -219,6 +221,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+@pytest.mark.root
 def test_fixture_cleans_up_after_itself(serve_port: int) -> None:
     """The instance leaves no process and no directory behind, and /etc/postfix is untouched."""
     system = _snapshot(Path("/etc/postfix"))
@@ -231,3 +234,22 @@ def test_fixture_cleans_up_after_itself(serve_port: int) -> None:
     for pid in pids:
         assert not alive(pid)
     assert _snapshot(Path("/etc/postfix")) == system
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="serve writes 'Return-Path: <<>>' for the null sender (aiosmtpd's mail_from is '<>'); "
+    "seen on the bounce Postfix delivers in test_swaks_single_multi_and_refused_recipients",
+)
+def test_null_sender_is_stored_with_an_empty_return_path(tmp_path: Path, serve_port: int) -> None:
+    """A bounce (MAIL FROM:<>, as Postfix sends it over LMTP) is stored with 'Return-Path: <>'."""
+    root = tmp_path / "mail"
+    with start_serve(root, serve_port) as srv:
+        run_tool(
+            [need("swaks"), "--server", "127.0.0.1", "--port", str(serve_port),
+             "--protocol", "LMTP", "--from", "<>", "--to", SENDER],
+            timeout=60,
+        )  # fmt: skip
+        assert srv.stop() == 0
+    (bounce,) = read_maildirs(root)
+    assert bounce.header("Return-Path") == "<>"
