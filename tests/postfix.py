@@ -137,7 +137,7 @@ class LogDelivery:
 # -- what reached the Maildirs
 
 
-_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q(\d+)\.(.+)$")
+_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q(\d+)\.([^,:]+)(?:,S=\d+,W=\d+)?$")
 _POSTFIX_ID = re.compile(rb"\(Postfix\)(?:\s+with\s+\S+)?\s+id\s+(\w+)")
 
 

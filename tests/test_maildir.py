@@ -152,6 +152,7 @@ def test_host_is_sanitized() -> None:
     """'/' and ':' in the host name become \\057 and \\072."""
     assert md_mod.sanitize_host("a/b:c") == "a\\057b\\072c"
     assert md_mod.sanitize_host("") == "localhost"
+    assert md_mod.sanitize_host("a\\057b") == "a\\134057b"  # never the same as "a/b"
 
 
 def test_names_are_unique_across_threads() -> None:

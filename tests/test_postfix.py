@@ -237,11 +237,6 @@ def test_fixture_cleans_up_after_itself(serve_port: int) -> None:
     assert _snapshot(Path("/etc/postfix")) == system
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve writes 'Return-Path: <<>>' for the null sender (aiosmtpd's mail_from is '<>'); "
-    "seen on the bounce Postfix delivers in test_swaks_single_multi_and_refused_recipients",
-)
 def test_null_sender_is_stored_with_an_empty_return_path(tmp_path: Path, serve_port: int) -> None:
     """A bounce (MAIL FROM:<>, as Postfix sends it over LMTP) is stored with 'Return-Path: <>'."""
     root = tmp_path / "mail"

@@ -237,7 +237,8 @@ class DeliveryHandler:
         return f"451 4.3.0 <{rcpt}> Temporary local failure: {type(exc).__name__}"
 
     def _headers(self, mail_from: str | None, rcpt: str) -> bytes:
-        sender = _clean(mail_from, "")
+        # aiosmtpd keeps the null sender as "<>": a bounce's Return-Path is "<>".
+        sender = "" if mail_from == "<>" else _clean(mail_from, "")
         return f"Return-Path: <{sender}>\r\nDelivered-To: {_clean(rcpt)}\r\n".encode(
             "utf-8", "replace"
         )

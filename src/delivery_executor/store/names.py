@@ -88,8 +88,13 @@ def add_flag(name: str, flag: Flag) -> str:
 
 
 def sanitize_host(host: str) -> str:
-    """``host`` with ``/`` and ``:`` escaped as the Maildir spec asks (``\\057``, ``\\072``)."""
-    return host.replace("/", "\\057").replace(":", "\\072") or "localhost"
+    """``host`` with ``/`` and ``:`` escaped as the Maildir spec asks (``\\057``, ``\\072``).
+
+    ``,`` (which starts the ``,S=`` sizes) becomes ``\\054``, and ``\\`` itself
+    ``\\134`` first, so that two host names never share a sanitized form.
+    """
+    escaped = host.replace("\\", "\\134").replace("/", "\\057").replace(":", "\\072")
+    return escaped.replace(",", "\\054") or "localhost"
 
 
 _HOST = sanitize_host(socket.gethostname())
