@@ -1,29 +1,101 @@
 """aiosmtpd's SMTP and LMTP protocols, as ``serve`` runs them.
 
 :class:`DeliverySMTP` and :class:`DeliveryLMTP` add to aiosmtpd's classes:
-enhanced status codes on aiosmtpd's own DATA errors (once per recipient under
-LMTP, as RFC 2033 wants), and a hook run once when the connection is gone.
+
+- ``PIPELINING`` and ``ENHANCEDSTATUSCODES`` in the EHLO/LHLO reply (aiosmtpd
+  advertises neither; its reader already handles pipelined commands in order);
+- an RFC 3463 enhanced status code on every 2xx, 4xx and 5xx reply that lacks
+  one, aiosmtpd's own included (``250 OK`` becomes ``250 2.0.0 OK``), so that
+  advertising ENHANCEDSTATUSCODES is true. RFC 2034 exempts the greeting and
+  the replies to HELO/EHLO/LHLO, which stay as they are, and 3xx replies;
+- aiosmtpd's DATA errors once per recipient under LMTP, as RFC 2033 wants;
+- a hook run once when the connection is gone.
+
 Use them with :class:`~delivery_executor.smtp.DeliveryHandler` or any handler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from typing import AnyStr
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import SMTP, Envelope, syntax
 
-__all__ = ["DeliveryLMTP", "DeliverySMTP"]
+__all__ = ["EXTENSIONS", "DeliveryLMTP", "DeliverySMTP", "with_enhanced_code"]
+
+EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES")
+"""What we add to aiosmtpd's EHLO/LHLO reply."""
+
+_HAS_CODE = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# The enhanced code for a reply code, chosen as Postfix answers the same
+# condition; any other code gets the class's generic X.0.0 (RFC 3463 3.1).
+_DETAIL = {
+    "220": "2.0.0",
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+
+
+def with_enhanced_code(reply: str) -> str:
+    """``reply`` with an enhanced status code on each 2xx/4xx/5xx line that lacks one.
+
+    ``"250 OK"`` → ``"250 2.0.0 OK"``; lines that have one, 3xx lines and
+    anything that is not a reply are returned unchanged. aiosmtpd's
+    ``500 Error: command "X" not recognized`` loses its echo of ``X``, which may
+    be a line of a message body sent by a client that did not wait for 354.
+    """
+    if "\n" in reply:
+        return "\r\n".join(with_enhanced_code(line) for line in reply.split("\r\n"))
+    if len(reply) > 5 and reply[5] == "." and reply[4] in "245" and _HAS_CODE.match(reply):
+        return reply
+    code = reply[:3]
+    if not code.isdigit() or code[0] not in "245" or reply[3:4] not in ("", " ", "-"):
+        return reply
+    text = reply[4:]
+    detail = _DETAIL.get(code, code[0] + ".0.0")
+    if text.startswith('Error: command "'):
+        text = "Error: command not recognized"
+    elif code == "500" and text.startswith("Error: ("):  # aiosmtpd's unhandled exception
+        detail = "5.3.0"
+    return f"{code}{reply[3:4] or ' '}{detail} {text}".rstrip()
 
 
 class _DeliveryProtocol:
-    """Enhanced codes for aiosmtpd's own DATA errors (one per recipient in LMTP),
-    and a hook run once when the connection is gone."""
+    """Enhanced codes on every reply, PIPELINING, per-recipient DATA errors, a close hook."""
 
     envelope: Envelope | None
     _per_recipient = False
     on_close: Callable[[], None] | None = None
+    _greeted = False
+    _hello: list[str] | None = None  # EHLO/LHLO keywords seen while answering it
+    _helo = False  # answering plain HELO: no extensions, no codes on its 250
+
+    async def _answer_hello(self, answer: Awaitable[None], *, extended: bool) -> None:
+        if extended:
+            self._hello = []
+        else:
+            self._helo = True
+        try:
+            await answer
+        finally:
+            self._hello = None
+            self._helo = False
 
     async def push(self, status: AnyStr) -> None:
         if not isinstance(status, str):
@@ -34,12 +106,33 @@ class _DeliveryProtocol:
         elif status.startswith("500 Line too long"):
             status = "500 5.6.0 Line too long (RFC 5321 4.5.3.1.6)"
         else:
-            await super().push(status)  # type: ignore[misc]
+            await self._push_one(status)
             return
         env = self.envelope
         if self._per_recipient and env is not None and len(env.rcpt_tos) > 1:
             status = "\r\n".join([status] * len(env.rcpt_tos))
         await super().push(status)  # type: ignore[misc]
+
+    async def _push_one(self, status: str) -> None:
+        if not self._greeted:  # the greeting: exempt from enhanced codes (RFC 2034)
+            self._greeted = True
+            if status.startswith("220"):
+                await super().push(status)  # type: ignore[misc]
+                return
+        hello = self._hello
+        if hello is not None and status.startswith("250"):
+            if status.startswith("250 "):  # the last line: our extensions go before it
+                for ext in EXTENSIONS:
+                    if ext not in hello:
+                        await super().push(f"250-{ext}")  # type: ignore[misc]
+            else:
+                hello.append(status[4:].split(" ", 1)[0].upper())
+            await super().push(status)  # type: ignore[misc]
+            return
+        if self._helo and status.startswith("250"):
+            await super().push(status)  # type: ignore[misc]
+            return
+        await super().push(with_enhanced_code(status))  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # type: ignore[misc]
@@ -49,10 +142,23 @@ class _DeliveryProtocol:
 
 
 class DeliverySMTP(_DeliveryProtocol, SMTP):
-    """aiosmtpd SMTP with enhanced status codes on its own DATA errors."""
+    """aiosmtpd SMTP with enhanced status codes everywhere and PIPELINING."""
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._answer_hello(super().smtp_EHLO(hostname), extended=True)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self._answer_hello(super().smtp_HELO(hostname), extended=False)
 
 
 class DeliveryLMTP(_DeliveryProtocol, LMTP):
-    """aiosmtpd LMTP that also answers its own DATA errors once per recipient."""
+    """aiosmtpd LMTP with enhanced status codes everywhere, PIPELINING, and its
+    own DATA errors once per recipient."""
 
     _per_recipient = True
+
+    @syntax("LHLO hostname")
+    async def smtp_LHLO(self, arg: str) -> None:
+        await self._answer_hello(super().smtp_LHLO(arg), extended=True)
