@@ -13,7 +13,7 @@ from typing import Any
 import aiosmtpd
 import pytest
 
-from delivery_executor import DeliveryExecutor, Maildir, MailboxResolver
+from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.smtp.protocol import EXTENSIONS, with_enhanced_code
 
@@ -62,7 +62,7 @@ class Client:
 
     async def reply(self) -> list[str]:
         """One reply's lines (a multi-line reply ends at ``NNN <text>``)."""
-        lines = []
+        lines: list[str] = []
         while True:
             raw = await asyncio.wait_for(self.reader.readline(), 10)
             assert raw, f"connection closed; got {lines}"
@@ -126,8 +126,7 @@ async def test_pipelined_group_after_a_refused_mail_stays_in_step(tmp_path: Path
         await c.reply()
         await c.command("LHLO client.example")
         await c.send(
-            "MAIL FROM:<s@example.net> BOGUS=1\r\nRCPT TO:<a@example.org>\r\n"
-            "DATA\r\nNOOP\r\n"
+            "MAIL FROM:<s@example.net> BOGUS=1\r\nRCPT TO:<a@example.org>\r\nDATA\r\nNOOP\r\n"
         )
         group = [(await c.reply())[0] for _ in range(4)]
     assert [r[:9] for r in group] == ["555 5.5.4", "503 5.5.1", "503 5.5.1", "250 2.0.0"]
