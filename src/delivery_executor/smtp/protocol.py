@@ -121,10 +121,10 @@ class _DeliveryProtocol:
                 return
         hello = self._hello
         if hello is not None and status.startswith("250"):
-            if status.startswith("250 "):  # the last line: our extensions go before it
-                for ext in EXTENSIONS:
-                    if ext not in hello:
-                        await super().push(f"250-{ext}")  # type: ignore[misc]
+            if status.startswith("250 "):  # the last line: our extensions go before it,
+                # in the same write (each push is a send() of its own).
+                extra = "".join(f"250-{ext}\r\n" for ext in EXTENSIONS if ext not in hello)
+                status = extra + status
             else:
                 hello.append(status[4:].split(" ", 1)[0].upper())
             await super().push(status)  # type: ignore[misc]
