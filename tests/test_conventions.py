@@ -91,8 +91,7 @@ def new_files(root: Path, *parts: str) -> list[Path]:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("lmtp", [True, False])
 async def test_pipelined_client_gets_every_reply_in_order(tmp_path: Path, lmtp: bool) -> None:
-    """MAIL, three RCPT (one refused) and DATA in one write: five replies, in order; then
-    the body and RSET, NOOP, QUIT in one write: the DATA replies, then 250, 250, 221."""
+    """Pipelined MAIL/RCPT×3/DATA, then body+RSET/NOOP/QUIT: every reply right, in order."""
     async with server(tmp_path, lmtp=lmtp) as port, Client.connect(port) as c:
         await c.reply()
         hello = await c.command(f"{'LHLO' if lmtp else 'EHLO'} client.example")
@@ -173,8 +172,7 @@ SESSION = [
 @pytest.mark.asyncio
 @pytest.mark.parametrize("lmtp", [True, False])
 async def test_every_reply_carries_an_enhanced_code(tmp_path: Path, lmtp: bool) -> None:
-    """Each 2xx/4xx/5xx reply in a long session has an RFC 3463 code, except the greeting
-    and the replies to HELO/EHLO/LHLO (RFC 2034); DATA's replies too, per recipient."""
+    """Every 2xx/4xx/5xx reply has an RFC 3463 code, bar the greeting and HELO/EHLO/LHLO's."""
     hello = "LHLO" if lmtp else "EHLO"
     seen: list[tuple[str, str]] = []
     async with server(tmp_path, lmtp=lmtp) as port, Client.connect(port) as c:

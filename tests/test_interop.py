@@ -204,8 +204,7 @@ def _give_to_dovecot(mail: Path) -> None:
 
 
 def test_dovecot_reads_our_lf_sizes(dovecot: tuple[Path, int]) -> None:
-    """LF-stored mail named ,S=,W=: Dovecot's RFC822.SIZE equals W and the CRLF bytes it
-    serves; S is the file's size, and the file has no CR."""
+    """For LF-stored mail, S is the file size and Dovecot's RFC822.SIZE equals our W."""
     mail, imap_port = dovecot
     bodies = {
         f"s{i}": f"Subject: s{i}\r\n\r\n".encode() + b"a line of text\r\n" * (i * 7) + b"end\r\n"
@@ -286,8 +285,7 @@ async def _lmtp_utf8(port: int, rcpts: list[str], data: bytes) -> list[str]:
 
 
 def test_dovecot_sees_detail_deliveries_in_its_folders(dovecot: tuple[Path, int]) -> None:
-    """Folders made by Dovecot (one with a non-ASCII name) receive alice+folder mail;
-    a missing folder's mail is in INBOX."""
+    """alice+folder mail lands in folders Dovecot made (non-ASCII too); else in INBOX."""
     mail, imap_port = dovecot
     _give_to_dovecot(mail)  # Dovecot creates alice's Maildir and folders itself
     imap = imaplib.IMAP4("127.0.0.1", imap_port)
