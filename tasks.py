@@ -28,7 +28,7 @@ def _run(*cmd: str | os.PathLike[str]) -> None:
 
 
 def ensure_venv() -> None:
-    """Create .venv and install the project with its dev extras, once per pyproject change."""
+    """Create .venv and install the project with its extras, once per pyproject change."""
     stamp = VENV / ".installed"
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
@@ -36,7 +36,7 @@ def ensure_venv() -> None:
     if not (BIN / "python").exists():
         _run(sys.executable, "-m", "venv", VENV)
     _run(BIN / "python", "-m", "pip", "install", "-q", "--upgrade", "pip")
-    _run(BIN / "python", "-m", "pip", "install", "-q", "-e", ".[dev,bench]")
+    _run(BIN / "python", "-m", "pip", "install", "-q", "-e", ".[dev,bench,metrics]")
     stamp.write_text(want)
 
 

@@ -192,3 +192,127 @@ def test_dovecot_imap_reads_back_what_we_delivered(dovecot: tuple[Path, int]) ->
         )
     # Our prepended headers aside, each message reads back exactly as sent.
     assert sorted(m[m.index(b"Subject: ") :] for m in got) == sorted(bodies)
+
+
+def _give_to_dovecot(mail: Path) -> None:
+    """Hand what serve (root) wrote to the 'mail' user Dovecot reads as."""
+    user = pwd.getpwnam("mail")
+    os.chown(mail, user.pw_uid, user.pw_gid)
+    for dirpath, dirnames, filenames in os.walk(mail):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
+
+
+def test_dovecot_reads_our_lf_sizes(dovecot: tuple[Path, int]) -> None:
+    """For LF-stored mail, S is the file size and Dovecot's RFC822.SIZE equals our W."""
+    mail, imap_port = dovecot
+    bodies = {
+        f"s{i}": f"Subject: s{i}\r\n\r\n".encode() + b"a line of text\r\n" * (i * 7) + b"end\r\n"
+        for i in range(4)
+    }
+    with ServerProcess(mail) as srv:
+
+        async def send_all() -> None:
+            for data in bodies.values():
+                replies = await send_message(
+                    "127.0.0.1", srv.port, mail_from="s@example.net",
+                    rcpts=["alice@example.org"], body=data,
+                )  # fmt: skip
+                assert [r.code for r in replies] == [250]
+
+        asyncio.run(send_all())
+        assert srv.stop() == 0
+    files = list((mail / "example.org" / "alice" / "new").iterdir())
+    by_subject: dict[str, tuple[int, int]] = {}
+    for path in files:
+        data = path.read_bytes()
+        m = re.search(r",S=(\d+),W=(\d+)", path.name)
+        assert m, path.name
+        assert b"\r" not in data
+        assert int(m.group(1)) == len(data)
+        subject = re.search(rb"\nSubject: (s\d)\n", data)
+        assert subject
+        by_subject[subject.group(1).decode()] = (int(m.group(1)), int(m.group(2)))
+    _give_to_dovecot(mail)
+    imap = imaplib.IMAP4("127.0.0.1", imap_port)
+    try:
+        imap.login("alice@example.org", "secret")
+        assert imap.select("INBOX", readonly=True) == ("OK", [b"4"])
+        typ, fetched = imap.fetch("1:4", "(RFC822.SIZE BODY.PEEK[])")
+        assert typ == "OK"
+    finally:
+        imap.logout()
+    items = [item for item in fetched if isinstance(item, tuple)]
+    assert len(items) == 4
+    for meta, served in items:
+        size = re.search(rb"RFC822\.SIZE (\d+)", meta)
+        assert size
+        subject = re.search(rb"\r\nSubject: (s\d)\r\n", served)
+        assert subject
+        s, w = by_subject[subject.group(1).decode()]
+        assert int(size.group(1)) == w == len(served) > s
+        assert served.endswith(bodies[subject.group(1).decode()])
+
+
+async def _lmtp_utf8(port: int, rcpts: list[str], data: bytes) -> list[str]:
+    """One LMTP transaction with MAIL ... SMTPUTF8: the RCPT and DATA replies."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def reply() -> str:
+        while True:
+            line = (await asyncio.wait_for(reader.readline(), 10)).decode()
+            if line[3:4] != "-":
+                return line.rstrip()
+
+    try:
+        await reply()
+        out = []
+        for cmd in [
+            "LHLO c",
+            "MAIL FROM:<s@example.net> SMTPUTF8",
+            *[f"RCPT TO:<{r}>" for r in rcpts],
+        ]:
+            writer.write(cmd.encode() + b"\r\n")
+            out.append(await reply())
+        writer.write(b"DATA\r\n")
+        assert (await reply()).startswith("354")
+        writer.write(data + b"\r\n.\r\n")
+        out += [await reply() for r in out[2:] if r.startswith("250")]
+        writer.write(b"QUIT\r\n")
+        return out[2:]
+    finally:
+        writer.close()
+
+
+def test_dovecot_sees_detail_deliveries_in_its_folders(dovecot: tuple[Path, int]) -> None:
+    """alice+folder mail lands in folders Dovecot made (non-ASCII too); else in INBOX."""
+    mail, imap_port = dovecot
+    _give_to_dovecot(mail)  # Dovecot creates alice's Maildir and folders itself
+    imap = imaplib.IMAP4("127.0.0.1", imap_port)
+    try:
+        imap.login("alice@example.org", "secret")
+        for box in ("Lists", "R&AOk-sum&AOk-"):  # "Résumé" in IMAP's modified UTF-7
+            typ, data = imap.create(box)
+            assert typ == "OK", data
+    finally:
+        imap.logout()
+    with ServerProcess(mail, "--recipient-delimiter", "+", "--detail-to-folder") as srv:
+        rcpts = ["alice+Lists@example.org", "alice+Résumé@example.org", "alice+none@example.org"]
+        replies = asyncio.run(_lmtp_utf8(srv.port, rcpts, b"Subject: boxes\r\n\r\nhi\r\n"))
+        assert srv.stop() == 0
+    assert [r[:9] for r in replies] == ["250 2.1.5"] * 3 + ["250 2.0.0"] * 3, replies
+    _give_to_dovecot(mail)
+    imap = imaplib.IMAP4("127.0.0.1", imap_port)
+    try:
+        imap.login("alice@example.org", "secret")
+        for box in ("Lists", "R&AOk-sum&AOk-", "INBOX"):
+            assert imap.select(box, readonly=True) == ("OK", [b"1"]), box
+            typ, fetched = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (DELIVERED-TO)])")
+            assert typ == "OK"
+            item = fetched[0]
+            assert isinstance(item, tuple)
+            # (Our Delivered-To keeps printable ASCII only: "Résumé" shows as "Rsum".)
+            expect = {"Lists": "alice+Lists", "INBOX": "alice+none"}.get(box, "alice+Rsum")
+            assert item[1].decode().strip() == f"Delivered-To: {expect}@example.org"
+    finally:
+        imap.logout()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from delivery_executor import MailboxResolver, Maildir
 from delivery_executor.errors import RecipientRejected
+from delivery_executor.recipients import imap_utf7
 
 
 def test_default_layout_lowercases_domain_and_local(tmp_path: Path) -> None:
@@ -156,3 +158,102 @@ def test_fuzz_never_escapes_the_root(address: str, smtputf8: bool, delim: str | 
     rel = path[len(root) + 1 :].split(os.sep)
     assert len(rel) == 2
     assert all(part and not part.startswith(".") for part in rel)
+
+
+# -- detail_to_folder: user+box@domain into the Maildir++ folder .box
+
+
+def _folders(tmp_path: Path) -> MailboxResolver:
+    Maildir.create(tmp_path / "x.org" / "bob")
+    for box in ("Lists", "a.b", "a&-b", "r&AOk-sum&AOk-"):
+        Maildir.create(tmp_path / "x.org" / "bob" / f".{box}")
+    return MailboxResolver(tmp_path, recipient_delimiter="+", detail_to_folder=True)
+
+
+def test_detail_to_folder_uses_existing_folders_as_dovecot_names_them(tmp_path: Path) -> None:
+    """bob+Lists → .Lists; Maildir++ sub-folders, '&' and non-ASCII in modified UTF-7."""
+    r = _folders(tmp_path)
+    bob = tmp_path / "x.org" / "bob"
+    assert r.resolve("Bob+Lists@x.org") == str(bob / ".Lists")
+    assert r.resolve("bob+a.b@x.org") == str(bob / ".a.b")
+    assert r.resolve("bob+a&b@x.org") == str(bob / ".a&-b")
+    assert r.resolve("bob+résumé@x.org", smtputf8=True) == str(bob / ".r&AOk-sum&AOk-")
+
+
+def test_detail_to_folder_missing_folder_means_inbox(tmp_path: Path) -> None:
+    """A folder that does not exist (or a case that differs, or no detail) means INBOX."""
+    r = _folders(tmp_path)
+    bob = str(tmp_path / "x.org" / "bob")
+    for address in ("bob+nope@x.org", "bob+lists@x.org", "bob+@x.org", "bob@x.org"):
+        assert r.resolve(address) == bob, address
+    assert not (tmp_path / "x.org" / "bob" / ".nope").exists()
+
+
+FOLDER_HOSTILE = [
+    ("bob+../x@x.org", "553 5.1.3", "'/'"),
+    ("bob+a/b@x.org", "553 5.1.3", "'/'"),
+    ("bob+.x@x.org", "553 5.1.3", "may not start with a dot"),
+    ("bob+.@x.org", "553 5.1.3", "start or end with a dot"),
+    ("bob+..@x.org", "553 5.1.3", "start or end with a dot"),
+    ("bob+a..b@x.org", "553 5.1.3", "start or end with a dot"),
+    ("bob+x\x01@x.org", "553 5.1.3", "control character"),
+    ("bob+x\x7f@x.org", "553 5.1.3", "control character"),
+    ("bob+" + "l" * 61 + "@x.org", "553 5.1.3", "longer than 64"),
+    ("bob+résumé@x.org", "553 5.6.7", "SMTPUTF8"),
+    ("bob+a\\b@x.org", "553 5.1.3", "quoted"),
+]
+
+
+@pytest.mark.parametrize(("address", "code", "why"), FOLDER_HOSTILE)
+def test_detail_to_folder_refuses_hostile_folder_names(
+    tmp_path: Path, address: str, code: str, why: str
+) -> None:
+    """A folder name obeys the local part's rules (and no leading dot): 5xx saying why."""
+    r = _folders(tmp_path)
+    with pytest.raises(RecipientRejected) as ei:
+        r.resolve(address)
+    assert ei.value.code == code
+    assert why in ei.value.text
+
+
+def test_detail_to_folder_needs_a_delimiter(tmp_path: Path) -> None:
+    """detail_to_folder without recipient_delimiter is a configuration error."""
+    with pytest.raises(ValueError, match="recipient_delimiter"):
+        MailboxResolver(tmp_path, detail_to_folder=True)
+
+
+def test_imap_utf7_matches_rfc3501() -> None:
+    """Folder names are encoded as IMAP modified UTF-7 (RFC 3501 5.1.3's own example)."""
+    assert imap_utf7("日本語") == "&ZeVnLIqe-"
+    assert imap_utf7("~peter/mail/台北/日本語") == "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
+    assert imap_utf7("a&b") == "a&-b"
+    assert imap_utf7("plain") == "plain"
+
+
+@settings(max_examples=300, deadline=None)
+@given(detail=st.text(max_size=70), smtputf8=st.booleans())
+def test_fuzz_folder_never_leaves_the_users_maildir(detail: str, smtputf8: bool) -> None:
+    """Any detail maps to bob's Maildir or to an existing .folder directly inside it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        bob = Path(root) / "x.org" / "bob"
+        for box in ("Lists", "a.b", detail.replace("/", "_")[:50] or "x"):
+            with contextlib.suppress(OSError, ValueError):
+                (bob / f".{box}").mkdir(parents=True)
+        r = MailboxResolver(root, recipient_delimiter="+", detail_to_folder=True)
+        try:
+            path = r.resolve(f"bob+{detail}@x.org", smtputf8=smtputf8)
+        except RecipientRejected as exc:
+            code = exc.code
+        else:
+            code = ""
+        if code:
+            assert code[:1] == "5"
+            return
+        assert path == str(bob) or (
+            os.path.dirname(path) == str(bob)
+            and os.path.basename(path).startswith(".")
+            and os.path.basename(path) not in (".", "..")
+            and os.path.isdir(path)
+        )

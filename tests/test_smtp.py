@@ -26,6 +26,7 @@ from .conftest import files_in
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
 BODY = b"From: s@example.net\r\nSubject: hi\r\n\r\nHello.\r\n.leading dot\r\n"
+LF_BODY = BODY.replace(b"\r\n", b"\n")  # as stored by default (line_endings="lf")
 
 
 @contextlib.asynccontextmanager
@@ -88,8 +89,8 @@ async def test_lmtp_one_reply_per_recipient_in_order_with_duplicates(tmp_path: P
 
 
 async def test_headers_are_prepended_and_the_body_kept_exact(tmp_path: Path) -> None:
-    """Each copy is Return-Path + Delivered-To + Received, then the body byte for byte."""
-    async with server(tmp_path) as (port, _, _):
+    """With line_endings="crlf", each copy is our headers, then the body byte for byte."""
+    async with server(tmp_path, line_endings="crlf") as (port, _, _):
         await send(port, ["Alice@Example.org"])
     (msg,) = mailbox(tmp_path, "example.org", "alice")
     assert msg.startswith(b"Return-Path: <s@example.net>\r\nDelivered-To: Alice@Example.org\r\n")
@@ -99,9 +100,30 @@ async def test_headers_are_prepended_and_the_body_kept_exact(tmp_path: Path) -> 
     assert msg.endswith(BODY)  # dot-stuffing undone, nothing else changed
 
 
-async def test_headers_can_be_turned_off(tmp_path: Path) -> None:
-    """add_headers=False stores exactly what the client sent."""
+async def test_lf_is_the_default_in_headers_and_body(tmp_path: Path) -> None:
+    """By default every stored line ends in LF alone, our headers' included, as in Dovecot."""
+    async with server(tmp_path) as (port, _, _):
+        await send(port, ["Alice@Example.org", "bob@example.org"])
+    (alice,) = mailbox(tmp_path, "example.org", "alice")
+    (bob,) = mailbox(tmp_path, "example.org", "bob")
+    for msg in (alice, bob):
+        assert b"\r" not in msg
+        assert msg.endswith(LF_BODY)
+        assert b"\nReceived: from client.invalid ([127.0.0.1])\n\tby " in msg
+    assert alice.startswith(b"Return-Path: <s@example.net>\nDelivered-To: Alice@Example.org\n")
+
+
+async def test_lf_conversion_touches_only_crlf_pairs(tmp_path: Path) -> None:
+    """A bare CR or bare LF inside a line is kept; only CRLF pairs become LF."""
+    body = b"Subject: odd\r\n\r\na\rb\r\nc\nd\r\n\r\r\n"
     async with server(tmp_path, add_headers=False) as (port, _, _):
+        await send(port, ["a@example.org"], body)
+    assert mailbox(tmp_path, "example.org", "a") == [b"Subject: odd\n\na\rb\nc\nd\n\r\n"]
+
+
+async def test_headers_can_be_turned_off(tmp_path: Path) -> None:
+    """add_headers=False with line_endings="crlf" stores exactly what the client sent."""
+    async with server(tmp_path, add_headers=False, line_endings="crlf") as (port, _, _):
         await send(port, ["a@example.org"])
     assert mailbox(tmp_path, "example.org", "a") == [BODY]
 
@@ -213,7 +235,7 @@ async def test_client_disconnect_during_delivery_does_not_lose_or_crash(tmp_path
         replies = await send(port, ["b@example.org"])
     assert replies[0].code == 250
     (msg,) = mailbox(tmp_path, "example.org", "a")
-    assert msg.endswith(b"Subject: x\r\n\r\nbye\r\n")
+    assert msg.endswith(b"Subject: x\n\nbye\n")
 
 
 async def test_executor_closed_gives_451_not_an_exception(tmp_path: Path) -> None:

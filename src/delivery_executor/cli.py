@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +15,10 @@ from .executor import (
     POLICIES,
     WRITERS,
 )
+from .logs import LOG_FORMATS, configure_logging
+from .metrics import parse_address
 from .server import DEFAULT_MAX_CONNECTIONS
-from .smtp import DEFAULT_MAX_MESSAGE_SIZE
+from .smtp import DEFAULT_MAX_MESSAGE_SIZE, LINE_ENDINGS
 from .store.commit import SYNC_MODES
 
 __all__ = ["main"]
@@ -28,6 +29,13 @@ def _listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _metrics_address(value: str) -> tuple[str, int]:
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -69,17 +77,53 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="use FACTORY(executor, resolver, config) as the aiosmtpd handler",
     )
     p.add_argument("--log-level", default="INFO")
+    # -- Dovecot's on-disk conventions and watching it run (issue 10, items 4-5) --
+    p.add_argument(
+        "--line-endings",
+        choices=LINE_ENDINGS,
+        default="lf",
+        help="line ends on disk: lf, as Dovecot (mail_save_crlf=no) and Postfix's local"
+        " delivery store mail, or crlf, the body exactly as received",
+    )
+    p.add_argument(
+        "--no-size-names",
+        dest="size_in_names",
+        action="store_false",
+        help="do not end file names with Dovecot's ,S=<size>,W=<size with CRLF>",
+    )
+    p.add_argument(
+        "--detail-to-folder",
+        action="store_true",
+        help="deliver user+box@domain into the Maildir++ folder .box when it exists, else"
+        " INBOX (Dovecot's lmtp_save_to_detail_mailbox; needs --recipient-delimiter)",
+    )
+    p.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the 'metrics'"
+        " extra: prometheus_client)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="one line per record: text, or a JSON object",
+    )
 
 
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .server import ServerConfig, run_server
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.log_level.upper() != "DEBUG":
-        # aiosmtpd logs every connection at INFO: real CPU at thousands per second.
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        print(f"delivery-executor serve: {exc}", file=sys.stderr)
+        return 2
+    if args.detail_to_folder and not args.recipient_delimiter:
+        print("delivery-executor serve: --detail-to-folder needs --recipient-delimiter",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
     config = ServerConfig(
@@ -102,6 +146,10 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         workers=args.workers,
         writer=args.writer,
         handler=args.handler,
+        line_endings=args.line_endings,
+        size_in_names=args.size_in_names,
+        detail_to_folder=args.detail_to_folder,
+        metrics=args.metrics,
     )
     try:
         return run_server(config, argv)

@@ -490,6 +490,7 @@ class DeliveryExecutor:
             in_flight=self._in_flight,
             flush_latency=s.flush_latency(),
             waiting=len(self._budget.room) + len(self._inbox),
+            flush_seconds=s.flush_hist.snapshot(),
         )
 
     @property
@@ -716,7 +717,7 @@ class DeliveryExecutor:
             err.__cause__ = exc
             outcomes = [(r, err) for r in batch]
         finally:
-            self._stats.flush_times.append(time.perf_counter() - started)
+            self._stats.flushed(time.perf_counter() - started)
             self._in_flight -= 1
             self._slots.release()
             self._enqueue(self._budget.done(nbytes))

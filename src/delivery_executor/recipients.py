@@ -9,7 +9,12 @@ The default maps ``Local+detail@Example.COM`` to ``<root>/example.com/local``:
   case are a support ticket waiting to happen. Pass ``fold_case=False`` to keep
   the case as sent;
 - with a ``recipient_delimiter`` (say ``"+"``), everything from the first
-  delimiter on is dropped from the local part.
+  delimiter on is dropped from the local part;
+- with ``detail_to_folder`` too, ``user+box@domain`` goes to the Maildir++
+  folder ``.box`` inside user's Maildir when that folder exists, else to the
+  Maildir itself (INBOX), as Dovecot's ``lmtp_save_to_detail_mailbox`` does.
+  The folder name keeps its case and is stored as Dovecot names it on disk
+  (IMAP modified UTF-7: ``&`` becomes ``&-``, non-ASCII ``&...-``).
 
 Anything that could escape the root or confuse a file system is rejected with
 an SMTP reply that says why: path separators, ``.``/``..`` and leading dots,
@@ -19,6 +24,7 @@ malformed domains, and non-ASCII unless the session negotiated SMTPUTF8.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -41,6 +47,28 @@ _BAD_SYNTAX = "553 5.1.3"
 _UNKNOWN_USER = "550 5.1.1"
 _NOT_OURS = "550 5.7.1"
 _NEEDS_UTF8 = "553 5.6.7"
+_MAX_FOLDER = 200  # bytes of the encoded folder name; NAME_MAX is 255
+
+
+def imap_utf7(name: str) -> str:
+    """``name`` in IMAP's modified UTF-7 (RFC 3501 5.1.3), as Dovecot names folders on disk."""
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            raw = base64.b64encode("".join(run).encode("utf-16-be")).rstrip(b"=")
+            out.append("&" + raw.decode("ascii").replace("/", ",") + "-")
+            run.clear()
+
+    for c in name:
+        if " " <= c <= "~":
+            flush()
+            out.append("&-" if c == "&" else c)
+        else:
+            run.append(c)
+    flush()
+    return "".join(out)
 
 
 class MailboxResolver:
@@ -54,6 +82,10 @@ class MailboxResolver:
         existing_only: reject (``550 5.1.1``) recipients whose Maildir does not
             exist yet, instead of creating it on first delivery.
         fold_case: lowercase the local part (see the module docstring).
+        detail_to_folder: deliver ``user+box`` into the folder ``.box`` of
+            user's Maildir when it exists (needs ``recipient_delimiter``).
+            The folder name obeys the local part's rules and may not start
+            with a dot.
         mapper: ``mapper(local, domain)`` returning a path (relative to
             ``root`` or absolute inside it) or ``None`` for an unknown user;
             it replaces the ``<domain>/<local>`` layout. Its answer is checked
@@ -69,6 +101,7 @@ class MailboxResolver:
         existing_only: bool = False,
         fold_case: bool = True,
         mapper: Mapper | None = None,
+        detail_to_folder: bool = False,
     ) -> None:
         self.root = Path(os.path.abspath(os.fspath(root)))
         if isinstance(domains, str):
@@ -81,12 +114,15 @@ class MailboxResolver:
                 f"recipient_delimiter must be one character other than @ / . \\, "
                 f"not {recipient_delimiter!r}"
             )
+        if detail_to_folder and recipient_delimiter is None:
+            raise ValueError("detail_to_folder needs a recipient_delimiter")
         if mapper is not None and not callable(mapper):
             raise TypeError(f"mapper must be callable, not {type(mapper).__name__}")
         self.recipient_delimiter = recipient_delimiter
         self.existing_only = existing_only
         self.fold_case = fold_case
         self.mapper = mapper
+        self.detail_to_folder = detail_to_folder
         self._root_prefix = str(self.root) + os.sep
 
     def __repr__(self) -> str:
@@ -94,18 +130,19 @@ class MailboxResolver:
         return (
             f"MailboxResolver(root={str(self.root)!r}, domains={domains},"
             f" recipient_delimiter={self.recipient_delimiter!r},"
-            f" existing_only={self.existing_only})"
+            f" existing_only={self.existing_only}, detail_to_folder={self.detail_to_folder})"
         )
 
     def resolve(self, address: str, *, smtputf8: bool = False, check_exists: bool = True) -> str:
         """The Maildir path for ``address``; raise :class:`RecipientRejected` if none.
 
         Pure string work, plus one ``stat`` when ``existing_only`` and
-        ``check_exists`` are set.
+        ``check_exists`` are set, and one when ``detail_to_folder`` is on and
+        the address has a detail.
         """
         if not isinstance(address, str):
             raise RecipientRejected(_BAD_SYNTAX, "address is not text")
-        local, domain = self._split(address, smtputf8)
+        local, domain, detail = self._split(address, smtputf8)
         if self.domains is not None and domain not in self.domains:
             raise RecipientRejected(_NOT_OURS, f"domain {domain!r} is not served here")
         if self.mapper is not None:
@@ -117,11 +154,16 @@ class MailboxResolver:
             path = self._inside_root(os.path.join(domain, local))
         if self.existing_only and check_exists and not os.path.isdir(os.path.join(path, "new")):
             raise RecipientRejected(_UNKNOWN_USER, f"no such mailbox: {local}@{domain}")
+        if detail:
+            folder = os.path.join(path, "." + detail)
+            if os.path.isdir(folder):  # a missing folder means INBOX, as in Dovecot
+                return folder
         return path
 
     # -- internals ---------------------------------------------------------
 
-    def _split(self, address: str, smtputf8: bool) -> tuple[str, str]:
+    def _split(self, address: str, smtputf8: bool) -> tuple[str, str, str]:
+        """``(local, domain, folder)``; ``folder`` is ``""`` unless ``detail_to_folder``."""
         if not address:
             raise RecipientRejected(_BAD_SYNTAX, "empty address")
         if any(c < " " or c == "\x7f" for c in address):
@@ -138,9 +180,10 @@ class MailboxResolver:
             raise RecipientRejected(_BAD_SYNTAX, f"address must be local@domain: {address!r}")
         if "@" in local:
             raise RecipientRejected(_BAD_SYNTAX, "more than one @ in address")
-        return self._local(local), self._domain(domain)
+        user, folder = self._local(local)
+        return user, self._domain(domain), folder
 
-    def _local(self, local: str) -> str:
+    def _local(self, local: str) -> tuple[str, str]:
         if len(local.encode()) > _MAX_LOCAL:
             raise RecipientRejected(_BAD_SYNTAX, f"local part longer than {_MAX_LOCAL} octets")
         if "/" in local:
@@ -149,11 +192,21 @@ class MailboxResolver:
             raise RecipientRejected(_BAD_SYNTAX, f"invalid character in local part {local!r}")
         if local.startswith(".") or local.endswith(".") or ".." in local:
             raise RecipientRejected(_BAD_SYNTAX, "local part may not start or end with a dot")
+        detail = ""
         if self.recipient_delimiter is not None:
-            local = local.split(self.recipient_delimiter, 1)[0]
+            local, _, detail = local.partition(self.recipient_delimiter)
             if not local:
                 raise RecipientRejected(_BAD_SYNTAX, "local part is empty before the delimiter")
-        return local.lower() if self.fold_case else local
+        local = local.lower() if self.fold_case else local
+        if self.detail_to_folder and detail:
+            # The whole local part passed the checks above; what a folder adds:
+            if detail.startswith("."):
+                raise RecipientRejected(_BAD_SYNTAX, "folder name may not start with a dot")
+            detail = imap_utf7(detail)
+            if len(detail) > _MAX_FOLDER:
+                raise RecipientRejected(_BAD_SYNTAX, "folder name too long")
+            return local, detail
+        return local, ""
 
     @staticmethod
     def _domain(domain: str) -> str:

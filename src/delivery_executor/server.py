@@ -34,8 +34,9 @@ from .executor import (
     DeliveryExecutor,
     WriterName,
 )
+from .metrics import start_metrics, start_worker_metrics
 from .recipients import MailboxResolver
-from .smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, SessionFactory
+from .smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, LineEndings, SessionFactory
 from .store import SyncMode
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "ServerConfig", "ServerSummary", "run_server", "serve"]
@@ -76,6 +77,15 @@ class ServerConfig:
     handler: str | None = None
     """``"module:factory"``: ``factory(executor, resolver, config)`` returns the
     aiosmtpd handler to use instead of :class:`DeliveryHandler`."""
+    # Dovecot's on-disk conventions and watching it run (issue 10, items 4-5).
+    line_endings: LineEndings = "lf"
+    """``"lf"``: store CRLF as LF, as Dovecot and Postfix's local delivery do."""
+    size_in_names: bool = True
+    """End file names with ``,S=<size>,W=<size with CRLF>`` as Dovecot does."""
+    detail_to_folder: bool = False
+    """``user+box@d`` into the Maildir++ folder ``.box`` when it exists."""
+    metrics: tuple[str, int] | None = None
+    """``(host, port)`` to serve Prometheus metrics on (see :mod:`.metrics`)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ def _executor(config: ServerConfig) -> DeliveryExecutor:
             DEFAULT_MAX_QUEUED_BYTES, 2 * (config.max_message_size + _HEADER_SLACK)
         ),
         max_message_size=config.max_message_size + _HEADER_SLACK,
+        size_in_names=config.size_in_names,
     )
 
 
@@ -135,6 +146,7 @@ def _handler(
         domains=config.domains,
         recipient_delimiter=config.recipient_delimiter,
         existing_only=config.existing_only,
+        detail_to_folder=config.detail_to_folder,
     )
     if config.handler is not None:
         return load_handler_factory(config.handler)(executor, resolver, config), resolver
@@ -144,6 +156,7 @@ def _handler(
         max_message_size=config.max_message_size,
         add_headers=config.add_headers,
         hostname=hostname,
+        line_endings=config.line_endings,
     )
     return handler, resolver
 
@@ -176,6 +189,7 @@ async def serve(
         hostname=hostname,
     )
     async with executor:
+        metrics = await start_metrics(config, executor, handler, factory)
         server = await loop.create_server(
             factory, config.host, config.port, reuse_port=config.reuse_port or None
         )
@@ -192,6 +206,8 @@ async def serve(
                 _log.warning(
                     "%d sessions still open after %.1f s; closing", factory.live, config.grace
                 )
+    if metrics is not None:  # after the drain: a worker's last snapshot counts everything
+        await metrics.aclose()
     stats = executor.stats()
     return ServerSummary(
         delivered=stats.delivered,
@@ -245,7 +261,10 @@ def _run_workers(config: ServerConfig, argv: Sequence[str]) -> int:
         "1",
         "--reuse-port",
     ]
+    metrics = start_worker_metrics(config)  # first: the workers inherit where to report
     children = [subprocess.Popen(child_argv) for _ in range(config.workers)]
+    if metrics is not None:
+        metrics.watch(children)
 
     def forward(signum: int, _frame: object) -> None:
         for c in children:
@@ -256,6 +275,8 @@ def _run_workers(config: ServerConfig, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     codes = [c.wait() for c in children]
+    if metrics is not None:
+        metrics.close()
     bad = [c for c in codes if c != 0]
     _say(f"workers exited: {codes}")
     return bad[0] if bad else 0

@@ -1,45 +1,137 @@
 """aiosmtpd's SMTP and LMTP protocols, as ``serve`` runs them.
 
 :class:`DeliverySMTP` and :class:`DeliveryLMTP` add to aiosmtpd's classes:
-enhanced status codes on aiosmtpd's own DATA errors (once per recipient under
-LMTP, as RFC 2033 wants), and a hook run once when the connection is gone.
+
+- ``PIPELINING`` and ``ENHANCEDSTATUSCODES`` in the EHLO/LHLO reply (aiosmtpd
+  advertises neither; its reader already handles pipelined commands in order);
+- an RFC 3463 enhanced status code on every 2xx, 4xx and 5xx reply that lacks
+  one, aiosmtpd's own included (``250 OK`` becomes ``250 2.0.0 OK``), so that
+  advertising ENHANCEDSTATUSCODES is true. RFC 2034 exempts the greeting and
+  the replies to HELO/EHLO/LHLO, which stay as they are, and 3xx replies;
+- aiosmtpd's DATA errors once per recipient under LMTP, as RFC 2033 wants;
+- a hook run once when the connection is gone.
+
 Use them with :class:`~delivery_executor.smtp.DeliveryHandler` or any handler.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import AnyStr
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import SMTP, Envelope, syntax
 
-__all__ = ["DeliveryLMTP", "DeliverySMTP"]
+__all__ = ["EXTENSIONS", "DeliveryLMTP", "DeliverySMTP", "with_enhanced_code"]
+
+EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES")
+"""What we add to aiosmtpd's EHLO/LHLO reply."""
+
+_CODED = ("2.", "4.", "5.")  # what follows "NNN " when a reply has an enhanced code
+_HAS_CODE = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# The enhanced code for a reply code, chosen as Postfix answers the same
+# condition; any other code gets the class's generic X.0.0 (RFC 3463 3.1).
+_DETAIL = {
+    "220": "2.0.0",
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+
+
+_FIXED: dict[str, str] = {}  # reply → with its code: "250 OK" is rewritten once
+_FIXED_MAX = 512  # some replies hold client text (VRFY's): the cache stays bounded
+
+
+def with_enhanced_code(reply: str) -> str:
+    """``reply`` with an enhanced status code on each 2xx/4xx/5xx line that lacks one.
+
+    ``"250 OK"`` → ``"250 2.0.0 OK"``; lines that have one, 3xx lines and
+    anything that is not a reply are returned unchanged. aiosmtpd's
+    ``500 Error: command "X" not recognized`` loses its echo of ``X``, which may
+    be a line of a message body sent by a client that did not wait for 354.
+    """
+    if "\n" in reply:
+        return "\r\n".join(with_enhanced_code(line) for line in reply.split("\r\n"))
+    if len(reply) > 5 and reply[5] == "." and reply[4] in "245" and _HAS_CODE.match(reply):
+        return reply
+    code = reply[:3]
+    if not code.isdigit() or code[0] not in "245" or reply[3:4] not in ("", " ", "-"):
+        return reply
+    text = reply[4:]
+    detail = _DETAIL.get(code, code[0] + ".0.0")
+    if text.startswith('Error: command "'):
+        text = "Error: command not recognized"
+    elif code == "500" and text.startswith("Error: ("):  # aiosmtpd's unhandled exception
+        detail = "5.3.0"
+    return f"{code}{reply[3:4] or ' '}{detail} {text}".rstrip()
 
 
 class _DeliveryProtocol:
-    """Enhanced codes for aiosmtpd's own DATA errors (one per recipient in LMTP),
-    and a hook run once when the connection is gone."""
+    """Enhanced codes on every reply, PIPELINING, per-recipient DATA errors, a close hook."""
 
     envelope: Envelope | None
     _per_recipient = False
     on_close: Callable[[], None] | None = None
+    _greeted = False
+    _hello: list[str] | None = None  # EHLO/LHLO keywords seen while answering it
+    _helo = False  # answering plain HELO: no extensions, no codes on its 250
 
     async def push(self, status: AnyStr) -> None:
-        if not isinstance(status, str):
-            await super().push(status)  # type: ignore[misc]
-            return
+        # Fast path, most replies: ours already carry a code (about 0.2 µs here).
+        if isinstance(status, str) and (
+            not self._greeted or status[4:6] not in _CODED or "\n" in status
+        ):
+            status = self._fix(status)
+        await super().push(status)  # type: ignore[misc]
+
+    def _fix(self, status: str) -> str:
+        if status[:1] == "3":  # 354, 334: intermediate, no code (RFC 2034)
+            self._greeted = True
+            return status
+        if not self._greeted:  # the greeting: exempt from enhanced codes (RFC 2034)
+            self._greeted = True
+            if status.startswith("220"):
+                return status
+        hello = self._hello
+        if hello is not None and status.startswith("250"):
+            if status[3:4] != " ":
+                hello.append(status)
+                return status
+            # The last line: our extensions go before it, in the same write.
+            extra = [f"250-{ext}\r\n" for ext in EXTENSIONS if f"250-{ext}" not in hello]
+            return "".join(extra) + status
+        if self._helo and status.startswith("250"):
+            return status
         if status.startswith("552 Error: Too much mail data"):
             status = "552 5.3.4 Message too big"
         elif status.startswith("500 Line too long"):
             status = "500 5.6.0 Line too long (RFC 5321 4.5.3.1.6)"
         else:
-            await super().push(status)  # type: ignore[misc]
-            return
+            fixed = _FIXED.get(status)
+            if fixed is None:
+                fixed = with_enhanced_code(status)
+                if len(_FIXED) < _FIXED_MAX:  # aiosmtpd's replies are mostly constants
+                    _FIXED[status] = fixed
+            return fixed
         env = self.envelope
         if self._per_recipient and env is not None and len(env.rcpt_tos) > 1:
             status = "\r\n".join([status] * len(env.rcpt_tos))
-        await super().push(status)  # type: ignore[misc]
+        return status
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # type: ignore[misc]
@@ -49,10 +141,35 @@ class _DeliveryProtocol:
 
 
 class DeliverySMTP(_DeliveryProtocol, SMTP):
-    """aiosmtpd SMTP with enhanced status codes on its own DATA errors."""
+    """aiosmtpd SMTP with enhanced status codes everywhere and PIPELINING."""
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._hello = []
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._hello = None
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._helo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._helo = False
 
 
 class DeliveryLMTP(_DeliveryProtocol, LMTP):
-    """aiosmtpd LMTP that also answers its own DATA errors once per recipient."""
+    """aiosmtpd LMTP with enhanced status codes everywhere, PIPELINING, and its
+    own DATA errors once per recipient."""
 
     _per_recipient = True
+
+    @syntax("LHLO hostname")
+    async def smtp_LHLO(self, arg: str) -> None:
+        self._hello = []
+        try:
+            await super().smtp_LHLO(arg)
+        finally:
+            self._hello = None

@@ -1,0 +1,171 @@
+"""Logging for ``serve``: text or JSON lines, cheap enough for one line per delivery.
+
+- :func:`configure_logging` sets up the root logger for the command line.
+- :class:`TextFormatter` / :class:`JSONFormatter`: one line per record.
+- :class:`NoMessageData`: a filter on aiosmtpd's ``mail.log`` logger that keeps
+  message bodies (and anything a client sends that could be one) out of the
+  log at every level.
+
+The per-copy delivery line (logger ``delivery_executor.delivery``, see
+:mod:`delivery_executor.smtp.handler`) is formatted only when a handler emits
+it; in JSON its six arguments become fields (``msgid``, ``from``, ``to``,
+``size``, ``name``, ``ms``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Literal, TextIO, TypeAlias
+
+from .smtp.handler import DELIVERY_LOG_FIELDS
+
+__all__ = [
+    "LOG_FORMATS",
+    "JSONFormatter",
+    "LogFormat",
+    "NoMessageData",
+    "TextFormatter",
+    "configure_logging",
+]
+
+LogFormat: TypeAlias = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+_DELIVERY = "delivery_executor.delivery"
+
+# aiosmtpd's records that carry what a client sent: DATA lines, raw command
+# lines (a client that does not wait for 354 gets its body read as commands,
+# and AUTH lines hold credentials), and an unknown command's name.
+_CLIENT_DATA = frozenset(
+    {
+        "DATA readline: %s",
+        "_handle_client readline: %r",
+        "%r unrecognised: %s",
+        "%r can't decode base64: %s",
+    }
+)
+_COMMAND_LINE = "%r >> %r"
+_REPLY_LINE = "%r << %r"
+# Commands whose line is safe to log at INFO/DEBUG: an address at most.
+_SAFE_VERBS = frozenset(
+    b"HELO EHLO LHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS".split()
+)
+
+
+class NoMessageData(logging.Filter):
+    """Drops aiosmtpd records that could hold message data; redacts unknown commands.
+
+    Installed on the ``mail.log`` logger, so it applies whatever handlers are
+    configured. A command line is kept when its verb is a known SMTP command
+    other than AUTH; otherwise only its length is logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if msg in _CLIENT_DATA:
+            return False
+        args = record.args
+        if msg == _COMMAND_LINE and isinstance(args, tuple) and len(args) == 2:
+            line = args[1]
+            verb = line.split(b" ", 1)[0].upper() if isinstance(line, bytes) else b""
+            if verb not in _SAFE_VERBS:
+                record.msg = "%r >> [%d bytes not logged]"
+                record.args = (args[0], len(line) if isinstance(line, (bytes, str)) else 0)
+        elif msg == _REPLY_LINE and isinstance(args, tuple) and len(args) == 2:
+            reply = args[1]
+            if isinstance(reply, bytes) and b"not recognized" in reply:
+                # aiosmtpd echoes the unknown command, which may be body text.
+                record.args = (args[0], reply.split(b" ", 1)[0] + b" [command not logged]")
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``2024-05-01 12:00:00,123 INFO name: message``; the date formatted once a second."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:  # strftime costs more than the rest of the line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message``, plus fields.
+
+    A delivery record adds ``msgid``, ``from``, ``to``, ``size``, ``name`` and
+    ``ms``; an exception adds ``exception`` (the formatted traceback).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+        self._zone = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+            self._zone = time.strftime("%z", time.localtime(second))
+        out: dict[str, object] = {
+            "time": f"{self._stamp}.{int(record.msecs):03d}{self._zone}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        args = record.args
+        if record.name == _DELIVERY and isinstance(args, tuple):
+            fields = dict(zip(DELIVERY_LOG_FIELDS, args, strict=False))
+            ms = fields.get("ms")
+            fields["name"] = str(fields.get("name", ""))
+            fields["ms"] = round(ms, 1) if isinstance(ms, float) else ms
+            out.update(fields)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def configure_logging(
+    level: str = "INFO", fmt: LogFormat = "text", stream: TextIO | None = None
+) -> logging.Handler:
+    """Log to ``stream`` (default stderr) at ``level`` in ``fmt``; return the handler.
+
+    Raises ``ValueError`` for an unknown level or format. Also turns off what
+    ``logging`` records per call that no line here shows (caller frame, thread,
+    process names), keeps aiosmtpd's per-connection INFO chatter out unless
+    ``level`` is DEBUG, and never lets it log message data (:class:`NoMessageData`).
+    """
+    name = level.upper()
+    if not isinstance(logging.getLevelNamesMapping().get(name), int):
+        raise ValueError(f"unknown log level {level!r}")
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {LOG_FORMATS}, not {fmt!r}")
+    # The documented knobs for cheaper records (logging HOWTO, "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
+        logging.logAsyncioTasks = False
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(name)
+    mail_log = logging.getLogger("mail.log")
+    if not any(isinstance(f, NoMessageData) for f in mail_log.filters):
+        mail_log.addFilter(NoMessageData())
+    # aiosmtpd logs every connection at INFO: real CPU at thousands per second.
+    mail_log.setLevel(logging.NOTSET if name == "DEBUG" else logging.WARNING)
+    return handler
