@@ -71,7 +71,9 @@ class FastController(Controller):
 async def test_controller_threads_and_a_third_loop_share_one_executor(tmp_path: Path) -> None:
     """Home loop in main; 200 messages from 8 threads via a Controller's loop; then a third loop."""
     async with DeliveryExecutor(writer=LoopWriter(ops=SlowSyncOps())) as ex:
-        handler = DeliveryHandler(ex, MailboxResolver(tmp_path), add_headers=False)
+        handler = DeliveryHandler(
+            ex, MailboxResolver(tmp_path), add_headers=False, line_endings="crlf"
+        )
         controller = FastController(handler, hostname="127.0.0.1", port=free_port())
         controller.start()
         try:
@@ -253,7 +255,7 @@ def test_a_second_asyncio_run_gets_executor_closed_not_a_crash(tmp_path: Path) -
 async def test_controller_with_decode_data_delivers_the_raw_bytes(tmp_path: Path) -> None:
     """aiosmtpd's Controller with decode_data=True: our handler delivers, no 500 per message."""
     async with DeliveryExecutor() as ex:
-        handler = DeliveryHandler(ex, MailboxResolver(tmp_path), add_headers=False)
+        handler = DeliveryHandler(ex, MailboxResolver(tmp_path), add_headers=False)  # LF on disk
         controller = Controller(handler, hostname="127.0.0.1", port=free_port(), decode_data=True)
         controller.start()
         try:
@@ -267,7 +269,7 @@ async def test_controller_with_decode_data_delivers_the_raw_bytes(tmp_path: Path
             assert await asyncio.to_thread(send) == {}
         finally:
             controller.stop()
-    assert bodies_in(tmp_path / "example.org" / "bob") == [b"Subject: d\r\n\r\nok\r\n"]
+    assert bodies_in(tmp_path / "example.org" / "bob") == [b"Subject: d\n\nok\n"]
 
 
 class ListDeliverer:
@@ -299,7 +301,7 @@ async def test_handler_accepts_any_async_deliver(tmp_path: Path) -> None:
     async with server:
         assert await asyncio.to_thread(send) == {}
     assert [p for p, _ in sink.got] == [str(tmp_path / "example.org" / u) for u in ("x", "y")]
-    assert all(isinstance(b, bytes) and b.endswith(b"S: 1\r\n\r\nb\r\n") for _, b in sink.got)
+    assert all(isinstance(b, bytes) and b.endswith(b"S: 1\n\nb\n") for _, b in sink.got)
     with pytest.raises(TypeError, match="async deliver"):
         DeliveryHandler(object(), MailboxResolver(tmp_path))  # type: ignore[arg-type]
 
@@ -356,7 +358,7 @@ def test_aiosmtpd_cli_runs_our_handler(tmp_path: Path) -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     (body,) = bodies_in(tmp_path / "example.org" / "carol")
-    assert body.endswith(b"S: cli\r\n\r\nhi\r\n")
+    assert body.endswith(b"S: cli\n\nhi\n")
     assert b"Delivered-To: carol@example.org" in body
 
 

@@ -64,7 +64,7 @@ def test_controller_smtp_example(tmp_path: Path) -> None:
     assert out[-1] == "delivered 30"
     got = [b for u in range(3) for b in bodies(tmp_path / "example.org" / f"user{u}")]
     assert len(got) == 30
-    assert {b.rpartition(b"S: ")[2] for b in got} == {b"%d\r\n\r\nx\r\n" % i for i in range(30)}
+    assert {b.rpartition(b"S: ")[2] for b in got} == {b"%d\n\nx\n" % i for i in range(30)}
 
 
 def test_create_server_lmtp_example(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_create_server_lmtp_example(tmp_path: Path) -> None:
     assert out[-1] == "delivered 2"
     for user in ("ann", "bo"):
         (body,) = bodies(tmp_path / "example.org" / user)
-        assert body.endswith(b"hi\r\n")
+        assert body.endswith(b"hi\n")
 
 
 def test_own_handler_example(tmp_path: Path) -> None:
