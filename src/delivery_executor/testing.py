@@ -173,7 +173,8 @@ class ServerProcess:
     line). ``stop()`` signals it and collects the rest of its output (the
     summary); leaving the ``with`` block SIGKILLs whatever of its process
     group is left. ``AssertionError`` if it does not start; nothing is left
-    running then. ``preexec_fn`` and ``pass_fds`` go to ``subprocess.Popen``.
+    running then. ``preexec_fn`` and ``pass_fds`` go to ``subprocess.Popen``;
+    ``prefix`` goes before the command (a wrapper that ends in ``exec``).
     """
 
     def __init__(
@@ -189,13 +190,14 @@ class ServerProcess:
         listeners: int | None = None,
         preexec_fn: Callable[[], object] | None = None,
         pass_fds: Sequence[int] = (),
+        prefix: Sequence[str] = (),
     ) -> None:
         self.root = root
         if listen is None:
             listen = [f"{host}:{port}"]
         if listeners is None:
             listeners = len(listen) + sum(a == "--tls-listen" for a in args)
-        cmd = [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
+        cmd = [*prefix, sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
         for address in listen:
             cmd += ["--listen", address]
         cmd += ["--workers", str(workers), *args]

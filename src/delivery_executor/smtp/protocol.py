@@ -11,10 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import AnyStr
 
+from aiosmtpd import smtp as _aiosmtpd_smtp
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope
 
 __all__ = ["DeliveryLMTP", "DeliverySMTP"]
+
+# aiosmtpd 1.4.6 lets only NOOP, EHLO, STARTTLS and QUIT through before STARTTLS
+# under require_starttls: an LMTP client could not even send LHLO (530). The
+# check reads this module-level set at each command, so it is fixed in place.
+_aiosmtpd_smtp.ALLOWED_BEFORE_STARTTLS.add("LHLO")
 
 
 class _DeliveryProtocol:
