@@ -46,10 +46,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default in --help, except 'None' where the help text says what none means."""
+    """Every default in --help; not 'None' (the help says what none means), nor the
+    'True' of a flag that turns a default off (--smtp: the default shows on --lmtp)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
+        if action.default is None or isinstance(action, argparse._StoreFalseAction):
             return action.help
         return super()._get_help_string(action)
 
@@ -129,7 +130,6 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
         "--tls-listen",
         type=_tls_listen_spec,
         action="append",
-        default=[],
         metavar="ADDRESS",
         help="also listen here with implicit TLS (port-465 style); as --listen (repeatable)",
     )
@@ -189,8 +189,7 @@ def _log_handler(path: Path | None) -> logging.Handler | None:
     try:
         return logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:
-        print(f"delivery-executor serve: --log-file {path}: {exc.strerror}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise StartupError(f"--log-file {path}: {exc.strerror}") from None
 
 
 # -- end of the deployment options
@@ -220,14 +219,29 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--max-size", type=_positive_int, default=DEFAULT_MAX_MESSAGE_SIZE, help="bytes/message"
     )
-    p.add_argument("--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS)
-    p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH)
-    p.add_argument("--max-wait-ms", type=_seconds, default=DEFAULT_MAX_WAIT * 1000)
     p.add_argument(
-        "--max-concurrent-flushes", type=_positive_int, default=DEFAULT_MAX_CONCURRENT_FLUSHES
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="sessions at once; more get 421",
     )
-    p.add_argument("--policy", choices=POLICIES, default="eager")
-    p.add_argument("--sync", choices=SYNC_MODES, default="auto")
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, help="messages per commit"
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=_seconds,
+        default=DEFAULT_MAX_WAIT * 1000,
+        help="how long the window policy holds a batch open",
+    )
+    p.add_argument(
+        "--max-concurrent-flushes",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONCURRENT_FLUSHES,
+        help="batches written at once",
+    )
+    p.add_argument("--policy", choices=POLICIES, default="eager", help="batching policy")
+    p.add_argument("--sync", choices=SYNC_MODES, default="auto", help="how batches are synced")
     p.add_argument(
         "--writer",
         choices=WRITERS,
@@ -245,14 +259,24 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="MODULE:FACTORY",
         help="use FACTORY(executor, resolver, config) as the aiosmtpd handler",
     )
-    p.add_argument("--log-level", type=_log_level, default="INFO")
+    p.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="INFO",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical",
+    )
     _add_deploy(p)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import ServerConfig, run_server
 
-    log_file = _log_handler(args.log_file)
+    try:
+        log_file = _log_handler(args.log_file)
+    except StartupError as exc:
+        print(f"delivery-executor serve: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -281,7 +305,7 @@ def _serve(args: argparse.Namespace) -> int:
         handler=args.handler,
         grace=args.grace,
         # -- deployment
-        listen=[*(args.listen or ()), *args.tls_listen],
+        listen=[*(args.listen or ()), *(args.tls_listen or ())],
         socket_mode=args.socket_mode,
         socket_gid=args.socket_group,
         tls_cert=args.tls_cert,
