@@ -174,7 +174,9 @@ class ServerProcess:
     summary); leaving the ``with`` block SIGKILLs whatever of its process
     group is left. ``AssertionError`` if it does not start; nothing is left
     running then. ``preexec_fn`` and ``pass_fds`` go to ``subprocess.Popen``;
-    ``prefix`` goes before the command (a wrapper that ends in ``exec``).
+    ``prefix`` goes before the command (a wrapper that ends in ``exec``);
+    ``program`` replaces ``python -m delivery_executor`` (e.g. an installed
+    ``delivery-executor``).
     """
 
     def __init__(
@@ -191,13 +193,15 @@ class ServerProcess:
         preexec_fn: Callable[[], object] | None = None,
         pass_fds: Sequence[int] = (),
         prefix: Sequence[str] = (),
+        program: Sequence[str] = (),
     ) -> None:
         self.root = root
         if listen is None:
             listen = [f"{host}:{port}"]
         if listeners is None:
             listeners = len(listen) + sum(a == "--tls-listen" for a in args)
-        cmd = [*prefix, sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
+        program = program or [sys.executable, "-m", "delivery_executor"]
+        cmd = [*prefix, *program, "serve", "--root", str(root)]
         for address in listen:
             cmd += ["--listen", address]
         cmd += ["--workers", str(workers), *args]
