@@ -137,11 +137,9 @@ class _Lines:
 def test_lmtp_starttls_required_and_implicit_tls(
     tmp_path: Path, certs: dict[str, tuple[Path, Path]]
 ) -> None:
-    """--require-starttls: plain MAIL gets 530, STARTTLS then works; implicit TLS needs none.
-
-    Also: --hostname names the banner, the LHLO line and Received: by, and
-    the banner shows no software version.
-    """
+    """Plain MAIL gets 530 under --require-starttls, STARTTLS then delivers, implicit TLS too."""
+    # Also: --hostname names the banner, the LHLO line and Received: by, and
+    # the banner shows no software version.
     cert, key = certs["one"]
     root = tmp_path / "mail"
     args = ["--tls-cert", str(cert), "--tls-key", str(key), "--require-starttls"]
@@ -216,10 +214,8 @@ def test_swaks_starttls_and_tls_on_connect(
 def test_certificate_reloaded_on_sighup(
     tmp_path: Path, certs: dict[str, tuple[Path, Path]]
 ) -> None:
-    """SIGHUP: new handshakes get the new certificate on both listeners; a bad one is refused.
-
-    A session encrypted before the reload goes on with the old certificate.
-    """
+    """SIGHUP: new handshakes get the new certificate on both listeners; a bad one is refused."""
+    # A session encrypted before the reload goes on with the old certificate.
     cert, key = tmp_path / "live.pem", tmp_path / "live.key"
     shutil.copy(certs["one"][0], cert)
     shutil.copy(certs["one"][1], key)

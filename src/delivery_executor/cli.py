@@ -124,8 +124,16 @@ def _hostname(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_deploy(p: argparse.ArgumentParser) -> None:
-    """The flags of the deployment surface, in one block."""
+def _add_listeners(p: argparse.ArgumentParser) -> None:
+    """Where serve listens."""
+    p.add_argument(
+        "--listen",
+        type=_listen_spec,
+        action="append",
+        metavar="ADDRESS",
+        help="HOST:PORT, [IPv6]:PORT, unix:PATH or fd:N (repeatable; default: 127.0.0.1:2525"
+        " unless --tls-listen or systemd sockets are given)",
+    )
     p.add_argument(
         "--tls-listen",
         type=_tls_listen_spec,
@@ -145,6 +153,10 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
         metavar="GROUP",
         help="group of those socket files, e.g. postfix (default: the process's group)",
     )
+
+
+def _add_deploy(p: argparse.ArgumentParser) -> None:
+    """TLS, identity, event loop, logs and stopping."""
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain")
     p.add_argument(
         "--tls-key",
@@ -202,14 +214,7 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         formatter_class=_Help,
     )
     p.add_argument("--root", type=Path, default=Path("maildirs"), help="root of all Maildirs")
-    p.add_argument(
-        "--listen",
-        type=_listen_spec,
-        action="append",
-        metavar="ADDRESS",
-        help="HOST:PORT, [IPv6]:PORT, unix:PATH or fd:N (repeatable; default: 127.0.0.1:2525"
-        " unless --tls-listen or systemd sockets are given)",
-    )
+    _add_listeners(p)
     proto = p.add_mutually_exclusive_group()
     proto.add_argument("--lmtp", dest="lmtp", action="store_true", default=True, help="LMTP")
     proto.add_argument("--smtp", dest="lmtp", action="store_false", help="SMTP instead of LMTP")
@@ -220,26 +225,20 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--max-size", type=_positive_int, default=DEFAULT_MAX_MESSAGE_SIZE, help="bytes/message"
     )
     p.add_argument(
-        "--max-connections",
-        type=_positive_int,
-        default=DEFAULT_MAX_CONNECTIONS,
-        help="sessions at once; more get 421",
-    )
+        "--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS,
+        help="open sessions at most; more get 421",
+    )  # fmt: skip
     p.add_argument(
         "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, help="messages per commit"
     )
     p.add_argument(
-        "--max-wait-ms",
-        type=_seconds,
-        default=DEFAULT_MAX_WAIT * 1000,
+        "--max-wait-ms", type=_seconds, default=DEFAULT_MAX_WAIT * 1000,
         help="how long the window policy holds a batch open",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--max-concurrent-flushes",
-        type=_positive_int,
-        default=DEFAULT_MAX_CONCURRENT_FLUSHES,
+        "--max-concurrent-flushes", type=_positive_int, default=DEFAULT_MAX_CONCURRENT_FLUSHES,
         help="batches written at once",
-    )
+    )  # fmt: skip
     p.add_argument("--policy", choices=POLICIES, default="eager", help="batching policy")
     p.add_argument("--sync", choices=SYNC_MODES, default="auto", help="how batches are synced")
     p.add_argument(
@@ -259,13 +258,7 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="MODULE:FACTORY",
         help="use FACTORY(executor, resolver, config) as the aiosmtpd handler",
     )
-    p.add_argument(
-        "--log-level",
-        type=_log_level,
-        default="INFO",
-        metavar="LEVEL",
-        help="debug, info, warning, error or critical",
-    )
+    p.add_argument("--log-level", type=_log_level, default="INFO", help="debug ... critical")
     _add_deploy(p)
 
 

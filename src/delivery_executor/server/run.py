@@ -206,6 +206,9 @@ def run_server(config: ServerConfig) -> int:
     """
     config = _prepare(config)
     inherited = systemd_listeners()
+    if config.tls_cert is None and any(b.implicit_tls for b in inherited):
+        release(inherited)
+        raise StartupError("a systemd socket named 'tls' needs --tls-cert and --tls-key")
     specs = list(config.listen)
     if not specs and not inherited:
         specs = [ListenSpec.parse(DEFAULT_LISTEN)]
