@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,7 +97,8 @@ def test_listen_spec_parses_each_form(text: str, kind: str, canonical: str) -> N
     ("text", "says"),
     [
         ("nonsense", "expected HOST:PORT"),
-        ("::1:25", "expected HOST:PORT"),
+        ("::1:25", "an IPv6 address goes in brackets"),
+        ("[::1]25", "expected HOST:PORT"),
         ("[::g]:25", "not an IPv6 address"),
         ("127.0.0.1:65536", "port must be 0-65535"),
         ("127.0.0.1:-1", "port must be 0-65535"),
@@ -296,3 +298,36 @@ def test_systemd_socket_activation_with_two_workers(tmp_path: Path, sock_dir: Pa
     finally:
         unix.close()
         tcp.close()
+
+
+def test_listen_on_an_inherited_fd(tmp_path: Path) -> None:
+    """--listen fd:N serves a listening socket handed down by the parent; fd:N of a file fails."""
+    root = tmp_path / "mail"
+    with socket.socket() as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        fd, port = tcp.fileno(), tcp.getsockname()[1]
+        with ServerProcess(root, listen=[f"fd:{fd}"], pass_fds=[fd]) as srv:
+            assert srv.addresses == [f"127.0.0.1:{port}"]
+            assert _deliver_one(port) == 250
+            assert srv.stop() == 0
+    assert len(_new(root)) == 1
+    with open(tmp_path / "f", "w") as f:
+        res = subprocess.run(
+            [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root),
+             "--listen", f"fd:{f.fileno()}"],
+            pass_fds=[f.fileno()], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 2
+        err = f"fd:{f.fileno()}: not a socket: Socket operation on non-socket\n"
+        assert res.stderr.endswith(err)
+        assert res.stderr.count("\n") == 1
+
+
+def _deliver_one(port: int) -> int:
+    replies = asyncio.run(
+        send_message(
+            "127.0.0.1", port, mail_from="s@x.org", rcpts=["alice@example.org"], body=_body("x")
+        )
+    )
+    return replies[0].code

@@ -250,10 +250,11 @@ def test_certificate_reloaded_on_sighup(
 def test_smtp_starttls_smtps_and_banner_version(
     tmp_path: Path, certs: dict[str, tuple[Path, Path]]
 ) -> None:
-    """--smtp: smtplib.SMTP.starttls and SMTP_SSL deliver; --banner-version names the version."""
+    """--smtp on asyncio: SMTP.starttls and SMTP_SSL deliver; --banner-version names the version."""
     cert, key = certs["one"]
     root = tmp_path / "mail"
     args = ["--smtp", "--tls-cert", str(cert), "--tls-key", str(key), "--banner-version"]
+    args += ["--loop", "asyncio"]  # the other TLS tests run on the default loop (uvloop)
     with ServerProcess(root, *args, "--tls-listen", "127.0.0.1:0", "--hostname", "mx") as srv:
         plain, implicit = srv.ports
         assert _greeting(plain) == f"220 mx ESMTP delivery-executor {__version__} ready".encode()

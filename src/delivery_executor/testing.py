@@ -197,7 +197,7 @@ class ServerProcess:
     ) -> None:
         self.root = root
         if listen is None:
-            listen = [f"{host}:{port}"]
+            listen = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         if listeners is None:
             listeners = len(listen) + sum(a == "--tls-listen" for a in args)
         program = program or [sys.executable, "-m", "delivery_executor"]

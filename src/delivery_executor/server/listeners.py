@@ -88,7 +88,9 @@ class ListenSpec:
                 raise ValueError(f"not an IPv6 address in brackets: {text!r}") from None
         else:
             host, sep, port = text.rpartition(":")
-            if not sep or ":" in host or "[" in host:
+            if ":" in host and "[" not in host:
+                raise ValueError(f"an IPv6 address goes in brackets, as in [::1]:25: {text!r}")
+            if not sep or "[" in host:
                 raise ValueError(
                     f"expected HOST:PORT, [IPv6]:PORT, unix:PATH or fd:N, got {text!r}"
                 )

@@ -4,10 +4,10 @@
 
 1. start-up checks (:class:`StartupError`, one line, before anything
    listens): ``--root`` created and written to, the TLS files loaded, the
-   event loop available, the host name settled (so a ``localhost`` warning
-   is logged once, not once per worker);
+   event loop available;
 2. binds every listener: systemd's sockets, then ``--listen`` and
-   ``--tls-listen`` (``127.0.0.1:2525`` if there are none);
+   ``--tls-listen`` (``127.0.0.1:2525`` if there are none); then settles the
+   host name (a ``localhost`` warning is logged once, not once per worker);
 3. with one worker, serves in this process; with ``workers > 1``, forks them
    (each serves its share of the sockets, see :mod:`.listeners`), forwards
    TERM, INT, HUP and USR1 to them, and waits. A worker that exits without
@@ -185,8 +185,8 @@ def _run_workers(config: ServerConfig, per_worker: list[list[BoundListener]]) ->
     return _supervise(pids)
 
 
-def _prepare(config: ServerConfig) -> ServerConfig:
-    """The start-up checks (see the module doc); ``config`` with its host name settled."""
+def _prepare(config: ServerConfig) -> None:
+    """The start-up checks that come before binding (see the module doc)."""
     if config.workers < 1:
         raise StartupError(f"--workers must be >= 1, not {config.workers}")
     check_root(config.root)
@@ -196,7 +196,6 @@ def _prepare(config: ServerConfig) -> ServerConfig:
         raise StartupError(str(exc)) from None
     needed = config.require_starttls or any(s.implicit_tls for s in config.listen)
     tls_for(config.tls_cert, config.tls_key, needed=needed)  # a bad certificate: reported now
-    return dataclasses.replace(config, hostname=config.hostname or default_hostname())
 
 
 def run_server(config: ServerConfig) -> int:
@@ -204,7 +203,7 @@ def run_server(config: ServerConfig) -> int:
 
     Raises :class:`StartupError` when it cannot start (see :mod:`.checks`).
     """
-    config = _prepare(config)
+    _prepare(config)
     inherited = systemd_listeners()
     if config.tls_cert is None and any(b.implicit_tls for b in inherited):
         release(inherited)
@@ -225,6 +224,9 @@ def run_server(config: ServerConfig) -> int:
         raise
     for lst in per_worker:
         lst[:0] = inherited
+    # Settled once, after every check (a failed start prints one line only), so
+    # that a localhost warning is logged once and not by each worker.
+    config = dataclasses.replace(config, hostname=config.hostname or default_hostname())
     try:
         if config.workers == 1:
             return _run_one(config, per_worker[0])
