@@ -13,7 +13,13 @@ One module per concern:
 """
 
 from .checks import StartupError
-from .core import DEFAULT_MAX_CONNECTIONS, ServerConfig, ServerSummary, serve
+from .core import (
+    DEFAULT_MAX_CONNECTIONS,
+    ServerConfig,
+    ServerSummary,
+    load_handler_factory,
+    serve,
+)
 from .listeners import BoundListener, ListenSpec
 from .run import run_server
 from .signals import Running
@@ -26,6 +32,7 @@ __all__ = [
     "ServerConfig",
     "ServerSummary",
     "StartupError",
+    "load_handler_factory",
     "run_server",
     "serve",
 ]
