@@ -55,7 +55,7 @@ from .benchfs import bench_filesystem
 __all__ = ["MODES", "WORKLOADS", "Row", "Workload", "format_table", "main", "run_cell"]
 
 _REPO = Path(__file__).resolve().parent.parent
-_STOCK = [sys.executable, "-m", "benches.stock_server"]
+_STOCK = [sys.executable, "-m", "benches.stock_server"]  # takes serve's options, ignores most
 
 MODES: dict[str, list[str]] = {
     "noop-stock": [],
@@ -224,7 +224,7 @@ def run_cell(
         return _row(wl, mode, res, [], _count_files(root / "mail"), 0.0)
     args, workers, command = _server_args(mode, wl, lmtp)
     server = ServerProcess(
-        root, *args, workers=workers, env=_env(), start_timeout=30, command=command
+        root, *args, workers=workers, env=_env(), start_timeout=30, program=command or ()
     )
     with server:
         res = _load(server.port, wl, duration, warmup, lmtp)

@@ -53,7 +53,7 @@ def test_serve_smtp_mode_and_sigint(tmp_path: Path) -> None:
 
 
 def test_serve_rejects_a_bad_listen_address(tmp_path: Path) -> None:
-    """A malformed --listen exits 2 with a message that names the value."""
+    """A malformed --listen exits 2 with one line that names the value."""
     res = subprocess.run(
         [sys.executable, "-m", "delivery_executor", "serve", "--listen", "nonsense"],
         capture_output=True,
@@ -61,7 +61,8 @@ def test_serve_rejects_a_bad_listen_address(tmp_path: Path) -> None:
         timeout=30,
     )
     assert res.returncode == 2
-    assert "expected HOST:PORT, got 'nonsense'" in res.stderr
+    assert "expected HOST:PORT, [IPv6]:PORT, unix:PATH or fd:N, got 'nonsense'" in res.stderr
+    assert res.stderr.count("\n") == 1
 
 
 def test_two_workers_share_the_port_and_both_drain(tmp_path: Path) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import grp
+import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .executor import (
@@ -17,7 +21,9 @@ from .executor import (
 )
 from .logs import LOG_FORMATS, configure_logging
 from .metrics import parse_address
-from .server import DEFAULT_MAX_CONNECTIONS
+from .server import DEFAULT_MAX_CONNECTIONS, ListenSpec, StartupError
+from .server.identity import check_hostname
+from .server.loops import LOOPS, default_loop
 from .smtp import DEFAULT_MAX_MESSAGE_SIZE, LINE_ENDINGS
 from .store.commit import SYNC_MODES
 
@@ -31,6 +37,175 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+# -- deployment options (listeners, TLS, identity, loop, logs): value checks and flags
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit status 2), no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help; not 'None' (the help says what none means), nor the
+    'True' of a flag that turns a default off (--smtp: the default shows on --lmtp)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, argparse._StoreFalseAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _listen_spec(value: str) -> ListenSpec:
+    try:
+        return ListenSpec.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _tls_listen_spec(value: str) -> ListenSpec:
+    try:
+        return ListenSpec.parse(value, implicit_tls=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value!r}")
+    return x
+
+
+def _log_level(value: str) -> str:
+    name = value.upper()
+    if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise argparse.ArgumentTypeError(
+            f"must be debug, info, warning, error or critical, got {value!r}"
+        )
+    return name
+
+
+def _octal_mode(value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"must be octal permissions 000-777, got {value!r}")
+    return mode
+
+
+def _group(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group: {value!r}") from None
+
+
+def _hostname(value: str) -> str:
+    try:
+        return check_hostname(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_listeners(p: argparse.ArgumentParser) -> None:
+    """Where serve listens."""
+    p.add_argument(
+        "--listen",
+        type=_listen_spec,
+        action="append",
+        metavar="ADDRESS",
+        help="HOST:PORT, [IPv6]:PORT, unix:PATH or fd:N (repeatable; default: 127.0.0.1:2525"
+        " unless --tls-listen or systemd sockets are given)",
+    )
+    p.add_argument(
+        "--tls-listen",
+        type=_tls_listen_spec,
+        action="append",
+        metavar="ADDRESS",
+        help="also listen here with implicit TLS (port-465 style); as --listen (repeatable)",
+    )
+    p.add_argument(
+        "--socket-mode",
+        type=_octal_mode,
+        default="0660",
+        help="permissions of the UNIX socket files serve creates (octal)",
+    )
+    p.add_argument(
+        "--socket-group",
+        type=_group,
+        metavar="GROUP",
+        help="group of those socket files, e.g. postfix (default: the process's group)",
+    )
+
+
+def _add_deploy(p: argparse.ArgumentParser) -> None:
+    """TLS, identity, event loop, logs and stopping."""
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain")
+    p.add_argument(
+        "--tls-key",
+        type=Path,
+        metavar="FILE",
+        help="PEM private key; with --tls-cert, STARTTLS is offered (both re-read on SIGHUP)",
+    )
+    p.add_argument(
+        "--require-starttls",
+        action="store_true",
+        help="refuse MAIL (530) until the client has done STARTTLS",
+    )
+    p.add_argument(
+        "--hostname",
+        type=_hostname,
+        help="name in the banner, LHLO/EHLO and Received lines (default: this host's FQDN)",
+    )
+    p.add_argument(
+        "--banner-version",
+        action="store_true",
+        help="name the software and its version in the banner",
+    )
+    p.add_argument("--loop", choices=LOOPS, default=default_loop(), help="event loop")
+    p.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="append the log here instead of stderr; reopened on SIGHUP (default: stderr)",
+    )
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=10.0,
+        help="seconds open sessions get to finish after SIGTERM/SIGINT, before the drain",
+    )
+    p.add_argument("--version", action="version", version=f"delivery-executor {__version__}")
+
+
+def _log_handler(path: Path | None) -> logging.Handler | None:
+    if path is None:
+        return None
+    try:
+        return logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise StartupError(f"--log-file {path}: {exc.strerror}") from None
+
+
 def _metrics_address(value: str) -> tuple[str, int]:
     try:
         return parse_address(value)
@@ -38,46 +213,8 @@ def _metrics_address(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run a durable Maildir delivery server (LMTP or SMTP)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--root", type=Path, default=Path("maildirs"), help="root of all Maildirs")
-    p.add_argument(
-        "--listen", type=_listen, default=("127.0.0.1", 2525), help="HOST:PORT to listen on"
-    )
-    proto = p.add_mutually_exclusive_group()
-    proto.add_argument("--lmtp", dest="lmtp", action="store_true", default=True, help="LMTP")
-    proto.add_argument("--smtp", dest="lmtp", action="store_false", help="SMTP instead of LMTP")
-    p.add_argument("--domain", action="append", help="accepted domain (repeatable; default: any)")
-    p.add_argument("--recipient-delimiter", help="e.g. + to map a+tag@d to a@d")
-    p.add_argument("--existing-only", action="store_true", help="reject unknown mailboxes at RCPT")
-    p.add_argument("--max-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE, help="bytes/message")
-    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
-    p.add_argument("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT * 1000)
-    p.add_argument("--max-concurrent-flushes", type=int, default=DEFAULT_MAX_CONCURRENT_FLUSHES)
-    p.add_argument("--policy", choices=POLICIES, default="eager")
-    p.add_argument("--sync", choices=SYNC_MODES, default="auto")
-    p.add_argument(
-        "--writer",
-        choices=WRITERS,
-        default="process",
-        help="where batches are written: a helper process, the loop (syncs in a thread),"
-        " or a thread",
-    )
-    p.add_argument("--no-headers", action="store_true", help="do not prepend trace headers")
-    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
-    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--handler",
-        metavar="MODULE:FACTORY",
-        help="use FACTORY(executor, resolver, config) as the aiosmtpd handler",
-    )
-    p.add_argument("--log-level", default="INFO")
-    # -- Dovecot's on-disk conventions and watching it run (issue 10, items 4-5) --
+def _add_conventions(p: argparse.ArgumentParser) -> None:
+    """Dovecot's on-disk conventions and watching it run."""
     p.add_argument(
         "--line-endings",
         choices=LINE_ENDINGS,
@@ -112,24 +249,80 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
-def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+# -- end of the deployment options
+
+
+def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run a durable Maildir delivery server (LMTP or SMTP)",
+        formatter_class=_Help,
+    )
+    p.add_argument("--root", type=Path, default=Path("maildirs"), help="root of all Maildirs")
+    _add_listeners(p)
+    proto = p.add_mutually_exclusive_group()
+    proto.add_argument("--lmtp", dest="lmtp", action="store_true", default=True, help="LMTP")
+    proto.add_argument("--smtp", dest="lmtp", action="store_false", help="SMTP instead of LMTP")
+    p.add_argument("--domain", action="append", help="accepted domain (repeatable; default: any)")
+    p.add_argument("--recipient-delimiter", help="e.g. + to map a+tag@d to a@d")
+    p.add_argument("--existing-only", action="store_true", help="reject unknown mailboxes at RCPT")
+    p.add_argument(
+        "--max-size", type=_positive_int, default=DEFAULT_MAX_MESSAGE_SIZE, help="bytes/message"
+    )
+    p.add_argument(
+        "--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS,
+        help="open sessions at most; more get 421",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, help="messages per commit"
+    )
+    p.add_argument(
+        "--max-wait-ms", type=_seconds, default=DEFAULT_MAX_WAIT * 1000,
+        help="how long the window policy holds a batch open",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-concurrent-flushes", type=_positive_int, default=DEFAULT_MAX_CONCURRENT_FLUSHES,
+        help="batches written at once",
+    )  # fmt: skip
+    p.add_argument("--policy", choices=POLICIES, default="eager", help="batching policy")
+    p.add_argument("--sync", choices=SYNC_MODES, default="auto", help="how batches are synced")
+    p.add_argument(
+        "--writer",
+        choices=WRITERS,
+        default="process",
+        help="where batches are written: a helper process, the loop (syncs in a thread),"
+        " or a thread",
+    )
+    p.add_argument("--no-headers", action="store_true", help="do not prepend trace headers")
+    p.add_argument(
+        "--workers", type=_positive_int, default=1, help="server processes sharing the listeners"
+    )
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--handler",
+        metavar="MODULE:FACTORY",
+        help="use FACTORY(executor, resolver, config) as the aiosmtpd handler",
+    )
+    p.add_argument("--log-level", type=_log_level, default="INFO", help="debug ... critical")
+    _add_deploy(p)
+    _add_conventions(p)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from .server import ServerConfig, run_server
 
     try:
-        configure_logging(args.log_level, args.log_format)
-    except ValueError as exc:
+        log_file = _log_handler(args.log_file)
+    except StartupError as exc:
         print(f"delivery-executor serve: {exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, args.log_format, handler=log_file)
     if args.detail_to_folder and not args.recipient_delimiter:
         print("delivery-executor serve: --detail-to-folder needs --recipient-delimiter",
               file=sys.stderr)  # fmt: skip
         return 2
-    if args.workers < 1:
-        raise SystemExit("--workers must be >= 1")
     config = ServerConfig(
         root=args.root.resolve(),
-        host=args.listen[0],
-        port=args.listen[1],
         lmtp=args.lmtp,
         domains=args.domain,
         recipient_delimiter=args.recipient_delimiter,
@@ -146,24 +339,38 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         workers=args.workers,
         writer=args.writer,
         handler=args.handler,
+        grace=args.grace,
+        # -- deployment
+        listen=[*(args.listen or ()), *(args.tls_listen or ())],
+        socket_mode=args.socket_mode,
+        socket_gid=args.socket_group,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        require_starttls=args.require_starttls,
+        hostname=args.hostname,
+        banner_version=args.banner_version,
+        loop=args.loop,
+        # -- Dovecot's conventions, watching it run
         line_endings=args.line_endings,
         size_in_names=args.size_in_names,
         detail_to_folder=args.detail_to_folder,
         metrics=args.metrics,
     )
     try:
-        return run_server(config, argv)
-    except (OSError, ValueError, TypeError) as exc:
+        return run_server(config)
+    except (StartupError, ValueError, TypeError) as exc:
+        # Start-up only: once serving, run_server returns a status. Exit 2, as
+        # for a bad option value: the configuration needs fixing (README).
         print(f"delivery-executor serve: {exc}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``delivery-executor`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="delivery-executor", description=__doc__)
+    parser = _Parser(prog="delivery-executor", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     args = parser.parse_args(argv)
-    return _serve(args, argv)
+    return _serve(args)

@@ -135,9 +135,14 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure_logging(
-    level: str = "INFO", fmt: LogFormat = "text", stream: TextIO | None = None
+    level: str = "INFO",
+    fmt: LogFormat = "text",
+    stream: TextIO | None = None,
+    *,
+    handler: logging.Handler | None = None,
 ) -> logging.Handler:
-    """Log to ``stream`` (default stderr) at ``level`` in ``fmt``; return the handler.
+    """Log to ``handler`` (default: a stream handler on ``stream``, else stderr) at
+    ``level`` in ``fmt``; return the handler.
 
     Raises ``ValueError`` for an unknown level or format. Also turns off what
     ``logging`` records per call that no line here shows (caller frame, thread,
@@ -156,7 +161,8 @@ def configure_logging(
     logging.logMultiprocessing = False
     if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
         logging.logAsyncioTasks = False
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -37,10 +37,9 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -400,32 +399,38 @@ class WorkerMetrics:
     """The parent's side of ``--workers N --metrics``: sums the workers' snapshots.
 
     Create it before starting the workers (it sets :data:`WORKER_DIR_ENV` for
-    them to inherit), hand it the worker processes with :meth:`watch`, and
-    :meth:`close` it when they have exited.
+    them to inherit), :meth:`start` it once they run, and :meth:`close` it
+    when they have exited.
     """
 
     def __init__(self, config: ServerConfig) -> None:
-        from . import __version__
-
         assert config.metrics is not None
         _check_prometheus()
+        self._config = config
         self._http: tuple[Any, threading.Thread] | None = None
-        self._procs: list[subprocess.Popen[Any]] = []
+        self._live: Collection[int] = ()
         self.directory = Path(tempfile.mkdtemp(prefix="delivery-executor-metrics-"))
         os.environ[WORKER_DIR_ENV] = str(self.directory)
-        collector = DeliveryCollector(self._snapshots, settings_of(config, __version__))
+
+    def start(self, live: Collection[int]) -> None:
+        """Serve the summed metrics; ``live`` holds the running workers' pids (kept current).
+
+        Called after the workers are forked, so that they inherit no thread
+        and no listening socket of ours.
+        """
+        from . import __version__
+
+        assert self._config.metrics is not None
+        self._live = live
+        collector = DeliveryCollector(self._snapshots, settings_of(self._config, __version__))
         try:
-            self._http = _serve_http(collector, *config.metrics)
+            self._http = _serve_http(collector, *self._config.metrics)
         except BaseException:
             self.close()
             raise
 
-    def watch(self, procs: Iterable[subprocess.Popen[Any]]) -> None:
-        """The workers whose snapshots count as live while they run."""
-        self._procs = list(procs)
-
     def _snapshots(self) -> list[tuple[Snapshot, bool]]:
-        running = {p.pid for p in self._procs if p.poll() is None}
+        running = set(self._live)
         out = []
         for path in sorted(self.directory.glob("*.json")):
             try:

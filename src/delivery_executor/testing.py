@@ -5,7 +5,9 @@
   (RFC 2033), so it can check a server's LMTP replies one by one.
 - :class:`ServerProcess`: ``delivery-executor serve`` as a child process, in
   its own process group, with its output captured line by line; the project's
-  tests and benchmarks start every server through it.
+  tests and benchmarks start every server through it. It waits for each
+  listener's ``listening on ADDRESS (LMTP, pid N)`` line, where ADDRESS is
+  ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:PATH``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,16 +84,21 @@ async def send_message(
     lmtp: bool = True,
     helo: str = "client.invalid",
     data: bytes | None = None,
+    path: str | None = None,
 ) -> list[Reply]:
     """One connection, one message: greet, MAIL, RCPT each, DATA, QUIT.
 
-    ``data``, if given, is sent after DATA as it is (already dot-stuffed and
-    ending in the lone ``.`` line) instead of ``dot_stuff(body)``: load generators
+    ``path``: connect to this UNIX socket instead of ``host:port``. ``data``,
+    if given, is sent after DATA as it is (already dot-stuffed and ending in
+    the lone ``.`` line) instead of ``dot_stuff(body)``: load generators
     prepare it once. Returns one :class:`Reply` per recipient, in order.
     Raises :class:`SMTPClientError` when the greeting, HELO or MAIL is refused,
     and ``OSError`` when the connection fails.
     """
-    reader, writer = await asyncio.open_connection(host, port)
+    if path is not None:
+        reader, writer = await asyncio.open_unix_connection(path)
+    else:
+        reader, writer = await asyncio.open_connection(host, port)
     try:
         hello = "LHLO" if lmtp else "EHLO"
         await _expect(reader, writer, None, 220, "greeting")
@@ -156,18 +164,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-_LISTEN = re.compile(r"listening on \[?([\w.:]+?)\]?:(\d+) \((LMTP|SMTP), pid (\d+)\)")
+_LISTEN = re.compile(
+    r"listening on (?P<address>unix:(?P<path>.+?)|\[?(?P<host>[\w.:]+?)\]?:(?P<port>\d+))"
+    r" \((?P<proto>LMTP|SMTP), pid (?P<pid>\d+)\)"
+)
 
 
 class ServerProcess:
     """``python -m delivery_executor serve`` with its output captured line by line.
 
-    ``command`` replaces ``python -m delivery_executor serve`` (a stand-in
-    server taking the same options). Waits (up to ``start_timeout`` s) until
-    every worker prints where it listens; ``port`` and ``ports`` tell where.
-    ``stop()`` signals it and collects the rest of its output (the summary);
-    leaving the ``with`` block SIGKILLs whatever of its process group is left.
-    ``AssertionError`` if it does not start; nothing is left running then.
+    ``listen`` replaces the default ``--listen host:port`` (an empty list: no
+    ``--listen`` at all, e.g. for systemd sockets). Waits (up to
+    ``start_timeout`` s) until every worker prints a line for each listener:
+    one per ``listen`` entry and ``--tls-listen`` in ``args``, or
+    ``listeners`` if given. ``port``/``ports`` tell the TCP ports,
+    ``addresses`` every address, ``pids`` the server processes (one per
+    line). ``stop()`` signals it and collects the rest of its output (the
+    summary); leaving the ``with`` block SIGKILLs whatever of its process
+    group is left. ``AssertionError`` if it does not start; nothing is left
+    running then. ``preexec_fn`` and ``pass_fds`` go to ``subprocess.Popen``;
+    ``prefix`` goes before the command (a wrapper that ends in ``exec``);
+    ``program`` replaces ``python -m delivery_executor`` (e.g. an installed
+    ``delivery-executor``).
     """
 
     def __init__(
@@ -179,14 +197,23 @@ class ServerProcess:
         workers: int = 1,
         env: dict[str, str] | None = None,
         start_timeout: float = 20.0,
-        command: list[str] | None = None,
+        listen: Sequence[str] | None = None,
+        listeners: int | None = None,
+        preexec_fn: Callable[[], object] | None = None,
+        pass_fds: Sequence[int] = (),
+        prefix: Sequence[str] = (),
+        program: Sequence[str] = (),
     ) -> None:
         self.root = root
-        if workers > 1 and port == 0:
-            port = free_port()
-        cmd = command or [sys.executable, "-m", "delivery_executor", "serve"]
-        cmd = [*cmd, "--root", str(root)]
-        cmd += ["--listen", f"{host}:{port}", "--workers", str(workers), *args]
+        if listen is None:
+            listen = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        if listeners is None:
+            listeners = len(listen) + sum(a == "--tls-listen" for a in args)
+        program = program or [sys.executable, "-m", "delivery_executor"]
+        cmd = [*prefix, *program, "serve", "--root", str(root)]
+        for address in listen:
+            cmd += ["--listen", address]
+        cmd += ["--workers", str(workers), *args]
         # Its own process group: kill() reaches the workers and writer helpers too.
         self.proc = subprocess.Popen(
             cmd,
@@ -196,6 +223,8 @@ class ServerProcess:
             bufsize=1,
             start_new_session=True,
             env=env,
+            preexec_fn=preexec_fn,
+            pass_fds=pass_fds,
         )
         self.lines: list[str] = []
         # A thread feeds a queue: select() on a buffered pipe misses lines that
@@ -204,19 +233,22 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self.ports: list[int] = []
+        self.addresses: list[str] = []
         self.pids: list[int] = []
         deadline = time.monotonic() + start_timeout
         try:
-            while len(self.ports) < workers:
+            while len(self.addresses) < workers * listeners:
                 line = self.readline(deadline - time.monotonic())
                 m = _LISTEN.search(line)
                 if m:
-                    self.ports.append(int(m.group(2)))
-                    self.pids.append(int(m.group(4)))
+                    self.addresses.append(m.group("address"))
+                    if m.group("port") is not None:
+                        self.ports.append(int(m.group("port")))
+                    self.pids.append(int(m.group("pid")))
         except BaseException:
             self.__exit__()  # a failed start must not leave servers behind
             raise
-        self.port = self.ports[0]
+        self.port = self.ports[0] if self.ports else 0
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None

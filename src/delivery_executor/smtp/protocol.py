@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable
 from typing import AnyStr
 
+from aiosmtpd import smtp as _aiosmtpd_smtp
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
@@ -79,6 +80,12 @@ def with_enhanced_code(reply: str) -> str:
     elif code == "500" and text.startswith("Error: ("):  # aiosmtpd's unhandled exception
         detail = "5.3.0"
     return f"{code}{reply[3:4] or ' '}{detail} {text}".rstrip()
+
+
+# aiosmtpd 1.4.6 lets only NOOP, EHLO, STARTTLS and QUIT through before STARTTLS
+# under require_starttls: an LMTP client could not even send LHLO (530). The
+# check reads this module-level set at each command, so it is fixed in place.
+_aiosmtpd_smtp.ALLOWED_BEFORE_STARTTLS.add("LHLO")
 
 
 class _DeliveryProtocol:

@@ -1,8 +1,9 @@
-"""``delivery-executor serve``: a durable Maildir delivery server over LMTP or SMTP.
+"""The server's core: :class:`ServerConfig` and :func:`serve`, the async server.
 
-One process runs one event loop holding the executor and the listening
-socket, so no request crosses threads. ``workers > 1`` starts that many such
-processes on one port with ``SO_REUSEPORT``, each with its own executor.
+One process runs one event loop holding the executor and its listening
+sockets, so no request crosses threads. ``workers > 1`` (see :mod:`.run`)
+forks that many such processes over the same listeners, each with its own
+executor.
 
 ``--handler MODULE:FACTORY`` (``ServerConfig.handler``) replaces the delivery
 handler with ``FACTORY(executor, resolver, config)``, any aiosmtpd handler:
@@ -15,17 +16,12 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .executor import (
+from ..executor import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENT_FLUSHES,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -34,12 +30,32 @@ from .executor import (
     DeliveryExecutor,
     WriterName,
 )
-from .metrics import start_metrics, start_worker_metrics
-from .recipients import MailboxResolver
-from .smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, LineEndings, SessionFactory
-from .store import SyncMode
+from ..metrics import start_metrics
+from ..recipients import MailboxResolver
+from ..smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, LineEndings, SessionFactory
+from ..store import SyncMode
+from .checks import StartupError
+from .identity import banner, default_hostname
+from .listeners import (
+    DEFAULT_LISTEN,
+    BoundListener,
+    ListenSpec,
+    bind_all,
+    release,
+    start_serving,
+)
+from .loops import default_loop
+from .signals import Running
+from .tls import tls_for
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "ServerConfig", "ServerSummary", "run_server", "serve"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "Running",
+    "ServerConfig",
+    "ServerSummary",
+    "load_handler_factory",
+    "serve",
+]
 
 DEFAULT_MAX_CONNECTIONS = 256
 
@@ -52,8 +68,6 @@ class ServerConfig:
     """Everything ``serve`` needs; the CLI flags map one to one."""
 
     root: Path
-    host: str = "127.0.0.1"
-    port: int = 2525
     lmtp: bool = True
     domains: Sequence[str] | None = None
     recipient_delimiter: str | None = None
@@ -77,7 +91,26 @@ class ServerConfig:
     handler: str | None = None
     """``"module:factory"``: ``factory(executor, resolver, config)`` returns the
     aiosmtpd handler to use instead of :class:`DeliveryHandler`."""
-    # Dovecot's on-disk conventions and watching it run (issue 10, items 4-5).
+    # -- deployment: listeners, TLS, identity, event loop
+    listen: Sequence[ListenSpec] = ()
+    """Listeners (``--listen``, ``--tls-listen``); with none, and no systemd
+    socket, ``127.0.0.1:2525``."""
+    socket_mode: int = 0o660
+    """Permissions of the UNIX socket files ``serve`` creates."""
+    socket_gid: int | None = None
+    """Group to give those files (e.g. Postfix's), or keep the process's."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: with ``tls_key``, turns STARTTLS on."""
+    tls_key: Path | None = None
+    require_starttls: bool = False
+    """Refuse MAIL (``530``) on a connection that has not done STARTTLS."""
+    hostname: str | None = None
+    """Name in the banner, LHLO/EHLO and ``Received: by``; default: the FQDN."""
+    banner_version: bool = False
+    """Name the software and its version in the banner."""
+    loop: str = field(default_factory=default_loop)
+    """``"uvloop"`` (default when installed) or ``"asyncio"``."""
+    # -- Dovecot's on-disk conventions and watching it run
     line_endings: LineEndings = "lf"
     """``"lf"``: store CRLF as LF, as Dovecot and Postfix's local delivery do."""
     size_in_names: bool = True
@@ -85,7 +118,7 @@ class ServerConfig:
     detail_to_folder: bool = False
     """``user+box@d`` into the Maildir++ folder ``.box`` when it exists."""
     metrics: tuple[str, int] | None = None
-    """``(host, port)`` to serve Prometheus metrics on (see :mod:`.metrics`)."""
+    """``(host, port)`` to serve Prometheus metrics on (see :mod:`..metrics`)."""
 
 
 @dataclass(frozen=True)
@@ -165,19 +198,52 @@ async def serve(
     config: ServerConfig,
     stop: asyncio.Event,
     *,
-    on_ready: Callable[[str, int], None] | None = None,
+    on_ready: Callable[[Running], None] | None = None,
+    listeners: Sequence[BoundListener] | None = None,
 ) -> ServerSummary:
     """Listen and deliver until ``stop`` is set, then drain and return a summary.
 
-    After ``stop``: the listening socket closes, open sessions get up to
+    ``listeners`` are sockets bound beforehand (:func:`.listeners.bind_all`);
+    without them ``serve`` binds ``config.listen`` itself and closes them (and
+    removes its UNIX socket files) when done. ``on_ready`` is called once all
+    listen. After ``stop``: the listeners close, open sessions get up to
     ``config.grace`` seconds to finish, then the executor flushes everything it
-    accepted. Raises ``OSError`` if the address cannot be bound or the writer
-    helper cannot start.
+    accepted. Raises :class:`StartupError` for a listener, certificate or
+    writer helper that cannot be set up.
     """
     started = time.monotonic()
+    owned = listeners is None
+    if listeners is None:
+        specs = list(config.listen) or [ListenSpec.parse(DEFAULT_LISTEN)]
+        listeners = bind_all(
+            specs,
+            1,
+            reuse_port=config.reuse_port,
+            socket_mode=config.socket_mode,
+            socket_gid=config.socket_gid,
+        )[0]
+    try:
+        return await _serve(config, stop, list(listeners), on_ready, started)
+    finally:
+        if owned:
+            release(listeners)
+
+
+async def _serve(
+    config: ServerConfig,
+    stop: asyncio.Event,
+    bound: list[BoundListener],
+    on_ready: Callable[[Running], None] | None,
+    started: float,
+) -> ServerSummary:
     loop = asyncio.get_running_loop()
+    tls = tls_for(
+        config.tls_cert,
+        config.tls_key,
+        needed=config.require_starttls or any(s.implicit_tls for s in config.listen),
+    )
     executor = _executor(config)
-    hostname = socket.getfqdn()  # one look-up, for the greeting and our Received lines
+    hostname = config.hostname or default_hostname()  # once: greeting and Received lines
     handler, _ = _handler(config, executor, hostname)
     factory = SessionFactory(
         handler,
@@ -187,19 +253,25 @@ async def serve(
         data_size_limit=config.max_message_size,
         enable_SMTPUTF8=True,
         hostname=hostname,
+        ident=banner(config.lmtp, config.banner_version),
+        tls_context=tls.context if tls is not None else None,
+        require_starttls=config.require_starttls,
     )
+    try:
+        await executor.start()  # the writer helper answers, or we say why now
+    except OSError as exc:
+        await executor.aclose()
+        raise StartupError(str(exc)) from exc
     async with executor:
         metrics = await start_metrics(config, executor, handler, factory)
-        server = await loop.create_server(
-            factory, config.host, config.port, reuse_port=config.reuse_port or None
-        )
-        host, port = server.sockets[0].getsockname()[:2]
+        servers = [await start_serving(loop, b, factory, tls) for b in bound]
         if on_ready is not None:
-            on_ready(host, port)
+            on_ready(Running(bound, executor, factory, tls, started))
         try:
             await stop.wait()
         finally:
-            server.close()
+            for server in servers:
+                server.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(factory.idle.wait(), config.grace)
             if factory.live:
@@ -218,74 +290,3 @@ async def serve(
         refused_connections=factory.refused,
         seconds=time.monotonic() - started,
     )
-
-
-def _say(line: str) -> None:
-    # One write per line: worker processes share the parent's stdout, and
-    # print() writes the text and its newline separately, so lines interleave.
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _run_one(config: ServerConfig) -> int:
-    """Run one server process until SIGINT/SIGTERM; print where it listens and a summary."""
-
-    async def main() -> ServerSummary:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        proto = "LMTP" if config.lmtp else "SMTP"
-
-        def ready(host: str, port: int) -> None:
-            _say(
-                f"listening on {host}:{port} ({proto}, pid {os.getpid()}),"
-                f" delivering into {config.root}"
-            )
-
-        return await serve(config, stop, on_ready=ready)
-
-    summary = asyncio.run(main())
-    _say(summary.line())
-    return 0
-
-
-def _run_workers(config: ServerConfig, argv: Sequence[str]) -> int:
-    """Start ``config.workers`` processes on one port; forward signals; wait for all."""
-    child_argv = [
-        sys.executable,
-        "-m",
-        "delivery_executor",
-        *argv,
-        "--workers",
-        "1",
-        "--reuse-port",
-    ]
-    metrics = start_worker_metrics(config)  # first: the workers inherit where to report
-    children = [subprocess.Popen(child_argv) for _ in range(config.workers)]
-    if metrics is not None:
-        metrics.watch(children)
-
-    def forward(signum: int, _frame: object) -> None:
-        for c in children:
-            if c.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    c.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [c.wait() for c in children]
-    if metrics is not None:
-        metrics.close()
-    bad = [c for c in codes if c != 0]
-    _say(f"workers exited: {codes}")
-    return bad[0] if bad else 0
-
-
-def run_server(config: ServerConfig, argv: Sequence[str] = ()) -> int:
-    """The ``serve`` command: one process, or ``workers`` of them sharing the port."""
-    if config.workers > 1:
-        if config.port == 0:
-            raise ValueError("--workers > 1 needs a fixed port (not 0) to share")
-        return _run_workers(config, argv)
-    return _run_one(config)

@@ -1,0 +1,38 @@
+"""``delivery-executor serve``: a durable Maildir delivery server over LMTP or SMTP.
+
+One module per concern:
+
+- :mod:`.core`: :class:`ServerConfig` and the async :func:`serve`;
+- :mod:`.run`: :func:`run_server`, the command (start-up checks, workers);
+- :mod:`.listeners`: TCP, IPv6, UNIX, inherited and systemd sockets;
+- :mod:`.tls`: STARTTLS, implicit TLS, certificate reload;
+- :mod:`.identity`: host name and banner;
+- :mod:`.signals`: TERM/INT drain, HUP reload, USR1 stats;
+- :mod:`.loops`: uvloop or asyncio;
+- :mod:`.checks`: :class:`StartupError` and the ``--root`` check.
+"""
+
+from .checks import StartupError
+from .core import (
+    DEFAULT_MAX_CONNECTIONS,
+    ServerConfig,
+    ServerSummary,
+    load_handler_factory,
+    serve,
+)
+from .listeners import BoundListener, ListenSpec
+from .run import run_server
+from .signals import Running
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "BoundListener",
+    "ListenSpec",
+    "Running",
+    "ServerConfig",
+    "ServerSummary",
+    "StartupError",
+    "load_handler_factory",
+    "run_server",
+    "serve",
+]
