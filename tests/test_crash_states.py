@@ -91,11 +91,11 @@ def test_a_failed_batch_leaves_no_state_with_partial_mail(tmp_path: Path) -> Non
     class FailSecondSync(TraceOps):
         seen = 0
 
-        def syncfs(self, path: str) -> None:
+        def syncfs(self, path: str, fd: int = -1) -> None:
             self.seen += 1
             if self.seen == 2:
                 raise OSError(5, "Input/output error", path)
-            super().syncfs(path)
+            super().syncfs(path, fd)
 
     ops = FailSecondSync()
     (res,) = commit_batch([(md, [b"a", b"b", b"c"])], sync="syncfs", ops=ops)
