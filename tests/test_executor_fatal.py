@@ -36,7 +36,7 @@ def test_systemexit_from_a_writer_settles_every_caller_then_propagates(
     monkeypatch.setattr(
         threading,
         "excepthook",
-        lambda a: escaped.append((a.thread.name, a.exc_type)),  # type: ignore[union-attr]
+        lambda a: escaped.append((a.thread.name, a.exc_type)),
     )
     writer = ExitingWriter()
     ex = DeliveryExecutor(writer=writer, policy="window", max_batch=4, max_wait=5.0)

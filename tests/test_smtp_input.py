@@ -124,7 +124,7 @@ async def test_handler_strips_crlf_from_every_client_value_it_writes(tmp_path: P
         handler = DeliveryHandler(ex, MailboxResolver(tmp_path))
         server = LMTP(handler, loop=loop)
         session = Session(loop)
-        session.peer = ("192.0.2.1", 25)
+        session.peer = ("192.0.2.1", 25)  # type: ignore[assignment]
         session.host_name = "helo\r\nX-Helo: 1"
         env = Envelope()
         env.mail_from = "s@x\r\nX-From: 1"
