@@ -18,6 +18,7 @@ from .executor import (
 )
 from .server import DEFAULT_MAX_CONNECTIONS
 from .smtp import DEFAULT_MAX_MESSAGE_SIZE
+from .smtp.sessions import DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MIN_RATE, DEFAULT_SESSION_TIMEOUT
 from .store.commit import SYNC_MODES
 
 __all__ = ["main"]
@@ -69,6 +70,33 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="use FACTORY(executor, resolver, config) as the aiosmtpd handler",
     )
     p.add_argument("--log-level", default="INFO")
+    # -- hostile load: caps, fairness and the DATA budget (smtp/sessions.py)
+    p.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_IP,
+        help="sessions per peer (IPv4 address or IPv6 /64; Unix sockets exempt); 0: no cap",
+    )
+    p.add_argument(
+        "--session-timeout",
+        type=float,
+        default=DEFAULT_SESSION_TIMEOUT,
+        help="seconds a session may last before 421 4.4.2",
+    )
+    p.add_argument(
+        "--min-rate",
+        type=int,
+        default=DEFAULT_MIN_RATE,
+        help="bytes/s a client must average while the server waits on it"
+        " (after 10 s of waiting); else 421 4.4.2. 0: no rule",
+    )
+    p.add_argument(
+        "--max-pending-bytes",
+        type=int,
+        default=None,
+        help="bytes held in DATA across sessions; past it DATA waits, then 451 4.3.1"
+        " (default: 4 x --max-size)",
+    )
 
 
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -102,6 +130,10 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         workers=args.workers,
         writer=args.writer,
         handler=args.handler,
+        max_connections_per_ip=args.max_connections_per_ip,
+        session_timeout=args.session_timeout,
+        min_rate=args.min_rate,
+        max_pending_bytes=args.max_pending_bytes,
     )
     try:
         return run_server(config, argv)

@@ -36,6 +36,11 @@ from .executor import (
 )
 from .recipients import MailboxResolver
 from .smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, SessionFactory
+from .smtp.sessions import (
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_MIN_RATE,
+    DEFAULT_SESSION_TIMEOUT,
+)
 from .store import SyncMode
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "ServerConfig", "ServerSummary", "run_server", "serve"]
@@ -76,6 +81,15 @@ class ServerConfig:
     handler: str | None = None
     """``"module:factory"``: ``factory(executor, resolver, config)`` returns the
     aiosmtpd handler to use instead of :class:`DeliveryHandler`."""
+    # -- hostile load (SessionFactory; see delivery_executor.smtp.sessions)
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
+    """Sessions per peer (IPv4 address or IPv6 /64); 0: no cap."""
+    session_timeout: float = DEFAULT_SESSION_TIMEOUT
+    """Seconds a session may last."""
+    min_rate: int = DEFAULT_MIN_RATE
+    """Bytes/s a client must average while the server waits on it; 0: no rule."""
+    max_pending_bytes: int | None = None
+    """Bytes held in DATA across sessions; ``None``: 4 × ``max_message_size``."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,10 @@ async def serve(
         data_size_limit=config.max_message_size,
         enable_SMTPUTF8=True,
         hostname=hostname,
+        max_connections_per_ip=config.max_connections_per_ip,
+        session_timeout=config.session_timeout,
+        min_rate=config.min_rate,
+        max_pending_bytes=config.max_pending_bytes,
     )
     async with executor:
         server = await loop.create_server(
