@@ -16,7 +16,7 @@ import pytest
 from delivery_executor import DeliveryExecutor, MailboxResolver, ThreadWriter, write_batch
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.smtp.sessions import DEFAULT_MAX_CONNECTIONS_PER_IP, peer_key
-from delivery_executor.testing import SMTPClientError, send_message
+from delivery_executor.testing import ServerProcess, SMTPClientError, send_message
 from delivery_executor.writers import BatchResult, Group
 
 from .conftest import files_in
@@ -266,3 +266,22 @@ async def test_slow_clients_holding_every_slot_do_not_starve_normal_ones(tmp_pat
     assert factory.evicted >= 1  # slots were taken from slow clients, not waited for
     assert refusals < 40, refusals  # most messages got in on the first try
     assert attacker_sessions >= 256
+
+
+async def test_serve_flags_reach_the_session_rules(tmp_path: Path) -> None:
+    """serve --max-connections-per-ip 1 --session-timeout 1: 421 4.3.2, then 421 4.4.2."""
+    args = ("--max-connections-per-ip", "1", "--session-timeout", "1", "--min-rate", "0",
+            "--max-pending-bytes", "100000", "--max-size", "50000")  # fmt: skip
+    with ServerProcess(tmp_path, *args) as srv:
+        r1, w1 = await connect(srv.port)
+        assert (await r1.readline()).startswith(b"220")
+        r2, w2 = await connect(srv.port)
+        assert (await r2.readline()).startswith(b"421 4.3.2 Too many connections from your")
+        assert await closed_with(r1, 10) == b"421 4.4.2 Session time limit exceeded, closing\r\n"
+        replies = await send_message(
+            "127.0.0.1", srv.port, mail_from="s@x.net", rcpts=["a@example.org"], body=b"hi\r\n"
+        )
+        assert [r.code for r in replies] == [250]
+        for w in (w1, w2):
+            w.close()
+        assert srv.stop() == 0
