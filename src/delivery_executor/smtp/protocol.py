@@ -90,12 +90,15 @@ class _DeliveryProtocol:
             return
         limit = self.data_size_limit or guard.factory.budget.max_bytes
         hold = guard.factory.budget.hold(limit + _LINE_SLACK)
+        guard.hook(True)  # waiting for room is the server's time, not the client's
         try:
             async with asyncio.timeout(guard.factory.data_wait):
                 await hold.open(_declared_size(env) or _SLICE)
         except TimeoutError:
             await self.push("451 4.3.1 Too much mail data pending on this server, try again later")
             return
+        finally:
+            guard.hook(False)
         guard.hold = hold
         try:
             await super().smtp_DATA(arg)  # type: ignore[misc]

@@ -251,7 +251,8 @@ class SessionGuard:
             not self.hooks and self.waiting is None and (self.in_data or self.partial)
         )
         self.busy_since = now if owed else None
-        self.idle_since = None if owed or self.hooks else now
+        ours = self.hooks or self.waiting is not None  # the server is the one busy
+        self.idle_since = None if owed or ours else now
 
     def behind(self) -> float:
         """Seconds of waiting the bytes received do not pay for at ``min_rate`` (0: none)."""
@@ -285,7 +286,7 @@ class SessionGuard:
         (a client sending a NOOP every few seconds adds up too); or
         :data:`EVICT_BEHIND` s behind ``min_rate``.
         """
-        if self.closed or self.hooks:
+        if self.closed or self.hooks or self.waiting is not None:
             return 0.0
         self._update()
         if self.idle_since is not None and self.idle >= self.factory.evict_idle:
