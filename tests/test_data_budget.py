@@ -160,7 +160,10 @@ def body(n: int) -> bytes:
 
 async def test_data_waits_for_room_then_gets_451_4_3_1(tmp_path: Path) -> None:
     """With 100 kB held by a stalled transfer, DATA for 20 kB more waits, then gets 451 4.3.1."""
-    async with server(tmp_path, max_pending_bytes=100_000, data_wait=0.3) as (port, factory):
+    async with server(tmp_path, 100_000, max_pending_bytes=100_000, data_wait=0.3) as (
+        port,
+        factory,
+    ):
         ra, wa, reply = await start_data(port, 90_000, "a@example.org")
         assert reply.startswith(b"354")
         msg = dot_stuff(body(80_000))
@@ -233,3 +236,17 @@ async def test_concurrent_transfers_stay_within_the_budget_and_all_complete(
     assert factory.budget.held == 0 and factory.budget_closed == 0
     for i in range(16):
         assert len(files_in(tmp_path / "example.org" / f"u{i}" / "new")) == 1
+
+
+async def test_a_budget_smaller_than_one_message_is_refused(tmp_path: Path) -> None:
+    """max_pending_bytes below data_size_limit is a configuration error, said at once."""
+    loop = asyncio.get_running_loop()
+    async with DeliveryExecutor() as ex:
+        handler = DeliveryHandler(ex, MailboxResolver(tmp_path))
+        with pytest.raises(ValueError, match="max_pending_bytes must be >= 1000, not 999"):
+            SessionFactory(
+                handler, lmtp=True, max_connections=1, loop=loop, data_size_limit=1000,
+                max_pending_bytes=999,
+            )  # fmt: skip
+        factory = SessionFactory(handler, lmtp=True, max_connections=1, loop=loop)
+        assert factory.budget.max_bytes == 4 * 33554432

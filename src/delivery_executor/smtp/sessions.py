@@ -347,7 +347,7 @@ class SessionFactory:
         rate_grace: seconds of such waiting before ``min_rate`` applies.
         evict_idle: seconds idle after which a session may be closed to make room.
         max_pending_bytes: the DATA budget across sessions (default: 4 ×
-            ``data_size_limit``, at least one whole message).
+            ``data_size_limit``; at least ``data_size_limit``).
         data_wait: seconds a DATA command waits for budget before ``451 4.3.1``.
         **smtp_kwargs: passed to every protocol (``data_size_limit``, ...).
 
@@ -397,7 +397,8 @@ class SessionFactory:
         limit = smtp_kwargs.get("data_size_limit") or 33554432  # aiosmtpd's default
         if max_pending_bytes is None:
             max_pending_bytes = 4 * limit
-        _count("max_pending_bytes", max_pending_bytes, minimum=1)
+        # Smaller, and one message of the allowed size could hold more than is counted.
+        _count("max_pending_bytes", max_pending_bytes, minimum=limit)
         self.budget = DataBudget(max_pending_bytes)
         self.sessions: set[SessionGuard] = set()
         self.per_peer: dict[str, int] = {}
