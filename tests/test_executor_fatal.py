@@ -1,7 +1,8 @@
-"""A writer raising SystemExit/KeyboardInterrupt: every caller is answered before it goes on."""
+"""Writer failures that must not strand callers: SystemExit from a writer, oversized frames."""
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from delivery_executor import DeliveryExecutor, ExecutorCrashed
-from delivery_executor.writers import BatchResult, Group
+from delivery_executor.writers import BatchResult, Group, ProcessWriter
+from delivery_executor.writers.process import encode_request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,3 +66,23 @@ def test_systemexit_from_a_writer_settles_every_caller_then_propagates(
     assert not home.is_alive()
     assert escaped == [("delivery-executor", SystemExit)]
     ex.close()  # returns although the home loop is gone
+
+
+@pytest.mark.asyncio
+async def test_a_batch_past_the_4_gib_frame_fails_clearly_and_leaks_nothing(
+    tmp_path: Path,
+) -> None:
+    """A 4 GiB body (virtual memory only) is a ValueError from acommit; no future is left."""
+    with mmap.mmap(-1, 1 << 32) as huge:
+        view = memoryview(huge)
+        try:
+            with pytest.raises(ValueError, match="too large for the helper's 4 GiB frame"):
+                encode_request(1, [(str(tmp_path / "m"), [(view,)])])
+            writer = ProcessWriter()
+            with pytest.raises(ValueError, match="4 GiB frame"):
+                await writer.acommit([(str(tmp_path / "m"), [(view,)])])
+            assert writer._waiting == {}  # nothing registered, nothing to settle later
+            assert repr(writer).endswith("pid=None waiting=0>")  # and no helper was started
+            await writer.aclose()
+        finally:
+            view.release()

@@ -85,18 +85,15 @@ def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryvi
                     i = index[key] = len(blobs)
                     blobs.append(part)
                 refs.append(_U32.pack(i))
-    out: list[bytes | memoryview] = [b"", _U32.pack(batch), _U32.pack(len(blobs))]
-    size = 8
+    tail = b"".join(refs)
+    size = 8 + len(tail) + sum(4 + blob.nbytes for blob in blobs)
+    if size > _FRAME_MAX:  # checked first: a blob's own u32 length could not even be packed
+        raise ValueError(f"batch of {size} bytes is too large for the helper's 4 GiB frame")
+    out: list[bytes | memoryview] = [_U32.pack(size), _U32.pack(batch), _U32.pack(len(blobs))]
     for blob in blobs:
         out.append(_U32.pack(blob.nbytes))
         out.append(blob)
-        size += 4 + blob.nbytes
-    tail = b"".join(refs)
     out.append(tail)
-    size += len(tail)
-    if size > _FRAME_MAX:
-        raise ValueError(f"batch of {size} bytes is too large for the helper's 4 GiB frame")
-    out[0] = _U32.pack(size)
     return out
 
 
