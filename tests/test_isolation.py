@@ -83,6 +83,8 @@ def test_an_unreadable_new_fails_only_itself_for_an_unprivileged_user(tmp_path: 
             timeout=100,
             preexec_fn=_drop_dac_override,
         )
+        if proc.returncode == 99:
+            pytest.skip("cannot drop CAP_DAC_OVERRIDE from the bounding set here")
         assert proc.returncode == 0, proc.stderr
         results = json.loads(proc.stdout)
     assert sorted(results) == sorted(f"{h}/{s}" for h in HOWS for s in SYNCS)

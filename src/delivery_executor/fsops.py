@@ -111,8 +111,10 @@ class FsOps:
         btrfs, tmpfs); where the kernel or the file system lacks it, or off
         Linux, :meth:`link` then :meth:`unlink` of ``src``, which also never
         replaces. A crash between those two leaves the file under both names
-        (the ``tmp/`` one is removed later by ``cleanup_tmp``). The error
-        carries ``filename=src`` and ``filename2=dst``, as ``os.rename``'s do.
+        (the ``tmp/`` one is removed later by ``cleanup_tmp``). There, each
+        call costs a failed ``renameat2`` and one syscall more; a file system
+        with neither (no hard links) fails the move. The error carries
+        ``filename=src`` and ``filename2=dst``, as ``os.rename``'s do.
         """
         if _RENAMEAT2 is not None:
             try:
