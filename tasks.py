@@ -6,6 +6,7 @@ python3 tasks.py test        ruff, mypy --strict and the test suite
                              (--cov: with line coverage, child processes included)
 python3 tasks.py bench       the microbenchmarks (see BUDGETS.md)
 python3 tasks.py loadbench   the SMTP/LMTP load table (python -m benches.load; see BUDGETS.md)
+python3 tasks.py mutate      check that the tests kill each known mutant (python -m tests.mutants)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test", "bench", "loadbench"):
+    if not argv or argv[0] not in ("demo", "test", "bench", "loadbench", "mutate"):
         print(__doc__, file=sys.stderr)
         return 2
     task, rest = argv[0], argv[1:]
@@ -51,6 +52,8 @@ def main(argv: list[str]) -> int:
             _run(BIN / "python", "-m", "benches.demo", *rest)
         elif task == "loadbench":
             _run(BIN / "python", "-m", "benches.load", *rest)
+        elif task == "mutate":
+            _run(BIN / "python", "-m", "tests.mutants", *rest)
         elif task == "test":
             _run(BIN / "ruff", "check", *LINTED)
             _run(BIN / "ruff", "format", "--check", *LINTED)

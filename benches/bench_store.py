@@ -34,7 +34,7 @@ class NoSyncOps(FsOps):
     def fsync_dir(self, path: str) -> None:
         pass
 
-    def syncfs(self, path: str) -> None:
+    def syncfs(self, path: str, fd: int = -1) -> None:
         pass
 
 

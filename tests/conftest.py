@@ -95,6 +95,14 @@ class RecordingOps(FsOps):
         self._rec("rename", src, dst)
         super().rename(src, dst)
 
+    def renameat2(self, src: str, dst: str) -> None:
+        self._rec("rename", src, dst)
+        super().renameat2(src, dst)
+
+    def link(self, src: str, dst: str) -> None:
+        self._rec("link", src, dst)
+        super().link(src, dst)
+
     def unlink(self, path: str) -> None:
         self._rec("unlink", path)
         super().unlink(path)
@@ -103,9 +111,9 @@ class RecordingOps(FsOps):
         self._rec("fsync_dir", path)
         super().fsync_dir(path)
 
-    def syncfs(self, path: str) -> None:
+    def syncfs(self, path: str, fd: int = -1) -> None:
         self._rec("syncfs", path)
-        super().syncfs(path)
+        super().syncfs(path, fd)
 
 
 @pytest.fixture

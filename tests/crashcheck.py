@@ -9,7 +9,15 @@ a conservative Linux persistence model and enumerates every crash state:
   each independently of the others;
 - ``fdatasync(f)`` persists the data written to ``f`` before it;
 - ``fsync(dir)`` persists the entries (creates, renames into it) made before it;
-- ``syncfs`` persists everything before it.
+- ``syncfs`` persists everything before it;
+- ``mkdir(d)`` makes a directory entry like any other: it persists only with
+  an ``fsync`` of ``d``'s parent or a ``syncfs`` after it, and if it is lost,
+  everything under ``d`` is lost with it (a first delivery into a brand-new
+  Maildir);
+- ``link(src, dst)`` (the fallback of ``rename_noreplace``) makes the entry
+  ``dst`` for ``src``'s file, exactly as a rename would; the ``unlink(src)``
+  after it touches ``tmp/`` only, so a crash between the two leaves the message
+  under both names, never under none.
 
 A file whose rename into ``new/`` persisted but whose data did not is the
 ext4/XFS delayed-allocation outcome: a name with empty or partial content.
@@ -31,7 +39,7 @@ from delivery_executor.fsops import FsOps
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # create | write | fdatasync | rename | fsync_dir | syncfs | unlink | ack
+    kind: str  # create|write|fdatasync|mkdir|rename|link|fsync_dir|syncfs|unlink|ack
     path: str = ""
     path2: str = ""
     data: bytes = b""
@@ -57,9 +65,21 @@ class TraceOps(FsOps):
         self.log.append(Op("fdatasync", path))
         super().fdatasync(fd, path)
 
+    def mkdir(self, path: str) -> None:
+        super().mkdir(path)  # recorded only if it made the directory
+        self.log.append(Op("mkdir", path.rstrip(os.sep)))
+
     def rename(self, src: str, dst: str) -> None:
         self.log.append(Op("rename", src, dst))
         super().rename(src, dst)
+
+    def renameat2(self, src: str, dst: str) -> None:
+        super().renameat2(src, dst)  # recorded only if it moved the file
+        self.log.append(Op("rename", src, dst))
+
+    def link(self, src: str, dst: str) -> None:
+        super().link(src, dst)
+        self.log.append(Op("link", src, dst))
 
     def unlink(self, path: str) -> None:
         self.log.append(Op("unlink", path))
@@ -69,9 +89,9 @@ class TraceOps(FsOps):
         self.log.append(Op("fsync_dir", path.rstrip(os.sep)))
         super().fsync_dir(path)
 
-    def syncfs(self, path: str) -> None:
+    def syncfs(self, path: str, fd: int = -1) -> None:
         self.log.append(Op("syncfs", path))
-        super().syncfs(path)
+        super().syncfs(path, fd)
 
     def ack(self, new_path: str) -> None:
         """Mark that the caller was told ``new_path`` is delivered (the call returned)."""
@@ -93,9 +113,10 @@ def _fates(log: list[Op], k: int) -> list[FileFate]:
     """Per message file, the outcomes a crash after ``log[:k]`` allows."""
     prefix = log[:k]
     acked = {op.path for op in prefix if op.kind == "ack"}
+    made = {op.path: i for i, op in enumerate(prefix) if op.kind == "mkdir"}
     fates = []
     for r, op in enumerate(prefix):
-        if op.kind != "rename":
+        if op.kind not in ("rename", "link"):
             continue
         src, dst = op.path, op.path2
         writes = [i for i, o in enumerate(prefix) if o.kind == "write" and o.path == src]
@@ -105,14 +126,29 @@ def _fates(log: list[Op], k: int) -> list[FileFate]:
             (o.kind == "fdatasync" and o.path == src) or o.kind == "syncfs"
             for o in prefix[last_write + 1 :]
         )
-        name_durable = any(
-            (o.kind == "fsync_dir" and o.path == os.path.dirname(dst)) or o.kind == "syncfs"
-            for o in prefix[r + 1 :]
+        name_durable = _entry_durable(prefix, r, dst) and all(
+            _entry_durable(prefix, made[d], d) for d in _ancestors(dst) if d in made
         )
         names = {True} if name_durable else {True, False}
         datas = {True} if data_durable or not full else {True, False}
         fates.append(FileFate(dst, full, dst in acked, frozenset(itertools.product(names, datas))))
     return fates
+
+
+def _entry_durable(prefix: list[Op], i: int, path: str) -> bool:
+    """Whether the directory entry ``path``, made by ``prefix[i]``, is persisted later on."""
+    parent = os.path.dirname(path)
+    return any(
+        (o.kind == "fsync_dir" and o.path == parent) or o.kind == "syncfs" for o in prefix[i + 1 :]
+    )
+
+
+def _ancestors(path: str) -> list[str]:
+    out = []
+    while (parent := os.path.dirname(path)) != path:
+        out.append(parent)
+        path = parent
+    return out
 
 
 def _bad(f: FileFate, present: bool, complete: bool) -> str | None:

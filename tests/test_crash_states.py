@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import io
 import os
+import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from delivery_executor import Maildir, commit_batch
+from delivery_executor import LoopWriter, Maildir, commit_batch
+from delivery_executor.store import StepDriver, commit_steps, run_sync_call
 from delivery_executor.store import names as md_mod
+from delivery_executor.store.commit import Parts
+from delivery_executor.writers import BatchResult, Group, write_batch
+from delivery_executor.writers.base import open_maildirs
+from delivery_executor.writers.process import decode_reply, encode_request, serve_batches
 
 from .crashcheck import TraceOps, violations
+
+pytestmark = pytest.mark.timeout(120)
 
 
 def run_batches(boxes: list[Maildir], batches: list[int], sync: str, ops: TraceOps) -> None:
@@ -91,11 +104,11 @@ def test_a_failed_batch_leaves_no_state_with_partial_mail(tmp_path: Path) -> Non
     class FailSecondSync(TraceOps):
         seen = 0
 
-        def syncfs(self, path: str) -> None:
+        def syncfs(self, path: str, fd: int = -1) -> None:
             self.seen += 1
             if self.seen == 2:
                 raise OSError(5, "Input/output error", path)
-            super().syncfs(path)
+            super().syncfs(path, fd)
 
     ops = FailSecondSync()
     (res,) = commit_batch([(md, [b"a", b"b", b"c"])], sync="syncfs", ops=ops)
@@ -103,3 +116,188 @@ def test_a_failed_batch_leaves_no_state_with_partial_mail(tmp_path: Path) -> Non
     assert not any(op.kind == "ack" for op in ops.log)
     assert violations(ops.log) == []
     assert len(os.listdir(md.path / "new")) == 3  # complete, unacknowledged: may duplicate
+
+
+# -- first delivery into a brand-new Maildir (Maildir.create through the seam)
+
+
+def _deliver_fresh(tmp_path: Path, sync: str, ops: TraceOps, n: int) -> list[str]:
+    """Deliver n messages into brand-new Maildirs (and new parents) the way the executor does."""
+    paths = [str(tmp_path / "new-domain" / "sub" / f"user{i}") for i in range(2)]
+    groups = [(p, [(memoryview(b"first %d to %s\r\n" % (i, p.encode())),) for i in range(n)])
+              for p in paths]  # fmt: skip
+    results, _ = write_batch(groups, sync=sync, ops=ops)  # type: ignore[arg-type]
+    for path, res in zip(paths, results, strict=True):
+        assert isinstance(res, list)
+        for mid in res:
+            ops.ack(os.path.join(path, "new", mid.name))
+    return paths
+
+
+@pytest.mark.parametrize("sync", ["fsync", "syncfs", "auto"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_first_delivery_into_a_brand_new_maildir_survives_every_crash_state(
+    tmp_path: Path, sync: str, n: int
+) -> None:
+    """Every directory Maildir.create makes goes through FsOps and is durable before the ack."""
+    ops = TraceOps()
+    paths = _deliver_fresh(tmp_path, sync, ops, n)
+    made = {op.path for op in ops.log if op.kind == "mkdir"}
+    want = {str(tmp_path / "new-domain"), str(tmp_path / "new-domain" / "sub")}
+    for p in paths:
+        want |= {p, p + "/tmp", p + "/new", p + "/cur"}
+    assert made == want  # the seam saw every directory made: the checker models them all
+    assert violations(ops.log) == []
+
+
+def test_checker_loses_mail_in_a_maildir_whose_parent_was_not_fsynced(tmp_path: Path) -> None:
+    """Without fsyncing the parents of new directories, the first acked message may vanish."""
+    ops = TraceOps()
+    root = tmp_path / "fresh"
+    for d in (root, root / "tmp", root / "new", root / "cur"):
+        ops.mkdir(str(d))  # and no fsync of tmp_path or root
+    (res,) = commit_batch([(Maildir.open(root), [b"hello"])], sync="fsync", ops=ops)
+    assert isinstance(res, list)
+    ops.ack(str(root / "new" / res[0].name))
+    assert violations(ops.log)[-1] == (
+        f"crash after op {len(ops.log)}: acknowledged {res[0].name} missing from new/"
+    )
+
+
+# -- the link + unlink fallback of rename_noreplace
+
+
+class NoRenameat2Trace(TraceOps):
+    """A file system without RENAME_NOREPLACE: the store falls back to link + unlink."""
+
+    def renameat2(self, src: str, dst: str) -> None:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), src, None, dst)
+
+
+@pytest.mark.parametrize("sync", ["fsync", "syncfs", "auto"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_link_unlink_fallback_survives_every_crash_state(tmp_path: Path, sync: str, n: int) -> None:
+    """Moving by link + unlink instead of renameat2 leaves no crash state losing or tearing mail."""
+    boxes = [Maildir.create(tmp_path / f"u{i}") for i in range(2)]
+    ops = NoRenameat2Trace()
+    run_batches(boxes, [n, n], sync, ops)
+    kinds = [op.kind for op in ops.log]
+    assert kinds.count("link") == 2 * n and "rename" not in kinds
+    assert violations(ops.log) == []
+
+
+# -- the executor's own commit paths, not only commit_batch
+
+
+def _groups(b: int, n: int, boxes: list[Path]) -> list[tuple[str, list[Parts]]]:
+    groups: dict[str, list[Parts]] = {}
+    for i in range(n):
+        path = str(boxes[i % len(boxes)])
+        groups.setdefault(path, []).append((memoryview(b"batch %d message %d\r\n" % (b, i)),))
+    return list(groups.items())
+
+
+def _ack(ops: TraceOps, groups: list[tuple[str, list[Parts]]], results: list[Any]) -> None:
+    for (path, _), res in zip(groups, results, strict=True):
+        assert isinstance(res, list), res
+        for mid in res:
+            ops.ack(os.path.join(path, "new", mid.name))
+
+
+@pytest.mark.parametrize("sync", ["fsync", "syncfs", "auto"])
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.asyncio
+async def test_loop_writer_acommit_survives_every_crash_state(
+    tmp_path: Path, sync: str, n: int
+) -> None:
+    """LoopWriter.acommit (the library's default path): no crash state loses or tears mail."""
+    ops = TraceOps()
+    writer = LoopWriter(sync, ops)  # type: ignore[arg-type]
+    boxes = [tmp_path / f"u{i}" for i in range(3)]  # made by the first batch
+    try:
+        for b in range(2):
+            groups = _groups(b, n, boxes)
+            results, _ = await writer.acommit(groups)
+            _ack(ops, groups, results)
+    finally:
+        await writer.aclose()
+    assert sum(op.kind == "ack" for op in ops.log) == 2 * n
+    assert violations(ops.log) == []
+
+
+@pytest.mark.parametrize("sync", ["fsync", "syncfs", "auto"])
+@pytest.mark.parametrize("n", [1, 4])
+def test_helper_process_writer_survives_every_crash_state(
+    tmp_path: Path, sync: str, n: int
+) -> None:
+    """The helper's loop (decode frame, write_batch, reply) traced in-process: no bad state."""
+    ops = TraceOps()
+    boxes = [tmp_path / f"u{i}" for i in range(2)]
+    for b in range(2):
+        groups = _groups(b, n, boxes)
+        frame = b"".join(bytes(x) for x in encode_request(b + 1, groups))
+        out = io.BytesIO()
+        assert serve_batches(io.BytesIO(frame), out, sync, ops=ops) == 0  # type: ignore[arg-type]
+        reply = out.getvalue()
+        batch, (results, _) = decode_reply(reply[4:])
+        assert batch == b + 1
+        _ack(ops, groups, results)
+    assert sum(op.kind == "ack" for op in ops.log) == 2 * n
+    assert violations(ops.log) == []
+
+
+class GatedTrace(TraceOps):
+    """Syncs wait for ``gate``: a sync nobody awaits then lands after the acknowledgement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def fdatasync(self, fd: int, path: str) -> None:
+        self.gate.wait(10)
+        super().fdatasync(fd, path)
+
+    def fsync_dir(self, path: str) -> None:
+        self.gate.wait(10)
+        super().fsync_dir(path)
+
+    def syncfs(self, path: str, fd: int = -1) -> None:
+        self.gate.wait(10)
+        super().syncfs(path, fd)
+
+
+class ForgetfulWriter(LoopWriter):
+    """LoopWriter with a bug: it starts each sync in a thread but never awaits it."""
+
+    pending: list[asyncio.Future[OSError | None]]
+
+    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+        opened = open_maildirs(groups, lambda p: Maildir.cached(p, ops=self.ops))
+        driver = StepDriver(commit_steps(opened.live, sync=self.sync, ops=self.ops))
+        self.pending = []
+        while (call := driver.next_call(None)) is not None:
+            self.pending.append(self._threads.run(run_sync_call, self.ops, call))  # not awaited
+        return opened.merge(driver.results), driver.syncs
+
+
+@pytest.mark.parametrize("sync", ["fsync", "syncfs"])
+@pytest.mark.asyncio
+async def test_enumeration_catches_a_writer_that_does_not_await_its_syncs(
+    tmp_path: Path, sync: str
+) -> None:
+    """A writer acknowledging before its syncs ran is flagged; the real one, same set-up, is not."""
+    for cls, flagged in ((ForgetfulWriter, True), (LoopWriter, False)):
+        ops = GatedTrace()
+        writer = cls(sync, ops)  # type: ignore[arg-type]
+        if not flagged:
+            ops.gate.set()  # the real writer waits for its syncs: let them run
+        groups = _groups(0, 3, [tmp_path / cls.__name__ / f"u{i}" for i in range(2)])
+        for path, _ in groups:
+            Maildir.create(path)
+        results, _ = await writer.acommit(groups)
+        _ack(ops, groups, results)
+        ops.gate.set()
+        await asyncio.gather(*getattr(writer, "pending", []))
+        await writer.aclose()
+        problems = violations(ops.log)
+        assert bool(problems) == flagged, (cls.__name__, problems)

@@ -50,9 +50,9 @@ class SlowSyncOps(FsOps):
         time.sleep(0.02)
         super().fsync_dir(path)
 
-    def syncfs(self, path: str) -> None:
+    def syncfs(self, path: str, fd: int = -1) -> None:
         time.sleep(0.02)
-        super().syncfs(path)
+        super().syncfs(path, fd)
 
 
 def bodies_in(path: Path) -> list[bytes]:

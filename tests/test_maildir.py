@@ -413,7 +413,7 @@ def _order_violations(calls: list[tuple[str, ...]]) -> list[str]:
             data_synced.add(call[1])
         elif op == "syncfs":
             data_synced.update(last_write)
-        elif op == "rename":
+        elif op in ("rename", "link"):
             if call[1] not in data_synced:
                 problems.append(f"rename of {os.path.basename(call[1])} before its data sync")
             last_rename = i

@@ -217,12 +217,6 @@ def test_distinct_host_names_give_distinct_name_suffixes() -> None:
     assert name_as("a/b", 7, T0, 0) != name_as("a\\057b", 7, T0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rename(tmp/X, new/X) replaces an existing new/X: O_EXCL guards tmp/ only, so a "
-    "name that repeats after the first copy left tmp/ (same host and PID, clock stepped back) "
-    "silently overwrites an acknowledged message",
-)
 def test_a_repeated_name_never_replaces_a_delivered_message(tmp_path: Path) -> None:
     """Two deliveries that draw the same name must not leave only the second message."""
     box = Maildir.create(tmp_path / "m")

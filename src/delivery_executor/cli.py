@@ -25,6 +25,11 @@ from .server import DEFAULT_MAX_CONNECTIONS, ListenSpec, StartupError
 from .server.identity import check_hostname
 from .server.loops import LOOPS, default_loop
 from .smtp import DEFAULT_MAX_MESSAGE_SIZE, LINE_ENDINGS
+from .smtp.sessions import (
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_MIN_RATE,
+    DEFAULT_SESSION_TIMEOUT,
+)
 from .store.commit import SYNC_MODES
 
 __all__ = ["main"]
@@ -78,6 +83,16 @@ def _positive_int(value: str) -> int:
         n = 0
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return n
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}")
     return n
 
 
@@ -249,6 +264,36 @@ def _add_conventions(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_hostile_load(p: argparse.ArgumentParser) -> None:
+    """Caps, fairness and the DATA budget (smtp/sessions.py)."""
+    p.add_argument(
+        "--max-connections-per-ip",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_IP,
+        help="sessions per peer (IPv4 address or IPv6 /64; Unix sockets exempt); 0: no cap",
+    )
+    p.add_argument(
+        "--session-timeout",
+        type=_seconds,
+        default=DEFAULT_SESSION_TIMEOUT,
+        help="seconds a session may last before 421 4.4.2",
+    )
+    p.add_argument(
+        "--min-rate",
+        type=_non_negative_int,
+        default=DEFAULT_MIN_RATE,
+        help="bytes/s a client must average while the server waits on it"
+        " (after 10 s of waiting); else 421 4.4.2. 0: no rule",
+    )
+    p.add_argument(
+        "--max-pending-bytes",
+        type=_positive_int,
+        default=None,
+        help="bytes held in DATA across sessions; past it DATA waits, then 451 4.3.1"
+        " (default: 4 x --max-size)",
+    )
+
+
 # -- end of the deployment options
 
 
@@ -306,6 +351,7 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--log-level", type=_log_level, default="INFO", help="debug ... critical")
     _add_deploy(p)
     _add_conventions(p)
+    _add_hostile_load(p)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -355,6 +401,11 @@ def _serve(args: argparse.Namespace) -> int:
         size_in_names=args.size_in_names,
         detail_to_folder=args.detail_to_folder,
         metrics=args.metrics,
+        # -- hostile load
+        max_connections_per_ip=args.max_connections_per_ip,
+        session_timeout=args.session_timeout,
+        min_rate=args.min_rate,
+        max_pending_bytes=args.max_pending_bytes,
     )
     try:
         return run_server(config)

@@ -409,9 +409,11 @@ class DeliveryExecutor:
         if home is loop:
             await self._aclose_home(timeout)
             return
+        closing = self._aclose_home(timeout)
         try:
-            done = asyncio.run_coroutine_threadsafe(self._aclose_home(timeout), home)
+            done = asyncio.run_coroutine_threadsafe(closing, home)
         except RuntimeError:  # the home loop is already closed
+            closing.close()  # never to run: no "never awaited" warning
             self._closing = True
             return
         await asyncio.wrap_future(done)
@@ -429,9 +431,11 @@ class DeliveryExecutor:
             return
         if _running_loop() is home:
             raise RuntimeError("close() would block the executor's own loop; await aclose()")
+        closing = self._aclose_home(timeout)
         try:
-            asyncio.run_coroutine_threadsafe(self._aclose_home(timeout), home).result()
+            asyncio.run_coroutine_threadsafe(closing, home).result()
         except RuntimeError:  # the home loop is already closed
+            closing.close()  # never to run: no "never awaited" warning
             self._closing = True
         self._stop_private_thread(join=True)
 

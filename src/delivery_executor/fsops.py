@@ -20,24 +20,34 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    # Python has no os.syncfs; libc's is reachable through ctypes. CDLL (not
-    # PyDLL) releases the GIL for the duration of the call.
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+# renameat2 errors that mean "not here": no such syscall, or a file system
+# that does not implement RENAME_NOREPLACE (some FUSE and network ones).
+_NOREPLACE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _libc_fn(name: str, argtypes: list[type]) -> Callable[..., int] | None:
+    # Python has no os.syncfs or os.renameat2; libc's are reachable through
+    # ctypes. CDLL (not PyDLL) releases the GIL for the duration of the call.
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.syncfs
+        fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
-    return fn
+    return fn  # type: ignore[no-any-return]
 
 
-_SYNCFS = _load_syncfs()
+_SYNCFS = _libc_fn("syncfs", [ctypes.c_int])
 HAVE_SYNCFS: bool = _SYNCFS is not None
 """True where ``syncfs(2)`` is available (Linux with glibc or musl)."""
+_RENAMEAT2 = _libc_fn(
+    "renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+)
 
 
 class FsOps:
@@ -91,8 +101,46 @@ class FsOps:
         os.close(fd)
 
     def rename(self, src: str, dst: str) -> None:
-        """``rename(2)``, atomic within one file system."""
+        """``rename(2)``, atomic within one file system; replaces ``dst`` if it exists."""
         os.rename(src, dst)
+
+    def rename_noreplace(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst``; ``FileExistsError`` (and no change) if ``dst`` exists.
+
+        :meth:`renameat2` with ``RENAME_NOREPLACE`` (Linux >= 3.15, ext4, XFS,
+        btrfs, tmpfs); where the kernel or the file system lacks it, or off
+        Linux, :meth:`link` then :meth:`unlink` of ``src``, which also never
+        replaces. A crash between those two leaves the file under both names
+        (the ``tmp/`` one is removed later by ``cleanup_tmp``). There, each
+        call costs a failed ``renameat2`` and one syscall more; a file system
+        with neither (no hard links) fails the move. The error carries
+        ``filename=src`` and ``filename2=dst``, as ``os.rename``'s do.
+        """
+        if _RENAMEAT2 is not None:
+            try:
+                self.renameat2(src, dst)
+                return
+            except OSError as exc:
+                if exc.errno not in _NOREPLACE_UNSUPPORTED:
+                    raise
+        self.link(src, dst)
+        self.unlink(src)
+
+    def renameat2(self, src: str, dst: str) -> None:
+        """``renameat2(AT_FDCWD, src, AT_FDCWD, dst, RENAME_NOREPLACE)``.
+
+        ``OSError(ENOSYS)`` where libc has no ``renameat2``; ``EINVAL`` from a
+        file system without ``RENAME_NOREPLACE``.
+        """
+        if _RENAMEAT2 is None:
+            raise OSError(errno.ENOSYS, "renameat2 is not available here", src, None, dst)
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), src, None, dst)
+
+    def link(self, src: str, dst: str) -> None:
+        """``link(2)``: a second name for ``src``; ``FileExistsError`` if ``dst`` exists."""
+        os.link(src, dst)
 
     def unlink(self, path: str) -> None:
         """``unlink(2)``."""
@@ -108,20 +156,27 @@ class FsOps:
         finally:
             os.close(fd)
 
-    def syncfs(self, path: str) -> None:
-        """``syncfs(2)`` on the file system holding ``path``: all its dirty data and metadata.
+    def syncfs(self, path: str, fd: int = -1) -> None:
+        """``syncfs(2)``: all dirty data and metadata of one file system.
 
-        Raises ``OSError(ENOSYS)`` where syncfs is not available.
+        The file system is that of ``fd``, any open file on it (the store
+        passes a file it created, so no open can fail here), or with ``fd=-1``
+        that of the directory ``path``, opened for the call. ``path`` names the
+        file system in errors. Raises ``OSError(ENOSYS)`` where syncfs is not
+        available.
         """
         if _SYNCFS is None:
             raise OSError(errno.ENOSYS, "syncfs is not available on this platform", path)
-        fd = os.open(path, _O_DIR)
+        own = fd < 0
+        if own:
+            fd = os.open(path, _O_DIR)
         try:
             if _SYNCFS(fd) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), path)
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
 
 
 def _with_path(exc: OSError, path: str) -> OSError:

@@ -33,6 +33,11 @@ from ..executor import (
 from ..metrics import start_metrics
 from ..recipients import MailboxResolver
 from ..smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, LineEndings, SessionFactory
+from ..smtp.sessions import (
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_MIN_RATE,
+    DEFAULT_SESSION_TIMEOUT,
+)
 from ..store import SyncMode
 from .checks import StartupError
 from .identity import banner, default_hostname
@@ -119,6 +124,15 @@ class ServerConfig:
     """``user+box@d`` into the Maildir++ folder ``.box`` when it exists."""
     metrics: tuple[str, int] | None = None
     """``(host, port)`` to serve Prometheus metrics on (see :mod:`..metrics`)."""
+    # -- hostile load (SessionFactory; see delivery_executor.smtp.sessions)
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
+    """Sessions per peer (IPv4 address or IPv6 /64); 0: no cap."""
+    session_timeout: float = DEFAULT_SESSION_TIMEOUT
+    """Seconds a session may last."""
+    min_rate: int = DEFAULT_MIN_RATE
+    """Bytes/s a client must average while the server waits on it; 0: no rule."""
+    max_pending_bytes: int | None = None
+    """Bytes held in DATA across sessions; ``None``: 4 × ``max_message_size``."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +270,10 @@ async def _serve(
         ident=banner(config.lmtp, config.banner_version),
         tls_context=tls.context if tls is not None else None,
         require_starttls=config.require_starttls,
+        max_connections_per_ip=config.max_connections_per_ip,
+        session_timeout=config.session_timeout,
+        min_rate=config.min_rate,
+        max_pending_bytes=config.max_pending_bytes,
     )
     try:
         await executor.start()  # the writer helper answers, or we say why now

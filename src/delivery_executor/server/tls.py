@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
 
+from ..smtp.sessions import SessionFactory
 from .checks import StartupError
 
 __all__ = ["TlsManager", "implicit_tls", "load_context", "tls_for"]
@@ -84,6 +85,9 @@ def implicit_tls(
     see: without this it would offer STARTTLS again and, under
     ``require_starttls``, refuse MAIL on a TLS connection.
     """
+
+    if isinstance(factory, SessionFactory):
+        return factory.variant(tls_context=None, require_starttls=False)
 
     def make() -> asyncio.BaseProtocol:
         proto = factory()

@@ -2,9 +2,11 @@
 
 - :mod:`.handler`: :class:`DeliveryHandler` (RCPT checks, DATA delivery, replies);
 - :mod:`.protocol`: :class:`DeliverySMTP` / :class:`DeliveryLMTP`;
-- :mod:`.sessions`: :class:`SessionFactory`, the connection cap for ``create_server``.
+- :mod:`.sessions`: :class:`SessionFactory`, caps and fairness rules for ``create_server``;
+- :mod:`.data_budget`: :class:`DataBudget`, the server-wide budget of bytes held in DATA.
 """
 
+from .data_budget import DataBudget, DataHold
 from .handler import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_RECIPIENTS,
@@ -19,6 +21,8 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_RECIPIENTS",
     "LINE_ENDINGS",
+    "DataBudget",
+    "DataHold",
     "DeliveryHandler",
     "DeliveryLMTP",
     "DeliverySMTP",

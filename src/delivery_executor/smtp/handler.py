@@ -202,6 +202,27 @@ class DeliveryHandler:
             f" resolver={self.resolver!r}>"
         )
 
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        """Refuse a reverse path with NUL or control characters (``553 5.1.7``); else accept.
+
+        aiosmtpd leaves recording the sender to this hook once it exists, so it
+        sets ``envelope.mail_from`` and ``mail_options`` as aiosmtpd would.
+        Such characters are never part of a real address (a quoted local part
+        may hold CR after parsing) and would end up in ``Return-Path``.
+        """
+        if any(c < " " or "\x7f" <= c < "\xa0" for c in address):
+            return "553 5.1.7 Sender address contains control characters"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
     async def handle_RCPT(
         self,
         server: SMTP,

@@ -12,19 +12,55 @@
 - a hook run once when the connection is gone.
 
 Use them with :class:`~delivery_executor.smtp.DeliveryHandler` or any handler.
+
+Made by a :class:`~delivery_executor.smtp.SessionFactory`, a session also has
+a ``guard`` (:class:`~delivery_executor.smtp.sessions.SessionGuard`) that the
+hooks below keep informed, for the factory's fairness rules, and a share of
+the server's DATA budget:
+
+- at ``DATA``, before the ``354``, the session reserves the message's declared
+  ``SIZE`` (or a 64 KiB slice), waiting in line for up to ``data_wait`` s, else
+  answers ``451 4.3.1``;
+- as DATA bytes arrive it reserves more (doubling; older transfers first, and
+  never so much that the oldest could not finish: no deadlock); while none is
+  free it stops reading from the socket, and if none comes within
+  ``data_wait`` s it closes with ``421 4.3.1``;
+- everything is given back once the handler's ``handle_DATA`` has answered.
+
+So the bytes that sessions hold between ``354`` and their reply (aiosmtpd's
+line list, the joined message, the copies being delivered) stay within the
+budget, counted as received (aiosmtpd's per-line objects add their overhead
+on top until a bulk DATA reader replaces its ``smtp_DATA``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
-from typing import AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd import smtp as _aiosmtpd_smtp
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
+if TYPE_CHECKING:
+    from .sessions import SessionGuard
+
 __all__ = ["EXTENSIONS", "DeliveryLMTP", "DeliverySMTP", "with_enhanced_code"]
+
+_SLICE = 64 * 1024
+_LINE_SLACK = 4 * 1024  # a reader stores at most one line past data_size_limit
+
+
+def _declared_size(envelope: Envelope | None) -> int | None:
+    """The ``SIZE=`` of the MAIL command, if the client declared one."""
+    for option in envelope.mail_options if envelope is not None else ():
+        name, _, value = option.partition("=")
+        if name == "SIZE" and value.isdigit():
+            return int(value)
+    return None
+
 
 EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES")
 """What we add to aiosmtpd's EHLO/LHLO reply."""
@@ -89,16 +125,22 @@ _aiosmtpd_smtp.ALLOWED_BEFORE_STARTTLS.add("LHLO")
 
 
 class _DeliveryProtocol:
-    """Enhanced codes on every reply, PIPELINING, per-recipient DATA errors, a close hook."""
+    """Enhanced codes on every reply, PIPELINING, per-recipient DATA errors, a close hook,
+    and the session guard's hooks (fairness and the DATA budget)."""
 
     envelope: Envelope | None
+    transport: asyncio.BaseTransport | None
+    data_size_limit: int | None
     _per_recipient = False
     on_close: Callable[[], None] | None = None
+    guard: SessionGuard | None = None
     _greeted = False
     _hello: list[str] | None = None  # EHLO/LHLO keywords seen while answering it
     _helo = False  # answering plain HELO: no extensions, no codes on its 250
 
     async def push(self, status: AnyStr) -> None:
+        if self.guard is not None and isinstance(status, str) and status.startswith("354"):
+            self.guard.data_started()
         # Fast path, most replies: ours already carry a code (about 0.2 µs here).
         if isinstance(status, str) and (
             not self._greeted or status[4:6] not in _CODED or "\n" in status
@@ -140,8 +182,64 @@ class _DeliveryProtocol:
             status = "\r\n".join([status] * len(env.rcpt_tos))
         return status
 
+    async def smtp_DATA(self, arg: str) -> None:
+        # The one DATA hook: reserve DATA budget around aiosmtpd's own reader.
+        guard = self.guard
+        env = self.envelope
+        if guard is None or env is None or not env.rcpt_tos or arg:
+            await super().smtp_DATA(arg)  # type: ignore[misc]
+            return
+        limit = self.data_size_limit or guard.factory.budget.max_bytes
+        hold = guard.factory.budget.hold(limit + _LINE_SLACK)
+        guard.hook(True)  # waiting for room is the server's time, not the client's
+        try:
+            async with asyncio.timeout(guard.factory.data_wait):
+                await hold.open(_declared_size(env) or _SLICE)
+        except TimeoutError:
+            await self.push("451 4.3.1 Too much mail data pending on this server, try again later")
+            return
+        finally:
+            guard.hook(False)
+        guard.hold = hold
+        try:
+            await super().smtp_DATA(arg)  # type: ignore[misc]
+        finally:
+            guard.hold = None
+            guard.data_done()
+            hold.close()
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        guard = self.guard
+        if guard is None:
+            return await super()._call_handler_hook(command, *args)  # type: ignore[misc]
+        guard.hook(True, command)
+        try:
+            return await super()._call_handler_hook(command, *args)  # type: ignore[misc]
+        finally:
+            guard.hook(False)
+
+    def data_received(self, data: bytes) -> None:
+        if self.guard is None or self.guard.received(data):
+            super().data_received(data)  # type: ignore[misc]
+
+    def feed(self, data: bytes) -> None:
+        """Hand bytes kept back for DATA budget to aiosmtpd's reader, now that they fit."""
+        super().data_received(data)  # type: ignore[misc]
+
+    def pause_writing(self) -> None:
+        if self.guard is not None:
+            self.guard.paused(True)
+        super().pause_writing()  # type: ignore[misc]
+
+    def resume_writing(self) -> None:
+        if self.guard is not None:
+            self.guard.paused(False)
+        super().resume_writing()  # type: ignore[misc]
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # type: ignore[misc]
+        if self.guard is not None:
+            self.guard.stop()
         hook, self.on_close = self.on_close, None
         if hook is not None:
             hook()

@@ -8,21 +8,27 @@ the event loop, or a helper process. :class:`StepDriver` is the one driver
 loop all of them share.
 
 A delivery is: 1) create and write each file in ``tmp/`` (``O_EXCL``, mode
-0600), 2) make the data durable, 3) rename each into ``new/``, 4) make the
-renames durable. Steps 2 and 4 take one of two forms (see :data:`SyncMode`):
+0600), 2) make the data durable, 3) move each into ``new/`` with
+``renameat2(RENAME_NOREPLACE)`` (or ``link`` + ``unlink``), so that a name
+collision can never replace a message already there (it is retried under a
+new name), 4) make the moves durable. Steps 2 and 4 take one of two forms (see
+:data:`SyncMode`):
 
 ``"fsync"`` (portable)
     ``fdatasync`` each file before closing it, then ``fsync`` each distinct
-    ``new/`` directory once after the renames. Syscalls per batch of N files in
-    D Maildirs: N × (open, write, fdatasync, close, rename) + D × (open,
+    ``new/`` directory once after the moves. Syscalls per batch of N files in
+    D Maildirs: N × (open, write, fdatasync, close, renameat2) + D × (open,
     fsync, close).
 
 ``"syncfs"`` (Linux)
     Write and close every file without syncing it, ``syncfs`` the file system,
-    rename, ``syncfs`` again: two syncs per file system whatever N and D.
-    Syscalls: N × (open, write, close, rename) + 2 × F × (open, syncfs, close)
-    for F file systems. ``syncfs`` also flushes every other program's dirty
-    data on that file system, which can make it slow on a busy shared disk.
+    move, ``syncfs`` again: two syncs per file system whatever N and D.
+    Syscalls: N × (open, write, close, renameat2) + 2 × F × syncfs for F file
+    systems. Each ``syncfs`` runs on the first file the batch wrote on that
+    file system, kept open until the end, never on a directory that one broken
+    Maildir could make unopenable. ``syncfs`` also flushes every other
+    program's dirty data on that file system, which can make it slow on a busy
+    shared disk.
 
 ``"auto"`` (the default)
     Per file system: ``"syncfs"`` when a batch puts at least
@@ -79,7 +85,8 @@ _EEXIST_RETRIES = 8
 
 SyncCall: TypeAlias = tuple[str, int, str]
 """A sync the protocol needs: ``("fdatasync", fd, path)``, ``("fsync_dir", -1, path)``
-or ``("syncfs", -1, path)``."""
+or ``("syncfs", fd, root)`` (``fd`` an open file on that file system; ``root`` the
+Maildir it is in, for errors)."""
 
 GroupOutcome: TypeAlias = "list[MessageId] | OSError"
 CommitSteps: TypeAlias = Generator[SyncCall, "OSError | None", "list[list[MessageId] | OSError]"]
@@ -126,25 +133,26 @@ def check_sync(sync: str) -> None:
 
 
 class _Group:
-    __slots__ = ("error", "md", "messages", "names", "renamed")
+    __slots__ = ("error", "ids", "md", "messages", "names", "suffixes")
 
     def __init__(self, md: Maildir, messages: list[Parts]) -> None:
         self.md = md
         self.messages = messages
-        self.names: list[str] = []
-        self.renamed = 0
+        self.names: list[str] = []  # in tmp/, in message order
+        self.suffixes: list[str] = []  # each name's ",S=...,W=..." part, kept on a re-name
+        self.ids: list[MessageId] = []  # in new/: names[i] unless that name was taken
         self.error: OSError | None = None
 
     def fail(self, exc: OSError, ops: FsOps) -> None:
-        """Record the first error and remove the group's not-yet-renamed tmp files."""
+        """Record the first error and remove the group's not-yet-moved tmp files."""
         if self.error is None:
             self.error = exc
-        for name in self.names[self.renamed :]:
+        for name in self.names[len(self.ids) :]:
             try:
                 ops.unlink(self.md.tmp_prefix + name)
             except OSError:
                 pass
-        self.names = self.names[: self.renamed]
+        self.names = self.names[: len(self.ids)]
 
 
 def commit_batch(
@@ -158,13 +166,16 @@ def commit_batch(
 
     Returns one result per group, in order: its ids (positional) or the
     ``OSError`` that failed it. A failure is confined to the groups it
-    concerns: a write error fails its own group; a failed ``syncfs`` fails
-    every group on that file system; a failed directory fsync fails the groups
-    of that directory. A sync error is final: it is never retried (after a
-    failed sync the kernel may have dropped the data).
+    concerns: a create, write or move error fails its own group only, in every
+    sync form (so a Maildir that is gone, unreadable or no longer a directory
+    never fails its neighbours); a failed ``syncfs`` fails every group on that
+    file system; a failed directory fsync fails the groups of that directory.
+    A sync error is final: it is never retried (after a failed sync the kernel
+    may have dropped the data). A name already in ``new/`` is never replaced:
+    the message is moved there under another name.
 
     After a failure, a group's tmp files are removed and ``new/`` holds nothing
-    partial. If the failure came after some renames (rename or directory-sync
+    partial. If the failure came after some moves (move or directory-sync
     error), those messages are complete in ``new/`` but were not acknowledged:
     a retry may deliver them twice, never zero times.
 
@@ -247,7 +258,7 @@ def run_sync_call(ops: FsOps, call: SyncCall) -> OSError | None:
         elif kind == "fsync_dir":
             ops.fsync_dir(path)
         else:
-            ops.syncfs(path)
+            ops.syncfs(path, fd)
     except OSError as exc:
         return exc
     return None
@@ -264,37 +275,48 @@ def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitStep
         syncfs_devs = set(per_dev)
     else:
         syncfs_devs = set()
+    # Per syncfs file system, the first file written there stays open: syncfs
+    # runs on it. Opening a directory instead could fail for one broken Maildir
+    # (gone, unreadable) and so fail every group on the file system; and an fd
+    # opened before the writes also sees writeback errors from then on.
+    handles: dict[int, tuple[int, str]] = {}
+    try:
+        # 1-2. Write into tmp/ (fdatasync per file for the portable form).
+        for g in work:
+            keep = handles if g.md.dev in syncfs_devs else None
+            try:
+                for parts in g.messages:
+                    suffix = size_suffix(parts) if sizes else ""
+                    yield from _write_one(g, parts, suffix, keep, ops)
+            except OSError as exc:
+                g.fail(exc, ops)
 
-    # 1-2. Write into tmp/ (fdatasync per file for the portable form).
-    for g in work:
-        datasync = g.md.dev not in syncfs_devs
-        try:
-            for parts in g.messages:
-                yield from _write_one(g, parts, size_suffix(parts) if sizes else "", datasync, ops)
-        except OSError as exc:
-            g.fail(exc, ops)
+        # 2. syncfs form: one sync per file system covers every file's data.
+        for dev, handle in handles.items():
+            yield from _sync_dev(work, dev, handle, ops)
 
-    # 2. syncfs form: one sync per file system covers every file's data.
-    for dev in syncfs_devs:
-        yield from _sync_dev(work, dev, ops)
+        # 3. Move into new/, never over an existing name.
+        for g in work:
+            if g.error is not None:
+                continue
+            try:
+                for name, suffix in zip(g.names, g.suffixes, strict=True):
+                    g.ids.append(_move_new(g.md, name, suffix, ops))
+            except OSError as exc:
+                g.fail(exc, ops)
 
-    # 3. Rename into new/.
-    for g in work:
-        if g.error is not None:
-            continue
-        try:
-            for name in g.names:
-                ops.rename(g.md.tmp_prefix + name, g.md.new_prefix + name)
-                g.renamed += 1
-        except OSError as exc:
-            g.fail(exc, ops)
-
-    # 4. Make the renames durable.
-    for dev in syncfs_devs:
-        yield from _sync_dev(work, dev, ops)
+        # 4. Make the moves durable.
+        for dev, handle in handles.items():
+            yield from _sync_dev(work, dev, handle, ops)
+    finally:
+        for fd, _ in handles.values():
+            try:
+                ops.close(fd)
+            except OSError:
+                pass  # its data was synced (or its groups failed) already
     new_dirs: dict[str, list[_Group]] = {}
     for g in work:
-        if g.error is None and g.md.dev not in syncfs_devs and g.names:
+        if g.error is None and g.md.dev not in syncfs_devs and g.ids:
             new_dirs.setdefault(g.md.new_prefix, []).append(g)
     for new_dir, members in new_dirs.items():
         err = yield ("fsync_dir", -1, new_dir)
@@ -302,11 +324,15 @@ def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitStep
             for g in members:
                 g.fail(err, ops)
 
-    return [g.error if g.error is not None else [MessageId(n) for n in g.names] for g in work]
+    return [g.error if g.error is not None else g.ids for g in work]
 
 
 def _write_one(
-    g: _Group, parts: Parts, suffix: str, datasync: bool, ops: FsOps
+    g: _Group,
+    parts: Parts,
+    suffix: str,
+    keep: dict[int, tuple[int, str]] | None,
+    ops: FsOps,
 ) -> Generator[SyncCall, OSError | None, None]:
     for _ in range(_EEXIST_RETRIES):
         name = unique_name() + suffix
@@ -316,25 +342,48 @@ def _write_one(
         except FileExistsError:
             continue
         g.names.append(name)  # from here on, failure must unlink it
+        g.suffixes.append(suffix)
+        close = True
         try:
             ops.write_all(fd, parts, path)
-            if datasync:
+            if keep is None:
                 err = yield ("fdatasync", fd, path)
                 if err is not None:
                     raise err
+            elif g.md.dev not in keep:
+                keep[g.md.dev] = (fd, str(g.md.path))  # the file system's syncfs handle
+                close = False
         finally:
-            ops.close(fd)
+            if close:
+                ops.close(fd)
         return
     raise FileExistsError(errno.EEXIST, "no unique name after retries", g.md.tmp_prefix)
 
 
+def _move_new(md: Maildir, name: str, suffix: str, ops: FsOps) -> MessageId:
+    # O_EXCL guards tmp/ only: a plain rename would replace a message already
+    # in new/ under the same name. On a collision, pick another name.
+    src = md.tmp_prefix + name
+    final = name
+    for _ in range(_EEXIST_RETRIES):
+        try:
+            ops.rename_noreplace(src, md.new_prefix + final)
+            return MessageId(final)
+        except FileExistsError:
+            final = unique_name() + suffix
+    raise FileExistsError(
+        errno.EEXIST, "no unique name in new/ after retries", src, None, md.new_prefix
+    )
+
+
 def _sync_dev(
-    work: list[_Group], dev: int, ops: FsOps
+    work: list[_Group], dev: int, handle: tuple[int, str], ops: FsOps
 ) -> Generator[SyncCall, OSError | None, None]:
     live = [g for g in work if g.md.dev == dev and g.error is None and g.names]
     if not live:
         return
-    err = yield ("syncfs", -1, live[0].md.new_prefix)
+    fd, where = handle
+    err = yield ("syncfs", fd, where)
     if err is not None:
         for g in live:
             g.fail(err, ops)

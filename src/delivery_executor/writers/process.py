@@ -19,7 +19,8 @@ count``, per message ``u8 parts`` and per part ``u32 blob``. A buffer shared
 by several messages (one body for many recipients) is one blob, sent once.
 Reply: ``u32 batch``, ``u32 syncs``, ``u32 groups``, per group either ``u8 0,
 u32 count`` and per id ``u16 len, name``, or ``u8 1, i32 errno, u16 len,
-strerror, u16 len, filename`` (an ``OSError``), or ``u8 2, u16 len, text``
+strerror, u16 len, filename, u16 len, filename2`` (an ``OSError``; an empty
+filename is none), or ``u8 2, u16 len, text``
 (any other exception, reported as ``RuntimeError``). A batch whose frame would
 pass 4 GiB fails with ``ValueError`` before anything is sent.
 """
@@ -36,10 +37,18 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from ..fsops import OS_OPS, FsOps
 from ..store import MessageId, SyncMode, check_sync
 from .base import BatchResult, Group, GroupResult, write_batch
 
-__all__ = ["ProcessWriter", "decode_reply", "decode_request", "encode_reply", "encode_request"]
+__all__ = [
+    "ProcessWriter",
+    "decode_reply",
+    "decode_request",
+    "encode_reply",
+    "encode_request",
+    "serve_batches",
+]
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
@@ -76,18 +85,15 @@ def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryvi
                     i = index[key] = len(blobs)
                     blobs.append(part)
                 refs.append(_U32.pack(i))
-    out: list[bytes | memoryview] = [b"", _U32.pack(batch), _U32.pack(len(blobs))]
-    size = 8
+    tail = b"".join(refs)
+    size = 8 + len(tail) + sum(4 + blob.nbytes for blob in blobs)
+    if size > _FRAME_MAX:  # checked first: a blob's own u32 length could not even be packed
+        raise ValueError(f"batch of {size} bytes is too large for the helper's 4 GiB frame")
+    out: list[bytes | memoryview] = [_U32.pack(size), _U32.pack(batch), _U32.pack(len(blobs))]
     for blob in blobs:
         out.append(_U32.pack(blob.nbytes))
         out.append(blob)
-        size += 4 + blob.nbytes
-    tail = b"".join(refs)
     out.append(tail)
-    size += len(tail)
-    if size > _FRAME_MAX:
-        raise ValueError(f"batch of {size} bytes is too large for the helper's 4 GiB frame")
-    out[0] = _U32.pack(size)
     return out
 
 
@@ -143,6 +149,7 @@ def encode_reply(batch: int, results: Sequence[GroupResult], syncs: int) -> byte
             parts.append(_ERR.pack(1, res.errno or 0))
             parts.append(_s(res.strerror or str(res)))
             parts.append(_s("" if res.filename is None else os.fsdecode(res.filename)))
+            parts.append(_s("" if res.filename2 is None else os.fsdecode(res.filename2)))
         elif isinstance(res, BaseException):
             parts.append(b"\x02" + _s(f"{type(res).__name__}: {res}"))
         else:
@@ -166,8 +173,9 @@ def decode_reply(payload: bytes) -> tuple[int, BatchResult]:
             _, err = _ERR.unpack(r.take(_ERR.size))
             strerror = r.text()
             filename = r.text() or None
+            filename2 = r.text() or None
             # OSError(errno, ...) picks the matching subclass (FileNotFoundError, ...).
-            results.append(OSError(err, strerror, filename))
+            results.append(OSError(err, strerror, filename, None, filename2))
         else:
             results.append(RuntimeError(f"in the writer process: {r.text()}"))
     return batch, (results, syncs)
@@ -193,8 +201,23 @@ def child_main(sync: SyncMode, *, size_in_names: bool = True) -> int:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return serve_batches(sys.stdin.buffer, sys.stdout.buffer, sync, size_in_names=size_in_names)
+
+
+def serve_batches(
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    sync: SyncMode,
+    *,
+    size_in_names: bool = True,
+    ops: FsOps = OS_OPS,
+) -> int:
+    """:func:`child_main`'s loop over any streams; returns 0 at end of input.
+
+    Tests run it in-process with a tracing ``ops`` to check the helper's own
+    path (frame decoding, :func:`write_batch`, reply) for crash safety.
+    """
     check_sync(sync)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         head = _read_exactly(stdin, 4)
         if head is None:
@@ -204,7 +227,7 @@ def child_main(sync: SyncMode, *, size_in_names: bool = True) -> int:
             return 0
         batch, groups = decode_request(payload)
         try:
-            results, syncs = write_batch(groups, sync=sync, size_in_names=size_in_names)
+            results, syncs = write_batch(groups, sync=sync, ops=ops, size_in_names=size_in_names)
         except Exception as exc:  # a bug: report it to the batch, keep serving
             results, syncs = [exc] * len(groups), 0
         stdout.write(encode_reply(batch, results, syncs))

@@ -1,0 +1,270 @@
+"""Mutation check: each known weakening of the code must make the suite fail.
+
+``python3 tasks.py mutate`` (or ``.venv/bin/python -m tests.mutants``) copies
+the working tree to a scratch directory per mutant, applies one mutation
+(an exact text replacement, which must match once), runs the tests meant to
+catch it there (``PYTHONPATH`` points at the copy, so helper processes and
+``serve`` run the mutant too) and reports ``killed`` when they fail. It exits
+non-zero if any mutant survives, does not apply, or if the same tests fail
+without the mutation. CI does not run it: about two minutes on 2 cores.
+
+Options: ``-k TEXT`` runs the mutants whose name contains TEXT; ``-j N`` runs N
+at once; ``--list`` prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = "src/delivery_executor/"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+MUTANTS = [
+    Mutant(
+        "create-no-parent-fsync",
+        PKG + "store/maildir.py",
+        "            ops.fsync_dir(parent)\n",
+        "            pass\n",
+        ("tests/test_crash_states.py", "-k", "brand_new"),
+        "Maildir.create no longer fsyncs the parents of the directories it makes",
+    ),
+    Mutant(
+        "create-outside-the-seam",
+        PKG + "store/maildir.py",
+        "                ops.mkdir(d)\n",
+        "                os.mkdir(d, 0o700)\n",
+        ("tests/test_crash_states.py", "-k", "brand_new"),
+        "Maildir.create makes tmp/new/cur with the OS directly, unseen by the checker",
+    ),
+    Mutant(
+        "tmp-open-without-o-excl",
+        PKG + "fsops.py",
+        "_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL |",
+        "_O_NEW = os.O_WRONLY | os.O_CREAT |",
+        ("tests/test_store_hardening.py", "-k", "taken_in_tmp or never_opens"),
+        "O_EXCL dropped from the tmp file open",
+    ),
+    Mutant(
+        "constant-host-in-names",
+        PKG + "store/names.py",
+        "_HOST = sanitize_host(socket.gethostname())",
+        '_HOST = "localhost"',
+        ("tests/test_store_hardening.py", "-k", "host"),
+        "the host part of new names made constant",
+    ),
+    Mutant(
+        "no-retry-on-short-write",
+        PKG + "fsops.py",
+        "while done < total:\n                    done += os.write(fd, data[done:])",
+        "if done < total:\n                    done += os.write(fd, data[done:])",
+        ("tests/test_store_hardening.py", "-k", "short_writes"),
+        "a short write(2) of a one-part message is not continued",
+    ),
+    Mutant(
+        "no-retry-on-short-writev",
+        PKG + "fsops.py",
+        "            while pending:\n                n = os.writev(fd, pending)",
+        "            if pending:\n                n = os.writev(fd, pending)",
+        ("tests/test_store_hardening.py", "-k", "short_writes"),
+        "a short writev(2) of a headers + body message is not continued",
+    ),
+    Mutant(
+        "stale-maildir-cache",
+        PKG + "writers/base.py",
+        "            if isinstance(res, OSError) and res.errno in (errno.ENOENT, errno.ENOTDIR):",
+        "            if False:",
+        ("tests/test_store_hardening.py", "-k", "recreated or forgets"),
+        "the cached Maildir is not dropped on ENOENT/ENOTDIR",
+    ),
+    Mutant(
+        "no-header-sanitising",
+        PKG + "smtp/handler.py",
+        '    return "".join(c for c in text[:limit] if " " <= c < "\\x7f") or default',
+        "    return text[:limit] or default",
+        ("tests/test_smtp_input.py", "-k", "inject or strips"),
+        "client values written into headers unfiltered (CR/LF)",
+    ),
+    Mutant(
+        "no-hidden-part-check",
+        PKG + "recipients.py",
+        '        if any(not p or p.startswith(".") for p in parts):',
+        "        if False:",
+        ("tests/test_smtp_input.py", "-k", "mapper"),
+        "a mapper may return '.hidden' or 'a/.b'",
+    ),
+    Mutant(
+        "no-control-check-in-mail-from",
+        PKG + "smtp/handler.py",
+        '        if any(c < " " or "\\x7f" <= c < "\\xa0" for c in address):',
+        "        if False:",
+        ("tests/test_smtp_input.py", "-k", "mail_from"),
+        "NUL and control characters accepted in MAIL FROM",
+    ),
+    Mutant(
+        "rename-replaces",
+        PKG + "store/commit.py",
+        "            ops.rename_noreplace(src, md.new_prefix + final)",
+        "            ops.rename(src, md.new_prefix + final)",
+        ("tests/test_store_hardening.py", "-k", "collision"),
+        "the move into new/ replaces a message already there",
+    ),
+    Mutant(
+        "syncfs-on-first-new-dir",
+        PKG + "store/commit.py",
+        '    err = yield ("syncfs", fd, where)',
+        '    err = yield ("syncfs", -1, live[0].md.new_prefix)',
+        ("tests/test_isolation.py", "-k", "new-removed"),
+        "syncfs opened on the first group's new/, as before issue 14",
+    ),
+    Mutant(
+        "loop-writer-does-not-await-syncs",
+        PKG + "writers/local.py",
+        "            err = await self._threads.run(run_sync_call, self.ops, call)",
+        "            err = None\n            self._threads.run(run_sync_call, self.ops, call)",
+        ("tests/test_crash_states.py", "-k", "loop_writer"),
+        "LoopWriter.acommit starts its syncs but acknowledges without awaiting them",
+    ),
+    Mutant(
+        "no-per-peer-cap",
+        PKG + "smtp/sessions.py",
+        "        if key is not None and cap and self.per_peer.get(key, 0) >= cap:",
+        "        if False:",
+        ("tests/test_fairness.py", "-k", "per_peer"),
+        "no per-peer connection cap",
+    ),
+    Mutant(
+        "no-room-when-full",
+        PKG + "smtp/sessions.py",
+        "        elif len(self.sessions) >= self.max_connections and not self._evict():",
+        "        elif len(self.sessions) >= self.max_connections:",
+        ("tests/test_fairness.py", "-k", "starve"),
+        "a full server refuses instead of closing an idle or slow session",
+    ),
+    Mutant(
+        "no-min-rate",
+        PKG + "smtp/sessions.py",
+        "            if f.min_rate and self.busy >= f.rate_grace and self.behind() > 0:",
+        "            if False:",
+        ("tests/test_fairness.py", "-k", "trickling or read_its_replies"),
+        "no minimum rate: a trickling client keeps its slot",
+    ),
+    Mutant(
+        "no-headroom-for-the-oldest",
+        PKG + "smtp/data_budget.py",
+        "        return self.held + n <= self.max_bytes - (oldest.cap - oldest.reserved)",
+        "        return True",
+        ("tests/test_data_budget.py",),
+        "the DATA budget no longer keeps room for the oldest transfer (deadlock-prone)",
+    ),
+]
+
+
+def _copy(dest: Path) -> None:
+    shutil.copytree(
+        ROOT,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "__pycache__", "*.egg-info", ".*_cache", "demo-maildir", "*.pyc"
+        ),
+    )
+
+
+def _pytest(tree: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"), PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", *tests]
+    return subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_one(m: Mutant) -> tuple[str, float, str]:
+    """Apply ``m`` in a scratch copy, run its tests; ``(verdict, seconds, detail)``."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+        tree = Path(tmp) / "repo"
+        _copy(tree)
+        target = tree / m.file
+        text = target.read_text()
+        if text.count(m.old) != 1:
+            return (
+                "NOT APPLICABLE",
+                0.0,
+                f"{m.file}: the text to mutate occurs {text.count(m.old)}x",
+            )
+        target.write_text(text.replace(m.old, m.new))
+        res = _pytest(tree, m.tests)
+    seconds = time.monotonic() - started
+    last = (res.stdout.strip().splitlines() or [""])[-1]
+    if res.returncode == 1:
+        return "killed", seconds, last
+    if res.returncode == 0:
+        return "SURVIVED", seconds, last
+    return "ERROR", seconds, f"pytest exit {res.returncode}: {last} {res.stderr[-500:]}"
+
+
+def baseline(mutants: list[Mutant]) -> list[str]:
+    """Run every selected test set on an unmutated copy; the ones that fail there."""
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+        tree = Path(tmp) / "repo"
+        _copy(tree)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import delivery_executor; print(delivery_executor.__file__)"],
+            env=dict(os.environ, PYTHONPATH=str(tree / "src")),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not probe.startswith(str(tree)):
+            return [f"the copy is not what runs: delivery_executor comes from {probe}"]
+        failed = []
+        for tests in dict.fromkeys(m.tests for m in mutants):
+            res = _pytest(tree, tests)
+            if res.returncode != 0:
+                failed.append(f"{' '.join(tests)}: {res.stdout.strip().splitlines()[-1:]}")
+        return failed
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="tests.mutants", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", default="", help="only mutants whose name contains this")
+    ap.add_argument("-j", type=int, default=1, help="mutants run at once")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.k in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:34} {m.why}\n{'':34} {m.file}; tests: {' '.join(m.tests)}")
+        return 0
+    print(f"baseline: the {len(chosen)} mutants' tests on an unmutated copy ...", flush=True)
+    if bad := baseline(chosen):
+        print("baseline failed, so no verdict is meaningful:\n  " + "\n  ".join(bad))
+        return 2
+    ok = True
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.j)) as pool:
+        for m, (verdict, seconds, detail) in zip(chosen, pool.map(run_one, chosen), strict=True):
+            ok &= verdict == "killed"
+            print(f"{verdict:14} {m.name:34} {seconds:5.1f} s  {detail}", flush=True)
+    print("all mutants killed" if ok else "SOME MUTANTS WERE NOT KILLED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
