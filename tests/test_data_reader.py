@@ -621,13 +621,60 @@ async def test_push_override_sees_aiosmtpd_strings() -> None:
     assert long.data_reply() == b"500 5.6.0 Line too long"
 
 
+class CountingBulk(BulkSMTP):
+    """Ours, counting the StreamReader calls of each session in ``calls``."""
+
+    calls: list[int] = []  # noqa: RUF012 (one slot per session, appended by the test)
+
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        super()._cb_client_connected(reader, writer)
+        calls = self.calls
+        calls.append(0)
+
+        def counting(method: Callable[..., Any]) -> Callable[..., Any]:
+            async def counted(*args: Any) -> Any:
+                calls[-1] += 1
+                return await method(*args)
+
+            return counted
+
+        for name in ("read", "readexactly", "readline", "readuntil"):
+            setattr(reader, name, counting(getattr(reader, name)))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "line",
+    [b"\r\n", b"a\r\n", b"..\r\n", b"x\r\r\n", b"La de da. La de da.\r\n", line(1001)],
+    ids=["empty", "1-byte", "stuffed dot", "bare CR", "prose", "1001-byte"],
+)
+async def test_reader_calls_per_read_not_per_line(line: bytes) -> None:
+    """1 MiB of small or odd lines in 64 KiB reads costs a few reader calls per read."""
+    body = line * (MIB // len(line))
+    stream = pre() + body + b".\r\nQUIT\r\n"
+    chunks = cut(stream, range(0, len(stream), 65536))
+    CountingBulk.calls.clear()
+    result = await run_pipe(CountingBulk, chunks, data_size_limit=None)
+    assert result.delivered[0][0] == unstuff(body)
+    # 6 command lines; per read of the body an overrunning readuntil, the
+    # readexactly it allows and a byte to settle a CRLF: 3 (stock: one per line).
+    (calls,) = CountingBulk.calls
+    assert calls <= 6 + 4 * len(chunks), (calls, len(chunks))
+
+
 # -- disconnects ----------------------------------------------------------------------
 
 
 @pytest.mark.asyncio
 @pytest.mark.uvloop
 @pytest.mark.parametrize("end", ["eof", "reset"])
-@pytest.mark.parametrize("partial", [b"", b"half a line", b"a line\r\n.", b"x" * 5000])
+@pytest.mark.parametrize(
+    "partial",
+    [b"", b"half a line", b"a line\r\n.", b"x" * 5000],
+    ids=["at 354", "mid-line", "after CRLF dot", "mid long line"],
+)
 async def test_disconnect_mid_body(end: str, partial: bytes) -> None:
     """Client gone mid-body (FIN or RST): no delivery, same replies, no loop error."""
     result = await differential_socket("smtp", [pre(), partial], end=end)
