@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from delivery_executor._bulkdata import BulkDataMixin
+from delivery_executor.smtp.reader import BulkDataMixin
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -28,7 +28,7 @@ from .executor import (
 from .fsops import HAVE_SYNCFS, FsOps
 from .recipients import MailboxResolver
 from .server import ServerConfig, ServerSummary, run_server, serve
-from .smtp import DeliveryHandler, DeliveryLMTP, DeliverySMTP, SessionFactory
+from .smtp import BulkDataMixin, DeliveryHandler, DeliveryLMTP, DeliverySMTP, SessionFactory
 from .stats import ExecutorStats
 from .store import (
     AUTO_SYNCFS_MIN_FILES,
@@ -73,6 +73,7 @@ __all__ = [
     "BatchWriter",
     "BlockingWriter",
     "Body",
+    "BulkDataMixin",
     "DeliveryError",
     "DeliveryExecutor",
     "DeliveryHandler",

@@ -9,7 +9,9 @@
   advertising ENHANCEDSTATUSCODES is true. RFC 2034 exempts the greeting and
   the replies to HELO/EHLO/LHLO, which stay as they are, and 3xx replies;
 - aiosmtpd's DATA errors once per recipient under LMTP, as RFC 2033 wants;
-- a hook run once when the connection is gone.
+- a hook run once when the connection is gone;
+- the bulk DATA reader (:class:`~delivery_executor.smtp.reader.BulkDataMixin`):
+  the body is read in large chunks into one buffer, not one object per line.
 
 Use them with :class:`~delivery_executor.smtp.DeliveryHandler` or any handler.
 
@@ -30,7 +32,7 @@ the server's DATA budget:
 So the bytes that sessions hold between ``354`` and their reply (aiosmtpd's
 line list, the joined message, the copies being delivered) stay within the
 budget, counted as received (aiosmtpd's per-line objects add their overhead
-on top until a bulk DATA reader replaces its ``smtp_DATA``).
+on top when the stock reader is used).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from typing import TYPE_CHECKING, Any, AnyStr
 from aiosmtpd import smtp as _aiosmtpd_smtp
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, syntax
+
+from .reader import BulkDataMixin
 
 if TYPE_CHECKING:
     from .sessions import SessionGuard
@@ -182,8 +186,9 @@ class _DeliveryProtocol:
             status = "\r\n".join([status] * len(env.rcpt_tos))
         return status
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        # The one DATA hook: reserve DATA budget around aiosmtpd's own reader.
+        # The one DATA hook: reserve DATA budget around the reader (ours, or aiosmtpd's).
         guard = self.guard
         env = self.envelope
         if guard is None or env is None or not env.rcpt_tos or arg:
@@ -245,7 +250,7 @@ class _DeliveryProtocol:
             hook()
 
 
-class DeliverySMTP(_DeliveryProtocol, SMTP):
+class DeliverySMTP(_DeliveryProtocol, BulkDataMixin, SMTP):
     """aiosmtpd SMTP with enhanced status codes everywhere and PIPELINING."""
 
     @syntax("EHLO hostname")
@@ -265,7 +270,7 @@ class DeliverySMTP(_DeliveryProtocol, SMTP):
             self._helo = False
 
 
-class DeliveryLMTP(_DeliveryProtocol, LMTP):
+class DeliveryLMTP(_DeliveryProtocol, BulkDataMixin, LMTP):
     """aiosmtpd LMTP with enhanced status codes everywhere, PIPELINING, and its
     own DATA errors once per recipient."""
 
