@@ -1,0 +1,90 @@
+"""Our protocol classes' shortcuts around aiosmtpd's per-connection and per-command costs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from delivery_executor import DeliveryLMTP, DeliverySMTP
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class _Handler:
+    async def handle_DATA(self, *args: object) -> str:
+        return "250 OK"
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[SMTP, SMTP]]:
+    loop = asyncio.new_event_loop()
+    ours = DeliverySMTP(_Handler(), loop=loop, hostname="h")
+    stock = SMTP(_Handler(), loop=loop, hostname="h")
+    yield ours, stock
+    loop.close()
+
+
+atoms = st.text(alphabet="abcXYZ019.-+_=!#~'\"\\()<>@[]: ,;", max_size=30)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(arg=st.one_of(atoms, st.builds(lambda a, b, c: f"<{a}@{b}>{c}", atoms, atoms, atoms)))
+@example("<alice@example.org>")
+@example("<alice@example.org> SIZE=1234 BODY=8BITMIME")
+@example("<>")
+@example("")
+@example(" <a@b>")
+@example("<a.b@c.d.>")
+@example('<"quoted local"@example.org>')
+@example("<a@[192.0.2.1]>")
+@example("<a@b> (comment) SIZE=1")
+@example("<a@b>\tSIZE=1")
+@example("alice@example.org")
+@example("<" + "x" * 65 + "@example.org>")
+def test_getaddr_gives_what_aiosmtpd_gives(pair: tuple[SMTP, SMTP], arg: str) -> None:
+    """Our _getaddr (with its fast path for plain <a@b>) returns, or raises, as aiosmtpd's."""
+    ours, stock = pair
+    assert _outcome(ours, arg) == _outcome(stock, arg)
+
+
+def _outcome(server: SMTP, arg: str) -> object:
+    # aiosmtpd's parser raises IndexError on some garbage (answered 500 by aiosmtpd):
+    # ours must do the same there, not answer differently.
+    try:
+        return server._getaddr(arg)
+    except Exception as exc:
+        return type(exc)
+
+
+def test_getaddr_respects_the_local_part_limit(pair: tuple[SMTP, SMTP]) -> None:
+    """A local part past local_part_limit is refused on the fast path too, as in aiosmtpd."""
+    ours, stock = pair
+    ours.local_part_limit = stock.local_part_limit = 64
+    try:
+        for arg in ("<" + "x" * 64 + "@example.org>", "<" + "x" * 65 + "@example.org>"):
+            assert ours._getaddr(arg) == stock._getaddr(arg)
+        assert ours._getaddr("<" + "x" * 65 + "@example.org>") == (None, None)
+    finally:
+        ours.local_part_limit = stock.local_part_limit = 0
+
+
+@pytest.mark.parametrize(("ours_cls", "stock_cls"), [(DeliverySMTP, SMTP), (DeliveryLMTP, LMTP)])
+def test_a_short_dir_keeps_every_command_and_auth_mechanism(
+    ours_cls: type[SMTP], stock_cls: type[SMTP]
+) -> None:
+    """aiosmtpd finds the same commands and AUTH mechanisms in our short dir() as in its own."""
+    loop = asyncio.new_event_loop()
+    try:
+        ours = ours_cls(_Handler(), loop=loop, hostname="h")
+        stock = stock_cls(_Handler(), loop=loop, hostname="h")
+        assert set(ours._smtp_methods) == set(stock._smtp_methods)
+        assert set(ours._auth_methods) == set(stock._auth_methods)
+        assert all(name.startswith(("smtp_", "auth_")) for name in dir(ours))
+    finally:
+        loop.close()
