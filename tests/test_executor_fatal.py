@@ -81,8 +81,8 @@ async def test_a_batch_past_the_4_gib_frame_fails_clearly_and_leaks_nothing(
             writer = ProcessWriter()
             with pytest.raises(ValueError, match="4 GiB frame"):
                 await writer.acommit([(str(tmp_path / "m"), [(view,)])])
-            assert writer._waiting == {}  # nothing registered, nothing to settle later
-            assert repr(writer).endswith("pid=None waiting=0>")  # and no helper was started
+            assert writer._helpers[0].waiting == {}  # nothing registered, nothing to settle later
+            assert repr(writer).endswith("pids=[None] waiting=0>")  # and no helper was started
             await writer.aclose()
         finally:
             view.release()

@@ -89,7 +89,7 @@ async def test_delivers_through_the_helper_and_stops_it_on_close(tmp_path: Path)
     async with DeliveryExecutor(writer=writer) as ex:
         jobs = [(tmp_path / f"u{i % 3}", b"message %d\r\n" % i) for i in range(200)]
         ids = await asyncio.gather(*(ex.deliver(p, b) for p, b in jobs))
-        proc = writer._proc
+        proc = writer._helpers[0].proc
         assert proc is not None
         assert ex.stats().syncs > 0
     for mid, (path, body) in zip(ids, jobs, strict=True):
@@ -120,7 +120,7 @@ async def test_helper_death_fails_its_batch_and_the_next_batch_restarts_it(tmp_p
     writer = ProcessWriter()
     async with DeliveryExecutor(writer=writer) as ex:
         await ex.deliver(tmp_path / "m", b"first")
-        proc = writer._proc
+        proc = writer._helpers[0].proc
         assert proc is not None
         os.kill(proc.pid, signal.SIGSTOP)  # the next batch is sent but never answered
         pending = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"lost?"))
@@ -142,7 +142,7 @@ async def test_helper_ignores_sigint_and_sigterm_mid_batch(tmp_path: Path) -> No
     writer = ProcessWriter()
     async with DeliveryExecutor(writer=writer) as ex:
         await ex.deliver(tmp_path / "m", b"one")
-        proc = writer._proc
+        proc = writer._helpers[0].proc
         assert proc is not None
         os.kill(proc.pid, signal.SIGSTOP)  # the batch below is sent and held, unanswered
         pending = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"two"))
@@ -172,3 +172,21 @@ def test_bad_sync_is_rejected_before_any_process_starts() -> None:
     """ProcessWriter(sync=...) validates in the caller, not in the helper."""
     with pytest.raises(ValueError, match="sync must be one of"):
         ProcessWriter("sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_two_helpers_share_the_batches_and_both_stop(tmp_path: Path) -> None:
+    """helpers=2: concurrent batches go to both helpers; every message lands; both exit."""
+    writer = ProcessWriter(helpers=2)
+    async with DeliveryExecutor(writer=writer, max_batch=4) as ex:
+        jobs = [(tmp_path / f"u{i % 5}", b"m %d\r\n" % i) for i in range(120)]
+        ids = await asyncio.gather(*(ex.deliver(p, b) for p, b in jobs))
+        procs = [h.proc for h in writer._helpers]
+        assert all(p is not None for p in procs)
+        assert len(set(writer.pids)) == 2
+        assert all(h.batches > 1 for h in writer._helpers)  # start()'s ping is one each
+    for mid, (path, body) in zip(ids, jobs, strict=True):
+        assert (path / "new" / mid.name).read_bytes() == body
+    assert all(p is not None and p.returncode == 0 for p in procs)
+    with pytest.raises(ValueError, match="helpers must be an int >= 1"):
+        ProcessWriter(helpers=0)

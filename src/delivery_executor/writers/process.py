@@ -234,87 +234,49 @@ def serve_batches(
         stdout.flush()
 
 
-class ProcessWriter:
-    """A batch writer whose file work runs in a helper process (see the module doc).
+class _Helper:
+    """One helper process, its reply reader and the batches it holds."""
 
-    Use it as ``DeliveryExecutor(writer="process")`` or
-    ``DeliveryExecutor(writer=ProcessWriter(sync))``. Costs one helper process
-    (about 20 MB), started by :meth:`start` or at the first batch, and one
-    copy of each batch through a pipe.
-    """
-
-    def __init__(
-        self, sync: SyncMode = "auto", *, python: str | None = None, size_in_names: bool = True
-    ) -> None:
-        check_sync(sync)
-        self.sync: SyncMode = sync
-        self.size_in_names = size_in_names
-        self.python = python or sys.executable
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._waiting: dict[int, asyncio.Future[BatchResult]] = {}
-        self._next = 0
-        self._starting: asyncio.Lock | None = None
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.waiting: dict[int, asyncio.Future[BatchResult]] = {}
+        self.starting: asyncio.Lock | None = None
         self.restarts = 0
+        self.batches = 0
 
-    def __repr__(self) -> str:
-        pid = self._proc.pid if self._proc is not None else None
-        return f"<ProcessWriter sync={self.sync!r} pid={pid} waiting={len(self._waiting)}>"
+    async def ensure(self) -> asyncio.subprocess.Process:
+        """The running helper, started (again) if it is not."""
+        if self.starting is None:
+            self.starting = asyncio.Lock()
+        async with self.starting:
+            proc, reader = self.proc, self.reader
+            if proc is not None and proc.returncode is None and reader and not reader.done():
+                return proc
+            if proc is not None:
+                self.restarts += 1
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            )
+            self.reader = asyncio.get_running_loop().create_task(
+                self._read_replies(self.proc), name="delivery-helper-reader"
+            )
+            return self.proc
 
-    async def start(self) -> None:
-        """Start the helper now and check that it answers; ``OSError`` if it cannot run.
-
-        ``serve`` calls this at start-up, so that an interpreter the service
-        user cannot run is reported there rather than as a ``451`` per message.
-        """
-        try:
-            await asyncio.wait_for(self.acommit([]), 30)
-        except (OSError, TimeoutError) as exc:
-            raise OSError(
-                getattr(exc, "errno", None) or errno.ECHILD,
-                f"the writer helper ({self.python} -m delivery_executor.writers._helper)"
-                f" did not start: {exc}",
-            ) from exc
-
-    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
-        """Send the batch to the helper and await its results."""
-        frame = encode_request(0, groups)  # ValueError (too large) before any state changes
-        proc = await self._ensure()
-        batch = self._next = (self._next + 1) & 0xFFFFFFFF
-        frame[1] = _U32.pack(batch)
+    async def send(self, batch: int, frame: list[bytes | memoryview]) -> BatchResult:
+        proc = await self.ensure()
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._waiting[batch] = fut
+        self.waiting[batch] = fut
+        self.batches += 1
         assert proc.stdin is not None
         try:
             proc.stdin.writelines(frame)
             await proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError) as exc:
-            self._waiting.pop(batch, None)
+            self.waiting.pop(batch, None)
             raise BrokenPipeError(exc.errno, "the writer process is gone") from exc
         return await fut
-
-    async def _ensure(self) -> asyncio.subprocess.Process:
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:
-            if (
-                self._proc is not None
-                and self._proc.returncode is None
-                and self._reader is not None
-                and not self._reader.done()
-            ):
-                return self._proc
-            if self._proc is not None:
-                self.restarts += 1
-            names = [] if self.size_in_names else ["--plain-names"]
-            self._proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "delivery_executor.writers._helper", "--sync", self.sync,
-                *names, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            self._reader = asyncio.get_running_loop().create_task(
-                self._read_replies(self._proc), name="delivery-helper-reader"
-            )
-            return self._proc
 
     async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -323,19 +285,19 @@ class ProcessWriter:
                 head = await proc.stdout.readexactly(4)
                 payload = await proc.stdout.readexactly(_U32.unpack(head)[0])
                 batch, result = decode_reply(payload)
-                fut = self._waiting.pop(batch, None)
+                fut = self.waiting.pop(batch, None)
                 if fut is not None and not fut.done():
                     fut.set_result(result)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             err = BrokenPipeError(errno.EPIPE, f"the writer process ended: {exc!r}")
-            waiting, self._waiting = self._waiting, {}
+            waiting, self.waiting = self.waiting, {}
             for fut in waiting.values():
                 if not fut.done():
                     fut.set_exception(err)
 
     async def aclose(self) -> None:
         """Close the helper's input and wait for it to exit (it finishes its batch)."""
-        proc, self._proc = self._proc, None
+        proc, self.proc = self.proc, None
         if proc is None:
             return
         if proc.stdin is not None:
@@ -345,6 +307,80 @@ class ProcessWriter:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-        if self._reader is not None:
+        if self.reader is not None:
             with contextlib.suppress(BaseException):
-                await self._reader
+                await self.reader
+
+
+class ProcessWriter:
+    """A batch writer whose file work runs in helper processes (see the module doc).
+
+    Use it as ``DeliveryExecutor(writer="process")`` or
+    ``DeliveryExecutor(writer=ProcessWriter(sync))``. ``helpers`` processes
+    (about 20 MB each) write batches side by side, each batch going to the one
+    holding the fewest; started by :meth:`start` or at the first batch. Costs
+    one copy of each batch through a pipe, and one pipe write and read on the
+    loop per batch.
+    """
+
+    def __init__(
+        self,
+        sync: SyncMode = "auto",
+        *,
+        python: str | None = None,
+        size_in_names: bool = True,
+        helpers: int = 1,
+    ) -> None:
+        check_sync(sync)
+        if isinstance(helpers, bool) or not isinstance(helpers, int) or helpers < 1:
+            raise ValueError(f"helpers must be an int >= 1, not {helpers!r}")
+        self.sync: SyncMode = sync
+        self.size_in_names = size_in_names
+        self.python = python or sys.executable
+        names = [] if size_in_names else ["--plain-names"]
+        argv = [self.python, "-m", "delivery_executor.writers._helper", "--sync", sync, *names]
+        self._helpers = [_Helper(argv) for _ in range(helpers)]
+        self._next = 0
+
+    def __repr__(self) -> str:
+        pids = [h.proc.pid if h.proc is not None else None for h in self._helpers]
+        waiting = sum(len(h.waiting) for h in self._helpers)
+        return f"<ProcessWriter sync={self.sync!r} pids={pids} waiting={waiting}>"
+
+    @property
+    def restarts(self) -> int:
+        """Helpers started again after one died."""
+        return sum(h.restarts for h in self._helpers)
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The helpers' process ids (``None`` for one not running)."""
+        return [h.proc.pid if h.proc is not None else None for h in self._helpers]
+
+    async def start(self) -> None:
+        """Start the helpers now and check that they answer; ``OSError`` if they cannot run.
+
+        ``serve`` calls this at start-up, so that an interpreter the service
+        user cannot run is reported there rather than as a ``451`` per message.
+        """
+        try:
+            for helper in self._helpers:
+                await asyncio.wait_for(helper.send(0, encode_request(0, [])), 30)
+        except (OSError, TimeoutError) as exc:
+            raise OSError(
+                getattr(exc, "errno", None) or errno.ECHILD,
+                f"the writer helper ({self.python} -m delivery_executor.writers._helper)"
+                f" did not start: {exc}",
+            ) from exc
+
+    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+        """Send the batch to the least busy helper and await its results."""
+        frame = encode_request(0, groups)  # ValueError (too large) before any state changes
+        batch = self._next = (self._next + 1) & 0xFFFFFFFF
+        frame[1] = _U32.pack(batch)
+        helper = min(self._helpers, key=lambda h: len(h.waiting))
+        return await helper.send(batch, frame)
+
+    async def aclose(self) -> None:
+        """Close the helpers' input and wait for them to exit (each finishes its batch)."""
+        await asyncio.gather(*(h.aclose() for h in self._helpers))
