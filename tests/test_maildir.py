@@ -374,19 +374,43 @@ def test_scans_and_add_flag_move_new_to_cur(tmp_path: Path) -> None:
 
 
 def test_cleanup_tmp_removes_only_stale_files(tmp_path: Path) -> None:
-    """cleanup_tmp(max_age) unlinks old tmp files and leaves fresh ones and new/ alone."""
+    """cleanup_tmp(max_age) unlinks this host's old tmp files, not fresh ones nor new/."""
     md = Maildir.create(tmp_path / "m")
     md.deliver(b"kept")
-    old, fresh = md.path / "tmp" / "old", md.path / "tmp" / "fresh"
+    old, fresh = (md.path / "tmp" / md_mod.unique_name() for _ in range(2))
     old.write_bytes(b"o")
     fresh.write_bytes(b"f")
     past = time.time() - 7200
     os.utime(old, (past, past))
     assert md.cleanup_tmp(3600) == 1
-    assert files_in(md.path / "tmp") == ["fresh"]
+    assert files_in(md.path / "tmp") == [fresh.name]
     assert len(files_in(md.path / "new")) == 1
     with pytest.raises(ValueError, match="max_age"):
         md.cleanup_tmp(-1)
+    with pytest.raises(ValueError, match="other_hosts_max_age"):
+        md.cleanup_tmp(0, other_hosts_max_age=-1)
+
+
+def test_cleanup_tmp_leaves_another_hosts_files_to_their_own_age(tmp_path: Path) -> None:
+    """On a shared Maildir, cleanup_tmp(0) keeps another host's in-flight files."""
+    md = Maildir.create(tmp_path / "m")
+    mine = md.path / "tmp" / (md_mod.unique_name() + ",S=1,W=1")
+    theirs = md.path / "tmp" / "1795000000.M1P42Q7.mx-b.example.org,S=1,W=1"
+    dovecot = md.path / "tmp" / "1795000000.M1P42.imap-c,S=1,W=1"
+    junk = md.path / "tmp" / "core"
+    for f in (mine, theirs, dovecot, junk):
+        f.write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    for f in (mine, theirs, dovecot, junk):
+        os.utime(f, (hour_ago, hour_ago))
+    assert md_mod.host_of(theirs.name) == "mx-b.example.org"
+    assert md_mod.host_of(dovecot.name) == "imap-c"
+    assert md_mod.host_of(junk.name) is None
+    assert md.cleanup_tmp(0) == 1  # only ours: the others may be mid-delivery elsewhere
+    assert sorted(files_in(md.path / "tmp")) == sorted([theirs.name, dovecot.name, junk.name])
+    assert md.cleanup_tmp(0, other_hosts_max_age=7200) == 0  # an hour old is not stale yet
+    assert md.cleanup_tmp(0, other_hosts_max_age=1800) == 3
+    assert files_in(md.path / "tmp") == []
 
 
 # -- the sync protocol, as recorded through the FsOps seam

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import InvalidMaildirPath
 from ..fsops import OS_OPS, FsOps
 from .commit import Message, SyncMode, check_sync, commit_batch
-from .names import Flag, MessageId, add_flag, parse_flags
+from .names import Flag, MessageId, add_flag, host_of, parse_flags, this_host
 
 __all__ = ["DEFAULT_TMP_MAX_AGE", "Maildir", "MaildirEntry", "check_maildir_path"]
 
@@ -247,27 +247,46 @@ class Maildir:
         os.rename(src, dst)
         return MaildirEntry(MessageId(base), Path(dst), parse_flags(name))
 
-    def cleanup_tmp(self, max_age: float | timedelta = DEFAULT_TMP_MAX_AGE) -> int:
-        """Remove files in ``tmp/`` not modified for ``max_age`` (seconds or timedelta).
+    def cleanup_tmp(
+        self,
+        max_age: float | timedelta = DEFAULT_TMP_MAX_AGE,
+        *,
+        other_hosts_max_age: float | timedelta = DEFAULT_TMP_MAX_AGE,
+    ) -> int:
+        """Remove stale files in ``tmp/``; return how many were removed.
 
-        Returns how many were removed. Fresh files, which may belong to a
-        delivery in progress, are left alone; the default age is qmail's 36 h.
+        A file named by this host (the host part of a Maildir name, see
+        :mod:`.names`) goes once it has not been modified for ``max_age``
+        (seconds or timedelta); a file of any other host, or with a name that
+        is not a Maildir name, only after ``other_hosts_max_age`` (default
+        qmail's 36 h), whatever ``max_age`` says. On a Maildir shared by
+        several hosts another host may be writing that file right now, and its
+        clock and its idea of "stale" are not ours. Cost: one ``scandir`` and a
+        ``stat`` per file.
         """
-        age = max_age.total_seconds() if isinstance(max_age, timedelta) else float(max_age)
-        if age < 0:
-            raise ValueError(f"max_age must be >= 0, not {max_age!r}")
-        cutoff = time.time() - age
+        mine = _seconds("max_age", max_age)
+        theirs = max(mine, _seconds("other_hosts_max_age", other_hosts_max_age))
+        now = time.time()
         removed = 0
         with os.scandir(self.tmp_prefix) as it:
             for e in it:
                 try:
                     st = e.stat(follow_symlinks=False)
-                    if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                    age = now - st.st_mtime
+                    limit = mine if host_of(e.name) == this_host() else theirs
+                    if stat.S_ISREG(st.st_mode) and age > limit:
                         os.unlink(e.path)
                         removed += 1
                 except FileNotFoundError:
                     continue
         return removed
+
+
+def _seconds(name: str, value: float | timedelta) -> float:
+    age = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not age >= 0:
+        raise ValueError(f"{name} must be >= 0, not {value!r}")
+    return age
 
 
 _CACHE: dict[str, Maildir] = {}

@@ -25,10 +25,12 @@ __all__ = [
     "Flag",
     "MessageId",
     "add_flag",
+    "host_of",
     "parse_flags",
     "sanitize_host",
     "serialize_flags",
     "size_suffix",
+    "this_host",
     "unique_name",
 ]
 
@@ -109,6 +111,22 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+def this_host() -> str:
+    """This process's host part of new names (the sanitized host name)."""
+    return _HOST
+
+
+def host_of(name: str) -> str | None:
+    """The host part of a Maildir name (``time.unique.host[,S=..][:2,..]``), or ``None``.
+
+    Works for ours (``1.M2P3Q4.mx``), Dovecot's and qmail's names alike: the
+    host is what follows the second dot, up to a ``,`` or ``:``.
+    """
+    base = name.partition(":")[0].partition(",")[0]
+    parts = base.split(".", 2)
+    return parts[2] if len(parts) == 3 and parts[0].isdigit() and parts[2] else None
 
 
 def unique_name() -> str:
