@@ -21,6 +21,8 @@ Modes:
     executor      serve's defaults (eager batching, sync auto, a helper writer process)
     executor-loop the same, batches written on the loop, syncs in a thread (--writer loop)
     executor-w2   serve's defaults with --workers 2
+    executor-bare serve with CRLF kept and plain names (--line-endings crlf --no-size-names)
+    executor-logged  serve's defaults with the per-delivery INFO log line, to a file
     dovecot       Dovecot's LMTP, mail_fsync=always (benches/dovecot-lmtp.conf), started here
 A mode name ending in ``@asyncio`` or ``@uvloop`` runs that mode on that loop.
 
@@ -66,6 +68,8 @@ MODES: dict[str, list[str]] = {
     "executor": [],
     "executor-loop": ["--writer", "loop"],
     "executor-w2": ["--workers", "2"],
+    "executor-bare": ["--line-endings", "crlf", "--no-size-names"],
+    "executor-logged": ["--log-level", "INFO", "--log-file", "{root}.log"],
     "dovecot": [],
 }
 _EXTERNAL = ("noop-stock", "noop", "dovecot", "target")  # no executor summary, no disk check
@@ -171,9 +175,12 @@ def _load(
     return result
 
 
-def _server_args(mode: str, wl: Workload, lmtp: bool) -> tuple[list[str], int, list[str] | None]:
+def _server_args(
+    mode: str, wl: Workload, lmtp: bool, root: Path
+) -> tuple[list[str], int, list[str] | None]:
     base, _, loop = mode.partition("@")
-    args = [*MODES[base], "--log-level", "WARNING", *([] if lmtp else ["--smtp"])]
+    own = [a.replace("{root}", str(root)) for a in MODES[base]]
+    args = ["--log-level", "WARNING", *own, *([] if lmtp else ["--smtp"])]
     args += ["--max-connections", str(max(256, wl.conns + 64))]
     if loop:
         args += ["--loop", loop]
@@ -222,7 +229,7 @@ def run_cell(
         with _dovecot(root) as port:
             res = _load(port, wl, duration, warmup, lmtp)
         return _row(wl, mode, res, [], _count_files(root / "mail"), 0.0)
-    args, workers, command = _server_args(mode, wl, lmtp)
+    args, workers, command = _server_args(mode, wl, lmtp, root)
     server = ServerProcess(
         root, *args, workers=workers, env=_env(), start_timeout=30, program=command or ()
     )

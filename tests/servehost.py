@@ -11,21 +11,18 @@ goes with its last process.
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-__all__ = ["ServeHost", "group_members", "kill_group", "require_unshare"]
+from delivery_executor.testing import ServerProcess
 
-_LISTEN = re.compile(r"listening on ([\d.]+):(\d+) \((LMTP|SMTP), pid (\d+)\)")
+__all__ = ["ServeHost", "group_members", "kill_group", "require_unshare"]
 
 
 def require_unshare() -> str:
@@ -77,8 +74,8 @@ def kill_group(proc: subprocess.Popen[str], timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
-class ServeHost:
-    """``python -m delivery_executor serve`` on ``address:port``, as host ``hostname`` if given."""
+class ServeHost(ServerProcess):
+    """:class:`ServerProcess` on ``address:port``, as host ``hostname`` if given."""
 
     def __init__(
         self,
@@ -89,78 +86,19 @@ class ServeHost:
         hostname: str | None = None,
         start_timeout: float = 20,
     ) -> None:
-        self.root = root
-        self.address = address
-        self.port = port
-        self.hostname = hostname
-        cmd = [sys.executable, "-m", "delivery_executor", "serve", "--root", str(root)]
-        cmd += ["--listen", f"{address}:{port}", *args]
+        prefix: list[str] = []
         if hostname is not None:
             # unshare execs sh, sh execs python: one PID all along, so the
-            # process group we make is the server's own.
+            # process group ServerProcess makes is the server's own.
             script = 'hostname "$1" && shift && exec "$@"'
-            cmd = [require_unshare(), "--uts", "sh", "-c", script, "sh", hostname, *cmd]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            start_new_session=True,
+            prefix = [require_unshare(), "--uts", "sh", "-c", script, "sh", hostname]
+        self.address = address
+        self.hostname = hostname
+        super().__init__(
+            root, *args, host=address, port=port, prefix=prefix, start_timeout=start_timeout
         )
         self.pgid = self.proc.pid
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-        self.pid = 0
-        deadline = time.monotonic() + start_timeout
-        try:
-            while not self.pid:
-                m = _LISTEN.search(self.readline(deadline - time.monotonic()))
-                if m:
-                    self.pid = int(m.group(4))
-        except BaseException:
-            self.close()  # a failed start must not leave a server behind
-            raise
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def readline(self, timeout: float) -> str:
-        """The next output line; AssertionError if none comes in ``timeout`` s or on exit."""
-        try:
-            line = self._queue.get(timeout=max(timeout, 0.01))
-        except queue.Empty:
-            raise AssertionError(f"no output from serve in time; so far: {self.lines}") from None
-        assert line is not None, f"serve exited ({self.proc.poll()}); output: {self.lines}"
-        self.lines.append(line)
-        return line
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if line is not None:
-                self.lines.append(line)
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, wait for the exit and the rest of the output; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"serve did not stop in {timeout} s: {self.lines}") from None
-        self._reader.join(10)
-        self._drain()
-        return code
+        self.pid = self.pids[0]
 
     def kill(self) -> None:
         """SIGKILL the whole host (its process group: server and helper); wait until it is gone."""
@@ -178,17 +116,3 @@ class ServeHost:
         m = re.search(r"delivered (\d+)", summary)
         assert m, summary
         return int(m.group(1))
-
-    def close(self) -> None:
-        """Kill whatever of this host is still running and close its output."""
-        self.kill()
-        self._reader.join(10)
-        self._drain()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> ServeHost:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
