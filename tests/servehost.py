@@ -11,7 +11,6 @@ goes with its last process.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -103,16 +102,3 @@ class ServeHost(ServerProcess):
     def kill(self) -> None:
         """SIGKILL the whole host (its process group: server and helper); wait until it is gone."""
         kill_group(self.proc)
-
-    @property
-    def summary(self) -> str | None:
-        """serve's ``summary: delivered ...`` line, once it has stopped."""
-        return next((line for line in self.lines if line.startswith("summary:")), None)
-
-    def delivered(self) -> int:
-        """The ``delivered N`` count from the summary line."""
-        summary = self.summary
-        assert summary is not None, f"no summary line: {self.lines}"
-        m = re.search(r"delivered (\d+)", summary)
-        assert m, summary
-        return int(m.group(1))

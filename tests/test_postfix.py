@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from delivery_executor.testing import ServerProcess
 
 from .postfix import (
     Delivered,
@@ -27,7 +31,6 @@ from .postfix import (
     run_tool,
     wait_for,
 )
-from .servehost import ServeHost
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -43,16 +46,29 @@ def serve_port() -> int:
 
 
 @pytest.fixture
-def postfix(serve_port: int) -> Iterator[PrivatePostfix]:
-    """A private Postfix whose virtual domains go to serve's LMTP port."""
+def serve_socket() -> Iterator[Path]:
+    """Where serve's UNIX socket goes: a directory Postfix's lmtp client can enter."""
+    where = Path(tempfile.mkdtemp(prefix="de-lmtp-", dir="/var/tmp"))
+    where.chmod(0o755)
+    try:
+        yield where / "lmtp"
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture
+def postfix(serve_socket: Path) -> Iterator[PrivatePostfix]:
+    """A private Postfix whose virtual domains go to serve's LMTP socket, as admins set it up."""
     with PrivatePostfix(
-        virtual_transport=f"lmtp:inet:127.0.0.1:{serve_port}", domains=(DOMAIN, OTHER)
+        virtual_transport=f"lmtp:unix:{serve_socket}", domains=(DOMAIN, OTHER)
     ) as pf:
         yield pf
 
 
-def start_serve(root: Path, port: int) -> ServeHost:
-    return ServeHost(root, "127.0.0.1", port, "--lmtp", "--domain", DOMAIN)
+def start_serve(root: Path, socket: Path) -> ServerProcess:
+    return ServerProcess(
+        root, "--lmtp", "--domain", DOMAIN, "--socket-mode", "0666", listen=[f"unix:{socket}"]
+    )
 
 
 def swaks(pf: PrivatePostfix, to: list[str], case: str) -> str:
@@ -75,11 +91,11 @@ def by_queue_id(files: list[Delivered]) -> Counter[tuple[str | None, str]]:
 
 @pytest.mark.root
 def test_swaks_single_multi_and_refused_recipients(
-    tmp_path: Path, postfix: PrivatePostfix, serve_port: int
+    tmp_path: Path, postfix: PrivatePostfix, serve_socket: Path
 ) -> None:
     """1, 3 and 3-with-2-refused recipients via Postfix: each copy lands once, refusals bounce."""
     root = tmp_path / "mail"
-    with start_serve(root, serve_port) as srv:
+    with start_serve(root, serve_socket) as srv:
         q1 = swaks(postfix, [f"a@{DOMAIN}"], "case one")
         q2 = swaks(postfix, [f"b@{DOMAIN}", f"c@{DOMAIN}", f"d@{DOMAIN}"], "case three")
         q3 = swaks(postfix, [f"e@{DOMAIN}", f".hidden@{DOMAIN}", f"x@{OTHER}"], "case refused")
@@ -123,7 +139,7 @@ def test_swaks_single_multi_and_refused_recipients(
     assert sent == expected
     for d in log:
         if d.status == "sent":
-            assert d.relay == f"127.0.0.1[127.0.0.1]:{serve_port}", d
+            assert str(serve_socket) in d.relay, d
             assert d.text.startswith(f"250 2.0.0 <{d.recipient}> Ok: delivered as ")
     # ... and status=bounced with serve's 5xx for the two refused recipients.
     bounced = {(d.queue_id, d.recipient, d.dsn) for d in log if d.status == "bounced"}
@@ -167,11 +183,11 @@ def check_exactly_once(
 
 @pytest.mark.root
 def test_smtp_source_then_outage_then_flush(
-    tmp_path: Path, postfix: PrivatePostfix, serve_port: int
+    tmp_path: Path, postfix: PrivatePostfix, serve_socket: Path
 ) -> None:
     """500 messages, 8 sessions, land once; 300 sent while serve is down defer, then land once."""
     root = tmp_path / "mail"
-    srv = start_serve(root, serve_port)
+    srv = start_serve(root, serve_socket)
     with srv:
         smtp_source(postfix, f"load@{DOMAIN}", 500, 8)
         postfix.wait_queue_empty(60)
@@ -197,7 +213,7 @@ def test_smtp_source_then_outage_then_flush(
     wait_for(lambda: {q["queue_id"] for q in postfix.queue()} == second, 10, "300 queued")
 
     # serve again, on the same port; a flush delivers the lot.
-    with start_serve(root, serve_port) as srv2:
+    with start_serve(root, serve_socket) as srv2:
         postfix.flush()
         postfix.wait_queue_empty(60, flush_every=2)
         wait_for(lambda: postfix.count_status("sent") >= 800, 10, "800 status=sent lines")
@@ -241,7 +257,7 @@ def test_fixture_cleans_up_after_itself(serve_port: int) -> None:
 def test_null_sender_is_stored_with_an_empty_return_path(tmp_path: Path, serve_port: int) -> None:
     """A bounce (MAIL FROM:<>, as Postfix sends it over LMTP) is stored with 'Return-Path: <>'."""
     root = tmp_path / "mail"
-    with start_serve(root, serve_port) as srv:
+    with ServerProcess(root, "--lmtp", "--domain", DOMAIN, port=serve_port) as srv:
         run_tool(
             [need("swaks"), "--server", "127.0.0.1", "--port", str(serve_port),
              "--protocol", "LMTP", "--from", "<>", "--to", SENDER],

@@ -291,6 +291,19 @@ class ServerProcess:
             pass
         self.proc.wait(10)
 
+    @property
+    def summary(self) -> str | None:
+        """serve's ``summary: delivered ...`` line, once it has stopped."""
+        return next((line for line in self.lines if line.startswith("summary:")), None)
+
+    def delivered(self) -> int:
+        """The ``delivered N`` count of the summary line (``AssertionError`` if none)."""
+        summary = self.summary
+        assert summary is not None, f"no summary line: {self.lines}"
+        m = re.search(r"delivered (\d+)", summary)
+        assert m, summary
+        return int(m.group(1))
+
     def __enter__(self) -> Self:
         return self
 
