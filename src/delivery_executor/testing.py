@@ -236,20 +236,22 @@ class ServerProcess:
         self.ports: list[int] = []
         self.addresses: list[str] = []
         self.pids: list[int] = []
-        deadline = time.monotonic() + start_timeout
         try:
-            while len(self.addresses) < workers * listeners:
-                line = self.readline(deadline - time.monotonic())
-                m = _LISTEN.search(line)
-                if m:
-                    self.addresses.append(m.group("address"))
-                    if m.group("port") is not None:
-                        self.ports.append(int(m.group("port")))
-                    self.pids.append(int(m.group("pid")))
+            self._wait_listening(workers * listeners, start_timeout)
         except BaseException:
             self.__exit__()  # a failed start must not leave servers behind
             raise
         self.port = self.ports[0] if self.ports else 0
+
+    def _wait_listening(self, lines: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.addresses) < lines:
+            m = _LISTEN.search(self.readline(deadline - time.monotonic()))
+            if m:
+                self.addresses.append(m.group("address"))
+                if m.group("port") is not None:
+                    self.ports.append(int(m.group("port")))
+                self.pids.append(int(m.group("pid")))
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None

@@ -51,7 +51,7 @@ from .listeners import (
 )
 from .loops import default_loop
 from .signals import Running
-from .tls import tls_for
+from .tls import TlsManager, tls_for
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -243,6 +243,32 @@ async def serve(
             release(listeners)
 
 
+def _sessions(
+    config: ServerConfig,
+    handler: object,
+    hostname: str,
+    tls: TlsManager | None,
+    loop: asyncio.AbstractEventLoop,
+) -> SessionFactory:
+    """The protocol factory: aiosmtpd's options and our caps and fairness rules."""
+    return SessionFactory(
+        handler,
+        lmtp=config.lmtp,
+        max_connections=config.max_connections,
+        loop=loop,
+        data_size_limit=config.max_message_size,
+        enable_SMTPUTF8=True,
+        hostname=hostname,
+        ident=banner(config.lmtp, config.banner_version),
+        tls_context=tls.context if tls is not None else None,
+        require_starttls=config.require_starttls,
+        max_connections_per_ip=config.max_connections_per_ip,
+        session_timeout=config.session_timeout,
+        min_rate=config.min_rate,
+        max_pending_bytes=config.max_pending_bytes,
+    )
+
+
 async def _serve(
     config: ServerConfig,
     stop: asyncio.Event,
@@ -259,22 +285,7 @@ async def _serve(
     executor = _executor(config)
     hostname = config.hostname or default_hostname()  # once: greeting and Received lines
     handler, _ = _handler(config, executor, hostname)
-    factory = SessionFactory(
-        handler,
-        lmtp=config.lmtp,
-        max_connections=config.max_connections,
-        loop=loop,
-        data_size_limit=config.max_message_size,
-        enable_SMTPUTF8=True,
-        hostname=hostname,
-        ident=banner(config.lmtp, config.banner_version),
-        tls_context=tls.context if tls is not None else None,
-        require_starttls=config.require_starttls,
-        max_connections_per_ip=config.max_connections_per_ip,
-        session_timeout=config.session_timeout,
-        min_rate=config.min_rate,
-        max_pending_bytes=config.max_pending_bytes,
-    )
+    factory = _sessions(config, handler, hostname, tls, loop)
     try:
         await executor.start()  # the writer helper answers, or we say why now
     except OSError as exc:

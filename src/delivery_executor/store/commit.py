@@ -264,17 +264,19 @@ def run_sync_call(ops: FsOps, call: SyncCall) -> OSError | None:
     return None
 
 
-def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitSteps:
-    # Decide the form per file system before writing: it changes step 2.
+def _syncfs_devices(work: list[_Group], sync: str) -> set[int]:
+    """The file systems this batch syncs with syncfs (decided before writing: it
+    changes step 2); the others get the portable form."""
     per_dev: dict[int, int] = {}
     for g in work:
         per_dev[g.md.dev] = per_dev.get(g.md.dev, 0) + len(g.messages)
     if sync == "auto":
-        syncfs_devs = {d for d, n in per_dev.items() if n >= AUTO_SYNCFS_MIN_FILES and HAVE_SYNCFS}
-    elif sync == "syncfs":
-        syncfs_devs = set(per_dev)
-    else:
-        syncfs_devs = set()
+        return {d for d, n in per_dev.items() if n >= AUTO_SYNCFS_MIN_FILES and HAVE_SYNCFS}
+    return set(per_dev) if sync == "syncfs" else set()
+
+
+def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitSteps:
+    syncfs_devs = _syncfs_devices(work, sync)
     # Per syncfs file system, the first file written there stays open: syncfs
     # runs on it. Opening a directory instead could fail for one broken Maildir
     # (gone, unreadable) and so fail every group on the file system; and an fd

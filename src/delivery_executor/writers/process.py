@@ -98,18 +98,24 @@ def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryvi
 
 
 class _Reader:
+    """Fields of a frame held in memory (views: nothing is copied)."""
+
     __slots__ = ("buf", "pos")
 
-    def __init__(self, buf: bytes | memoryview) -> None:
+    def __init__(self, buf: bytes | bytearray | memoryview) -> None:
         self.buf = memoryview(buf)
         self.pos = 0
 
-    def take(self, n: int) -> memoryview:
+    def take(self, n: int) -> bytes | memoryview:
         out = self.buf[self.pos : self.pos + n]
         if len(out) != n:
             raise ValueError("truncated frame")
         self.pos += n
         return out
+
+    def blob(self, n: int) -> memoryview:
+        # A copy of its own, as bytes: the store scans it for ,S=/,W= in place.
+        return memoryview(bytes(self.take(n)))
 
     def u8(self) -> int:
         return self.take(1)[0]
@@ -124,21 +130,60 @@ class _Reader:
         return bytes(self.take(self.u16())).decode("utf-8", "surrogateescape")
 
 
-def decode_request(payload: bytes | memoryview) -> tuple[int, list[Group]]:
-    """The batch id and groups of a request payload (without its length prefix).
+class _StreamReader(_Reader):
+    """Fields read straight from a buffered stream: each blob is read into its own
+    ``bytes`` (one copy of the batch, not a frame buffer and then the blobs)."""
 
-    Each blob is copied out once, as ``bytes``, which the store can scan for
-    its ``,S=``/``,W=`` sizes without another copy.
-    """
-    r = _Reader(payload)
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: BinaryIO) -> None:
+        super().__init__(b"")
+        self.stream = stream
+
+    def take(self, n: int) -> bytes:
+        out = self.stream.read(n)  # a BufferedReader reads until n bytes or the end
+        if len(out) != n:
+            raise ValueError("truncated frame")
+        self.pos += n
+        return out
+
+    def blob(self, n: int) -> memoryview:
+        return memoryview(self.take(n))
+
+
+def decode_request(payload: bytes | bytearray | memoryview) -> tuple[int, list[Group]]:
+    """The batch id and groups of a request payload (without its length prefix)."""
+    return _decode_request(_Reader(payload))
+
+
+def _decode_request(r: _Reader) -> tuple[int, list[Group]]:
     batch = r.u32()
-    blobs = [memoryview(r.take(r.u32()).tobytes()) for _ in range(r.u32())]
+    blobs = [r.blob(r.u32()) for _ in range(r.u32())]
     groups: list[Group] = []
     for _ in range(r.u32()):
         path = r.text()
         messages = [tuple(blobs[r.u32()] for _ in range(r.u8())) for _ in range(r.u32())]
         groups.append((path, messages))
     return batch, groups
+
+
+def read_request(stream: BinaryIO) -> tuple[int, list[Group]] | None:
+    """The next framed request from ``stream``; ``None`` at the end of input.
+
+    ``ValueError`` if a frame's fields do not add up to its length.
+    """
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    size = _U32.unpack(head)[0]
+    r = _StreamReader(stream)
+    try:
+        request = _decode_request(r)
+    except ValueError:
+        return None  # the input ended inside a frame: the parent is gone
+    if r.pos != size:
+        raise ValueError(f"request frame of {size} bytes held {r.pos}")
+    return request
 
 
 def encode_reply(batch: int, results: Sequence[GroupResult], syncs: int) -> bytes:
@@ -181,17 +226,6 @@ def decode_reply(payload: bytes) -> tuple[int, BatchResult]:
     return batch, (results, syncs)
 
 
-def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
-    chunks = []
-    while n:
-        chunk = stream.read(n)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
 def child_main(sync: SyncMode, *, size_in_names: bool = True) -> int:
     """The helper's loop: read a batch, write it durably, reply; exit at end of input.
 
@@ -218,20 +252,15 @@ def serve_batches(
     path (frame decoding, :func:`write_batch`, reply) for crash safety.
     """
     check_sync(sync)
-    while True:
-        head = _read_exactly(stdin, 4)
-        if head is None:
-            return 0
-        payload = _read_exactly(stdin, _U32.unpack(head)[0])
-        if payload is None:
-            return 0
-        batch, groups = decode_request(payload)
+    while (request := read_request(stdin)) is not None:
+        batch, groups = request
         try:
             results, syncs = write_batch(groups, sync=sync, ops=ops, size_in_names=size_in_names)
         except Exception as exc:  # a bug: report it to the batch, keep serving
             results, syncs = [exc] * len(groups), 0
         stdout.write(encode_reply(batch, results, syncs))
         stdout.flush()
+    return 0
 
 
 class _Helper:
