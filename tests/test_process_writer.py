@@ -24,6 +24,8 @@ from .conftest import files_in
 
 pytestmark = pytest.mark.timeout(60)
 
+PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
+
 
 def _frame(batch: int, groups: list[Group]) -> bytes:
     return b"".join(encode_request(batch, groups))
@@ -190,3 +192,20 @@ async def test_two_helpers_share_the_batches_and_both_stop(tmp_path: Path) -> No
     assert all(p is not None and p.returncode == 0 for p in procs)
     with pytest.raises(ValueError, match="helpers must be an int >= 1"):
         ProcessWriter(helpers=0)
+
+
+@pytest.mark.asyncio
+async def test_the_pipe_to_the_helper_is_widened() -> None:
+    """The request pipe holds 1 MiB (Linux's default cap), not 64 KiB: few writes per batch."""
+    import fcntl
+
+    limit = int(PIPE_MAX.read_text())
+    writer = ProcessWriter()
+    await writer.start()
+    try:
+        proc = writer._helpers[0].proc
+        assert proc is not None and proc.stdin is not None
+        pipe = proc.stdin.get_extra_info("pipe")
+        assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == min(limit, 1 << 20)
+    finally:
+        await writer.aclose()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import signal
 import struct
@@ -263,6 +264,20 @@ def serve_batches(
     return 0
 
 
+_PIPE_SIZE = 1 << 20
+
+
+def _widen_pipe(stdin: asyncio.StreamWriter | None) -> None:
+    # A pipe holds 64 KiB by default: a batch of 1 MiB messages then crossed
+    # in hundreds of writes, each a wake-up of the other process. Linux lets
+    # a pipe grow to /proc/sys/fs/pipe-max-size (1 MiB by default).
+    pipe = stdin.get_extra_info("pipe") if stdin is not None else None
+    if pipe is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+
+
 class _Helper:
     """One helper process, its reply reader and the batches it holds."""
 
@@ -288,6 +303,7 @@ class _Helper:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
             )
+            _widen_pipe(self.proc.stdin)
             self.reader = asyncio.get_running_loop().create_task(
                 self._read_replies(self.proc), name="delivery-helper-reader"
             )
