@@ -24,7 +24,7 @@ from .conftest import files_in
 
 pytestmark = pytest.mark.timeout(60)
 
-PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
+PIPE_MAX = int(Path("/proc/sys/fs/pipe-max-size").read_text())
 
 
 def _frame(batch: int, groups: list[Group]) -> bytes:
@@ -199,13 +199,12 @@ async def test_the_pipe_to_the_helper_is_widened() -> None:
     """The request pipe holds 1 MiB (Linux's default cap), not 64 KiB: few writes per batch."""
     import fcntl
 
-    limit = int(PIPE_MAX.read_text())
     writer = ProcessWriter()
     await writer.start()
     try:
         proc = writer._helpers[0].proc
         assert proc is not None and proc.stdin is not None
         pipe = proc.stdin.get_extra_info("pipe")
-        assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == min(limit, 1 << 20)
+        assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == min(PIPE_MAX, 1 << 20)
     finally:
         await writer.aclose()
