@@ -181,7 +181,8 @@ def _server_args(
     base, _, loop = mode.partition("@")
     own = [a.replace("{root}", str(root)) for a in MODES[base]]
     args = ["--log-level", "WARNING", *own, *([] if lmtp else ["--smtp"])]
-    args += ["--max-connections", str(max(256, wl.conns + 64))]
+    # Every session comes from 127.0.0.1 here: no per-address cap.
+    args += ["--max-connections", str(max(256, wl.conns + 64)), "--max-connections-per-ip", "0"]
     if loop:
         args += ["--loop", loop]
     workers = 1
@@ -314,8 +315,9 @@ def _plot(rows: list[Row], path: Path) -> None:
             pick = {r.workload: r for r in fam if r.mode == mode}
             rate = [pick[w].copies_s if w in pick else 0 for w in workloads]
             p99 = [pick[w].p99_ms if w in pick else 0 for w in workloads]
-            ax_rate.bar(xs, rate, width, label=mode)
-            ax_p99.bar(xs, p99, width, label=mode)
+            color = plt.get_cmap("tab20")(i % 20)
+            ax_rate.bar(xs, rate, width, label=mode, color=color)
+            ax_p99.bar(xs, p99, width, label=mode, color=color)
         for ax, title in ((ax_rate, "copies/s"), (ax_p99, "p99 ms")):
             ax.set_xticks(
                 [x + width * (len(modes) - 1) / 2 for x in range(len(workloads))], workloads

@@ -32,6 +32,7 @@ from delivery_executor.testing import SMTPClientError, dot_stuff, send_message
 
 __all__ = ["body_pool", "run_load"]
 
+_MESSAGE_TIMEOUT = 60.0
 _MIX = ((0.60, 500, 8 * 1024), (0.35, 8 * 1024, 128 * 1024), (0.05, 128 * 1024, 4 * 1024 * 1024))
 
 
@@ -94,14 +95,15 @@ async def run_load(
             sent += 1
             t0 = time.monotonic()
             try:
-                replies = await send_message(
-                    host, port, mail_from="load@example.net", rcpts=recipients(),
-                    body=body, data=data, lmtp=lmtp,
-                )  # fmt: skip
+                async with asyncio.timeout(_MESSAGE_TIMEOUT):  # every loop ends
+                    replies = await send_message(
+                        host, port, mail_from="load@example.net", rcpts=recipients(),
+                        body=body, data=data, lmtp=lmtp,
+                    )  # fmt: skip
                 good = sum(1 for r in replies if r.code == 250)
                 ok = good == rcpts
                 acked += good
-            except (OSError, SMTPClientError):
+            except (OSError, SMTPClientError, TimeoutError):
                 ok, good = False, 0
             t1 = time.monotonic()
             if t0 >= measure_from and t1 <= end:
