@@ -5,8 +5,10 @@ Contenders, 32 callers each, 500-byte messages, one run, rounds interleaved:
   other-loop   32 tasks on another event loop, in another thread (aiosmtpd Controller style)
   threads      32 threads calling deliver_sync
 
-Two writers: the real store on the bench file system (``disk``), and a writer
-that stores nothing (``no-disk``), which isolates the hand-off's own CPU cost.
+Three writers: one that stores nothing (``no-disk``: the hand-off's own CPU
+cost, alone), and the real store on the bench file system written on the
+home loop (``loop``, the library's default) or by a helper process
+(``process``, what ``serve`` uses).
 
     .venv/bin/python -m benches.bench_crossloop [--messages 6000] [--rounds 3] [--json out.json]
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from delivery_executor import DeliveryExecutor, MessageId
-from delivery_executor.writers import BatchResult, BatchWriter, Group, LoopWriter
+from delivery_executor.writers import BatchResult, BatchWriter, Group, LoopWriter, ProcessWriter
 
 from .benchfs import bench_filesystem
 
@@ -47,6 +49,13 @@ class NoDisk:
 
     async def aclose(self) -> None:
         return None
+
+
+WRITERS: dict[str, type[BatchWriter]] = {
+    "no-disk": NoDisk,
+    "loop": LoopWriter,
+    "process": ProcessWriter,
+}
 
 
 async def _callers(ex: DeliveryExecutor, path: Path, per_caller: int) -> None:
@@ -87,11 +96,11 @@ async def run_one(contender: str, writer: BatchWriter, path: Path, messages: int
 
 async def run_all(root: Path, messages: int, rounds: int) -> list[dict[str, Any]]:
     rows = []
-    for kind in ("no-disk", "disk"):
+    for kind in WRITERS:
         samples: dict[str, list[float]] = {c: [] for c in CONTENDERS}
         for r in range(rounds):
             for c in CONTENDERS:
-                writer: BatchWriter = NoDisk() if kind == "no-disk" else LoopWriter()
+                writer: BatchWriter = WRITERS[kind]()
                 samples[c].append(await run_one(c, writer, root / f"{kind}-{c}-{r}", messages))
         base = statistics.median(samples["same-loop"])
         for c in CONTENDERS:

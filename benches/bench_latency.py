@@ -1,8 +1,10 @@
 """Group commit as storage gets slower: throughput against sync latency, 1 and 3 hosts.
 
-A network file system (NFS, CephFS) makes every sync a round trip. This
-benchmark injects a fixed latency into each sync through the store's ``FsOps``
-seam (``fdatasync``, directory ``fsync`` and ``syncfs`` each sleep first) and
+A network file system (NFS, CephFS) makes every sync a round trip to a
+storage server, which commits one sync at a time. This benchmark models that
+through the store's ``FsOps`` seam: every ``fdatasync``, directory ``fsync``
+and ``syncfs`` of every host first takes one shared lock (``flock`` on a file
+beside the mail root: the server) and holds it for a fixed latency. It
 measures, for 0.1, 1, 5 and 20 ms per sync:
 
   executor      DeliveryExecutor (eager, writer "loop"), 32 callers per host
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import multiprocessing
+import os
 import sys
 import threading
 import time
@@ -42,24 +46,37 @@ BODY = (b"From: bench@example.org\r\nSubject: x\r\n\r\n" + b"x" * 500)[:500]
 
 
 class SlowSyncs(FsOps):
-    """Real syscalls; each sync first waits ``delay`` seconds (a remote file system's trip)."""
+    """Real syscalls; each sync first holds the shared storage for ``delay`` seconds."""
 
-    __slots__ = ("delay",)
+    __slots__ = ("delay", "lock")
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, lock_path: Path) -> None:
         self.delay = delay
+        self.lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _serve(self) -> None:
+        # One commit at a time on the storage server, whichever host asks.
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        try:
+            time.sleep(self.delay)
+        finally:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
 
     def fdatasync(self, fd: int, path: str) -> None:
-        time.sleep(self.delay)
+        self._serve()
         super().fdatasync(fd, path)
 
     def fsync_dir(self, path: str) -> None:
-        time.sleep(self.delay)
+        self._serve()
         super().fsync_dir(path)
 
     def syncfs(self, path: str, fd: int = -1) -> None:
-        time.sleep(self.delay)
+        self._serve()
         super().syncfs(path, fd)
+
+
+def _lock_path(root: Path) -> Path:
+    return root.parent / f"{root.name}.storage-lock"
 
 
 def _boxes(root: Path) -> list[Path]:
@@ -69,7 +86,8 @@ def _boxes(root: Path) -> list[Path]:
 async def _executor_host(root: Path, delay: float, seconds: float) -> int:
     boxes = _boxes(root)
     done = 0
-    async with DeliveryExecutor(writer=LoopWriter(ops=SlowSyncs(delay))) as ex:
+    ops = SlowSyncs(delay, _lock_path(root))
+    async with DeliveryExecutor(writer=LoopWriter(ops=ops)) as ex:
         end = time.monotonic() + seconds
 
         async def caller(n: int) -> None:
@@ -86,7 +104,7 @@ async def _executor_host(root: Path, delay: float, seconds: float) -> int:
 
 def _per_message_host(root: Path, delay: float, seconds: float) -> int:
     boxes = [Maildir.create(b) for b in _boxes(root)]
-    ops = SlowSyncs(delay)
+    ops = SlowSyncs(delay, _lock_path(root))
     end = time.monotonic() + seconds
     counts = [0] * CALLERS
     lock = threading.Lock()
@@ -151,7 +169,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("latency per sync (ms)")
     ax.set_ylabel("msg/s, all hosts")
-    ax.set_title(f"{CALLERS} callers per host, {MAILBOXES} Maildirs, 500-byte messages")
+    ax.set_title(f"one shared storage, a sync at a time; {CALLERS} callers per host")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
