@@ -48,19 +48,22 @@ BODY = (b"From: bench@example.org\r\nSubject: x\r\n\r\n" + b"x" * 500)[:500]
 class SlowSyncs(FsOps):
     """Real syscalls; each sync first holds the shared storage for ``delay`` seconds."""
 
-    __slots__ = ("delay", "lock")
+    __slots__ = ("delay", "lock", "threads")
 
     def __init__(self, delay: float, lock_path: Path) -> None:
         self.delay = delay
         self.lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        # flock() holds per open file, not per thread: threads queue here first.
+        self.threads = threading.Lock()
 
     def _serve(self) -> None:
-        # One commit at a time on the storage server, whichever host asks.
-        fcntl.flock(self.lock, fcntl.LOCK_EX)
-        try:
-            time.sleep(self.delay)
-        finally:
-            fcntl.flock(self.lock, fcntl.LOCK_UN)
+        # One commit at a time on the storage server, whichever host and thread asks.
+        with self.threads:
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+            try:
+                time.sleep(self.delay)
+            finally:
+                fcntl.flock(self.lock, fcntl.LOCK_UN)
 
     def fdatasync(self, fd: int, path: str) -> None:
         self._serve()
