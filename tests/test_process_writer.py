@@ -208,3 +208,20 @@ async def test_the_pipe_to_the_helper_is_widened() -> None:
         assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == min(PIPE_MAX, 1 << 20)
     finally:
         await writer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_big_batch_is_written_in_a_thread_not_through_the_pipe(tmp_path: Path) -> None:
+    """Past thread_above bytes a batch skips the helper (no pipe copy); small ones still use it."""
+    writer = ProcessWriter(thread_above=64 * 1024)
+    async with DeliveryExecutor(writer=writer) as ex:
+        helper = writer._helpers[0]
+        before = helper.batches
+        big = b"x" * (200 * 1024)
+        mid = await ex.deliver(tmp_path / "m", big)
+        assert helper.batches == before  # the helper never saw it
+        small = await ex.deliver(tmp_path / "m", b"small")
+        assert helper.batches == before + 1
+    assert (tmp_path / "m" / "new" / mid.name).read_bytes() == big
+    assert (tmp_path / "m" / "new" / small.name).read_bytes() == b"small"
+    assert mid.name.endswith(f",S={len(big)},W={len(big)}")

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import signal
 import struct
@@ -40,7 +41,7 @@ from typing import BinaryIO
 
 from ..fsops import OS_OPS, FsOps
 from ..store import MessageId, SyncMode, check_sync
-from .base import BatchResult, Group, GroupResult, write_batch
+from .base import BatchResult, Group, GroupResult, ThreadPool, write_batch
 
 __all__ = [
     "ProcessWriter",
@@ -265,6 +266,12 @@ def serve_batches(
 
 
 _PIPE_SIZE = 1 << 20
+THREAD_ABOVE = 1 << 20
+"""Body bytes above which :class:`ProcessWriter` writes a batch in a thread, not the helper."""
+
+
+def _nbytes(groups: Sequence[Group]) -> int:
+    return sum(part.nbytes for _, messages in groups for parts in messages for part in parts)
 
 
 def _widen_pipe(stdin: asyncio.StreamWriter | None) -> None:
@@ -375,12 +382,15 @@ class ProcessWriter:
         python: str | None = None,
         size_in_names: bool = True,
         helpers: int = 1,
+        thread_above: int | None = THREAD_ABOVE,
     ) -> None:
         check_sync(sync)
         if isinstance(helpers, bool) or not isinstance(helpers, int) or helpers < 1:
             raise ValueError(f"helpers must be an int >= 1, not {helpers!r}")
         self.sync: SyncMode = sync
         self.size_in_names = size_in_names
+        self.thread_above = thread_above
+        self._threads = ThreadPool(4, "delivery-write")
         self.python = python or sys.executable
         names = [] if size_in_names else ["--plain-names"]
         argv = [self.python, "-m", "delivery_executor.writers._helper", "--sync", sync, *names]
@@ -419,7 +429,17 @@ class ProcessWriter:
             ) from exc
 
     async def acommit(self, groups: Sequence[Group]) -> BatchResult:
-        """Send the batch to the least busy helper and await its results."""
+        """Send the batch to the least busy helper and await its results.
+
+        A batch of more than ``thread_above`` body bytes is written in a thread
+        of this process instead: big bodies are mostly syscalls that release
+        the GIL, copying them through the pipe costs more than it saves, and
+        big batches then reach the disk side by side rather than one after
+        another behind one helper.
+        """
+        if self.thread_above is not None and _nbytes(groups) > self.thread_above:
+            whole = functools.partial(write_batch, sync=self.sync, size_in_names=self.size_in_names)
+            return await self._threads.run(whole, groups)
         frame = encode_request(0, groups)  # ValueError (too large) before any state changes
         batch = self._next = (self._next + 1) & 0xFFFFFFFF
         frame[1] = _U32.pack(batch)
@@ -429,3 +449,4 @@ class ProcessWriter:
     async def aclose(self) -> None:
         """Close the helpers' input and wait for them to exit (each finishes its batch)."""
         await asyncio.gather(*(h.aclose() for h in self._helpers))
+        self._threads.close()
