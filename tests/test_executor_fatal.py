@@ -78,7 +78,7 @@ async def test_a_batch_past_the_4_gib_frame_fails_clearly_and_leaks_nothing(
         try:
             with pytest.raises(ValueError, match="too large for the helper's 4 GiB frame"):
                 encode_request(1, [(str(tmp_path / "m"), [(view,)])])
-            writer = ProcessWriter()
+            writer = ProcessWriter(thread_above=None)  # the pipe path: the frame limit applies
             with pytest.raises(ValueError, match="4 GiB frame"):
                 await writer.acommit([(str(tmp_path / "m"), [(view,)])])
             assert writer._helpers[0].waiting == {}  # nothing registered, nothing to settle later
