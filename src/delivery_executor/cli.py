@@ -19,7 +19,7 @@ from .executor import (
     POLICIES,
     WRITERS,
 )
-from .logs import LOG_FORMATS, configure_logging
+from .logs import LOG_FORMATS, BlockFileHandler, configure_logging
 from .metrics import parse_address
 from .server import DEFAULT_MAX_CONNECTIONS, ListenSpec, StartupError
 from .server.identity import check_hostname
@@ -201,7 +201,10 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
         "--log-file",
         type=Path,
         metavar="FILE",
-        help="append the log here instead of stderr; reopened on SIGHUP (default: stderr)",
+        help=(
+            "append the log here instead of stderr, INFO lines in blocks at most 0.2 s"
+            " late; reopened on SIGHUP (default: stderr)"
+        ),
     )
     p.add_argument(
         "--grace",
@@ -216,7 +219,7 @@ def _log_handler(path: Path | None) -> logging.Handler | None:
     if path is None:
         return None
     try:
-        return logging.FileHandler(path, encoding="utf-8")
+        return BlockFileHandler(path)
     except OSError as exc:
         raise StartupError(f"--log-file {path}: {exc.strerror}") from None
 

@@ -127,6 +127,7 @@ def _worker(
         traceback.print_exc()
     finally:
         with contextlib.suppress(BaseException):
+            logging.shutdown()  # a log file's buffered lines (logs.BlockFileHandler)
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)  # never run the parent's cleanup in a child
