@@ -12,9 +12,12 @@ from typing import Any
 
 import aiosmtpd
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
+from delivery_executor.smtp.handler import to_lf
 from delivery_executor.smtp.protocol import EXTENSIONS, with_enhanced_code
 
 pytestmark = pytest.mark.timeout(60)
@@ -247,6 +250,17 @@ def test_with_enhanced_code_keeps_codes_and_multiline_replies() -> None:
 
 
 # -- sizes in names, detail folders -------------------------------------------
+
+
+@given(
+    st.binary(max_size=64) | st.lists(st.sampled_from([b"\r", b"\n", b"x", b"\r\n"])).map(b"".join)
+)
+@example(b"\r\r\n")
+@example(b"a\r")
+@example(b"\r\n\r")
+def test_to_lf_is_replace_crlf_by_lf(body: bytes) -> None:
+    """The fast LF conversion gives exactly bytes.replace's result, bare CRs included."""
+    assert to_lf(body) == body.replace(b"\r\n", b"\n")
 
 
 @pytest.mark.asyncio

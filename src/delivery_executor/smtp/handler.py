@@ -36,6 +36,7 @@ import email.utils
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 import weakref
@@ -89,6 +90,22 @@ def _clean(text: str | None, default: str = "unknown", limit: int = 255) -> str:
     if text.isascii() and text.isprintable():  # the common case, in C
         return text
     return "".join(c for c in text if " " <= c < "\x7f") or default
+
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def to_lf(body: bytes) -> bytes:
+    """``body`` with every CRLF turned into LF; a bare CR stays.
+
+    The same bytes as ``body.replace(b"\\r\\n", b"\\n")`` at about half its
+    cost: without a bare CR, deleting every CR is the same edit, and
+    ``translate`` plus one regex scan beat ``replace`` (1 MiB: 1.0 against
+    1.8 ms here, on the event loop's thread).
+    """
+    if _BARE_CR.search(body) is None:
+        return body.translate(None, b"\r")
+    return body.replace(b"\r\n", b"\n")
 
 
 def message_id(body: bytes) -> str:
@@ -281,7 +298,7 @@ class DeliveryHandler:
             self.rejected += len(rcpts)
             return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
         if self._lf:
-            body = body.replace(b"\r\n", b"\n")  # once per message: every copy shares it
+            body = to_lf(body)  # once per message: every copy shares it
         paths = self._paths.pop(envelope)
         # aiosmtpd keeps the null sender as "<>": a bounce's Return-Path is "<>".
         sender = "" if envelope.mail_from == "<>" else _clean(envelope.mail_from, "")
