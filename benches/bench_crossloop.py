@@ -11,6 +11,11 @@ home loop (``loop``, the library's default) or by a helper process
 (``process``, what ``serve`` uses).
 
     .venv/bin/python -m benches.bench_crossloop [--messages 6000] [--rounds 3] [--json out.json]
+        [--switch-interval SECONDS]
+
+``--switch-interval`` sets ``sys.setswitchinterval`` (CPython's default is
+0.005 s): how long a thread that wants the GIL waits before it asks the
+running one to hand it over, which bounds each cross-thread hop.
 """
 
 from __future__ import annotations
@@ -114,10 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=6000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
+    p.add_argument("--switch-interval", type=float, help="sys.setswitchinterval(SECONDS) first")
     a = p.parse_args(argv)
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
     with bench_filesystem() as (root, description):
         rows = asyncio.run(run_all(root, a.messages, a.rounds))
-    print(f"file system: {description}; {CALLERS} callers, {a.messages} messages, medians")
+    print(
+        f"file system: {description}; {CALLERS} callers, {a.messages} messages, medians,"
+        f" switch interval {sys.getswitchinterval() * 1000:g} ms"
+    )
     for row in rows:
         print(
             f"{row['writer']:<8} {row['contender']:<11} {row['msg_s']:>9.0f} msg/s"
