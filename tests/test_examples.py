@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import smtplib
 import subprocess
@@ -116,3 +117,21 @@ def test_threaded_example(tmp_path: Path) -> None:
     ).stdout
     assert out.startswith("delivered 400 messages in ")
     assert sum(len(bodies(tmp_path / f"user{u}")) for u in range(10)) == 400
+
+
+def _code(line: str) -> str:
+    """A line without indentation and trailing comment (README aligns its comments)."""
+    return line.split("  #", 1)[0].strip()
+
+
+def test_readme_snippets_are_the_examples_code() -> None:
+    """Each README snippet under "`examples/X.py`:" is X's own lines, in order."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    found = re.findall(r"`examples/(\w+\.py)`:\n\n```python\n(.*?)```", readme, re.S)
+    assert {name for name, _ in found} == {p.name for p in EXAMPLES.glob("*.py")}
+    for name, snippet in found:
+        source = [_code(line) for line in (EXAMPLES / name).read_text().splitlines()]
+        at = 0
+        for line in filter(None, map(_code, snippet.splitlines())):
+            assert line in source[at:], f"README's {name} snippet: {line!r} not in the file"
+            at = source.index(line, at) + 1

@@ -66,13 +66,12 @@ def _children(pid: int) -> list[int]:
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     """A short directory for UNIX sockets (sun_path holds 107 bytes; tmp_path can be longer)."""
+    import shutil
     import tempfile
 
     d = Path(tempfile.mkdtemp(prefix="de-sock-", dir="/tmp"))
     yield d
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
+    shutil.rmtree(d)
 
 
 @pytest.mark.parametrize(
@@ -171,6 +170,42 @@ def test_socket_group_is_applied(sock_dir: Path) -> None:
         assert os.stat(path).st_gid == 65534
     finally:
         release([bound])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a directory of another group needs root")
+def test_a_setgid_directory_gives_the_group_without_chown(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a directory setgid to the group, --socket-group needs no chown (no membership)."""
+    box = sock_dir / "sg"
+    box.mkdir()
+    os.chown(box, -1, 65534)
+    box.chmod(0o2750)
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", refuse)
+    [[bound]] = bind_all([ListenSpec.parse(f"unix:{box / 'lmtp'}")], 1, socket_gid=65534)
+    try:
+        assert os.stat(box / "lmtp").st_gid == 65534
+    finally:
+        release([bound])
+
+
+def test_unix_socket_errors_say_what_to_do(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing directory and a refused --socket-group each get a hint, not just errno text."""
+    with pytest.raises(StartupError, match=r"the directory .*/nowhere does not exist"):
+        bind_all([ListenSpec.parse(f"unix:{sock_dir / 'nowhere' / 'lmtp'}")], 1)
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", refuse)
+    gid = next(g for g in (65534, 0, 1) if g != os.stat(sock_dir).st_gid)
+    with pytest.raises(StartupError, match=r"Operation not permitted \(giving the socket to "
+                       r"group \S+ needs membership of that group; or make .* setgid"):  # fmt: skip
+        bind_all([ListenSpec.parse(f"unix:{sock_dir / 'lmtp'}")], 1, socket_gid=gid)
 
 
 def test_workers_get_own_tcp_sockets_and_share_unix_ones(sock_dir: Path) -> None:

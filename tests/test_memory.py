@@ -76,7 +76,12 @@ def test_thirty_mib_of_empty_lines_costs_about_its_size(tmp_path: Path) -> None:
 
 
 def test_a_ten_mib_message_to_100_recipients_is_held_once(tmp_path: Path) -> None:
-    """10 MiB to 100 recipients: 100 copies on disk, each process grows by under 3 x 10 MiB."""
+    """10 MiB to 100 recipients: 100 copies on disk, serve grows by under 3 x 10 MiB.
+
+    A batch of over 1 MiB of distinct bodies is written in a thread of serve
+    (``THREAD_ABOVE``), so the helper never holds this one: it grows by
+    less than 10 MiB. (The pipe path's sharing is in test_process_writer.)
+    """
     rcpts = [f"user{i}@example.org" for i in range(100)]
     line = b"x" * 998 + b"\r\n"
     body = b"Subject: big\r\n\r\n" + line * (10 * MiB // len(line) - 1)
@@ -91,7 +96,7 @@ def test_a_ten_mib_message_to_100_recipients_is_held_once(tmp_path: Path) -> Non
     grew = [(a - b) / MiB for a, b in zip(after, before, strict=True)]
     print(f"\nserver +{grew[0]:.0f} MiB, helper +{grew[1]:.0f} MiB")
     assert after[0] - before[0] < 3 * 10 * MiB
-    assert after[1] - before[1] < 3 * 10 * MiB
+    assert after[1] - before[1] < 10 * MiB
     for r in rcpts[::33]:
         box = tmp_path / "m" / "example.org" / r.partition("@")[0] / "new"
         (name,) = files_in(box)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from delivery_executor import DeliveryExecutor, MessageId
+from delivery_executor import DeliveryExecutor, Maildir, MessageId
 from delivery_executor.writers import Group
 from delivery_executor.writers.process import (
     ProcessWriter,
@@ -225,3 +225,25 @@ async def test_a_big_batch_is_written_in_a_thread_not_through_the_pipe(tmp_path:
     assert (tmp_path / "m" / "new" / mid.name).read_bytes() == big
     assert (tmp_path / "m" / "new" / small.name).read_bytes() == b"small"
     assert mid.name.endswith(f",S={len(big)},W={len(big)}")
+
+
+@pytest.mark.asyncio
+async def test_a_body_shared_by_many_copies_counts_once_towards_thread_above(
+    tmp_path: Path,
+) -> None:
+    """20 copies of one 100 KiB body (2 MB of copies, 100 KiB on the wire) go to the helper."""
+    body = os.urandom(100 * 1024)
+    boxes = [str(Maildir.create(tmp_path / f"u{i}").path) for i in range(20)]
+    writer = ProcessWriter(thread_above=1 << 20)
+    await writer.start()
+    try:
+        helper = writer._helpers[0]
+        before = helper.batches
+        results, _ = await writer.acommit([(box, [(memoryview(body),)]) for box in boxes])
+        assert helper.batches == before + 1  # one frame through the pipe, not a thread
+    finally:
+        await writer.aclose()
+    for box, ids in zip(boxes, results, strict=True):
+        assert not isinstance(ids, BaseException), ids
+        (mid,) = ids
+        assert (Path(box) / "new" / mid.name).read_bytes() == body

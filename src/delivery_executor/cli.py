@@ -168,7 +168,10 @@ def _add_listeners(p: argparse.ArgumentParser) -> None:
         "--socket-group",
         type=_group,
         metavar="GROUP",
-        help="group of those socket files, e.g. postfix (default: the process's group)",
+        help=(
+            "group of those socket files, e.g. postfix; needs membership of it (default:"
+            " the directory's group if it is setgid, else the process's group)"
+        ),
     )
 
 

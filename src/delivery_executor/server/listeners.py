@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import grp
 import ipaddress
 import os
 import re
@@ -188,6 +190,24 @@ def _clear_stale_socket(path: str) -> None:
         os.unlink(path)
 
 
+def _unix_hint(path: str, gid: int | None, exc: OSError) -> str:
+    """``exc``'s reason, with what an admin most likely has to do about it."""
+    why = exc.strerror or str(exc)
+    parent = os.path.dirname(path) or "."
+    if exc.errno == errno.ENOENT and not os.path.isdir(parent):
+        return f"{why} (the directory {parent} does not exist; create it first)"
+    if exc.errno == errno.EPERM and gid is not None:
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group = str(gid)
+        return (
+            f"{why} (giving the socket to group {group} needs membership of that group;"
+            f" or make {parent} setgid to it and drop --socket-group)"
+        )
+    return why
+
+
 def _bind_unix(spec: ListenSpec, mode: int, gid: int | None) -> BoundListener:
     _clear_stale_socket(spec.path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -199,12 +219,12 @@ def _bind_unix(spec: ListenSpec, mode: int, gid: int | None) -> BoundListener:
         finally:
             os.umask(old)
         st = os.stat(spec.path)
-        if gid is not None:
+        if gid is not None and st.st_gid != gid:  # a setgid directory may have done it
             os.chown(spec.path, -1, gid)
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot listen on {spec}: {exc.strerror or exc}") from exc
+        raise StartupError(f"cannot listen on {spec}: {_unix_hint(spec.path, gid, exc)}") from exc
     return BoundListener(sock, spec.implicit_tls, (spec.path, st.st_dev, st.st_ino))
 
 

@@ -79,9 +79,7 @@ def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryvi
                 raise ValueError(f"a message has {len(parts)} parts; the helper takes 255")
             refs.append(_U8.pack(len(parts)))
             for part in parts:
-                # A view of a whole object is shared by identity: one blob per body.
-                whole = isinstance(part.obj, bytes) and len(part.obj) == part.nbytes
-                key = id(part.obj) if whole else id(part)
+                key = _blob_key(part)
                 i = index.get(key)
                 if i is None:
                     i = index[key] = len(blobs)
@@ -270,8 +268,21 @@ THREAD_ABOVE = 1 << 20
 """Body bytes above which :class:`ProcessWriter` writes a batch in a thread, not the helper."""
 
 
+def _blob_key(part: memoryview) -> int:
+    # A view of a whole bytes object is shared by identity: one blob per body,
+    # however many recipients' copies carry it.
+    whole = isinstance(part.obj, bytes) and len(part.obj) == part.nbytes
+    return id(part.obj) if whole else id(part)
+
+
 def _nbytes(groups: Sequence[Group]) -> int:
-    return sum(part.nbytes for _, messages in groups for parts in messages for part in parts)
+    """The bytes a frame would carry: each shared body once, as on the wire."""
+    seen: dict[int, int] = {}
+    for _, messages in groups:
+        for parts in messages:
+            for part in parts:
+                seen[_blob_key(part)] = part.nbytes
+    return sum(seen.values())
 
 
 def _widen_pipe(stdin: asyncio.StreamWriter | None) -> None:
@@ -431,7 +442,8 @@ class ProcessWriter:
     async def acommit(self, groups: Sequence[Group]) -> BatchResult:
         """Send the batch to the least busy helper and await its results.
 
-        A batch of more than ``thread_above`` body bytes is written in a thread
+        A batch of more than ``thread_above`` body bytes (a body shared by
+        several copies counted once, as it crosses the pipe) is written in a thread
         of this process instead: big bodies are mostly syscalls that release
         the GIL, copying them through the pipe costs more than it saves, and
         big batches then reach the disk side by side rather than one after
