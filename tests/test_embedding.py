@@ -203,6 +203,97 @@ async def test_a_cancelled_caller_on_another_loop_leaves_the_write_to_finish(
 
 
 @pytest.mark.asyncio
+async def test_callers_on_another_loop_are_handed_over_together(tmp_path: Path) -> None:
+    """32 callers on another loop, 5 rounds: every batch holds all 32, as on the home loop."""
+    sizes: list[int] = []
+
+    def recording(groups: Sequence[Group]) -> BatchResult:
+        sizes.append(sum(len(messages) for _, messages in groups))
+        return write_batch(groups)
+
+    async with DeliveryExecutor(writer=ThreadWriter(recording), max_batch=64) as ex:
+
+        async def callers() -> int:
+            async def one(i: int) -> None:
+                for r in range(5):
+                    await ex.deliver(tmp_path / "m", f"caller {i} round {r}".encode())
+
+            await asyncio.gather(*(one(i) for i in range(32)))
+            return 0
+
+        await asyncio.to_thread(_in_other_loop, callers)
+    assert sizes == [32] * 5
+    assert len(files_in(tmp_path / "m" / "new")) == 160
+
+
+@pytest.mark.asyncio
+async def test_one_wake_of_home_carries_a_whole_iteration_of_callers(tmp_path: Path) -> None:
+    """8 callers started together on another loop: home is woken once, with all 8 waiting."""
+    async with DeliveryExecutor() as ex:
+        at_wake: list[int] = []
+        wake = ex._wake_home
+
+        def counting() -> None:
+            at_wake.append(len(ex._inbox))
+            wake()
+
+        ex._wake_home = counting  # type: ignore[method-assign]
+
+        async def other() -> int:
+            calls = [ex.deliver(tmp_path / "m", b"caller %d" % i) for i in range(8)]
+            return len(await asyncio.gather(*calls))
+
+        assert await asyncio.to_thread(_in_other_loop, other) == 8
+    assert at_wake == [8]
+    assert len(files_in(tmp_path / "m" / "new")) == 8
+
+
+@pytest.mark.asyncio
+async def test_a_caller_cancelled_before_the_hand_off_still_has_its_mail_written(
+    tmp_path: Path,
+) -> None:
+    """Cancelled in its one-iteration wait before waking home: the message lands anyway."""
+    async with DeliveryExecutor() as ex:
+
+        async def other() -> str:
+            task = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"queued, then cancelled"))
+            await asyncio.sleep(0)  # the task has posted and waits one iteration to wake home
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            else:
+                return "not cancelled"
+            mid = await ex.deliver(tmp_path / "m", b"next")  # this loop can hand over again
+            return mid.name
+
+        name = await asyncio.to_thread(_in_other_loop, other)
+        await ex.aclose()  # drains: the cancelled caller's write completes
+    assert bodies_in(tmp_path / "m") == [b"next", b"queued, then cancelled"]
+    assert name in files_in(tmp_path / "m" / "new")
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_caller_loop_never_holds_up_other_callers(tmp_path: Path) -> None:
+    """A loop blocked between posting and waking home: a thread's deliver_sync still lands."""
+    async with DeliveryExecutor() as ex:
+
+        async def other() -> bool:
+            task = asyncio.ensure_future(ex.deliver(tmp_path / "m", b"from the stalled loop"))
+            await asyncio.sleep(0)  # posted; its wake-up of home waits for this loop
+            thread = threading.Thread(target=ex.deliver_sync, args=(tmp_path / "m", b"thread"))
+            thread.start()
+            thread.join(20)  # blocks this loop on purpose
+            done = not thread.is_alive()
+            await task
+            return done
+
+        assert await asyncio.to_thread(_in_other_loop, other) is True
+    assert bodies_in(tmp_path / "m") == [b"from the stalled loop", b"thread"]
+
+
+@pytest.mark.asyncio
 async def test_aclose_from_another_loop_drains_and_closes(tmp_path: Path) -> None:
     """aclose() awaited on a foreign loop delivers what was accepted, then refuses more."""
     ex = DeliveryExecutor()

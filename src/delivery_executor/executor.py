@@ -12,9 +12,11 @@ the executor's *home*: the loop that first enters ``async with``, calls
 and :meth:`deliver_sync` on an executor not yet started, a private loop in a
 daemon thread the executor owns. A caller on any other loop or thread is
 served through the home loop: its request is handed over with one
-``call_soon_threadsafe`` (shared by every request posted while the previous
-hand-off was pending) and its result comes back the same way, one call per
-caller loop per batch. Neither loop blocks or polls. The home loop must keep
+``call_soon_threadsafe``, made one iteration of the caller's loop later and
+shared by every request that loop posts meanwhile (so its callers' requests
+arrive together and batch as on the home loop), and its result comes back
+the same way, one call per caller loop per batch. Neither loop blocks or
+polls. The home loop must keep
 running until :meth:`aclose` (or :meth:`close`) returns.
 
 Two batching policies:
@@ -232,7 +234,9 @@ class DeliveryExecutor:
         self._home: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._inbox: collections.deque[_Request] = collections.deque()
-        self._inbox_armed = False
+        # Caller loops (None: threads) whose hand-off to home is pending: each
+        # wakes home once per hand-off, so a stalled loop never holds up another.
+        self._armed: set[asyncio.AbstractEventLoop | None] = set()
         self._ended: ExecutorClosed | None = None  # set when the home loop ends before aclose
 
         # Home-loop state from here on.
@@ -300,8 +304,17 @@ class DeliveryExecutor:
         future: asyncio.Future[MessageId] = loop.create_future()
         if home is loop:
             self._admit(_Request(p, parts, size, future, None))
-        else:
-            self._post(_Request(p, parts, size, future, loop))
+        elif self._post(_Request(p, parts, size, future, loop)):
+            try:
+                # One loop iteration for this loop's other callers to post too:
+                # woken at once, the home loop would flush the first few alone
+                # (eager batching), and batches came out a third of same-loop's.
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                future.cancel()  # queued: the write goes on, nobody waits for it
+                raise
+            finally:
+                self._wake_home()
         try:
             return await future
         except asyncio.CancelledError:
@@ -332,7 +345,8 @@ class DeliveryExecutor:
         if self._home is None:
             self.start_thread()
         future: concurrent.futures.Future[MessageId] = concurrent.futures.Future()
-        self._post(_Request(p, parts, size, future, None))
+        if self._post(_Request(p, parts, size, future, None)):
+            self._wake_home()
         return future.result(timeout)
 
     def _check(self, path: str | os.PathLike[str], body: Message) -> tuple[str, Parts, int]:
@@ -552,31 +566,42 @@ class DeliveryExecutor:
         self._slots = asyncio.Semaphore(self.max_concurrent_flushes)
         self._collector = loop.create_task(self._run_collector(), name="delivery-collector")
 
-    def _post(self, req: _Request) -> None:
-        """Hand ``req`` to the home loop from another thread; never blocks."""
+    def _post(self, req: _Request) -> bool:
+        """Put ``req`` in the home loop's inbox from another thread; never blocks.
+
+        Returns True if this call armed the hand-off for its loop (or for
+        threads): the caller must then :meth:`_wake_home`; until home takes
+        the inbox, later requests from the same loop join that hand-off. If
+        the executor has ended, settles ``req`` with the reason instead.
+        """
         with self._lock:
             ended = self._ended
-            if ended is None:
+            if ended is None and self._home is not None:
                 self._inbox.append(req)
-                if self._inbox_armed:
-                    return
-                self._inbox_armed = True
-        home = self._home
-        if ended is None and home is not None:
-            try:
-                home.call_soon_threadsafe(self._take_inbox)
-                return
-            except RuntimeError:  # closed without our collector noticing (loop.stop + close)
-                ended = self._end_home(
-                    ExecutorClosed("the executor's home event loop is closed; nothing was queued")
-                )
+                if req.loop in self._armed:
+                    return False
+                self._armed.add(req.loop)
+                return True
         self._settle([(req, ended or ExecutorClosed("the executor is closed"))])
+        return False
+
+    def _wake_home(self) -> None:
+        """Have the home loop take the inbox: one ``call_soon_threadsafe`` per arming."""
+        home = self._home
+        try:
+            if home is None:
+                raise RuntimeError("no home loop")
+            home.call_soon_threadsafe(self._take_inbox)
+        except RuntimeError:  # closed without our collector noticing (loop.stop + close)
+            self._end_home(
+                ExecutorClosed("the executor's home event loop is closed; nothing was queued")
+            )
 
     def _take_inbox(self) -> None:
         with self._lock:
             items = list(self._inbox)
             self._inbox.clear()
-            self._inbox_armed = False
+            self._armed.clear()
         for req in items:
             self._admit(req)
 
