@@ -6,7 +6,8 @@ benchmark's shape), for ``--warmup`` seconds unmeasured and then
 ``--duration`` seconds measured. Recipients are drawn from ``--mailboxes``
 mailboxes (``alice@example.org`` when 1). Bodies are ``--size`` bytes, or
 drawn from a seeded mix with ``--size mixed`` (60 % up to 8 KiB, 35 % up to
-128 KiB, 5 % up to 4 MiB).
+128 KiB, 5 % up to 4 MiB). With ``--pipelining`` MAIL, the RCPTs and DATA
+go out as one group, as Postfix's LMTP client sends them.
 
 It prints one JSON object: messages and copies acknowledged in the measured
 window, msg/s, copies/s, MB/s of message bytes, errors, latency percentiles
@@ -73,6 +74,7 @@ async def run_load(
     lmtp: bool,
     size: str,
     max_messages: int,
+    pipelining: bool = False,
 ) -> dict[str, Any]:
     """Drive the server; return counts and latencies of the measured window."""
     latencies: list[float] = []
@@ -98,7 +100,7 @@ async def run_load(
                 async with asyncio.timeout(_MESSAGE_TIMEOUT):  # every loop ends
                     replies = await send_message(
                         host, port, mail_from="load@example.net", rcpts=recipients(),
-                        body=body, data=data, lmtp=lmtp,
+                        body=body, data=data, lmtp=lmtp, pipelining=pipelining,
                     )  # fmt: skip
                 good = sum(1 for r in replies if r.code == 250)
                 ok = good == rcpts
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smtp", action="store_true", help="SMTP instead of LMTP")
     p.add_argument("--size", default="498", help="message bytes, or 'mixed'")
     p.add_argument("--max-messages", type=int, default=1_000_000)
+    p.add_argument("--pipelining", action="store_true", help="MAIL, RCPTs and DATA as one group")
     a = p.parse_args(argv)
     if a.size != "mixed" and not a.size.isdigit():
         p.error(f"--size must be a number of bytes or 'mixed', not {a.size!r}")
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     coro = run_load(
         a.host, a.port, conns=a.conns, duration=a.duration, warmup=a.warmup,
         mailboxes=a.mailboxes, rcpts=a.rcpts, lmtp=not a.smtp, size=a.size,
-        max_messages=a.max_messages,
+        max_messages=a.max_messages, pipelining=a.pipelining,
     )  # fmt: skip
     try:
         import uvloop  # the client should cost as little CPU as it can

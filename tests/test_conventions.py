@@ -19,6 +19,7 @@ from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.smtp.handler import to_lf
 from delivery_executor.smtp.protocol import EXTENSIONS, with_enhanced_code
+from delivery_executor.testing import send_message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,6 +134,29 @@ async def test_pipelined_group_after_a_refused_mail_stays_in_step(tmp_path: Path
         group = [(await c.reply())[0] for _ in range(4)]
     assert [r[:9] for r in group] == ["555 5.5.4", "503 5.5.1", "503 5.5.1", "250 2.0.0"]
     assert new_files(tmp_path, "example.org", "a") == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("lmtp", [True, False])
+async def test_the_test_client_pipelines_like_postfix(tmp_path: Path, lmtp: bool) -> None:
+    """testing.send_message(pipelining=True): one group, right replies, even when all fail."""
+    async with server(tmp_path, lmtp=lmtp) as port:
+        rcpts = ["a@example.org", "../x@example.org", "b@example.org"]
+        replies = await send_message(
+            "127.0.0.1", port, mail_from="s@example.net", rcpts=rcpts,
+            body=b"Subject: piped\r\n\r\n.dot\r\n", lmtp=lmtp, pipelining=True,
+        )  # fmt: skip
+        refused = await send_message(
+            "127.0.0.1", port, mail_from="s@example.net", rcpts=["../y@example.org"],
+            body=b"x", lmtp=lmtp, pipelining=True,
+        )  # fmt: skip
+    assert [(r.rcpt, r.code) for r in replies] == [
+        ("a@example.org", 250), ("../x@example.org", 553), ("b@example.org", 250),
+    ]  # fmt: skip
+    assert [(r.rcpt, r.code) for r in refused] == [("../y@example.org", 553)]
+    for user in ("a", "b"):
+        (path,) = new_files(tmp_path, "example.org", user)
+        assert path.read_bytes().endswith(b"Subject: piped\n\n.dot\n")
 
 
 # -- ENHANCEDSTATUSCODES ----------------------------------------------------

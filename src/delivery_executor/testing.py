@@ -86,8 +86,13 @@ async def send_message(
     helo: str = "client.invalid",
     data: bytes | None = None,
     path: str | None = None,
+    pipelining: bool = False,
 ) -> list[Reply]:
     """One connection, one message: greet, MAIL, RCPT each, DATA, QUIT.
+
+    ``pipelining``: send MAIL, every RCPT and DATA as one group and then read
+    their replies, as Postfix's LMTP and SMTP clients do (RFC 2920); else
+    wait for each reply before the next command.
 
     ``path``: connect to this UNIX socket instead of ``host:port``. ``data``,
     if given, is sent after DATA as it is (already dot-stuffed and ending in
@@ -104,16 +109,22 @@ async def send_message(
         hello = "LHLO" if lmtp else "EHLO"
         await _expect(reader, writer, None, 220, "greeting")
         await _expect(reader, writer, f"{hello} {helo}", 250, hello)
-        await _expect(reader, writer, f"MAIL FROM:<{mail_from}>", 250, "MAIL")
+        payload = dot_stuff(body) if data is None else data
+        if pipelining:
+            group = [f"MAIL FROM:<{mail_from}>", *(f"RCPT TO:<{r}>" for r in rcpts), "DATA", ""]
+            writer.write("\r\n".join(group).encode())
+        await _expect(
+            reader, writer, None if pipelining else f"MAIL FROM:<{mail_from}>", 250, "MAIL"
+        )
         results: list[Reply | None] = []
         for rcpt in rcpts:
-            writer.write(f"RCPT TO:<{rcpt}>\r\n".encode())
+            if not pipelining:
+                writer.write(f"RCPT TO:<{rcpt}>\r\n".encode())
             code, text = await _reply(reader)
             results.append(None if code == 250 else Reply(rcpt, code, text))
         accepted = [i for i, r in enumerate(results) if r is None]
-        if accepted:
-            payload = dot_stuff(body) if data is None else data
-            replies = await _data(reader, writer, payload, len(accepted), lmtp)
+        if accepted or pipelining:
+            replies = await _data(reader, writer, payload, len(accepted), lmtp, sent=pipelining)
             for i, (code, text) in zip(accepted, replies, strict=True):
                 results[i] = Reply(rcpts[i], code, text)
         writer.write(b"QUIT\r\n")
@@ -145,10 +156,20 @@ async def _expect(
 
 
 async def _data(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes, n: int, lmtp: bool
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    payload: bytes,
+    n: int,
+    lmtp: bool,
+    *,
+    sent: bool = False,
 ) -> list[tuple[int, str]]:
-    """DATA for ``n`` accepted recipients: one reply each (LMTP), or one shared (SMTP)."""
-    writer.write(b"DATA\r\n")
+    """DATA for ``n`` accepted recipients: one reply each (LMTP), or one shared (SMTP).
+
+    ``sent``: the DATA command went out already (in a pipelined group).
+    """
+    if not sent:
+        writer.write(b"DATA\r\n")
     code, text = await _reply(reader)
     if code != 354:
         return [(code, text)] * n
