@@ -293,6 +293,29 @@ async def test_a_stalled_caller_loop_never_holds_up_other_callers(tmp_path: Path
     assert bodies_in(tmp_path / "m") == [b"from the stalled loop", b"thread"]
 
 
+def test_a_caller_loop_that_stops_after_posting_does_not_block_close(tmp_path: Path) -> None:
+    """A loop that stops (and closes) before its caller woke home: close() still returns,
+    and the accepted message is written."""
+    ex = DeliveryExecutor().start_thread()
+    kept: list[asyncio.Task[MessageId]] = []
+
+    async def post_and_return() -> None:
+        kept.append(asyncio.get_running_loop().create_task(ex.deliver(tmp_path / "m", b"late")))
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(post_and_return())  # the task posted; its wake never runs
+    finally:
+        loop.close()
+    closer = threading.Thread(target=ex.close)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive(), f"close() still blocked: {ex!r}"
+    assert bodies_in(tmp_path / "m") == [b"late"]
+    kept[0].cancel()  # never to run again: a pending task of a closed loop
+    kept.clear()
+
+
 @pytest.mark.asyncio
 async def test_aclose_from_another_loop_drains_and_closes(tmp_path: Path) -> None:
     """aclose() awaited on a foreign loop delivers what was accepted, then refuses more."""

@@ -756,6 +756,34 @@ async def test_aclose_with_timeout_fails_what_is_left_and_returns() -> None:
     assert "closed" in repr(ex)
 
 
+@pytest.mark.asyncio
+async def test_a_flush_cancelled_before_it_begins_still_answers_its_callers() -> None:
+    """A flush task cancelled before its first step (aclose(timeout) right after the
+    launch): its callers get ExecutorClosed, and its slot and bytes are released."""
+    writer = FakeWriter()
+    ex = DeliveryExecutor(writer=ThreadWriter(writer), max_concurrent_flushes=1)
+    await ex.start()
+    launch = ex._launch
+
+    def launch_then_cancel(batch: list[Any]) -> None:
+        launch(batch)
+        for task in list(ex._flushes):
+            task.cancel()  # before the loop ever runs it
+
+    ex._launch = launch_then_cancel  # type: ignore[method-assign]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(ex.deliver("p", b"%d" % i) for i in range(3)), return_exceptions=True),
+        10,
+    )
+    assert all(isinstance(r, ExecutorClosed) for r in results), results
+    assert "nothing was written" in str(results[0])
+    assert writer.calls == []
+    ex._launch = launch  # type: ignore[method-assign]
+    assert (await ex.deliver("p", b"after")).name  # the slot was released
+    await ex.aclose()
+    assert ex.stats().failed == 3
+
+
 def test_keyboard_interrupt_in_a_writer_settles_every_caller_then_propagates() -> None:
     """A writer raising KeyboardInterrupt: callers get ExecutorCrashed, the interrupt goes on."""
     writer = FakeWriter(raise_exc=KeyboardInterrupt())

@@ -37,6 +37,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -312,9 +313,13 @@ class DeliveryExecutor:
                 await asyncio.sleep(0)
             except asyncio.CancelledError:
                 future.cancel()  # queued: the write goes on, nobody waits for it
-                raise
-            finally:
                 self._wake_home()
+                raise
+            except GeneratorExit:
+                # Closed unresumed (its loop stopped for good, then GC): no wake
+                # from a finalizer. The next hand-off or aclose() takes it.
+                raise
+            self._wake_home()
         try:
             return await future
         except asyncio.CancelledError:
@@ -664,8 +669,12 @@ class DeliveryExecutor:
             _log.error("delivery collector crashed", exc_info=exc)
 
     def _fail_pending(self, err: BaseException) -> None:
-        """Fail everything accepted but not handed to a flush."""
-        pending = list(self._queue) + list(self._budget.room)
+        """Fail everything accepted but not handed to a flush (the inbox included)."""
+        with self._lock:
+            posted = list(self._inbox)
+            self._inbox.clear()
+            self._armed.clear()
+        pending = list(self._queue) + list(self._budget.room) + posted
         self._queue.clear()
         self._budget.room.clear()
         self._settle([(req, err) for req in pending])
@@ -675,7 +684,12 @@ class DeliveryExecutor:
         assert self._slots is not None
         while True:
             if not self._queue:
-                if self._closing and not self._budget.room and not self._inbox:
+                if self._closing and self._inbox:
+                    # Posted from a loop that stopped (or stalls) before it woke
+                    # home: accepted all the same, so delivered before closing.
+                    self._take_inbox()
+                    continue
+                if self._closing and not self._budget.room:
                     return
                 await self._wait_for_work()
                 continue
@@ -699,12 +713,30 @@ class DeliveryExecutor:
 
     def _launch(self, batch: list[_Request]) -> None:
         self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._flush(batch), name="delivery-flush")
+        begun: list[bool] = []
+        flush = self._flush(batch, begun)
+        task = asyncio.get_running_loop().create_task(flush, name="delivery-flush")
         self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+        task.add_done_callback(functools.partial(self._flush_done, batch, begun))
 
-    async def _flush(self, batch: list[_Request]) -> None:
+    def _flush_done(
+        self, batch: list[_Request], begun: list[bool], task: asyncio.Task[None]
+    ) -> None:
+        self._flushes.discard(task)
+        if begun:
+            return
+        # Cancelled before its first step (aclose(timeout) right after the
+        # launch): _flush's own handlers never ran, so settle and release here.
+        assert self._slots is not None
+        self._in_flight -= 1
+        self._slots.release()
+        self._enqueue(self._budget.done(sum(r.size for r in batch)))
+        err = ExecutorClosed("the flush was cancelled before it began; nothing was written")
+        self._settle_counted([(r, err) for r in batch])
+
+    async def _flush(self, batch: list[_Request], begun: list[bool]) -> None:
         """Write one batch through the writer and settle each caller's future."""
+        begun.append(True)
         assert self._slots is not None
         groups: dict[str, list[_Request]] = {}
         for req in batch:
@@ -796,4 +828,8 @@ class DeliveryExecutor:
                 await asyncio.gather(*tasks, return_exceptions=True)
             await self.writer.aclose()
         finally:
+            # From now on a hand-off from another loop is refused at once, and
+            # one posted after the collector's last look is failed, not left in
+            # an inbox that no one will take (the home loop may close next).
+            self._end_home(ExecutorClosed("the DeliveryExecutor is closed; nothing was queued"))
             self._closed.set_result(None)

@@ -103,7 +103,9 @@ class BlockFileHandler(logging.FileHandler):
     a record logged outside any running loop is written at once. The cost is
     the crash window: a SIGKILL or power loss loses up to ``interval`` seconds
     of INFO lines. A normal exit (:func:`logging.shutdown`), ``close()``,
-    ``flush()`` and ``os.fork()`` write them.
+    ``flush()`` and ``os.fork()`` write them; so does the next record or timer
+    when lines were logged on a loop that then stopped (the timer waits for
+    that loop to run again).
     """
 
     def __init__(self, filename: str | os.PathLike[str], interval: float = FLUSH_INTERVAL) -> None:
@@ -167,16 +169,35 @@ class BlockFileHandler(logging.FileHandler):
 _BLOCK_HANDLERS: weakref.WeakSet[BlockFileHandler] = weakref.WeakSet()
 
 
+_HELD_FOR_FORK: list[BlockFileHandler] = []
+
+
 def _flush_before_fork() -> None:
-    # Lines still buffered would be written twice, by the parent and the child.
+    # Lines still buffered would be written twice, by the parent and the child;
+    # the handler stays locked until the fork is done, so none is added between.
     for handler in list(_BLOCK_HANDLERS):
+        handler.acquire()
+        _HELD_FOR_FORK.append(handler)
         try:
             handler.flush()
         except (OSError, ValueError):
             pass  # the parent reports it on its next write
 
 
-os.register_at_fork(before=_flush_before_fork)
+def _release_after_fork() -> None:
+    while _HELD_FOR_FORK:
+        _HELD_FOR_FORK.pop().release()
+
+
+def _forget_after_fork() -> None:
+    _HELD_FOR_FORK.clear()  # logging has given the child's handlers fresh locks
+
+
+os.register_at_fork(
+    before=_flush_before_fork,
+    after_in_parent=_release_after_fork,
+    after_in_child=_forget_after_fork,
+)
 
 
 class TextFormatter(logging.Formatter):
