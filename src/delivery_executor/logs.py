@@ -103,9 +103,9 @@ class BlockFileHandler(logging.FileHandler):
     a record logged outside any running loop is written at once. The cost is
     the crash window: a SIGKILL or power loss loses up to ``interval`` seconds
     of INFO lines. A normal exit (:func:`logging.shutdown`), ``close()``,
-    ``flush()`` and ``os.fork()`` write them; so does the next record or timer
-    when lines were logged on a loop that then stopped (the timer waits for
-    that loop to run again).
+    ``flush()`` and ``os.fork()`` write them. Lines logged on a loop that then
+    stops wait for that loop to run again, or for a WARNING, a ``flush()`` or
+    a record from outside any loop.
     """
 
     def __init__(self, filename: str | os.PathLike[str], interval: float = FLUSH_INTERVAL) -> None:
