@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..metrics import WorkerMetrics, start_worker_metrics
-from . import signals
+from . import notify, signals
 from .checks import StartupError, check_root
 from .core import ServerConfig, ServerSummary, serve
 from .identity import default_hostname
@@ -77,6 +77,12 @@ class _Controls:
                 f"listening on {b.address} ({proto}, pid {os.getpid()}){tls},"
                 f" delivering into {self.config.root}"
             )
+        notify.notify("READY=1", f"STATUS=delivering into {self.config.root}")
+
+    def stop(self, stop: asyncio.Event) -> None:
+        if not stop.is_set():  # a second SIGTERM is not news to systemd
+            notify.notify("STOPPING=1")
+        stop.set()
 
     def reload(self) -> None:
         count = signals.reopen_log_files()
@@ -97,7 +103,7 @@ def _run_one(config: ServerConfig, listeners: Sequence[BoundListener]) -> int:
         controls = _Controls(config)
         signals.take_over(
             asyncio.get_running_loop(),
-            stop=stop.set,
+            stop=lambda: controls.stop(stop),
             reload=controls.reload,
             report=controls.report,
         )
@@ -117,6 +123,7 @@ def _worker(
         # Another worker's TCP socket kept open here would stay in the
         # SO_REUSEPORT group after that worker died, and take connections
         # nobody accepts.
+        notify.forget()  # the supervisor speaks to systemd, not each worker
         keep = {id(b) for b in mine}
         release((b for b in every if id(b) not in keep), unlink=False)
         code = _run_one(config, mine)
@@ -144,6 +151,8 @@ def _supervise(pids: list[int], metrics: WorkerMetrics | None) -> int:
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
+            if not stopping:
+                notify.notify("STOPPING=1")
             stopping = True
         if signum == signal.SIGHUP:
             signals.reopen_log_files()
@@ -189,6 +198,8 @@ def _run_workers(config: ServerConfig, per_worker: list[list[BoundListener]]) ->
         pids.append(pid)
     for b in every:
         b.sock.close()  # the workers hold them; UNIX socket files are removed at the end
+    # The sockets listen already: connections wait in their backlog for a worker.
+    notify.notify("READY=1", f"STATUS={len(pids)} workers delivering into {config.root}")
     return _supervise(pids, metrics)
 
 
