@@ -757,6 +757,49 @@ async def test_aclose_with_timeout_fails_what_is_left_and_returns() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_cancelled_aclose_only_stops_waiting_the_close_goes_on() -> None:
+    """aclose() under the caller's own timeout: the close still delivers every queued
+    request, and a later aclose() waits for it instead of returning early."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(writer=ThreadWriter(writer), max_batch=4, max_concurrent_flushes=2)
+    tasks = [asyncio.ensure_future(ex.deliver("p", b"%d" % i)) for i in range(8)]
+    await until(lambda: writer.active == 2, "two batches in the writer, none queued")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await ex.aclose()  # waiting on the two flushes when it is cancelled
+    gate.set()
+    await asyncio.wait_for(ex.aclose(), 10)
+    assert all(t.done() for t in tasks), repr(ex)  # the second aclose waited for the close
+    results = [t.result() for t in tasks]
+    assert all(isinstance(r, MessageId) for r in results), results
+    assert ex.stats().delivered == 8
+    assert "in_flight=0" in repr(ex)
+
+
+@pytest.mark.asyncio
+async def test_a_bounded_aclose_applies_its_timeout_while_another_close_waits() -> None:
+    """aclose() waiting on a stuck write, then aclose(timeout=0.1): the second aborts the
+    write (its caller gets ExecutorCrashed) instead of waiting as long as the first."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(writer=ThreadWriter(writer), max_batch=1, max_concurrent_flushes=1)
+    tasks = [asyncio.ensure_future(ex.deliver("p", b"%d" % i)) for i in range(3)]
+    await until(lambda: writer.active == 1, "one batch stuck in the writer")
+    first = asyncio.ensure_future(ex.aclose())
+    await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(ex.aclose(timeout=0.1), 10)
+        await asyncio.wait_for(first, 10)
+    finally:
+        gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], ExecutorCrashed)
+    assert all(isinstance(r, ExecutorClosed) for r in results[1:])
+    assert ex.stats().failed == 3  # every failure a caller saw is counted
+
+
+@pytest.mark.asyncio
 async def test_a_flush_cancelled_before_it_begins_still_answers_its_callers() -> None:
     """A flush task cancelled before its first step (aclose(timeout) right after the
     launch): its callers get ExecutorClosed, and its slot and bytes are released."""

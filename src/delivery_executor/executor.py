@@ -252,6 +252,7 @@ class DeliveryExecutor:
         self._closed: asyncio.Future[None] | None = None
         self._crash: BaseException | None = None
         self._abort: ExecutorClosed | None = None
+        self._closer: asyncio.Task[None] | None = None  # the close, once begun (_drain)
         self._stats = StatsRecorder()
 
     # -- the original's constructors --------------------------------------
@@ -435,8 +436,9 @@ class DeliveryExecutor:
             closing.close()  # never to run: no "never awaited" warning
             self._closing = True
             return
-        await asyncio.wrap_future(done)
-        self._stop_private_thread(join=False)
+        # Stopped by the close itself, whether or not this caller still waits.
+        done.add_done_callback(lambda _: self._stop_private_thread(join=False))
+        await asyncio.shield(asyncio.wrap_future(done))
 
     def close(self, timeout: float | None = None) -> None:
         """:meth:`aclose` for threads and scripts: blocks until closed.
@@ -587,7 +589,7 @@ class DeliveryExecutor:
                     return False
                 self._armed.add(req.loop)
                 return True
-        self._settle([(req, ended or ExecutorClosed("the executor is closed"))])
+        self._settle_counted([(req, ended or ExecutorClosed("the executor is closed"))])
         return False
 
     def _wake_home(self) -> None:
@@ -617,14 +619,14 @@ class DeliveryExecutor:
                 self._ended = err
             items = list(self._inbox)
             self._inbox.clear()
-        self._settle([(r, err) for r in items])
+        self._settle_counted([(r, err) for r in items])
         return self._ended
 
     # -- internals: the collector -------------------------------------------
 
     def _admit(self, req: _Request) -> None:
         if self._collector is None or self._collector.done():
-            self._settle([(req, self._ended or ExecutorClosed("the executor is closed"))])
+            self._settle_counted([(req, self._ended or ExecutorClosed("the executor is closed"))])
         elif self._budget.offer(req):
             self._queue.append(req)
             self._notify()
@@ -677,7 +679,7 @@ class DeliveryExecutor:
         pending = list(self._queue) + list(self._budget.room) + posted
         self._queue.clear()
         self._budget.room.clear()
-        self._settle([(req, err) for req in pending])
+        self._settle_counted([(req, err) for req in pending])
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -806,30 +808,53 @@ class DeliveryExecutor:
                 loop.call_soon_threadsafe(_resolve_all, items)
 
     async def _aclose_home(self, limit: float | None) -> None:
-        if self._closed is not None:
-            await asyncio.shield(self._closed)
-            return
-        self._closing = True
-        self._closed = asyncio.get_running_loop().create_future()
-        self._notify()
+        """On home: start the close (once), then wait for it; past ``limit`` seconds, abort.
+
+        The close runs in a task of its own (:meth:`_drain`), so a waiter that
+        is cancelled only stops waiting; every waiter's ``limit`` applies,
+        including a second caller's while a first, unbounded one waits.
+        """
+        closed = self._closed
+        if closed is None:
+            self._closing = True
+            closed = self._closed = asyncio.get_running_loop().create_future()
+            self._notify()
+            self._closer = asyncio.get_running_loop().create_task(
+                self._drain(closed), name="delivery-close"
+            )
         try:
-            try:
-                async with asyncio.timeout(limit):
-                    if self._collector is not None:
-                        with contextlib.suppress(Exception):
-                            await asyncio.shield(self._collector)
-                    while self._flushes:
-                        await asyncio.gather(*self._flushes, return_exceptions=True)
-            except TimeoutError:
-                self._abort = ExecutorClosed(f"aclose(timeout={limit}) expired before delivery")
-                tasks = [t for t in (self._collector, *self._flushes) if t is not None]
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            async with asyncio.timeout(limit):
+                await asyncio.shield(closed)
+        except TimeoutError:
+            self._abort_writes(limit)
+            await asyncio.shield(closed)
+
+    def _abort_writes(self, limit: float | None) -> None:
+        """aclose(timeout) expired: fail what is queued, cancel what is being written."""
+        if self._abort is None:
+            self._abort = ExecutorClosed(f"aclose(timeout={limit}) expired before delivery")
+        for task in (self._collector, *self._flushes):
+            if task is not None:
+                task.cancel()
+
+    async def _drain(self, closed: asyncio.Future[None]) -> None:
+        """The close: let the collector deliver what was accepted, wait for the flushes."""
+        try:
+            if self._collector is not None:
+                try:
+                    await asyncio.shield(self._collector)
+                except asyncio.CancelledError:
+                    if self._abort is None:
+                        raise  # this task's own: the home loop is being torn down
+                except Exception:  # a crash already reached every caller
+                    pass
+            while self._flushes:
+                await asyncio.gather(*self._flushes, return_exceptions=True)
             await self.writer.aclose()
         finally:
             # From now on a hand-off from another loop is refused at once, and
             # one posted after the collector's last look is failed, not left in
             # an inbox that no one will take (the home loop may close next).
             self._end_home(ExecutorClosed("the DeliveryExecutor is closed; nothing was queued"))
-            self._closed.set_result(None)
+            if not closed.done():
+                closed.set_result(None)

@@ -83,7 +83,9 @@ class ExecutorStats:
     delivered: int
     """Messages made durable and acknowledged."""
     failed: int
-    """Messages whose delivery raised (to their caller)."""
+    """Messages accepted (past :meth:`deliver`'s argument checks) whose delivery then
+    raised to their caller: storage errors, and ``ExecutorClosed``/``ExecutorCrashed``
+    from a close."""
     batches: int
     """Batches handed to the writer."""
     syncs: int
