@@ -8,13 +8,15 @@ import gc
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from delivery_executor import DeliveryExecutor
 from delivery_executor.fsops import FsOps
+from delivery_executor.smtp import SessionFactory
 
 # -- every loop error (e.g. "Task exception was never retrieved") fails the test
 
@@ -159,3 +161,32 @@ def small_tmpfs() -> Iterator[Path]:
 def files_in(directory: Path) -> list[str]:
     """Names in ``directory``, sorted."""
     return sorted(os.listdir(directory))
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (a /proc scan: the writer helpers of a serve)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat_line = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat_line.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@contextlib.asynccontextmanager
+async def listening(factory: SessionFactory, executor: DeliveryExecutor) -> AsyncIterator[int]:
+    """``factory`` served on 127.0.0.1:<ephemeral>; yields the port. Afterwards closes
+    the sessions still open (421), the server and ``executor``."""
+    srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1]
+    finally:
+        srv.close()
+        for guard in list(factory.sessions):
+            guard.close("421 4.3.2 Test over")
+        await srv.wait_closed()
+        await executor.aclose()

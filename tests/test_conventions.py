@@ -21,6 +21,8 @@ from delivery_executor.smtp.handler import to_lf
 from delivery_executor.smtp.protocol import EXTENSIONS, with_enhanced_code
 from delivery_executor.testing import send_message
 
+from .conftest import listening
+
 pytestmark = pytest.mark.timeout(60)
 
 CODED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
@@ -38,13 +40,8 @@ async def server(
         handler, lmtp=lmtp, max_connections=8, loop=loop, data_size_limit=10_000,
         enable_SMTPUTF8=True,
     )  # fmt: skip
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        yield srv.sockets[0].getsockname()[1]
-    finally:
-        srv.close()
-        await srv.wait_closed()
-        await ex.aclose()
+    async with listening(factory, ex) as port:
+        yield port
 
 
 class Client:

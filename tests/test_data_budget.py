@@ -14,7 +14,7 @@ from delivery_executor import DeliveryExecutor, MailboxResolver
 from delivery_executor.smtp import DataBudget, DeliveryHandler, SessionFactory
 from delivery_executor.testing import dot_stuff, send_message
 
-from .conftest import files_in
+from .conftest import files_in, listening
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -131,13 +131,8 @@ async def server(
     kwargs: dict[str, Any] = {"max_connections": 64, "min_rate": 0, "data_size_limit": limit}
     kwargs.update(factory_kwargs)
     factory = SessionFactory(handler, lmtp=True, loop=loop, **kwargs)
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        yield srv.sockets[0].getsockname()[1], factory
-    finally:
-        srv.close()
-        await srv.wait_closed()
-        await ex.aclose()
+    async with listening(factory, ex) as port:
+        yield port, factory
 
 
 async def start_data(port: int, size: int | None, rcpt: str) -> tuple[Any, Any, bytes]:

@@ -19,7 +19,7 @@ from delivery_executor.smtp.sessions import DEFAULT_MAX_CONNECTIONS_PER_IP, peer
 from delivery_executor.testing import ServerProcess, SMTPClientError, send_message
 from delivery_executor.writers import BatchResult, Group
 
-from .conftest import files_in
+from .conftest import files_in, listening
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -35,15 +35,8 @@ async def server(
     kwargs: dict[str, Any] = {"max_connections": 256, "enable_SMTPUTF8": True}
     kwargs.update(factory_kwargs)
     factory = SessionFactory(handler, lmtp=True, loop=loop, **kwargs)
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        yield srv.sockets[0].getsockname()[1], factory
-    finally:
-        srv.close()
-        for guard in list(factory.sessions):
-            guard.close("421 4.3.2 Test over")
-        await srv.wait_closed()
-        await ex.aclose()
+    async with listening(factory, ex) as port:
+        yield port, factory
 
 
 async def connect(port: int, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, Any]:

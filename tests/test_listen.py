@@ -20,6 +20,8 @@ from delivery_executor.server import ListenSpec, StartupError
 from delivery_executor.server.listeners import bind_all, release, start_serving
 from delivery_executor.testing import ServerProcess, send_message
 
+from .conftest import children
+
 pytestmark = pytest.mark.timeout(120)
 
 _SUMMARY = re.compile(r"summary: delivered (\d+), failed (\d+)")
@@ -47,20 +49,6 @@ def _body(token: str) -> bytes:
 def _new(root: Path, user: str = "alice") -> list[Path]:
     box = root / "example.org" / user
     return [e.path for e in Maildir.open(box).scan_new()] if box.exists() else []
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (a /proc scan)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat_line = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat_line.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 @pytest.fixture
@@ -311,7 +299,7 @@ def test_systemd_socket_activation_with_two_workers(tmp_path: Path, sock_dir: Pa
                 {f"unix:{path}", f"127.0.0.1:{tcp.getsockname()[1]}"}
             )
             for worker in set(srv.pids):
-                (helper,) = _children(worker)  # the writer helper
+                (helper,) = children(worker)  # the writer helper
                 assert b"writers._helper" in Path(f"/proc/{helper}/cmdline").read_bytes()
                 assert b"LISTEN_FDS=" not in Path(f"/proc/{helper}/environ").read_bytes()
 

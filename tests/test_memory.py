@@ -10,7 +10,7 @@ import pytest
 
 from delivery_executor.testing import ServerProcess
 
-from .conftest import files_in
+from .conftest import children, files_in
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,12 +24,6 @@ def peak_rss(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
-
-
-def helper_pids(server_pid: int) -> list[int]:
-    """The writer helper processes of a serve process (its children)."""
-    with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 def lmtp(port: int, rcpts: list[str], body_chunks: list[bytes]) -> list[bytes]:
@@ -87,7 +81,7 @@ def test_a_ten_mib_message_to_100_recipients_is_held_once(tmp_path: Path) -> Non
     body = b"Subject: big\r\n\r\n" + line * (10 * MiB // len(line) - 1)
     with ServerProcess(tmp_path / "m", "--max-size", str(11 * MiB)) as srv:
         warm(srv.port)
-        (helper,) = helper_pids(srv.pids[0])
+        (helper,) = children(srv.pids[0])
         before = peak_rss(srv.pids[0]), peak_rss(helper)
         replies = lmtp(srv.port, rcpts, [body])
         after = peak_rss(srv.pids[0]), peak_rss(helper)

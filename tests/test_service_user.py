@@ -23,6 +23,8 @@ import pytest
 
 from delivery_executor.testing import ServerProcess
 
+from .conftest import children
+
 pytestmark = [
     pytest.mark.timeout(240),
     pytest.mark.skipif(os.geteuid() != 0, reason="creating a user and switching to it needs root"),
@@ -107,19 +109,6 @@ def _uid_of(pid: int) -> int:
     return int(m.group(1))
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
 def test_installed_serve_runs_as_a_service_user(
     base: Path, service_user: pwd.struct_passwd
 ) -> None:
@@ -141,7 +130,7 @@ def test_installed_serve_runs_as_a_service_user(
         prefix=as_user, program=[str(bin_dir / "delivery-executor")],
     ) as srv:  # fmt: skip
         assert _uid_of(srv.proc.pid) == uid
-        (helper,) = _children(srv.proc.pid)
+        (helper,) = children(srv.proc.pid)
         assert b"delivery_executor.writers._helper" in Path(f"/proc/{helper}/cmdline").read_bytes()
         assert _uid_of(helper) == uid
         assert os.stat(sock).st_uid == uid

@@ -19,6 +19,8 @@ import pytest
 from delivery_executor import Maildir
 from delivery_executor.testing import ServerProcess, send_message
 
+from .conftest import children
+
 pytestmark = pytest.mark.timeout(120)
 
 _SUMMARY = re.compile(r"summary: delivered (\d+), failed (\d+)")
@@ -62,26 +64,13 @@ def _wait_in_file(path: Path, text: str, count: int = 1, timeout: float = 15) ->
         time.sleep(0.05)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_hup_reopens_log_usr1_reports_term_drains(tmp_path: Path, loop: str) -> None:
     """HUP after logrotate reopens the log and keeps serving; USR1 logs stats; TERM drains."""
     root, log = tmp_path / "mail", tmp_path / "serve.log"
     args = ["--loop", _loop(loop), "--log-file", str(log), "--hostname", "mx.test"]
     with ServerProcess(root, *args, preexec_fn=_hostile_inheritance) as srv:
-        (helper,) = _children(srv.pids[0])
+        (helper,) = children(srv.pids[0])
         blocked = re.search(r"SigBlk:\s*(\w+)", Path(f"/proc/{helper}/status").read_text())
         assert blocked is not None
         assert int(blocked.group(1), 16) == 0, "the writer helper inherited blocked signals"

@@ -17,7 +17,7 @@ from delivery_executor.errors import RecipientRejected
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.writers import BatchResult, Group
 
-from .conftest import files_in
+from .conftest import files_in, listening
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -27,13 +27,8 @@ async def lmtp_server(root: Path, executor: DeliveryExecutor) -> AsyncIterator[i
     loop = asyncio.get_running_loop()
     handler = DeliveryHandler(executor, MailboxResolver(root), line_endings="crlf")
     factory = SessionFactory(handler, lmtp=True, max_connections=8, loop=loop, enable_SMTPUTF8=True)
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        yield srv.sockets[0].getsockname()[1]
-    finally:
-        srv.close()
-        await srv.wait_closed()
-        await executor.aclose()
+    async with listening(factory, executor) as port:
+        yield port
 
 
 async def dialogue(port: int, lines: Sequence[bytes]) -> list[bytes]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import grp
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from . import __version__
 from .executor import (
@@ -35,13 +36,6 @@ from .store.commit import SYNC_MODES
 __all__ = ["main"]
 
 
-def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 # -- deployment options (listeners, TLS, identity, loop, logs): value checks and flags
 
 
@@ -62,18 +56,25 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _listen_spec(value: str) -> ListenSpec:
-    try:
-        return ListenSpec.parse(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_T = TypeVar("_T")
 
 
-def _tls_listen_spec(value: str) -> ListenSpec:
-    try:
-        return ListenSpec.parse(value, implicit_tls=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _arg(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """``parse`` as an argparse type: its ``ValueError`` text becomes the one-line error."""
+
+    def check(value: str) -> _T:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return check
+
+
+_listen_spec = _arg(ListenSpec.parse)
+_tls_listen_spec = _arg(functools.partial(ListenSpec.parse, implicit_tls=True))
+_hostname = _arg(check_hostname)
+_metrics_address = _arg(parse_address)
 
 
 def _positive_int(value: str) -> int:
@@ -132,13 +133,6 @@ def _group(value: str) -> int:
         return grp.getgrnam(value).gr_gid
     except KeyError:
         raise argparse.ArgumentTypeError(f"no such group: {value!r}") from None
-
-
-def _hostname(value: str) -> str:
-    try:
-        return check_hostname(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_listeners(p: argparse.ArgumentParser) -> None:
@@ -225,13 +219,6 @@ def _log_handler(path: Path | None) -> logging.Handler | None:
         return BlockFileHandler(path)
     except OSError as exc:
         raise StartupError(f"--log-file {path}: {exc.strerror}") from None
-
-
-def _metrics_address(value: str) -> tuple[str, int]:
-    try:
-        return parse_address(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_conventions(p: argparse.ArgumentParser) -> None:

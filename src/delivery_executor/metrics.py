@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .stats import HistogramCounts
+from .stats import LATENCY_BOUNDS, HistogramCounts
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -252,8 +252,6 @@ class DeliveryCollector:
             for s in every:
                 hist = _add(hist, getattr(s, name))
             if not hist.bounds:
-                from .stats import LATENCY_BOUNDS
-
                 hist = _empty(LATENCY_BOUNDS)
             buckets: list[tuple[str, float]] = []
             running = 0

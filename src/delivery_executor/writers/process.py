@@ -68,16 +68,29 @@ def _s(text: str) -> bytes:
 
 def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryview]:
     """Frame one batch as a list of buffers to write in order (bodies are not copied)."""
+    return _frame(batch, *_index(groups))
+
+
+def _blob_key(part: memoryview) -> int:
+    # A view of a whole bytes object is shared by identity: one blob per body,
+    # however many recipients' copies carry it.
+    whole = isinstance(part.obj, bytes) and len(part.obj) == part.nbytes
+    return id(part.obj) if whole else id(part)
+
+
+def _index(groups: Sequence[Group]) -> tuple[list[memoryview], bytes, int]:
+    """The batch's bodies for the wire, each shared body once; the references that
+    place them in the groups; and the most parts any one message has."""
     blobs: list[memoryview] = []
     index: dict[int, int] = {}
     refs: list[bytes] = [_U32.pack(len(groups))]
+    widest = 0
     for path, messages in groups:
         refs.append(_s(path))
         refs.append(_U32.pack(len(messages)))
         for parts in messages:
-            if len(parts) > 0xFF:
-                raise ValueError(f"a message has {len(parts)} parts; the helper takes 255")
-            refs.append(_U8.pack(len(parts)))
+            widest = max(widest, len(parts))
+            refs.append(_U8.pack(len(parts) & 0xFF))  # over 255: refused by _frame
             for part in parts:
                 key = _blob_key(part)
                 i = index.get(key)
@@ -85,7 +98,15 @@ def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryvi
                     i = index[key] = len(blobs)
                     blobs.append(part)
                 refs.append(_U32.pack(i))
-    tail = b"".join(refs)
+    return blobs, b"".join(refs), widest
+
+
+def _frame(
+    batch: int, blobs: list[memoryview], tail: bytes, widest: int
+) -> list[bytes | memoryview]:
+    """The frame of an indexed batch; ``ValueError`` if the helper cannot take it."""
+    if widest > 0xFF:
+        raise ValueError(f"a message has {widest} parts; the helper takes 255")
     size = 8 + len(tail) + sum(4 + blob.nbytes for blob in blobs)
     if size > _FRAME_MAX:  # checked first: a blob's own u32 length could not even be packed
         raise ValueError(f"batch of {size} bytes is too large for the helper's 4 GiB frame")
@@ -268,23 +289,6 @@ THREAD_ABOVE = 1 << 20
 """Body bytes above which :class:`ProcessWriter` writes a batch in a thread, not the helper."""
 
 
-def _blob_key(part: memoryview) -> int:
-    # A view of a whole bytes object is shared by identity: one blob per body,
-    # however many recipients' copies carry it.
-    whole = isinstance(part.obj, bytes) and len(part.obj) == part.nbytes
-    return id(part.obj) if whole else id(part)
-
-
-def _nbytes(groups: Sequence[Group]) -> int:
-    """The bytes a frame would carry: each shared body once, as on the wire."""
-    seen: dict[int, int] = {}
-    for _, messages in groups:
-        for parts in messages:
-            for part in parts:
-                seen[_blob_key(part)] = part.nbytes
-    return sum(seen.values())
-
-
 def _widen_pipe(stdin: asyncio.StreamWriter | None) -> None:
     # A pipe holds 64 KiB by default: a batch of 1 MiB messages then crossed
     # in hundreds of writes, each a wake-up of the other process. Linux lets
@@ -449,12 +453,13 @@ class ProcessWriter:
         big batches then reach the disk side by side rather than one after
         another behind one helper.
         """
-        if self.thread_above is not None and _nbytes(groups) > self.thread_above:
+        blobs, tail, widest = _index(groups)
+        if self.thread_above is not None and sum(b.nbytes for b in blobs) > self.thread_above:
             whole = functools.partial(write_batch, sync=self.sync, size_in_names=self.size_in_names)
             return await self._threads.run(whole, groups)
-        frame = encode_request(0, groups)  # ValueError (too large) before any state changes
-        batch = self._next = (self._next + 1) & 0xFFFFFFFF
-        frame[1] = _U32.pack(batch)
+        batch = (self._next + 1) & 0xFFFFFFFF
+        frame = _frame(batch, blobs, tail, widest)  # ValueError before any state changes
+        self._next = batch
         helper = min(self._helpers, key=lambda h: len(h.waiting))
         return await helper.send(batch, frame)
 
