@@ -4,10 +4,18 @@ The store (:class:`Maildir`, :func:`commit_batch`) makes each delivery survive
 power loss; the :class:`DeliveryExecutor` shares its syncs between concurrent
 callers on any loop or thread; :class:`DeliveryHandler` plugs it into an
 aiosmtpd server, and :func:`serve` is the ``delivery-executor serve`` command.
+
+The store, the executor and the writers load with the package; the SMTP/LMTP
+layer and the server load on first use of one of their names (PEP 562), so
+``from delivery_executor import Maildir`` imports no aiosmtpd and no server.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 from .errors import (
     DeliveryError,
     ExecutorClosed,
@@ -26,9 +34,6 @@ from .executor import (
     WriterName,
 )
 from .fsops import HAVE_SYNCFS, FsOps
-from .recipients import MailboxResolver
-from .server import ServerConfig, ServerSummary, run_server, serve
-from .smtp import BulkDataMixin, DeliveryHandler, DeliveryLMTP, DeliverySMTP, SessionFactory
 from .stats import ExecutorStats
 from .store import (
     AUTO_SYNCFS_MIN_FILES,
@@ -55,10 +60,39 @@ from .writers import (
     write_batch,
 )
 
-try:
-    __version__ = version("delivery-executor")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
+if TYPE_CHECKING:
+    from .recipients import MailboxResolver
+    from .server import ServerConfig, ServerSummary, StartupError, run_server, serve
+    from .smtp import BulkDataMixin, DeliveryHandler, DeliveryLMTP, DeliverySMTP, SessionFactory
+
+# name -> the module that defines it, imported on first access.
+_LAZY = {
+    "MailboxResolver": ".recipients",
+    "ServerConfig": ".server",
+    "ServerSummary": ".server",
+    "StartupError": ".server",
+    "run_server": ".server",
+    "serve": ".server",
+    "BulkDataMixin": ".smtp",
+    "DeliveryHandler": ".smtp",
+    "DeliveryLMTP": ".smtp",
+    "DeliverySMTP": ".smtp",
+    "SessionFactory": ".smtp",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AUTO_SYNCFS_MIN_FILES",
@@ -97,6 +131,7 @@ __all__ = [
     "ServerConfig",
     "ServerSummary",
     "SessionFactory",
+    "StartupError",
     "SyncMode",
     "ThreadWriter",
     "WriterName",

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from . import __version__
+from ._version import __version__
 from .executor import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENT_FLUSHES,

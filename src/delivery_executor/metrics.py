@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from ._version import __version__
 from .stats import LATENCY_BOUNDS, HistogramCounts
 
 if TYPE_CHECKING:
@@ -376,8 +377,6 @@ async def start_metrics(
     """
     if config.metrics is None:
         return None
-    from . import __version__
-
     metrics = ServerMetrics(
         lambda: take_snapshot(executor, handler, factory), asyncio.get_running_loop()
     )
@@ -416,8 +415,6 @@ class WorkerMetrics:
         Called after the workers are forked, so that they inherit no thread
         and no listening socket of ours.
         """
-        from . import __version__
-
         assert self._config.metrics is not None
         self._live = live
         collector = DeliveryCollector(self._snapshots, settings_of(self._config, __version__))

@@ -14,6 +14,8 @@ import re
 import socket
 from collections.abc import Callable
 
+from .._version import __version__
+
 __all__ = ["banner", "check_hostname", "default_hostname"]
 
 _log = logging.getLogger("delivery_executor.server")
@@ -50,6 +52,4 @@ def banner(lmtp: bool, with_version: bool = False) -> str:
     proto = "LMTP" if lmtp else "ESMTP"
     if not with_version:
         return f"{proto} ready"
-    from .. import __version__
-
     return f"{proto} delivery-executor {__version__} ready"

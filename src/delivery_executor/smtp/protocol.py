@@ -38,13 +38,13 @@ on top when the stock reader is used).
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from aiosmtpd import smtp as _aiosmtpd_smtp
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
@@ -122,12 +122,6 @@ def with_enhanced_code(reply: str) -> str:
     elif code == "500" and text.startswith("Error: ("):  # aiosmtpd's unhandled exception
         detail = "5.3.0"
     return f"{code}{reply[3:4] or ' '}{detail} {text}".rstrip()
-
-
-# aiosmtpd 1.4.6 lets only NOOP, EHLO, STARTTLS and QUIT through before STARTTLS
-# under require_starttls: an LMTP client could not even send LHLO (530). The
-# check reads this module-level set at each command, so it is fixed in place.
-_aiosmtpd_smtp.ALLOWED_BEFORE_STARTTLS.add("LHLO")
 
 
 # A plain <dot-atom@domain> path, the form nearly every MTA sends: parsed without
@@ -327,6 +321,40 @@ class DeliveryLMTP(_DeliveryProtocol, BulkDataMixin, LMTP):
     own DATA errors once per recipient."""
 
     _per_recipient = True
+
+    # aiosmtpd 1.4.6 lets only NOOP, EHLO, STARTTLS and QUIT through before
+    # STARTTLS under require_starttls, so an LMTP client could not even send LHLO.
+    # Its check reads a module-level set that every aiosmtpd server in the process
+    # shares; rather than change that, this class keeps the flag from aiosmtpd's
+    # check and makes its own, with LHLO allowed.
+    _BEFORE_TLS = frozenset({"NOOP", "LHLO", "STARTTLS", "QUIT"})
+    _starttls_required = False
+
+    @property
+    def require_starttls(self) -> bool:
+        return False  # what aiosmtpd's own check sees; ours is _tls_first
+
+    @require_starttls.setter
+    def require_starttls(self, value: object) -> None:
+        self._starttls_required = bool(value)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._starttls_required:
+            methods = self._smtp_methods
+            for name, method in methods.items():
+                if name not in self._BEFORE_TLS:
+                    methods[name] = self._tls_first(method)
+
+    def _tls_first(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Any]:
+        @functools.wraps(method)  # keeps the @syntax attributes HELP reads
+        async def guarded(arg: str) -> None:
+            if self._starttls_required and self._tls_protocol is None:
+                await self.push("530 5.7.0 Must issue a STARTTLS command first")
+                return
+            await method(arg)
+
+        return guarded
 
     @syntax("LHLO hostname")
     async def smtp_LHLO(self, arg: str) -> None:

@@ -46,18 +46,36 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Generator, Sequence
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from pathlib import Path
+from typing import Literal, Protocol, TypeAlias
 
 from ..fsops import HAVE_SYNCFS, OS_OPS, FsOps
 from .names import MessageId, size_suffix, unique_name
 
-if TYPE_CHECKING:
-    from .maildir import Maildir
+
+class MaildirTarget(Protocol):
+    """What a commit needs of a Maildir (:class:`~.maildir.Maildir` is one)."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def dev(self) -> int:
+        """``st_dev`` of its file system: groups on one file system share syncs."""
+
+    @property
+    def tmp_prefix(self) -> str:
+        """``<path>/tmp/``."""
+
+    @property
+    def new_prefix(self) -> str:
+        """``<path>/new/``."""
+
 
 __all__ = [
     "AUTO_SYNCFS_MIN_FILES",
     "Body",
     "CommitSteps",
+    "MaildirTarget",
     "Message",
     "StepDriver",
     "SyncCall",
@@ -135,7 +153,7 @@ def check_sync(sync: str) -> None:
 class _Group:
     __slots__ = ("error", "ids", "md", "messages", "names", "suffixes")
 
-    def __init__(self, md: Maildir, messages: list[Parts]) -> None:
+    def __init__(self, md: MaildirTarget, messages: list[Parts]) -> None:
         self.md = md
         self.messages = messages
         self.names: list[str] = []  # in tmp/, in message order
@@ -156,7 +174,7 @@ class _Group:
 
 
 def commit_batch(
-    groups: Sequence[tuple[Maildir, Sequence[Message]]],
+    groups: Sequence[tuple[MaildirTarget, Sequence[Message]]],
     *,
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
@@ -191,7 +209,7 @@ def commit_batch(
 
 
 def commit_steps(
-    groups: Sequence[tuple[Maildir, Sequence[Message]]],
+    groups: Sequence[tuple[MaildirTarget, Sequence[Message]]],
     *,
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
@@ -362,7 +380,7 @@ def _write_one(
     raise FileExistsError(errno.EEXIST, "no unique name after retries", g.md.tmp_prefix)
 
 
-def _move_new(md: Maildir, name: str, suffix: str, ops: FsOps) -> MessageId:
+def _move_new(md: MaildirTarget, name: str, suffix: str, ops: FsOps) -> MessageId:
     # O_EXCL guards tmp/ only: a plain rename would replace a message already
     # in new/ under the same name. On a collision, pick another name.
     src = md.tmp_prefix + name
