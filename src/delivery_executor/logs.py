@@ -26,9 +26,8 @@ import time
 import weakref
 from typing import Literal, TextIO, TypeAlias
 
-from .smtp.handler import DELIVERY_LOG_FIELDS
-
 __all__ = [
+    "DELIVERY_LOG_FIELDS",
     "FLUSH_INTERVAL",
     "LOG_FORMATS",
     "BlockFileHandler",
@@ -38,6 +37,10 @@ __all__ = [
     "TextFormatter",
     "configure_logging",
 ]
+
+DELIVERY_LOG_FIELDS = ("msgid", "from", "to", "size", "name", "ms")
+"""The arguments of each delivery record (``delivery_executor.delivery``), in order:
+the SMTP handler logs them, the formatters here name them."""
 
 LogFormat: TypeAlias = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")

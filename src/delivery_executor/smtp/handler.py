@@ -48,6 +48,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from ..errors import DeliveryError, RecipientRejected
 from ..executor import DeliveryExecutor
+from ..logs import DELIVERY_LOG_FIELDS
 from ..recipients import MailboxResolver
 from ..stats import Buckets
 from ..store import Message
@@ -68,8 +69,6 @@ DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 DEFAULT_MAX_RECIPIENTS = 1000
 LineEndings: TypeAlias = Literal["lf", "crlf"]
 LINE_ENDINGS: tuple[LineEndings, ...] = ("lf", "crlf")
-DELIVERY_LOG_FIELDS = ("msgid", "from", "to", "size", "name", "ms")
-"""The arguments of each delivery record, in order (structured log formatters use them)."""
 _SAVED = "msgid=%s from=<%s> to=<%s> size=%d saved as %s (%.1f ms)"
 _HEADER_SCAN = 16 * 1024  # where to stop looking for the end of the header
 
