@@ -39,7 +39,6 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
-import math
 import os
 import threading
 import time
@@ -53,6 +52,7 @@ from .errors import ExecutorClosed, ExecutorCrashed, MessageTooLarge
 from .stats import ExecutorStats, StatsRecorder
 from .store import Message, MessageId, SyncMode, check_maildir_path, check_message, check_sync
 from .store.commit import Parts
+from .validate import count, seconds
 from .writers import BatchWriter, LoopWriter, ProcessWriter, ThreadWriter
 
 __all__ = [
@@ -126,25 +126,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _seconds(name: str, value: float | timedelta) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = type(value).__name__
-        raise TypeError(f"{name} must be seconds (float) or a timedelta, not {kind}")
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
-    return float(value)
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, not {value!r}")
-    return value
-
-
 def _make_writer(writer: BatchWriter | WriterName, sync: SyncMode, sizes: bool) -> BatchWriter:
     check_sync(sync)
     if isinstance(writer, str):
@@ -211,20 +192,16 @@ class DeliveryExecutor:
         writer: BatchWriter | WriterName = "loop",
         size_in_names: bool = True,
     ) -> None:
-        self.max_batch = _positive_int("max_batch", max_batch)
-        self.max_wait = _seconds("max_wait", max_wait)
-        self.max_concurrent_flushes = _positive_int(
-            "max_concurrent_flushes", max_concurrent_flushes
-        )
+        self.max_batch = count("max_batch", max_batch)
+        self.max_wait = seconds("max_wait", max_wait)
+        self.max_concurrent_flushes = count("max_concurrent_flushes", max_concurrent_flushes)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self.policy: BatchPolicy = policy
-        self.max_queued = _positive_int(
-            "max_queued", max_batch * 16 if max_queued is None else max_queued
-        )
-        self.max_queued_bytes = _positive_int("max_queued_bytes", max_queued_bytes)
+        self.max_queued = count("max_queued", max_batch * 16 if max_queued is None else max_queued)
+        self.max_queued_bytes = count("max_queued_bytes", max_queued_bytes)
         size = max_queued_bytes if max_message_size is None else max_message_size
-        self.max_message_size = _positive_int("max_message_size", size)
+        self.max_message_size = count("max_message_size", size)
         if self.max_message_size > self.max_queued_bytes:
             raise ValueError(
                 f"max_message_size ({size}) must not exceed max_queued_bytes ({max_queued_bytes})"
@@ -419,7 +396,7 @@ class DeliveryExecutor:
         or may not be durable), and ``aclose`` returns.
         """
         if timeout is not None:
-            _seconds("timeout", timeout)
+            seconds("timeout", timeout)
         loop = asyncio.get_running_loop()
         home = self._home
         if home is None or self._ended is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import InvalidMaildirPath
 from ..fsops import OS_OPS, FsOps
+from ..validate import seconds
 from .commit import Message, SyncMode, check_sync, commit_batch
 from .names import Flag, MessageId, add_flag, host_of, parse_flags, this_host
 
@@ -264,8 +265,8 @@ class Maildir:
         clock and its idea of "stale" are not ours. Cost: one ``scandir`` and a
         ``stat`` per file.
         """
-        mine = _seconds("max_age", max_age)
-        theirs = max(mine, _seconds("other_hosts_max_age", other_hosts_max_age))
+        mine = seconds("max_age", max_age, infinite=True)
+        theirs = max(mine, seconds("other_hosts_max_age", other_hosts_max_age, infinite=True))
         now = time.time()
         removed = 0
         with os.scandir(self.tmp_prefix) as it:
@@ -280,13 +281,6 @@ class Maildir:
                 except FileNotFoundError:
                     continue
         return removed
-
-
-def _seconds(name: str, value: float | timedelta) -> float:
-    age = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if not age >= 0:
-        raise ValueError(f"{name} must be >= 0, not {value!r}")
-    return age
 
 
 _CACHE: dict[str, Maildir] = {}
