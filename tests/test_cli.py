@@ -18,7 +18,7 @@ import pytest
 from delivery_executor import __version__, cli
 from delivery_executor.server.checks import StartupError, check_root
 
-from .conftest import mounted_tmpfs
+from .helpers import mounted_tmpfs
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,7 +21,7 @@ from delivery_executor.smtp.handler import to_lf
 from delivery_executor.smtp.protocol import EXTENSIONS, with_enhanced_code
 from delivery_executor.testing import send_message
 
-from .conftest import listening
+from .helpers import listening
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,7 @@ from delivery_executor import DeliveryExecutor, MailboxResolver
 from delivery_executor.smtp import DataBudget, DeliveryHandler, SessionFactory
 from delivery_executor.testing import dot_stuff, send_message
 
-from .conftest import files_in, listening
+from .helpers import files_in, listening
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 

@@ -32,7 +32,7 @@ from delivery_executor.fsops import FsOps
 from delivery_executor.testing import free_port
 from delivery_executor.writers import BatchResult, Group, write_batch
 
-from .conftest import files_in
+from .helpers import files_in
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -16,7 +16,7 @@ import pytest
 
 from delivery_executor.testing import free_port, send_message
 
-from .conftest import files_in
+from .helpers import files_in
 
 pytestmark = pytest.mark.timeout(90)
 

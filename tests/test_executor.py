@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -36,7 +37,7 @@ from delivery_executor.executor import _Request
 from delivery_executor.writers import BatchResult, Group, write_batch
 from delivery_executor.writers import local as writers_local
 
-from .conftest import RecordingOps, files_in, mounted_tmpfs
+from .helpers import RecordingOps, files_in, mounted_tmpfs, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,15 +88,6 @@ class FakeWriter:
     @property
     def batch_sizes(self) -> list[int]:
         return [sum(len(b) for _, b in call) for call in self.calls]
-
-
-async def until(cond: Any, what: str, limit: float = 10.0) -> None:
-    """Yield to the loop until ``cond()`` holds; fail naming ``what`` after ``limit`` s."""
-    async with asyncio.timeout(limit):
-        # Polling on purpose: the conditions change in writer threads, not on the loop.
-        while not cond():  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
-    assert cond(), what
 
 
 def read_new(path: Path) -> dict[str, bytes]:
@@ -571,7 +563,7 @@ async def test_collector_crash_fails_waiters_fast_and_later_calls(
     in_flight = []
     for n in (1, 2):
         in_flight.append(asyncio.ensure_future(ex.deliver("p", b"f")))
-        await until(lambda n=n: writer.active == n, f"{n} slots busy")
+        await until(functools.partial(lambda k: writer.active == k, n), f"{n} slots busy")
     queued = [asyncio.ensure_future(ex.deliver("p", b"q")) for _ in range(10)]
     await until(lambda: ex.stats().queued == 4, "queue full, six callers waiting for room")
     assert ex.stats().waiting == 6

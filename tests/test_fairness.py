@@ -19,7 +19,7 @@ from delivery_executor.smtp.sessions import DEFAULT_MAX_CONNECTIONS_PER_IP, peer
 from delivery_executor.testing import ServerProcess, SMTPClientError, send_message
 from delivery_executor.writers import BatchResult, Group
 
-from .conftest import files_in, listening
+from .helpers import files_in, listening
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 

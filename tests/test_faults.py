@@ -37,7 +37,7 @@ from delivery_executor import (
 from delivery_executor.smtp import DeliveryHandler
 from delivery_executor.writers import BatchResult, Group
 
-from .conftest import RecordingOps, mounted_tmpfs
+from .helpers import RecordingOps, mounted_tmpfs
 
 CHILD = textwrap.dedent(
     """

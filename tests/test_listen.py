@@ -20,7 +20,7 @@ from delivery_executor.server import ListenSpec, StartupError
 from delivery_executor.server.listeners import bind_all, release, start_serving
 from delivery_executor.testing import ServerProcess, send_message
 
-from .conftest import children
+from .helpers import children
 
 pytestmark = pytest.mark.timeout(120)
 

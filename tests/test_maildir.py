@@ -28,7 +28,7 @@ from delivery_executor import (
 )
 from delivery_executor.store import names as md_mod
 
-from .conftest import RecordingOps, files_in
+from .helpers import RecordingOps, files_in
 
 NAME_RE = re.compile(r"^(\d+)\.M(\d{1,6})P(\d+)Q(\d+)\.(.+)$")
 

@@ -10,7 +10,7 @@ import pytest
 
 from delivery_executor.testing import ServerProcess
 
-from .conftest import children, files_in
+from .helpers import children, files_in
 
 pytestmark = pytest.mark.timeout(180)
 

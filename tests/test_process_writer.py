@@ -20,7 +20,7 @@ from delivery_executor.writers.process import (
     encode_request,
 )
 
-from .conftest import files_in
+from .helpers import files_in
 
 pytestmark = pytest.mark.timeout(60)
 

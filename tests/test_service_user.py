@@ -23,7 +23,7 @@ import pytest
 
 from delivery_executor.testing import ServerProcess
 
-from .conftest import children
+from .helpers import children
 
 pytestmark = [
     pytest.mark.timeout(240),

@@ -19,7 +19,7 @@ import pytest
 from delivery_executor import Maildir
 from delivery_executor.testing import ServerProcess, send_message
 
-from .conftest import children
+from .helpers import children
 
 pytestmark = pytest.mark.timeout(120)
 

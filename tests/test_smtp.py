@@ -21,7 +21,7 @@ from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.testing import Reply, send_message
 from delivery_executor.writers import BatchResult, Group
 
-from .conftest import files_in
+from .helpers import files_in
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 

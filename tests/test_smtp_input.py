@@ -17,7 +17,7 @@ from delivery_executor.errors import RecipientRejected
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.writers import BatchResult, Group
 
-from .conftest import files_in, listening
+from .helpers import files_in, listening
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 

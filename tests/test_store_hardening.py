@@ -20,7 +20,7 @@ from delivery_executor.store import commit as commit_mod
 from delivery_executor.store import names as names_mod
 from delivery_executor.writers import write_batch
 
-from .conftest import RecordingOps, files_in
+from .helpers import RecordingOps, files_in
 
 pytestmark = pytest.mark.timeout(60)
 
