@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import smtplib
 import subprocess
@@ -132,6 +133,32 @@ def test_deliver_sync_from_16_threads_shares_commits(tmp_path: Path) -> None:
     assert len(set(ids)) == 320
     assert sum(len(files_in(tmp_path / f"box{k}" / "new")) for k in range(4)) == 320
     assert stats.mean_batch_size > 1
+
+
+def _first_call_together(
+    ex: DeliveryExecutor, start: threading.Barrier, box: Path, i: int
+) -> MessageId:
+    start.wait(10)
+    return ex.deliver_sync(box, b"thread %d" % i, timeout=30)
+
+
+def test_deliver_sync_from_16_threads_at_once_on_a_fresh_executor(tmp_path: Path) -> None:
+    """16 threads whose first call is deliver_sync at once: one home thread, every call lands."""
+    for trial in range(10):
+        ex = DeliveryExecutor()
+        start = threading.Barrier(16)
+        box = tmp_path / f"t{trial}"
+        first = functools.partial(_first_call_together, ex, start, box)
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                ids = list(pool.map(first, range(16)))
+        finally:
+            ex.close()
+        assert sorted(files_in(box / "new")) == sorted(m.name for m in ids)
+        assert sorted((box / "new" / m.name).read_bytes() for m in ids) == sorted(
+            b"thread %d" % i for i in range(16)
+        )
+        assert "home=thread" in repr(ex)
 
 
 # -- the same guarantees across loops

@@ -349,7 +349,7 @@ class DeliveryExecutor:
             )
         p, parts, size = self._check(path, body)
         if self._home is None:
-            self.start_thread()
+            self._start_thread(exist_ok=True)  # many threads may race here; one starts it
         future: concurrent.futures.Future[MessageId] = concurrent.futures.Future()
         if self._post(_Request(p, parts, size, future, None)):
             self._wake_home()
@@ -385,9 +385,17 @@ class DeliveryExecutor:
         (aiosmtpd ``Controller`` threads) and for threaded code. Close it with
         :meth:`close` or :meth:`aclose` from anywhere.
         """
+        self._start_thread(exist_ok=False)
+        return self
+
+    def _start_thread(self, *, exist_ok: bool) -> None:
+        # The home check and the binding under one lock: of concurrent first
+        # callers exactly one starts the thread, the others use it.
         self._check_open()
         with self._lock:
             if self._home is not None:
+                if exist_ok:
+                    return
                 raise RuntimeError("this DeliveryExecutor already has a home loop")
             loop = asyncio.new_event_loop()
             self._home = loop
@@ -397,7 +405,6 @@ class DeliveryExecutor:
             # Queued before any hand-off can be: the collector exists before the first request.
             loop.call_soon(self._start_collector, loop)
             self._thread.start()
-        return self
 
     @staticmethod
     def _run_home_thread(loop: asyncio.AbstractEventLoop) -> None:
@@ -488,7 +495,7 @@ class DeliveryExecutor:
 
     def __enter__(self) -> Self:
         if self._home is None:
-            self.start_thread()
+            self._start_thread(exist_ok=True)
         return self
 
     def __exit__(
