@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from delivery_executor import (
     Flag,
     InvalidMaildirPath,
+    InvalidMessageId,
     Maildir,
     MessageId,
     add_flag,
@@ -371,6 +372,52 @@ def test_scans_and_add_flag_move_new_to_cur(tmp_path: Path) -> None:
     assert cur.path.read_bytes() == b"a"
     with pytest.raises(FileNotFoundError):
         md.add_flag(MessageId("nope"), Flag.SEEN)
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root``: a file's bytes, ``None`` for a directory."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            out[os.path.relpath(os.path.join(dirpath, f), root)] = Path(dirpath, f).read_bytes()
+    return out
+
+
+BAD_IDS = ["", ".", "..", ":2,S", "..:2,S", ".hidden", "../outside", "../../outside",
+           "a/b", "/etc/passwd", "x\0y", "../new", "..\0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_add_flag_refuses_an_id_that_is_not_one_files_name(tmp_path: Path, bad: str) -> None:
+    """Empty, dot, '/' or NUL ids raise InvalidMessageId (a ValueError); nothing on disk moves."""
+    md = Maildir.create(tmp_path / "box" / "m")
+    md.deliver(b"in new")
+    md.add_flag(md.deliver(b"in cur"), Flag.SEEN)
+    (tmp_path / "box" / "outside").write_bytes(b"not mail")
+    (tmp_path / "outside").write_bytes(b"not mail either")
+    before = _tree(tmp_path)
+    for message in (bad, MessageId(bad)):
+        with pytest.raises(InvalidMessageId, match="not a Maildir file name") as ei:
+            md.add_flag(message, Flag.SEEN)
+        assert isinstance(ei.value, ValueError)
+        with pytest.raises(InvalidMessageId):
+            add_flag(bad, Flag.SEEN)
+    assert _tree(tmp_path) == before
+    assert (md.path / "new" / md.deliver(b"still works").name).read_bytes() == b"still works"
+
+
+def test_add_flag_refuses_a_bad_flag_or_id_type_before_touching_anything(tmp_path: Path) -> None:
+    """A flag that is not a Flag letter, or an id that is not str/MessageId, moves nothing."""
+    md = Maildir.create(tmp_path / "m")
+    mid = md.deliver(b"x")
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match="'Q' is not a valid Flag"):
+        md.add_flag(mid, "Q")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not bytes"):
+        md.add_flag(mid.name.encode(), Flag.SEEN)  # type: ignore[arg-type]
+    assert _tree(tmp_path) == before
 
 
 def test_cleanup_tmp_removes_only_stale_files(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from .errors import (
     ExecutorClosed,
     ExecutorCrashed,
     InvalidMaildirPath,
+    InvalidMessageId,
     MessageTooLarge,
     RecipientRejected,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "Flag",
     "FsOps",
     "InvalidMaildirPath",
+    "InvalidMessageId",
     "LoopWriter",
     "MailboxResolver",
     "Maildir",

@@ -12,6 +12,7 @@ __all__ = [
     "ExecutorClosed",
     "ExecutorCrashed",
     "InvalidMaildirPath",
+    "InvalidMessageId",
     "MessageTooLarge",
     "RecipientRejected",
 ]
@@ -35,6 +36,14 @@ class ExecutorCrashed(DeliveryError, RuntimeError):
 
 class InvalidMaildirPath(DeliveryError, ValueError):
     """A Maildir path is empty, holds a NUL byte, or is otherwise unusable."""
+
+
+class InvalidMessageId(DeliveryError, ValueError):
+    """A message id is empty, starts with ``.``, or holds ``/`` or a NUL byte.
+
+    Such an id could name a directory or a file outside ``new/`` and ``cur/``;
+    it is refused before anything on disk is touched.
+    """
 
 
 class MessageTooLarge(DeliveryError, ValueError):
