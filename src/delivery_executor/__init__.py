@@ -16,6 +16,7 @@ from .errors import (
     InvalidMessageId,
     MessageTooLarge,
     RecipientRejected,
+    TooManyParts,
 )
 from .executor import (
     DEFAULT_MAX_BATCH,
@@ -101,6 +102,7 @@ __all__ = [
     "SessionFactory",
     "SyncMode",
     "ThreadWriter",
+    "TooManyParts",
     "WriterName",
     "__version__",
     "add_flag",

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidMessageId",
     "MessageTooLarge",
     "RecipientRejected",
+    "TooManyParts",
 ]
 
 
@@ -48,6 +49,10 @@ class InvalidMessageId(DeliveryError, ValueError):
 
 class MessageTooLarge(DeliveryError, ValueError):
     """A message body exceeds the configured size limit."""
+
+
+class TooManyParts(DeliveryError, ValueError):
+    """A message has more parts than the executor's writer takes (its ``max_parts``)."""
 
 
 class RecipientRejected(DeliveryError, ValueError):

@@ -49,7 +49,7 @@ from types import TracebackType
 from typing import Literal, Self, TypeAlias
 
 from .budget import Budget
-from .errors import ExecutorClosed, ExecutorCrashed, MessageTooLarge
+from .errors import ExecutorClosed, ExecutorCrashed, MessageTooLarge, TooManyParts
 from .stats import ExecutorStats, StatsRecorder
 from .store import Message, MessageId, SyncMode, check_maildir_path, check_message, check_sync
 from .store.commit import Parts
@@ -230,6 +230,8 @@ class DeliveryExecutor:
                 f"max_message_size ({size}) must not exceed max_queued_bytes ({max_queued_bytes})"
             )
         self.writer: BatchWriter = _make_writer(writer, sync, size_in_names)
+        # The writer's own limit, checked at deliver(): in a batch it would fail everyone.
+        self._max_parts: int | None = getattr(self.writer, "max_parts", None)
 
         self._lock = threading.Lock()  # guards binding and the inbox, the only shared state
         self._home: asyncio.AbstractEventLoop | None = None
@@ -292,7 +294,8 @@ class DeliveryExecutor:
 
         Raises, before anything is queued: ``TypeError`` (wrong types),
         :class:`InvalidMaildirPath` (empty path, NUL byte, too long),
-        :class:`MessageTooLarge`, :class:`ExecutorClosed` and
+        :class:`MessageTooLarge`, :class:`TooManyParts` (more than the
+        writer's ``max_parts``: 255 for ``"process"``), :class:`ExecutorClosed` and
         :class:`ExecutorCrashed`. A storage failure raises the original
         ``OSError`` (type, errno, filename). If the caller is cancelled once
         its request is queued, the write goes on and may complete: at least
@@ -362,6 +365,11 @@ class DeliveryExecutor:
         if size > self.max_message_size:
             raise MessageTooLarge(
                 f"message of {size} bytes exceeds max_message_size={self.max_message_size}"
+            )
+        if self._max_parts is not None and len(parts) > self._max_parts:
+            raise TooManyParts(
+                f"message of {len(parts)} parts; the {type(self.writer).__name__}"
+                f" takes {self._max_parts} at most"
             )
         self._check_open()
         return p, parts, size
