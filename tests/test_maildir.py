@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from delivery_executor import (
+    AUTO_SYNCFS_MIN_FILES,
     Flag,
     InvalidMaildirPath,
     InvalidMessageId,
@@ -27,6 +28,7 @@ from delivery_executor import (
     parse_flags,
     serialize_flags,
 )
+from delivery_executor.store import check_maildir_path
 from delivery_executor.store import names as md_mod
 
 from .conftest import RecordingOps, files_in
@@ -555,6 +557,46 @@ def test_auto_uses_fdatasync_for_one_message_and_syncfs_for_more(tmp_path: Path)
     commit_batch([(md, [b"x"] * 20)], ops=many)
     opsn = [c[0] for c in many.calls]
     assert opsn.count("syncfs") == 2 and "fdatasync" not in opsn and "fsync_dir" not in opsn
+
+
+def test_auto_switches_to_syncfs_at_exactly_auto_syncfs_min_files(tmp_path: Path) -> None:
+    """sync='auto': 1 file on a file system gets fdatasync; 2 (the documented threshold) syncfs."""
+    assert AUTO_SYNCFS_MIN_FILES == 2
+    a, b = Maildir.create(tmp_path / "a"), Maildir.create(tmp_path / "b")
+    for groups, want_syncfs in (
+        ([(a, [b"1"])], False),
+        ([(a, [b"1", b"2"])], True),
+        ([(a, [b"1"]), (b, [b"2"])], True),  # counted per file system, not per Maildir
+    ):
+        ops = RecordingOps()
+        results = commit_batch(groups, ops=ops)
+        kinds = [c[0] for c in ops.calls]
+        if want_syncfs:
+            assert kinds.count("syncfs") == 2 and "fdatasync" not in kinds, groups
+        else:
+            assert "syncfs" not in kinds and kinds.count("fdatasync") == 1, groups
+        for (md, bodies), res in zip(groups, results, strict=True):
+            assert isinstance(res, list)
+            assert [(md.path / "new" / m.name).read_bytes() for m in res] == bodies
+
+
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [
+        ("/srv/mail/u", "/srv/mail/u"),
+        ("/srv/mail/../mail2/u", "/srv/mail2/u"),
+        ("/srv/./mail/u", "/srv/mail/u"),
+        ("/srv//mail/u", "/srv/mail/u"),
+        ("/srv/mail/u/", "/srv/mail/u"),
+        ("/srv/mail/u/.", "/srv/mail/u"),
+        ("/srv/.mail/u", "/srv/.mail/u"),  # a dot directory is a name, kept
+        ("rel/../box", "{cwd}/box"),
+        (Path("rel/box"), "{cwd}/rel/box"),
+    ],
+)
+def test_maildir_paths_are_normalised_as_documented(given: str | Path, want: str) -> None:
+    """check_maildir_path: absolute, '.', '..', '//' and a trailing '/' resolved, once."""
+    assert check_maildir_path(given) == want.format(cwd=os.getcwd())
 
 
 def test_many_mailboxes_share_two_syncfs(tmp_path: Path) -> None:

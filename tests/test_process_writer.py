@@ -88,6 +88,26 @@ async def test_a_message_of_too_many_parts_is_refused_at_deliver_not_in_the_batc
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.asyncio
+async def test_slices_of_one_buffer_are_separate_parts_through_the_helper(tmp_path: Path) -> None:
+    """Parts that are slices of one bytes object cross the pipe as their own bytes, in order."""
+    buf = bytes(range(256)) * 4
+    view = memoryview(buf)
+    messages = [
+        (view[:300], view[300:]),  # the whole buffer, in two slices
+        (view[512:], view[:512]),  # its halves swapped
+        (view[10:20], view[10:20], memoryview(buf)),  # a slice twice, then the whole buffer
+        (bytearray(b"head\r\n"), view[1000:]),
+    ]
+    writer = ProcessWriter()
+    async with DeliveryExecutor(writer=writer) as ex:
+        ids = await asyncio.gather(*(ex.deliver(tmp_path / "m", m) for m in messages))
+        assert writer.pids[0] is not None  # written by the helper, not in a thread
+    got = [(tmp_path / "m" / "new" / mid.name).read_bytes() for mid in ids]
+    assert got == [b"".join(bytes(p) for p in m) for m in messages]
+    assert got[0] == buf and got[1] == buf[512:] + buf[:512]
+
+
 def test_reply_round_trip_keeps_error_type_errno_and_filename() -> None:
     """Ids, OSErrors (subclass, errno, filename) and other errors survive the pipe."""
     results: list[list[MessageId] | BaseException] = [

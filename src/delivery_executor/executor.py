@@ -352,7 +352,7 @@ class DeliveryExecutor:
             )
         p, parts, size = self._check(path, body)
         if self._home is None:
-            self._start_thread(exist_ok=True)  # many threads may race here; one starts it
+            self._start_thread(exist_ok=True)  # racing first calls: one starts it
         future: concurrent.futures.Future[MessageId] = concurrent.futures.Future()
         if self._post(_Request(p, parts, size, future, None)):
             self._wake_home()
