@@ -29,6 +29,7 @@ from delivery_executor import (
     MessageId,
     MessageTooLarge,
     ThreadWriter,
+    TooManyParts,
     WriterName,
 )
 from delivery_executor.budget import Budget
@@ -223,6 +224,32 @@ async def test_big_batches_are_written_in_a_thread_not_on_the_loop(
     assert threads[0].startswith("delivery-sync")
     assert (tmp_path / "m" / "new" / small.name).read_bytes() == b"small"
     assert (tmp_path / "m" / "new" / big.name).read_bytes() == big_body
+
+
+class LimitedWriter(ThreadWriter):
+    """A ThreadWriter that declares a max_parts, as any custom writer may."""
+
+    def __init__(self, writer: FakeWriter, max_parts: object) -> None:
+        super().__init__(writer)
+        self.max_parts = max_parts
+
+
+def test_a_writer_max_parts_is_checked_up_front() -> None:
+    """A writer's max_parts must be an int >= 1 (or absent): named in the error at construction."""
+    for bad, exc in (("255", TypeError), (0, ValueError), (True, TypeError)):
+        with pytest.raises(exc, match=r"writer\.max_parts"):
+            DeliveryExecutor(writer=LimitedWriter(FakeWriter(), bad))
+
+
+@pytest.mark.asyncio
+async def test_any_writer_may_declare_max_parts(tmp_path: Path) -> None:
+    """A custom writer's max_parts is honoured: 3 parts pass, 4 raise TooManyParts unqueued."""
+    fake = FakeWriter()
+    async with DeliveryExecutor(writer=LimitedWriter(fake, 3)) as ex:
+        await ex.deliver("p", (b"a", b"b", b"c"))
+        with pytest.raises(TooManyParts, match="4 parts; the LimitedWriter takes 3 at most"):
+            await ex.deliver("p", (b"a", b"b", b"c", b"d"))
+    assert [bodies for call in fake.calls for _, bodies in call] == [[b"abc"]]
 
 
 def test_bad_writer_name_is_rejected() -> None:
