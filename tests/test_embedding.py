@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import errno
+import functools
 import os
 import smtplib
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -132,6 +135,32 @@ def test_deliver_sync_from_16_threads_shares_commits(tmp_path: Path) -> None:
     assert len(set(ids)) == 320
     assert sum(len(files_in(tmp_path / f"box{k}" / "new")) for k in range(4)) == 320
     assert stats.mean_batch_size > 1
+
+
+def _first_call_together(
+    ex: DeliveryExecutor, start: threading.Barrier, box: Path, i: int
+) -> MessageId:
+    start.wait(10)
+    return ex.deliver_sync(box, b"thread %d" % i, timeout=30)
+
+
+def test_deliver_sync_from_16_threads_at_once_on_a_fresh_executor(tmp_path: Path) -> None:
+    """16 threads whose first call is deliver_sync at once: one home thread, every call lands."""
+    for trial in range(10):
+        ex = DeliveryExecutor()
+        start = threading.Barrier(16)
+        box = tmp_path / f"t{trial}"
+        first = functools.partial(_first_call_together, ex, start, box)
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                ids = list(pool.map(first, range(16)))
+        finally:
+            ex.close()
+        assert sorted(files_in(box / "new")) == sorted(m.name for m in ids)
+        assert sorted((box / "new" / m.name).read_bytes() for m in ids) == sorted(
+            b"thread %d" % i for i in range(16)
+        )
+        assert "home=thread" in repr(ex)
 
 
 # -- the same guarantees across loops
@@ -423,6 +452,48 @@ async def test_handler_accepts_any_async_deliver(tmp_path: Path) -> None:
 class FailingDeliverer:
     async def deliver(self, path: str, body: bytes) -> str:
         raise OSError(errno.EIO, "Input/output error", path)
+
+
+# asyncio names deprecated in Python 3.14 (removal planned for 3.16); the suite
+# runs with warnings as errors, so any of them fails every test on 3.14.
+DEPRECATED_IN_314 = {
+    "iscoroutinefunction",
+    "get_event_loop_policy",
+    "set_event_loop_policy",
+    "AbstractEventLoopPolicy",
+    "DefaultEventLoopPolicy",
+    "WindowsSelectorEventLoopPolicy",
+    "WindowsProactorEventLoopPolicy",
+}
+
+
+def test_no_asyncio_api_deprecated_in_python_3_14(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler checks deliver() with inspect (3.14 warns on asyncio's); src uses none."""
+    real = asyncio.iscoroutinefunction
+
+    def deprecated(fn: object) -> bool:
+        warnings.warn("asyncio.iscoroutinefunction is deprecated", DeprecationWarning, 2)
+        return real(fn)
+
+    monkeypatch.setattr(asyncio, "iscoroutinefunction", deprecated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DeliveryHandler(ListDeliverer(), MailboxResolver(tmp_path))
+        with pytest.raises(TypeError, match="async deliver"):
+            DeliveryHandler(object(), MailboxResolver(tmp_path))  # type: ignore[arg-type]
+    src = Path(__file__).resolve().parent.parent / "src"
+    used = [
+        f"{py.relative_to(src)}:{node.lineno} asyncio.{node.attr}"
+        for py in sorted(src.rglob("*.py"))
+        for node in ast.walk(ast.parse(py.read_text()))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "asyncio"
+        and node.attr in DEPRECATED_IN_314
+    ]
+    assert used == []
 
 
 @pytest.mark.asyncio

@@ -30,6 +30,7 @@ from delivery_executor import (
     MessageId,
     MessageTooLarge,
     ThreadWriter,
+    TooManyParts,
     WriterName,
 )
 from delivery_executor.budget import Budget
@@ -215,6 +216,32 @@ async def test_big_batches_are_written_in_a_thread_not_on_the_loop(
     assert threads[0].startswith("delivery-sync")
     assert (tmp_path / "m" / "new" / small.name).read_bytes() == b"small"
     assert (tmp_path / "m" / "new" / big.name).read_bytes() == big_body
+
+
+class LimitedWriter(ThreadWriter):
+    """A ThreadWriter that declares a max_parts, as any custom writer may."""
+
+    def __init__(self, writer: FakeWriter, max_parts: object) -> None:
+        super().__init__(writer)
+        self.max_parts = max_parts
+
+
+def test_a_writer_max_parts_is_checked_up_front() -> None:
+    """A writer's max_parts must be an int >= 1 (or absent): named in the error at construction."""
+    for bad, exc in (("255", TypeError), (0, ValueError), (True, TypeError)):
+        with pytest.raises(exc, match=r"writer\.max_parts"):
+            DeliveryExecutor(writer=LimitedWriter(FakeWriter(), bad))
+
+
+@pytest.mark.asyncio
+async def test_any_writer_may_declare_max_parts(tmp_path: Path) -> None:
+    """A custom writer's max_parts is honoured: 3 parts pass, 4 raise TooManyParts unqueued."""
+    fake = FakeWriter()
+    async with DeliveryExecutor(writer=LimitedWriter(fake, 3)) as ex:
+        await ex.deliver("p", (b"a", b"b", b"c"))
+        with pytest.raises(TooManyParts, match="4 parts; the LimitedWriter takes 3 at most"):
+            await ex.deliver("p", (b"a", b"b", b"c", b"d"))
+    assert [bodies for call in fake.calls for _, bodies in call] == [[b"abc"]]
 
 
 def test_bad_writer_name_is_rejected() -> None:
@@ -441,6 +468,19 @@ async def test_bad_input_is_rejected_without_poisoning_the_batch(
     assert isinstance(results[0], MessageId)
     assert isinstance(results[2], MessageId)
     assert [p for call in writer.calls for p, _ in call] == ["good"]
+
+
+@pytest.mark.asyncio
+async def test_max_message_size_is_inclusive(tmp_path: Path) -> None:
+    """Exactly max_message_size bytes (one part or several) land; one byte more is refused."""
+    async with DeliveryExecutor(max_message_size=100) as ex:
+        whole = await ex.deliver(tmp_path / "m", b"x" * 100)
+        parts = await ex.deliver(tmp_path / "m", (b"h" * 30, b"b" * 70))
+        with pytest.raises(MessageTooLarge, match="101 bytes exceeds max_message_size=100"):
+            await ex.deliver(tmp_path / "m", b"x" * 101)
+        with pytest.raises(MessageTooLarge, match="101 bytes"):
+            await ex.deliver(tmp_path / "m", (b"h" * 30, b"b" * 71))
+    assert read_new(tmp_path / "m") == {whole.name: b"x" * 100, parts.name: b"h" * 30 + b"b" * 70}
 
 
 # -- cancellation
@@ -706,6 +746,40 @@ async def test_callers_waiting_for_room_are_admitted_in_arrival_order() -> None:
     await ex.aclose()
     order = [body for call in writer.calls for _, bodies in call for body in bodies]
     assert order == [b"%02d" % i for i in range(40)]
+
+
+def test_budget_never_admits_a_newcomer_ahead_of_a_waiter() -> None:
+    """Budget: a small request that fits waits behind an older one that does not (bytes)."""
+    budget: Budget[_Item] = Budget(max_count=10, max_bytes=100)
+    a, b, big, small = (_Item(n, s) for n, s in (("a", 30), ("b", 30), ("big", 80), ("small", 10)))
+    assert budget.offer(a) and budget.offer(b)
+    assert not budget.offer(big)  # 60 + 80 > 100
+    assert not budget.offer(small)  # 60 + 10 fits, but big came first
+    assert budget.done(30) == []  # 30 + 80 > 100: big still waits, so small does too
+    assert [i.name for i in budget.done(30)] == ["big", "small"]
+    assert (budget.count, budget.nbytes) == (4, 90)
+
+
+@pytest.mark.asyncio
+async def test_executor_byte_budget_serves_waiters_first_come_first_served() -> None:
+    """max_queued_bytes=100: 60 in flight, 60 waits; a 10-byte newcomer is written after it."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(max_queued_bytes=100, max_concurrent_flushes=1,
+                          writer=ThreadWriter(writer))  # fmt: skip
+    first = asyncio.ensure_future(ex.deliver("p", b"1" * 60))
+    await until(lambda: writer.active == 1, "first batch in the writer")
+    second = asyncio.ensure_future(ex.deliver("p", b"2" * 60))
+    await until(lambda: ex.stats().waiting == 1, "second waits for bytes")
+    third = asyncio.ensure_future(ex.deliver("p", b"3" * 10))
+    await asyncio.sleep(0.01)
+    assert ex.stats().waiting == 2  # fits in the bytes left, yet waits its turn
+    assert ex.stats().queued_bytes == 60
+    gate.set()
+    await asyncio.gather(first, second, third)
+    await ex.aclose()
+    order = [body[:1] for call in writer.calls for _, bodies in call for body in bodies]
+    assert order == [b"1", b"2", b"3"]
 
 
 @pytest.mark.asyncio

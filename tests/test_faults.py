@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from delivery_executor import (
     DeliveryExecutor,
     Flag,
+    InvalidMessageId,
     LoopWriter,
     MailboxResolver,
     Maildir,
@@ -227,9 +228,14 @@ async def test_slow_disk_overload_stays_bounded_and_completes() -> None:
 @settings(max_examples=300, deadline=None)
 @given(name=st.text(max_size=60), flag=st.sampled_from(list(Flag)))
 def test_fuzz_flag_parsing(name: str, flag: Flag) -> None:
-    """Flag parsing never raises and add_flag always adds the flag, keeping the base."""
+    """Flag parsing never raises; add_flag adds the flag keeping the base, or refuses the id."""
     flags = parse_flags(name)
     assert flags <= set(Flag)
+    base = name.partition(":")[0]
+    if not base or base.startswith(".") or "/" in name or "\0" in name:
+        with pytest.raises(InvalidMessageId):
+            add_flag(name, flag)
+        return
     named = add_flag(name, flag)
     assert flag in parse_flags(named)
     assert named.startswith(name.partition(":")[0])

@@ -17,8 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from delivery_executor import (
+    AUTO_SYNCFS_MIN_FILES,
     Flag,
     InvalidMaildirPath,
+    InvalidMessageId,
     Maildir,
     MessageId,
     add_flag,
@@ -26,6 +28,7 @@ from delivery_executor import (
     parse_flags,
     serialize_flags,
 )
+from delivery_executor.store import check_maildir_path
 from delivery_executor.store import names as md_mod
 
 from .helpers import RecordingOps, files_in
@@ -373,6 +376,52 @@ def test_scans_and_add_flag_move_new_to_cur(tmp_path: Path) -> None:
         md.add_flag(MessageId("nope"), Flag.SEEN)
 
 
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root``: a file's bytes, ``None`` for a directory."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            out[os.path.relpath(os.path.join(dirpath, f), root)] = Path(dirpath, f).read_bytes()
+    return out
+
+
+BAD_IDS = ["", ".", "..", ":2,S", "..:2,S", ".hidden", "../outside", "../../outside",
+           "a/b", "/etc/passwd", "x\0y", "../new", "..\0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_add_flag_refuses_an_id_that_is_not_one_files_name(tmp_path: Path, bad: str) -> None:
+    """Empty, dot, '/' or NUL ids raise InvalidMessageId (a ValueError); nothing on disk moves."""
+    md = Maildir.create(tmp_path / "box" / "m")
+    md.deliver(b"in new")
+    md.add_flag(md.deliver(b"in cur"), Flag.SEEN)
+    (tmp_path / "box" / "outside").write_bytes(b"not mail")
+    (tmp_path / "outside").write_bytes(b"not mail either")
+    before = _tree(tmp_path)
+    for message in (bad, MessageId(bad)):
+        with pytest.raises(InvalidMessageId, match="not a Maildir file name") as ei:
+            md.add_flag(message, Flag.SEEN)
+        assert isinstance(ei.value, ValueError)
+        with pytest.raises(InvalidMessageId):
+            add_flag(bad, Flag.SEEN)
+    assert _tree(tmp_path) == before
+    assert (md.path / "new" / md.deliver(b"still works").name).read_bytes() == b"still works"
+
+
+def test_add_flag_refuses_a_bad_flag_or_id_type_before_touching_anything(tmp_path: Path) -> None:
+    """A flag that is not a Flag letter, or an id that is not str/MessageId, moves nothing."""
+    md = Maildir.create(tmp_path / "m")
+    mid = md.deliver(b"x")
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match="'Q' is not a valid Flag"):
+        md.add_flag(mid, "Q")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not bytes"):
+        md.add_flag(mid.name.encode(), Flag.SEEN)  # type: ignore[arg-type]
+    assert _tree(tmp_path) == before
+
+
 def test_cleanup_tmp_removes_only_stale_files(tmp_path: Path) -> None:
     """cleanup_tmp(max_age) unlinks this host's old tmp files, not fresh ones nor new/."""
     md = Maildir.create(tmp_path / "m")
@@ -508,6 +557,46 @@ def test_auto_uses_fdatasync_for_one_message_and_syncfs_for_more(tmp_path: Path)
     commit_batch([(md, [b"x"] * 20)], ops=many)
     opsn = [c[0] for c in many.calls]
     assert opsn.count("syncfs") == 2 and "fdatasync" not in opsn and "fsync_dir" not in opsn
+
+
+def test_auto_switches_to_syncfs_at_exactly_auto_syncfs_min_files(tmp_path: Path) -> None:
+    """sync='auto': 1 file on a file system gets fdatasync; 2 (the documented threshold) syncfs."""
+    assert AUTO_SYNCFS_MIN_FILES == 2
+    a, b = Maildir.create(tmp_path / "a"), Maildir.create(tmp_path / "b")
+    for groups, want_syncfs in (
+        ([(a, [b"1"])], False),
+        ([(a, [b"1", b"2"])], True),
+        ([(a, [b"1"]), (b, [b"2"])], True),  # counted per file system, not per Maildir
+    ):
+        ops = RecordingOps()
+        results = commit_batch(groups, ops=ops)
+        kinds = [c[0] for c in ops.calls]
+        if want_syncfs:
+            assert kinds.count("syncfs") == 2 and "fdatasync" not in kinds, groups
+        else:
+            assert "syncfs" not in kinds and kinds.count("fdatasync") == 1, groups
+        for (md, bodies), res in zip(groups, results, strict=True):
+            assert isinstance(res, list)
+            assert [(md.path / "new" / m.name).read_bytes() for m in res] == bodies
+
+
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [
+        ("/srv/mail/u", "/srv/mail/u"),
+        ("/srv/mail/../mail2/u", "/srv/mail2/u"),
+        ("/srv/./mail/u", "/srv/mail/u"),
+        ("/srv//mail/u", "/srv/mail/u"),
+        ("/srv/mail/u/", "/srv/mail/u"),
+        ("/srv/mail/u/.", "/srv/mail/u"),
+        ("/srv/.mail/u", "/srv/.mail/u"),  # a dot directory is a name, kept
+        ("rel/../box", "{cwd}/box"),
+        (Path("rel/box"), "{cwd}/rel/box"),
+    ],
+)
+def test_maildir_paths_are_normalised_as_documented(given: str | Path, want: str) -> None:
+    """check_maildir_path: absolute, '.', '..', '//' and a trailing '/' resolved, once."""
+    assert check_maildir_path(given) == want.format(cwd=os.getcwd())
 
 
 def test_many_mailboxes_share_two_syncfs(tmp_path: Path) -> None:

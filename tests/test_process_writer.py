@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from delivery_executor import DeliveryExecutor, Maildir, MessageId
+from delivery_executor import DeliveryExecutor, Maildir, MessageId, TooManyParts
 from delivery_executor.writers import Group
 from delivery_executor.writers.process import (
     ProcessWriter,
@@ -59,6 +59,53 @@ def test_more_than_65535_groups_and_a_too_many_parts_message() -> None:
     assert decoded[-1][0] == "/m/69999"
     with pytest.raises(ValueError, match="256 parts; the helper takes 255"):
         encode_request(1, [("/m", [tuple(memoryview(b"x") for _ in range(256))])])
+
+
+@pytest.mark.asyncio
+async def test_a_message_of_too_many_parts_is_refused_at_deliver_not_in_the_batch(
+    tmp_path: Path,
+) -> None:
+    """256 parts under the process writer: TooManyParts at deliver(); 10 callers beside it land."""
+    assert ProcessWriter.max_parts == 255
+    good = [(b"Subject: %d\r\n" % i, b"\r\nbody %d\r\n" % i) for i in range(9)]
+    widest = tuple(b"%c" % (65 + i % 26) for i in range(255))  # the limit itself is fine
+    bad = tuple(b"x" for _ in range(256))
+    async with DeliveryExecutor(writer="process") as ex:
+        res = await asyncio.gather(
+            *(ex.deliver(tmp_path / "ok", m) for m in good[:5]),
+            ex.deliver(tmp_path / "bad", bad),
+            *(ex.deliver(tmp_path / "ok", m) for m in good[5:]),
+            ex.deliver(tmp_path / "ok", widest),
+            return_exceptions=True,
+        )
+    err = res.pop(5)
+    assert isinstance(err, TooManyParts) and isinstance(err, ValueError)
+    assert "256 parts; the ProcessWriter takes 255 at most" in str(err)
+    assert all(isinstance(mid, MessageId) for mid in res), res
+    got = [(tmp_path / "ok" / "new" / mid.name).read_bytes() for mid in res]  # type: ignore[union-attr]
+    assert got == [b"".join(m) for m in (*good, widest)]
+    assert len(files_in(tmp_path / "ok" / "new")) == 10
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.asyncio
+async def test_slices_of_one_buffer_are_separate_parts_through_the_helper(tmp_path: Path) -> None:
+    """Parts that are slices of one bytes object cross the pipe as their own bytes, in order."""
+    buf = bytes(range(256)) * 4
+    view = memoryview(buf)
+    messages = [
+        (view[:300], view[300:]),  # the whole buffer, in two slices
+        (view[512:], view[:512]),  # its halves swapped
+        (view[10:20], view[10:20], memoryview(buf)),  # a slice twice, then the whole buffer
+        (bytearray(b"head\r\n"), view[1000:]),
+    ]
+    writer = ProcessWriter()
+    async with DeliveryExecutor(writer=writer) as ex:
+        ids = await asyncio.gather(*(ex.deliver(tmp_path / "m", m) for m in messages))
+        assert writer.pids[0] is not None  # written by the helper, not in a thread
+    got = [(tmp_path / "m" / "new" / mid.name).read_bytes() for mid in ids]
+    assert got == [b"".join(bytes(p) for p in m) for m in messages]
+    assert got[0] == buf and got[1] == buf[512:] + buf[:512]
 
 
 def test_reply_round_trip_keeps_error_type_errno_and_filename() -> None:

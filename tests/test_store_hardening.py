@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import errno
 import os
 import shutil
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from delivery_executor import DeliveryExecutor, Maildir, commit_batch
+from delivery_executor import fsops as fsops_mod
 from delivery_executor.executor import WriterName
 from delivery_executor.fsops import OS_OPS, FsOps
 from delivery_executor.store import commit as commit_mod
@@ -98,6 +101,95 @@ def test_rename_noreplace_refuses_an_existing_name_with_both_paths(tmp_path: Pat
         dst.unlink()
         ops.rename_noreplace(str(src), str(dst))
         assert dst.read_bytes() == b"new" and not src.exists()
+
+
+def test_a_renamed_message_keeps_its_size_suffix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A move into new/ retried under a new name after a collision keeps ',S=<n>,W=<n>'."""
+    md = Maildir.create(tmp_path / "m")
+    body = b"line\nline\n"
+    (old,) = md.deliver_batch([body])
+    base, sep, suffix = old.name.partition(",")
+    assert sep and suffix == "S=10,W=12"
+    given = _names(monkeypatch, [base])
+    (res,) = commit_batch([(md, [body])])
+    assert isinstance(res, list)
+    (mid,) = res
+    assert given[0] == base and mid.name != old.name  # it really collided in new/
+    assert mid.name.endswith(",S=10,W=12")
+    assert (md.path / "new" / mid.name).read_bytes() == body
+    assert (md.path / "new" / old.name).read_bytes() == body
+    assert files_in(md.path / "tmp") == []
+
+
+# -- syncfs: the kernel's answer is the batch's answer
+
+
+@pytest.fixture
+def failing_syncfs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """libc's syncfs replaced by one that fails as the kernel does: -1 with errno EIO."""
+    if not fsops_mod.HAVE_SYNCFS:
+        pytest.skip("no syncfs here")
+    calls: list[int] = []
+
+    def syncfs(fd: int) -> int:
+        calls.append(fd)
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(fsops_mod, "_SYNCFS", syncfs)
+    return calls
+
+
+def test_a_failed_syncfs_fails_the_batch_not_acknowledged(
+    tmp_path: Path, failing_syncfs: list[int]
+) -> None:
+    """syncfs returning -1/EIO fails every group on that file system; nothing is in new/."""
+    a, b = Maildir.create(tmp_path / "a"), Maildir.create(tmp_path / "b")
+    ra, rb = commit_batch([(a, [b"1", b"2"]), (b, [b"3"])], sync="syncfs")
+    for res, md in ((ra, a), (rb, b)):
+        assert isinstance(res, OSError) and res.errno == errno.EIO, res
+        assert files_in(md.path / "new") == [] and files_in(md.path / "tmp") == []
+    assert len(failing_syncfs) == 1  # a sync error is final: never retried
+    with pytest.raises(OSError, match="Input/output error") as ei:
+        OS_OPS.syncfs(str(tmp_path))
+    assert (ei.value.errno, ei.value.filename) == (errno.EIO, str(tmp_path))
+
+
+@pytest.mark.parametrize("writer", ["loop", "thread"])
+@pytest.mark.asyncio
+async def test_a_failed_syncfs_reaches_every_caller_of_the_batch(
+    tmp_path: Path, failing_syncfs: list[int], writer: WriterName
+) -> None:
+    """Under the executor (sync='auto', 3 callers batched), syncfs -1/EIO fails each caller."""
+    async with DeliveryExecutor(writer=writer) as ex:
+        res = await asyncio.gather(
+            *(ex.deliver(tmp_path / f"u{i % 2}", b"m%d" % i) for i in range(3)),
+            return_exceptions=True,
+        )
+    assert failing_syncfs
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in res), res
+    assert files_in(tmp_path / "u0" / "new") == files_in(tmp_path / "u1" / "new") == []
+
+
+# -- the host part of names: a ',' would start the sizes
+
+
+def test_a_comma_in_the_host_name_is_escaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host 'mx,S=1,W=1' is written as 'mx\\054S=1...': the sizes and host_of() still parse."""
+    host = names_mod.sanitize_host("mx,S=1,W=1")
+    assert host == "mx\\054S=1\\054W=1"
+    assert names_mod.sanitize_host("a,b") != names_mod.sanitize_host("a")
+    monkeypatch.setattr(names_mod, "_HOST", host)
+    md = Maildir.create(tmp_path / "m")
+    mid = md.deliver(b"12345")
+    assert mid.name.count(",") == 2 and mid.name.endswith(",S=5,W=5")
+    assert int(mid.name.partition(",S=")[2].partition(",")[0]) == 5
+    assert names_mod.host_of(mid.name) == host == names_mod.this_host()
+    assert (md.path / "new" / mid.name).read_bytes() == b"12345"
 
 
 # -- O_EXCL: a tmp file of another delivery is never opened

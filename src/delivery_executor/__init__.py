@@ -21,8 +21,10 @@ from .errors import (
     ExecutorClosed,
     ExecutorCrashed,
     InvalidMaildirPath,
+    InvalidMessageId,
     MessageTooLarge,
     RecipientRejected,
+    TooManyParts,
 )
 from .executor import (
     DEFAULT_MAX_BATCH,
@@ -119,6 +121,7 @@ __all__ = [
     "Flag",
     "FsOps",
     "InvalidMaildirPath",
+    "InvalidMessageId",
     "LoopWriter",
     "MailboxResolver",
     "Maildir",
@@ -134,6 +137,7 @@ __all__ = [
     "StartupError",
     "SyncMode",
     "ThreadWriter",
+    "TooManyParts",
     "WriterName",
     "__version__",
     "add_flag",

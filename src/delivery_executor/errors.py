@@ -12,8 +12,10 @@ __all__ = [
     "ExecutorClosed",
     "ExecutorCrashed",
     "InvalidMaildirPath",
+    "InvalidMessageId",
     "MessageTooLarge",
     "RecipientRejected",
+    "TooManyParts",
 ]
 
 
@@ -37,8 +39,20 @@ class InvalidMaildirPath(DeliveryError, ValueError):
     """A Maildir path is empty, holds a NUL byte, or is otherwise unusable."""
 
 
+class InvalidMessageId(DeliveryError, ValueError):
+    """A message id is empty, starts with ``.``, or holds ``/`` or a NUL byte.
+
+    Such an id could name a directory or a file outside ``new/`` and ``cur/``;
+    it is refused before anything on disk is touched.
+    """
+
+
 class MessageTooLarge(DeliveryError, ValueError):
     """A message body exceeds the configured size limit."""
+
+
+class TooManyParts(DeliveryError, ValueError):
+    """A message has more parts than the executor's writer takes (its ``max_parts``)."""
 
 
 class RecipientRejected(DeliveryError, ValueError):

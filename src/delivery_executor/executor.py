@@ -48,7 +48,7 @@ from types import TracebackType
 from typing import Literal, Self, TypeAlias
 
 from .budget import Budget
-from .errors import ExecutorClosed, ExecutorCrashed, MessageTooLarge
+from .errors import ExecutorClosed, ExecutorCrashed, MessageTooLarge, TooManyParts
 from .stats import ExecutorStats, StatsRecorder
 from .store import Message, MessageId, SyncMode, check_maildir_path, check_message, check_sync
 from .store.commit import Parts
@@ -207,6 +207,9 @@ class DeliveryExecutor:
                 f"max_message_size ({size}) must not exceed max_queued_bytes ({max_queued_bytes})"
             )
         self.writer: BatchWriter = _make_writer(writer, sync, size_in_names)
+        # The writer's own limit, checked at deliver(): in a batch it would fail everyone.
+        limit = getattr(self.writer, "max_parts", None)
+        self._max_parts = None if limit is None else _positive_int("writer.max_parts", limit)
 
         self._lock = threading.Lock()  # guards binding and the inbox, the only shared state
         self._home: asyncio.AbstractEventLoop | None = None
@@ -269,7 +272,8 @@ class DeliveryExecutor:
 
         Raises, before anything is queued: ``TypeError`` (wrong types),
         :class:`InvalidMaildirPath` (empty path, NUL byte, too long),
-        :class:`MessageTooLarge`, :class:`ExecutorClosed` and
+        :class:`MessageTooLarge`, :class:`TooManyParts` (more than the
+        writer's ``max_parts``: 255 for ``"process"``), :class:`ExecutorClosed` and
         :class:`ExecutorCrashed`. A storage failure raises the original
         ``OSError`` (type, errno, filename). If the caller is cancelled once
         its request is queued, the write goes on and may complete: at least
@@ -326,7 +330,7 @@ class DeliveryExecutor:
             )
         p, parts, size = self._check(path, body)
         if self._home is None:
-            self.start_thread()
+            self._start_thread(exist_ok=True)  # racing first calls: one starts it
         future: concurrent.futures.Future[MessageId] = concurrent.futures.Future()
         if self._post(_Request(p, parts, size, future, None)):
             self._wake_home()
@@ -339,6 +343,11 @@ class DeliveryExecutor:
         if size > self.max_message_size:
             raise MessageTooLarge(
                 f"message of {size} bytes exceeds max_message_size={self.max_message_size}"
+            )
+        if self._max_parts is not None and len(parts) > self._max_parts:
+            raise TooManyParts(
+                f"message of {len(parts)} parts; the {type(self.writer).__name__}"
+                f" takes {self._max_parts} at most"
             )
         self._check_open()
         return p, parts, size
@@ -362,9 +371,17 @@ class DeliveryExecutor:
         (aiosmtpd ``Controller`` threads) and for threaded code. Close it with
         :meth:`close` or :meth:`aclose` from anywhere.
         """
+        self._start_thread(exist_ok=False)
+        return self
+
+    def _start_thread(self, *, exist_ok: bool) -> None:
+        # The home check and the binding under one lock: of concurrent first
+        # callers exactly one starts the thread, the others use it.
         self._check_open()
         with self._lock:
             if self._home is not None:
+                if exist_ok:
+                    return
                 raise RuntimeError("this DeliveryExecutor already has a home loop")
             loop = asyncio.new_event_loop()
             self._home = loop
@@ -374,7 +391,6 @@ class DeliveryExecutor:
             # Queued before any hand-off can be: the collector exists before the first request.
             loop.call_soon(self._start_collector, loop)
             self._thread.start()
-        return self
 
     @staticmethod
     def _run_home_thread(loop: asyncio.AbstractEventLoop) -> None:
@@ -465,7 +481,7 @@ class DeliveryExecutor:
 
     def __enter__(self) -> Self:
         if self._home is None:
-            self.start_thread()
+            self._start_thread(exist_ok=True)
         return self
 
     def __exit__(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import email.utils
+import inspect
 import itertools
 import logging
 import os
@@ -164,7 +165,7 @@ class DeliveryHandler:
         hostname: str | None = None,
         line_endings: LineEndings = "lf",
     ) -> None:
-        if not asyncio.iscoroutinefunction(getattr(executor, "deliver", None)):
+        if not inspect.iscoroutinefunction(getattr(executor, "deliver", None)):
             raise TypeError(
                 "executor must be a DeliveryExecutor or have an async deliver(path, body),"
                 f" not {type(executor).__name__}"

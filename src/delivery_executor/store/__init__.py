@@ -20,7 +20,15 @@ from .commit import (
     run_sync_call,
 )
 from .maildir import DEFAULT_TMP_MAX_AGE, Maildir, MaildirEntry, check_maildir_path
-from .names import Flag, MessageId, add_flag, parse_flags, serialize_flags, unique_name
+from .names import (
+    Flag,
+    MessageId,
+    add_flag,
+    check_message_id,
+    parse_flags,
+    serialize_flags,
+    unique_name,
+)
 
 __all__ = [
     "AUTO_SYNCFS_MIN_FILES",
@@ -37,6 +45,7 @@ __all__ = [
     "add_flag",
     "check_maildir_path",
     "check_message",
+    "check_message_id",
     "check_sync",
     "commit_batch",
     "commit_steps",

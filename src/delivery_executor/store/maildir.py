@@ -22,7 +22,15 @@ from ..errors import InvalidMaildirPath
 from ..fsops import OS_OPS, FsOps
 from ..validate import seconds
 from .commit import Message, SyncMode, check_sync, commit_batch
-from .names import Flag, MessageId, add_flag, host_of, parse_flags, this_host
+from .names import (
+    Flag,
+    MessageId,
+    add_flag,
+    check_message_id,
+    host_of,
+    parse_flags,
+    this_host,
+)
 
 __all__ = ["DEFAULT_TMP_MAX_AGE", "Maildir", "MaildirEntry", "check_maildir_path"]
 
@@ -230,9 +238,13 @@ class Maildir:
     def add_flag(self, message: MessageId | str, flag: Flag) -> MaildirEntry:
         """Add ``flag`` to a message, moving it from ``new/`` to ``cur/`` if needed.
 
-        Raises ``FileNotFoundError`` if the message is in neither directory.
+        Raises ``FileNotFoundError`` if the message is in neither directory,
+        and, before touching anything, ``InvalidMessageId`` for an id that is
+        not one file's name (see :func:`check_message_id`) and ``ValueError``
+        for a bad flag.
         """
-        base = str(message).partition(":")[0]
+        flag = Flag(flag)
+        base = check_message_id(message).partition(":")[0]
         src = self.new_prefix + base
         if not os.path.exists(src):
             src = ""

@@ -21,10 +21,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..errors import InvalidMessageId
+
 __all__ = [
     "Flag",
     "MessageId",
     "add_flag",
+    "check_message_id",
     "host_of",
     "parse_flags",
     "sanitize_host",
@@ -77,12 +80,35 @@ def serialize_flags(flags: Iterable[Flag]) -> str:
     return ":2," + "".join(sorted({Flag(f).value for f in flags}))
 
 
+def check_message_id(name: MessageId | str) -> str:
+    """``name`` (an id, or a file name with its ``:2,`` flags) as a str, if it is one file's.
+
+    ``InvalidMessageId`` if it, or its part before ``:``, is empty or starts
+    with ``.`` (``.``, ``..``, and the dot files scans skip), or if it holds a
+    ``/`` or a NUL byte: such a name could reach a directory or a file outside
+    the Maildir. ``TypeError`` for anything but a :class:`MessageId` or str.
+    """
+    if isinstance(name, MessageId):
+        name = name.name
+    if not isinstance(name, str):
+        raise TypeError(f"message id must be a MessageId or str, not {type(name).__name__}")
+    base = name.partition(":")[0]
+    if not base or base.startswith(".") or "/" in name or "\0" in name:
+        raise InvalidMessageId(
+            f"message id {name!r} is not a Maildir file name"
+            " (empty, starting with '.', or holding '/' or NUL)"
+        )
+    return name
+
+
 def add_flag(name: str, flag: Flag) -> str:
     """``name`` with ``flag`` added to its ``:2,`` suffix (created if missing).
 
     Every letter already there is kept, keyword letters included, and the
     result is sorted in ASCII order: ``"x:2,FSab"`` + REPLIED → ``"x:2,FRSab"``.
+    ``InvalidMessageId`` for a name :func:`check_message_id` refuses.
     """
+    check_message_id(name)
     base, sep, info = name.partition(":2,")
     if not sep:
         base, info = name.partition(":")[0], ""

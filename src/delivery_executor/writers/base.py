@@ -44,7 +44,13 @@ T = TypeVar("T")
 
 
 class BatchWriter(Protocol):
-    """Makes batches durable for a :class:`~delivery_executor.DeliveryExecutor`."""
+    """Makes batches durable for a :class:`~delivery_executor.DeliveryExecutor`.
+
+    A writer that cannot take any number of parts per message says so with
+    an int attribute ``max_parts`` (optional, as :class:`ProcessWriter` does):
+    the executor then refuses a message with more parts at ``deliver()``,
+    before it can share a batch with other callers' mail.
+    """
 
     async def acommit(self, groups: Sequence[Group]) -> BatchResult:
         """Write ``groups`` durably; one result per group, in order, and the syncs made.

@@ -58,6 +58,8 @@ _U32 = struct.Struct(">I")
 _REPLY_HEAD = struct.Struct(">III")  # batch, syncs, groups
 _ERR = struct.Struct(">Bi")
 _FRAME_MAX = 0xFFFFFFFF
+MAX_PARTS = 0xFF
+"""Parts one message may have in a request frame (a ``u8`` count)."""
 
 
 def _s(text: str) -> bytes:
@@ -105,8 +107,8 @@ def _frame(
     batch: int, blobs: list[memoryview], tail: bytes, widest: int
 ) -> list[bytes | memoryview]:
     """The frame of an indexed batch; ``ValueError`` if the helper cannot take it."""
-    if widest > 0xFF:
-        raise ValueError(f"a message has {widest} parts; the helper takes 255")
+    if widest > MAX_PARTS:
+        raise ValueError(f"a message has {widest} parts; the helper takes {MAX_PARTS}")
     size = 8 + len(tail) + sum(4 + blob.nbytes for blob in blobs)
     if size > _FRAME_MAX:  # checked first: a blob's own u32 length could not even be packed
         raise ValueError(f"batch of {size} bytes is too large for the helper's 4 GiB frame")
@@ -389,6 +391,9 @@ class ProcessWriter:
     one copy of each batch through a pipe, and one pipe write and read on the
     loop per batch.
     """
+
+    max_parts: int = MAX_PARTS
+    """Parts one message may have; ``DeliveryExecutor.deliver`` refuses more."""
 
     def __init__(
         self,
