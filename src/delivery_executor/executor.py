@@ -209,7 +209,7 @@ class DeliveryExecutor:
         self.writer: BatchWriter = _make_writer(writer, sync, size_in_names)
         # The writer's own limit, checked at deliver(): in a batch it would fail everyone.
         limit = getattr(self.writer, "max_parts", None)
-        self._max_parts = None if limit is None else _positive_int("writer.max_parts", limit)
+        self._max_parts = None if limit is None else count("writer.max_parts", limit)
 
         self._lock = threading.Lock()  # guards binding and the inbox, the only shared state
         self._home: asyncio.AbstractEventLoop | None = None
