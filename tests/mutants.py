@@ -176,6 +176,14 @@ MUTANTS = [
         ("tests/test_data_budget.py",),
         "the DATA budget no longer keeps room for the oldest transfer (deadlock-prone)",
     ),
+    Mutant(
+        "hold-not-released-on-exit",
+        PKG + "smtp/data_budget.py",
+        "        self.close()\n",
+        "        pass\n",
+        ("tests/test_data_budget_stepped.py",),
+        "a DATA hold left by a timeout or a cancellation keeps its bytes (no more mail taken)",
+    ),
 ]
 
 

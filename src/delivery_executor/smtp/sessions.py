@@ -71,8 +71,6 @@ EVICT_BEHIND = 0.5
 """Seconds behind ``min_rate`` after which a session may be closed to make room."""
 DATA_WAIT = 30.0
 """Seconds a DATA command waits for room in the DATA budget before ``451 4.3.1``."""
-DATA_SLICE = 64 * 1024
-"""Bytes a DATA without a ``SIZE`` parameter reserves at first (it grows from there)."""
 
 _FULL = "421 4.3.2 Too many connections, try again later"
 _FULL_PEER = "421 4.3.2 Too many connections from your address, try again later"
@@ -196,7 +194,7 @@ class SessionGuard:
         if hold is None or not self.in_data:
             return True
         hold.used += len(data)
-        if self.waiting is None and (not (need := hold.shortfall()) or hold.try_grow(need)):
+        if self.waiting is None and hold.try_cover():
             return True
         self.kept.append(data)
         self._pause()
