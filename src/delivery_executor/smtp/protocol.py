@@ -9,7 +9,9 @@
   advertising ENHANCEDSTATUSCODES is true. RFC 2034 exempts the greeting and
   the replies to HELO/EHLO/LHLO, which stay as they are, and 3xx replies;
 - aiosmtpd's DATA errors once per recipient under LMTP, as RFC 2033 wants;
-- a hook run once when the connection is gone;
+- a hook run once when the connection is gone; a peer's EOF closes our side
+  too (the session is over: aiosmtpd cancels it), so ``connection_lost``
+  always follows, on uvloop as on asyncio;
 - the bulk DATA reader (:class:`~delivery_executor.smtp.reader.BulkDataMixin`):
   the body is read in large chunks into one buffer, not one object per line.
 
@@ -187,8 +189,12 @@ class _DeliveryProtocol:
     _helo = False  # answering plain HELO: no extensions, no codes on its 250
 
     async def push(self, status: AnyStr) -> None:
-        if self.guard is not None and isinstance(status, str) and status.startswith("354"):
-            self.guard.data_started()
+        guard = self.guard
+        if guard is not None and isinstance(status, str) and status[:1] in ("2", "3"):
+            if status.startswith("354"):
+                guard.data_started()
+            elif status.startswith("221"):  # QUIT: the session has ended, its slot is free
+                guard.stop()
         # Fast path, most replies: ours already carry a code (about 0.2 µs here).
         if isinstance(status, str) and (
             not self._greeted or status[4:6] not in _CODED or "\n" in status
@@ -286,6 +292,16 @@ class _DeliveryProtocol:
         if self.guard is not None:
             self.guard.paused(False)
         super().resume_writing()  # type: ignore[misc]
+
+    def eof_received(self) -> bool | None:
+        # The peer has closed: aiosmtpd cancels the session's task, the session
+        # has ended, so its slot is free now. Close our side as well: if the
+        # task had not run yet (uvloop can deliver the EOF before it does),
+        # nothing else would, and connection_lost would never come.
+        super().eof_received()  # type: ignore[misc]
+        if self.guard is not None:
+            self.guard.stop()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # type: ignore[misc]
