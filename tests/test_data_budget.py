@@ -289,3 +289,34 @@ async def test_a_budget_smaller_than_one_message_is_refused(tmp_path: Path) -> N
             )  # fmt: skip
         factory = SessionFactory(handler, lmtp=True, max_connections=1, loop=loop)
         assert factory.budget.max_bytes == 4 * 33554432
+
+
+async def test_fifty_slow_data_clients_do_not_hold_up_a_fast_one(tmp_path: Path) -> None:
+    """50 clients stalled mid-DATA (half declared 1 MiB) hold what they sent; 900 kB passes."""
+    limit = 1_048_576
+    async with server(
+        tmp_path, limit, data_wait=5, min_rate=500, trusted_networks=(), max_connections_per_ip=0
+    ) as (
+        port,
+        factory,
+    ):
+        budget = factory.budget
+        assert budget.max_bytes == 4 * limit  # serve's default: 4 x --max-size
+        slow = []
+        for i in range(50):
+            _r, w, reply = await start_data(port, limit if i % 2 else None, f"s{i}@example.org")
+            assert reply.startswith(b"354")
+            w.write(b"Subject: slow\r\n\r\n" + b"x" * 1000)  # and then nothing: slowloris
+            slow.append(w)
+        assert budget.held == 50 * SLICE and budget.waiting == 0
+        async with asyncio.timeout(5):  # well before min_rate closes the slow ones (10 s)
+            replies = await send_message(
+                "127.0.0.1", port, mail_from="s@x.net", rcpts=["good@example.org"],
+                body=body(900_000),
+            )  # fmt: skip
+        assert [r.code for r in replies] == [250]
+        assert factory.live == 50 and factory.too_slow == 0 and factory.budget_closed == 0
+        assert budget.held == 50 * SLICE  # the fast transfer gave its bytes back
+        for w in slow:
+            w.close()
+    assert len(files_in(tmp_path / "example.org" / "good" / "new")) == 1
