@@ -265,6 +265,30 @@ MUTANTS = [
         ("tests/test_embedding.py", "-k", "at_once"),
         "deliver_sync checks for a home outside the lock: 16 first calls at once fail",
     ),
+    Mutant(
+        "hold-not-released-on-exit",
+        PKG + "smtp/data_budget.py",
+        "        self.close()\n",
+        "        pass\n",
+        ("tests/test_data_budget_stepped.py",),
+        "a DATA hold left by a timeout or a cancellation keeps its bytes (no more mail taken)",
+    ),
+    Mutant(
+        "evict-mid-delivery",
+        PKG + "smtp/sessions.py",
+        "        if self.closed or self.hooks or self.waiting is not None:",
+        "        if self.closed or self.waiting is not None:",
+        ("tests/test_session_slots.py", "-k", "evicted"),
+        "a session closed with 421 while its message is delivered (the MTA resends: a duplicate)",
+    ),
+    Mutant(
+        "slot-held-after-221",
+        PKG + "smtp/protocol.py",
+        '            elif status.startswith("221"):',
+        "            elif False:",
+        ("tests/test_session_slots.py", "-k", "stops_counting"),
+        "a session that said 221 keeps its slot until the loop runs connection_lost",
+    ),
 ]
 
 

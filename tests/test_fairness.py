@@ -28,11 +28,18 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 async def server(
     root: Path, executor: DeliveryExecutor | None = None, **factory_kwargs: Any
 ) -> AsyncIterator[tuple[int, SessionFactory]]:
-    """An LMTP server on 127.0.0.1 (all of 127/8 reaches it) with the given limits."""
+    """An LMTP server on 127.0.0.1 (all of 127/8 reaches it) with the given limits.
+
+    It trusts no network unless told: loopback, where the tests run, is trusted by default.
+    """
     loop = asyncio.get_running_loop()
     ex = executor or DeliveryExecutor()
     handler = DeliveryHandler(ex, MailboxResolver(root))
-    kwargs: dict[str, Any] = {"max_connections": 256, "enable_SMTPUTF8": True}
+    kwargs: dict[str, Any] = {
+        "max_connections": 256,
+        "enable_SMTPUTF8": True,
+        "trusted_networks": (),
+    }
     kwargs.update(factory_kwargs)
     factory = SessionFactory(handler, lmtp=True, loop=loop, **kwargs)
     async with listening(factory, ex) as port:
@@ -262,9 +269,10 @@ async def test_slow_clients_holding_every_slot_do_not_starve_normal_ones(tmp_pat
 
 
 async def test_serve_flags_reach_the_session_rules(tmp_path: Path) -> None:
-    """serve --max-connections-per-ip 1 --session-timeout 1: 421 4.3.2, then 421 4.4.2."""
+    """serve --max-connections-per-ip 1 --session-timeout 1 (loopback not trusted): 421s."""
     args = ("--max-connections-per-ip", "1", "--session-timeout", "1", "--min-rate", "0",
-            "--max-pending-bytes", "100000", "--max-size", "50000")  # fmt: skip
+            "--max-pending-bytes", "100000", "--max-size", "50000",
+            "--trusted-networks", "10.0.0.0/8")  # fmt: skip
     with ServerProcess(tmp_path, *args) as srv:
         r1, w1 = await connect(srv.port)
         assert (await r1.readline()).startswith(b"220")

@@ -12,6 +12,7 @@ import os
 import pwd
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,21 @@ def test_smtp_source_many_sessions(tmp_path: Path, mode: str) -> None:
         assert srv.stop() == 0
     assert count_new(tmp_path / "mail", "example.org", "alice") == 400
     assert any("summary: delivered 400, failed 0" in line for line in srv.lines)
+
+
+def test_smtp_source_32_sessions_right_after_a_readiness_probe(tmp_path: Path) -> None:
+    """Default serve, a probe (connect + close), then smtp-source -s 32: all 200 land, no 421."""
+    tool = need("smtp-source")
+    with ServerProcess(tmp_path / "mail") as srv:
+        with socket.create_connection(("127.0.0.1", srv.port)):
+            pass  # what a readiness check does; its session must not hold a slot
+        args = [tool, "-L", "-s", "32", "-m", "200", "-l", "498", "-f", "from@example.net"]
+        args += ["-t", "alice@example.org", f"127.0.0.1:{srv.port}"]
+        res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert srv.stop() == 0
+    assert count_new(tmp_path / "mail", "example.org", "alice") == 200
+    assert any("refused connections 0" in line for line in srv.lines)
 
 
 def test_swaks_lmtp_gets_one_reply_per_recipient(tmp_path: Path) -> None:

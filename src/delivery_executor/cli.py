@@ -30,6 +30,8 @@ from .smtp.sessions import (
     DEFAULT_MAX_CONNECTIONS_PER_IP,
     DEFAULT_MIN_RATE,
     DEFAULT_SESSION_TIMEOUT,
+    DEFAULT_TRUSTED_NETWORKS,
+    trusted_networks_option,
 )
 from .store.commit import SYNC_MODES
 
@@ -285,6 +287,14 @@ def _add_hostile_load(p: argparse.ArgumentParser) -> None:
         help="bytes held in DATA across sessions; past it DATA waits, then 451 4.3.1"
         " (default: 4 x --max-size)",
     )
+    p.add_argument(
+        "--trusted-networks",
+        type=_arg(trusted_networks_option),
+        default=",".join(DEFAULT_TRUSTED_NETWORKS),
+        metavar="CIDR,...",
+        help="peers exempt from --max-connections-per-ip and --min-rate (the MTA in front;"
+        " Unix sockets always are); '' for none",
+    )
 
 
 # -- end of the deployment options
@@ -399,6 +409,7 @@ def _serve(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout,
         min_rate=args.min_rate,
         max_pending_bytes=args.max_pending_bytes,
+        trusted_networks=args.trusted_networks,
     )
     try:
         return run_server(config)

@@ -37,6 +37,7 @@ from ..smtp.sessions import (
     DEFAULT_MAX_CONNECTIONS_PER_IP,
     DEFAULT_MIN_RATE,
     DEFAULT_SESSION_TIMEOUT,
+    DEFAULT_TRUSTED_NETWORKS,
 )
 from ..store import SyncMode
 from .checks import StartupError
@@ -133,6 +134,8 @@ class ServerConfig:
     """Bytes/s a client must average while the server waits on it; 0: no rule."""
     max_pending_bytes: int | None = None
     """Bytes held in DATA across sessions; ``None``: 4 × ``max_message_size``."""
+    trusted_networks: tuple[str, ...] = DEFAULT_TRUSTED_NETWORKS
+    """Peers (CIDRs) exempt from the per-peer cap and ``min_rate``; Unix sockets always are."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,7 @@ def _sessions(
         session_timeout=config.session_timeout,
         min_rate=config.min_rate,
         max_pending_bytes=config.max_pending_bytes,
+        trusted_networks=config.trusted_networks,
     )
 
 

@@ -1,27 +1,28 @@
 """A server-wide budget for the bytes sessions hold in DATA: ordered, deadlock-free waits.
 
 A DATA reader takes a :class:`DataHold` from the server's :class:`DataBudget`
-for each transfer, reserves before it holds bytes, and closes the hold once
-the message is answered::
+for each transfer and uses it as an async context manager, so that it is
+given back on every exit path (a reply, an error, a cancellation)::
 
-    hold = budget.hold(cap=data_size_limit + 4096)   # the most it will ever hold
-    try:
-        async with asyncio.timeout(30):
-            await hold.open(declared_size or 65536)  # before the 354; waits in line
-    except TimeoutError:
-        ...                                          # answer 451 4.3.1
-    try:
-        ...                                          # per chunk read:
+    async with budget.hold(cap=data_size_limit + 4096) as hold:  # the most it will hold
+        try:
+            async with asyncio.timeout(30):
+                await hold.open(4096)            # a small first slice, waits in line
+        except TimeoutError:
+            ...                                  # answer 451 4.3.1 (the hold is released)
+        ...                                      # per chunk received:
         hold.used += len(chunk)
-        if need := hold.shortfall():
-            if not hold.try_grow(need):
-                async with asyncio.timeout(30):      # stop reading meanwhile
-                    await hold.grow(need)
-    finally:
-        hold.close()                                 # after the reply
+        if not hold.try_cover():
+            async with asyncio.timeout(30):      # stop reading meanwhile
+                await hold.grow(hold.shortfall())
+    # every reserved byte is back here
 
-Our protocol subclasses do this around aiosmtpd's own DATA reader (see
-:mod:`.protocol`); a bulk reader calls the same methods.
+**Bytes that have arrived.** A transfer reserves a small first slice, then
+grows only as bytes are received (what it received, plus at most
+:data:`GROW_AHEAD` when that fits, so that a fast transfer does not reserve
+per read). A
+client that has sent little holds little, however large its message will be:
+slow clients cannot fill the budget with bytes they have not sent.
 
 **Order and deadlock.** Requests are served strictly by the age of their
 transfer (the oldest first; nobody overtakes a waiting older transfer, so a
@@ -33,6 +34,10 @@ always finish, and when it does the next oldest can (provided every ``cap`` is
 at most the budget, which :meth:`DataBudget.hold` ensures by clamping). A wait
 is then only as long as older transfers take; bound it anyway (the protocols
 answer ``451 4.3.1`` before DATA, and close with ``421 4.3.1`` mid-transfer).
+
+**Ownership.** A grant is added to the hold's ``reserved`` at the instant it
+is made, so bytes granted to a request that gives up in the same loop
+iteration (a timeout, a cancellation) belong to the hold and go back with it.
 """
 
 from __future__ import annotations
@@ -40,22 +45,26 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from types import TracebackType
 
-__all__ = ["DataBudget", "DataHold"]
+__all__ = ["GROW_AHEAD", "DataBudget", "DataHold"]
 
-_ANONYMOUS_CAP = 0
+GROW_AHEAD = 64 * 1024
+"""Bytes a growing transfer reserves past what it has received, at most."""
 
 
 class DataHold:
     """One transfer's reservation: opened with a first slice, grown as bytes arrive.
 
-    Make it with :meth:`DataBudget.hold`. ``used`` is what the transfer holds
-    (the reader keeps it up to date); ``reserved`` what it has reserved, never
-    more than ``cap`` (past the size limit a reader discards, so it holds
-    nothing more). :meth:`close` gives everything back and is idempotent.
+    Make it with :meth:`DataBudget.hold` and use it as ``async with``: leaving
+    the block closes it. ``used`` is what the transfer holds (the reader keeps
+    it up to date); ``reserved`` what it has reserved, never more than
+    ``cap`` (past the size limit a reader discards, so it holds nothing
+    more). :meth:`close` gives everything back and is idempotent; a request
+    waiting when it is closed returns having reserved nothing.
     """
 
-    __slots__ = ("budget", "cap", "closed", "reserved", "seq", "used")
+    __slots__ = ("_waiter", "budget", "cap", "closed", "reserved", "seq", "used")
 
     def __init__(self, budget: DataBudget, cap: int, seq: int) -> None:
         self.budget = budget
@@ -64,49 +73,61 @@ class DataHold:
         self.reserved = 0
         self.used = 0
         self.closed = False
+        self._waiter: _Waiter | None = None
 
     def __repr__(self) -> str:
         return f"<DataHold #{self.seq} used={self.used} reserved={self.reserved}/{self.cap}>"
 
+    async def __aenter__(self) -> DataHold:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
     async def open(self, first: int) -> None:
         """Reserve the first ``first`` bytes (clamped to ``cap``), waiting in line."""
-        n = max(0, min(first, self.cap))
-        await self.budget._acquire(self, n)
-        self.reserved += n
+        await self.budget._acquire(self, max(0, min(first, self.cap)))
 
     def shortfall(self) -> int:
-        """Bytes to reserve so that ``used`` (up to ``cap``) is covered; 0 when it is.
+        """Bytes to reserve so that ``used`` (up to ``cap``) is covered; 0 when it is."""
+        return max(0, min(self.used, self.cap) - self.reserved)
 
-        Asks for at least as much again as is reserved (doubling), so a large
-        transfer makes O(log size) reservations.
+    def try_cover(self) -> bool:
+        """Cover ``used`` now, with up to :data:`GROW_AHEAD` more if that fits too; never waits.
+
+        False if even the :meth:`shortfall` does not fit (then :meth:`grow` by it).
         """
-        need = min(self.used, self.cap) - self.reserved
-        if need <= 0:
-            return 0
-        return min(max(need, self.reserved), self.cap - self.reserved)
+        need = self.shortfall()
+        if not need:
+            return True
+        ahead = min(need + GROW_AHEAD, self.cap - self.reserved)
+        return self.try_grow(ahead) or self.try_grow(need)
 
     def try_grow(self, n: int) -> bool:
         """Reserve ``n`` more now if the rules allow it; never waits."""
-        if self.closed or not self.budget._try(self, n):
-            return False
-        self.reserved += n
-        return True
+        return not self.closed and self.budget._try(self, n)
 
     async def grow(self, n: int) -> None:
         """Reserve ``n`` more, waiting in line (by the transfer's age)."""
-        await self.budget._acquire(self, n)
-        if self.closed:  # closed while it waited: nothing to hold any more
-            self.budget._give(n)
-        else:
-            self.reserved += n
+        if not self.closed:
+            await self.budget._acquire(self, n)
 
     def close(self) -> None:
         """Give every reserved byte back; the transfer is over."""
-        if not self.closed:
-            self.closed = True
-            reserved, self.reserved = self.reserved, 0
-            self.budget._active.pop(self, None)
-            self.budget._give(reserved)
+        if self.closed:
+            return
+        self.closed = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.future.done():
+            waiter.future.set_result(None)  # not granted: it returns holding nothing
+        reserved, self.reserved = self.reserved, 0
+        self.budget._active.pop(self, None)
+        self.budget._give(reserved)
 
 
 class _Waiter:
@@ -147,30 +168,16 @@ class DataBudget:
         """Requests waiting for room."""
         return sum(1 for _, _, w in self._line if not w.future.done())
 
+    @property
+    def transfers(self) -> int:
+        """Open transfers holding a reservation."""
+        return len(self._active)
+
     def hold(self, cap: int) -> DataHold:
         """A new transfer that will hold at most ``cap`` bytes (clamped to the budget)."""
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
             raise ValueError(f"cap must be an int >= 0, not {cap!r}")
         return DataHold(self, min(cap, self.max_bytes), next(self._order))
-
-    # -- plain reservations, for anything that is not a transfer
-
-    def try_reserve(self, n: int) -> bool:
-        """Reserve ``n`` bytes now, as the newest transfer would; never waits."""
-        return self._try(self._anonymous(), n)
-
-    async def reserve(self, n: int) -> None:
-        """Reserve ``n`` bytes, waiting behind every transfer; bound it with asyncio.timeout()."""
-        await self._acquire(self._anonymous(), n)
-
-    def release(self, n: int) -> None:
-        """Give back ``n`` bytes taken with :meth:`reserve`/:meth:`try_reserve`."""
-        self._give(n)
-
-    def _anonymous(self) -> DataHold:
-        hold = DataHold(self, _ANONYMOUS_CAP, next(self._order))
-        hold.closed = True  # never active: no headroom is kept for it
-        return hold
 
     # -- the rules
 
@@ -191,7 +198,7 @@ class DataBudget:
     def _older_waiting(self, hold: DataHold) -> bool:
         line = self._line
         while line and line[0][2].future.done():
-            heapq.heappop(line)  # cancelled or timed out
+            heapq.heappop(line)  # cancelled, timed out or closed
         return bool(line) and line[0][0] < hold.seq
 
     def _try(self, hold: DataHold, n: int) -> bool:
@@ -202,25 +209,29 @@ class DataBudget:
         return True
 
     async def _acquire(self, hold: DataHold, n: int) -> None:
-        if self._try(hold, n):
+        if hold.closed or self._try(hold, n):
             return
         waiter = _Waiter(hold, n, asyncio.get_running_loop().create_future())
         heapq.heappush(self._line, (hold.seq, next(self._order), waiter))
+        hold._waiter = waiter
         try:
             await waiter.future
         except BaseException:
-            if waiter.future.done() and not waiter.future.cancelled():
-                self._give(n)  # granted in the same instant it gave up: give it back
-            else:
+            # Granted in the same instant it gave up: the bytes are already the
+            # hold's (``reserved``), and go back when it closes. Else leave the line.
+            if not waiter.future.done() or waiter.future.cancelled():
                 waiter.future.cancel()  # _grant drops it from the line
                 self._grant()  # it may have been the head holding others back
             raise
+        finally:
+            if hold._waiter is waiter:
+                hold._waiter = None
 
     def _take(self, hold: DataHold, n: int) -> None:
         self.held += n
         self.peak = max(self.peak, self.held)
-        if not hold.closed:
-            self._active[hold] = None
+        hold.reserved += n
+        self._active[hold] = None
 
     def _give(self, n: int) -> None:
         if n < 0 or n > self.held:
@@ -232,7 +243,7 @@ class DataBudget:
         line = self._line
         while line:
             _, _, head = line[0]
-            if head.future.done():  # cancelled or timed out
+            if head.future.done():  # cancelled, timed out or closed
                 heapq.heappop(line)
                 continue
             if not self._fits(head.hold, head.n):

@@ -9,7 +9,9 @@
   advertising ENHANCEDSTATUSCODES is true. RFC 2034 exempts the greeting and
   the replies to HELO/EHLO/LHLO, which stay as they are, and 3xx replies;
 - aiosmtpd's DATA errors once per recipient under LMTP, as RFC 2033 wants;
-- a hook run once when the connection is gone;
+- a hook run once when the connection is gone; a peer's EOF closes our side
+  too (the session is over: aiosmtpd cancels it), so ``connection_lost``
+  always follows, on uvloop as on asyncio;
 - the bulk DATA reader (:class:`~delivery_executor.smtp.reader.BulkDataMixin`):
   the body is read in large chunks into one buffer, not one object per line.
 
@@ -20,14 +22,15 @@ a ``guard`` (:class:`~delivery_executor.smtp.sessions.SessionGuard`) that the
 hooks below keep informed, for the factory's fairness rules, and a share of
 the server's DATA budget:
 
-- at ``DATA``, before the ``354``, the session reserves the message's declared
-  ``SIZE`` (or a 64 KiB slice), waiting in line for up to ``data_wait`` s, else
-  answers ``451 4.3.1``;
-- as DATA bytes arrive it reserves more (doubling; older transfers first, and
-  never so much that the oldest could not finish: no deadlock); while none is
-  free it stops reading from the socket, and if none comes within
-  ``data_wait`` s it closes with ``421 4.3.1``;
-- everything is given back once the handler's ``handle_DATA`` has answered.
+- at ``DATA``, before the ``354``, the session reserves an 8 KiB slice,
+  waiting in line for up to ``data_wait`` s, else answers ``451 4.3.1``;
+- as DATA bytes arrive it reserves what arrived (plus up to 64 KiB ahead;
+  older transfers first, and never so much that the oldest could not finish:
+  no deadlock); a declared ``SIZE`` reserves nothing, so bytes a slow client
+  has not sent hold no budget. While none is free it stops reading from the
+  socket, and if none comes within ``data_wait`` s it closes with ``421 4.3.1``;
+- everything is given back once the handler's ``handle_DATA`` has answered,
+  or the command ends any other way (an error, a cancellation).
 
 So the bytes that sessions hold between ``354`` and their reply (aiosmtpd's
 line list, the joined message, the copies being delivered) stay within the
@@ -55,17 +58,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EXTENSIONS", "DeliveryLMTP", "DeliverySMTP", "with_enhanced_code"]
 
-_SLICE = 64 * 1024
+_SLICE = 8 * 1024  # reserved before the 354; more only as bytes arrive
 _LINE_SLACK = 4 * 1024  # a reader stores at most one line past data_size_limit
-
-
-def _declared_size(envelope: Envelope | None) -> int | None:
-    """The ``SIZE=`` of the MAIL command, if the client declared one."""
-    for option in envelope.mail_options if envelope is not None else ():
-        name, _, value = option.partition("=")
-        if name == "SIZE" and value.isdigit():
-            return int(value)
-    return None
 
 
 EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES")
@@ -189,8 +183,12 @@ class _DeliveryProtocol:
     _helo = False  # answering plain HELO: no extensions, no codes on its 250
 
     async def push(self, status: AnyStr) -> None:
-        if self.guard is not None and isinstance(status, str) and status.startswith("354"):
-            self.guard.data_started()
+        guard = self.guard
+        if guard is not None and isinstance(status, str) and status[:1] in ("2", "3"):
+            if status.startswith("354"):
+                guard.data_started()
+            elif status.startswith("221"):  # QUIT: the session has ended, its slot is free
+                guard.stop()
         # Fast path, most replies: ours already carry a code (about 0.2 µs here).
         if isinstance(status, str) and (
             not self._greeted or status[4:6] not in _CODED or "\n" in status
@@ -241,23 +239,25 @@ class _DeliveryProtocol:
             await super().smtp_DATA(arg)  # type: ignore[misc]
             return
         limit = self.data_size_limit or guard.factory.budget.max_bytes
-        hold = guard.factory.budget.hold(limit + _LINE_SLACK)
-        guard.hook(True)  # waiting for room is the server's time, not the client's
-        try:
-            async with asyncio.timeout(guard.factory.data_wait):
-                await hold.open(_declared_size(env) or _SLICE)
-        except TimeoutError:
-            await self.push("451 4.3.1 Too much mail data pending on this server, try again later")
-            return
-        finally:
-            guard.hook(False)
-        guard.hold = hold
-        try:
-            await super().smtp_DATA(arg)  # type: ignore[misc]
-        finally:
-            guard.hold = None
-            guard.data_done()
-            hold.close()
+        async with guard.factory.budget.hold(limit + _LINE_SLACK) as hold:  # closed on any exit
+            guard.hook(True)  # waiting for room is the server's time, not the client's
+            try:
+                async with asyncio.timeout(guard.factory.data_wait):
+                    await hold.open(_SLICE)
+            except TimeoutError:
+                hold.close()  # before the reply, which may wait for the client to read
+                await self.push(
+                    "451 4.3.1 Too much mail data pending on this server, try again later"
+                )
+                return
+            finally:
+                guard.hook(False)
+            guard.hold = hold
+            try:
+                await super().smtp_DATA(arg)  # type: ignore[misc]
+            finally:
+                guard.hold = None
+                guard.data_done()
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         guard = self.guard
@@ -286,6 +286,16 @@ class _DeliveryProtocol:
         if self.guard is not None:
             self.guard.paused(False)
         super().resume_writing()  # type: ignore[misc]
+
+    def eof_received(self) -> bool | None:
+        # The peer has closed: aiosmtpd cancels the session's task, the session
+        # has ended, so its slot is free now. Close our side as well: if the
+        # task had not run yet (uvloop can deliver the EOF before it does),
+        # nothing else would, and connection_lost would never come.
+        super().eof_received()  # type: ignore[misc]
+        if self.guard is not None:
+            self.guard.stop()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # type: ignore[misc]

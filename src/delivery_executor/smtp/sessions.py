@@ -5,9 +5,13 @@ keeps a slow or idle client from holding slots that normal clients need:
 
 - **caps**: at most ``max_connections`` sessions, and at most
   ``max_connections_per_ip`` from one peer (an IPv4 address, or an IPv6 /64,
-  the block one subscriber gets). Unix-socket peers are exempt from the
-  per-peer cap: they are local processes the socket's permissions let in.
-  Past a cap a connection gets ``421 4.3.2`` and is closed.
+  the block one subscriber gets). Unix-socket peers and peers in
+  ``trusted_networks`` (default: loopback) are exempt from the per-peer cap
+  and from ``min_rate``: the MTA in front is one client that opens many
+  sessions (Postfix exempts ``$mynetworks`` from its own client limits the
+  same way). Past a cap a connection gets ``421 4.3.2`` and is closed. A
+  session stops counting as soon as it has ended: after its ``221``, or its
+  peer's close, not when the loop later runs ``connection_lost``.
 - **room when full**: a new connection that finds every slot taken closes the
   worst session that is idle at a command boundary after ``evict_idle`` s idle
   in all, or half a second behind ``min_rate`` (``421 4.3.2 ... closing an
@@ -37,7 +41,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from .data_budget import DataBudget, DataHold
@@ -47,16 +51,21 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS_PER_IP",
     "DEFAULT_MIN_RATE",
     "DEFAULT_SESSION_TIMEOUT",
+    "DEFAULT_TRUSTED_NETWORKS",
     "SessionFactory",
     "SessionGuard",
     "TooManyConnections",
+    "parse_networks",
     "peer_key",
+    "trusted_networks_option",
 ]
 
 _log = logging.getLogger("delivery_executor.smtp")
 
 DEFAULT_MAX_CONNECTIONS_PER_IP = 32
 """Sessions per peer: an MTA's usual concurrency to one destination (Postfix: 20) fits."""
+DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
+"""Peers exempt from the per-peer cap and from ``min_rate``: loopback, where the MTA runs."""
 DEFAULT_SESSION_TIMEOUT = 600.0
 """Seconds a session may last: twice Postfix's 300 s connection reuse limit, so
 a reused Postfix connection always ends first."""
@@ -71,8 +80,6 @@ EVICT_BEHIND = 0.5
 """Seconds behind ``min_rate`` after which a session may be closed to make room."""
 DATA_WAIT = 30.0
 """Seconds a DATA command waits for room in the DATA budget before ``451 4.3.1``."""
-DATA_SLICE = 64 * 1024
-"""Bytes a DATA without a ``SIZE`` parameter reserves at first (it grows from there)."""
 
 _FULL = "421 4.3.2 Too many connections, try again later"
 _FULL_PEER = "421 4.3.2 Too many connections from your address, try again later"
@@ -81,11 +88,34 @@ _SLOW = "421 4.4.2 Connection too slow, closing"
 _DEADLINE = "421 4.4.2 Session time limit exceeded, closing"
 
 
-def peer_key(peer: object) -> str | None:
-    """The key a peer is counted under: its IPv4 address or IPv6 /64; ``None`` for Unix sockets.
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-    An IPv4-mapped IPv6 address counts as the IPv4 address.
-    """
+
+def parse_networks(networks: Iterable[str | _Network]) -> tuple[_Network, ...]:
+    """Networks from CIDR strings (``"10.0.0.0/8"``, ``"::1"``); ``ValueError`` naming a bad one."""
+    if isinstance(networks, str):
+        raise TypeError(f"trusted_networks must be a sequence of networks, not {networks!r}")
+    parsed = []
+    for net in networks:
+        if isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            parsed.append(net)
+            continue
+        try:
+            parsed.append(ipaddress.ip_network(str(net).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP network: {net!r}") from None
+    return tuple(parsed)
+
+
+def trusted_networks_option(value: str) -> tuple[str, ...]:
+    """``--trusted-networks``: comma-separated CIDRs (``""``: none); ``ValueError`` if bad."""
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(str(net) for net in parse_networks(items))
+
+
+def _peer_ip(peer: object) -> _Address | str | None:
+    """The peer's address (IPv4-mapped IPv6 as IPv4), its host string if not an IP; None: Unix."""
     if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
         return None
     host = peer[0].partition("%")[0]  # fe80::1%eth0
@@ -93,11 +123,23 @@ def peer_key(peer: object) -> str | None:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _key(ip: _Address | str | None) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    return None if ip is None else str(ip)
+
+
+def peer_key(peer: object) -> str | None:
+    """The key a peer is counted under: its IPv4 address or IPv6 /64; ``None`` for Unix sockets.
+
+    An IPv4-mapped IPv6 address counts as the IPv4 address.
+    """
+    return _key(_peer_ip(peer))
 
 
 class TooManyConnections(asyncio.Protocol):
@@ -155,15 +197,19 @@ class SessionGuard:
         "partial",
         "proto",
         "started",
+        "trusted",
         "waiting",
         "write_paused",
     )
 
-    def __init__(self, factory: SessionFactory, proto: Any, key: str | None) -> None:
+    def __init__(
+        self, factory: SessionFactory, proto: Any, key: str | None, trusted: bool = False
+    ) -> None:
         now = factory.loop.time()
         self.factory = factory
         self.proto = proto
-        self.key = key
+        self.key = key  # counted under it; None: not counted (Unix socket, trusted network)
+        self.trusted = trusted  # exempt from min_rate
         self.started = now
         self.bytes_in = 0
         self.busy = 0.0  # seconds the server has waited on this client, so far
@@ -196,7 +242,7 @@ class SessionGuard:
         if hold is None or not self.in_data:
             return True
         hold.used += len(data)
-        if self.waiting is None and (not (need := hold.shortfall()) or hold.try_grow(need)):
+        if self.waiting is None and hold.try_cover():
             return True
         self.kept.append(data)
         self._pause()
@@ -261,7 +307,7 @@ class SessionGuard:
     def behind(self) -> float:
         """Seconds of waiting the bytes received do not pay for at ``min_rate`` (0: none)."""
         rate = self.factory.min_rate
-        if not rate:
+        if not rate or self.trusted:
             return 0.0
         return max(0.0, self.busy - self.bytes_in / rate)
 
@@ -277,7 +323,7 @@ class SessionGuard:
                 f.timed_out += 1
                 self.close(_DEADLINE)
                 return
-            if f.min_rate and self.busy >= f.rate_grace and self.behind() > 0:
+            if f.min_rate and self.busy >= f.rate_grace and self.behind() > 0:  # 0 if trusted
                 f.too_slow += 1
                 self.close(_SLOW)
                 return
@@ -353,6 +399,9 @@ class SessionFactory:
         max_pending_bytes: the DATA budget across sessions (default: 4 ×
             ``data_size_limit``; at least ``data_size_limit``).
         data_wait: seconds a DATA command waits for budget before ``451 4.3.1``.
+        trusted_networks: peers exempt from ``max_connections_per_ip`` and
+            ``min_rate`` (CIDR strings or ``ipaddress`` networks; default
+            loopback). Unix-socket peers always are.
         **smtp_kwargs: passed to every protocol (``data_size_limit``, ...).
 
     ``live`` counts open sessions; ``refused``, ``evicted``, ``timed_out``,
@@ -373,6 +422,7 @@ class SessionFactory:
         evict_idle: float = EVICT_IDLE,
         max_pending_bytes: int | None = None,
         data_wait: float = DATA_WAIT,
+        trusted_networks: Iterable[str | _Network] = DEFAULT_TRUSTED_NETWORKS,
         **smtp_kwargs: Any,
     ) -> None:
         _count("max_connections", max_connections, minimum=1)
@@ -386,6 +436,7 @@ class SessionFactory:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+        self.trusted_networks = parse_networks(trusted_networks)
         self.handler = handler
         self.cls = DeliveryLMTP if lmtp else DeliverySMTP
         self.max_connections = max_connections
@@ -433,7 +484,11 @@ class SessionFactory:
 
     def _admit(self, transport: asyncio.BaseTransport, overrides: dict[str, Any]) -> Any:
         """The session for a new connection, or ``None`` after answering it 421."""
-        key = peer_key(transport.get_extra_info("peername"))
+        ip = _peer_ip(transport.get_extra_info("peername"))
+        trusted = ip is None or (
+            not isinstance(ip, str) and any(ip in net for net in self.trusted_networks)
+        )
+        key = None if trusted else _key(ip)
         refusal = None
         cap = self.max_connections_per_ip
         if key is not None and cap and self.per_peer.get(key, 0) >= cap:
@@ -446,7 +501,7 @@ class SessionFactory:
             return None
         kwargs = {**self.smtp_kwargs, **overrides} if overrides else self.smtp_kwargs
         proto = self.cls(self.handler, loop=self.loop, **kwargs)
-        guard = SessionGuard(self, proto, key)
+        guard = SessionGuard(self, proto, key, trusted)
         proto.guard = guard
         self.sessions.add(guard)
         if key is not None:
