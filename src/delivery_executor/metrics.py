@@ -60,6 +60,7 @@ __all__ = [
     "ServerMetrics",
     "Snapshot",
     "WorkerMetrics",
+    "failed_copies",
     "parse_address",
     "start_metrics",
     "start_worker_metrics",
@@ -152,6 +153,17 @@ def _bucketize(sizes: dict[int, int]) -> HistogramCounts:
     return HistogramCounts(BATCH_BOUNDS, tuple(counts), total)
 
 
+def failed_copies(executor_failed: int, handler: object) -> int:
+    """Copies answered 4xx after DATA: the handler's count (``failed``) if it keeps one.
+
+    A :class:`~.smtp.DeliveryHandler` counts every copy it answers ``451``,
+    also those the executor refused before queueing (a stop under way); any
+    other handler falls back on the executor's failed writes.
+    """
+    failed = getattr(handler, "failed", None)
+    return failed if isinstance(failed, int) else executor_failed
+
+
 def take_snapshot(executor: DeliveryExecutor, handler: object, factory: object) -> Snapshot:
     """Read the executor's, handler's and session factory's counters (on the home loop).
 
@@ -162,7 +174,7 @@ def take_snapshot(executor: DeliveryExecutor, handler: object, factory: object) 
     return Snapshot(
         pid=os.getpid(),
         delivered=stats.delivered,
-        failed=stats.failed,
+        failed=failed_copies(stats.failed, handler),
         rcpt_rejected=int(getattr(handler, "rcpt_rejected", 0)),
         syncs=stats.syncs,
         refused_connections=int(getattr(factory, "refused", 0)),
