@@ -35,7 +35,7 @@ async def _headers(tmp_path: Path, *, helo: str, sender: str) -> list[bytes]:
     handler = DeliveryHandler(sink, MailboxResolver(tmp_path), hostname="mx.test")
     session = Session(asyncio.get_running_loop())
     session.host_name = helo
-    session.peer = ("127.0.0.1", 4000)
+    session.peer = ("127.0.0.1", 4000)  # type: ignore[assignment]  # aiosmtpd types it as str
     env = Envelope()
     env.mail_from = sender
     env.original_content = BODY
