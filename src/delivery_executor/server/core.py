@@ -53,6 +53,7 @@ from .listeners import (
 from .loops import default_loop
 from .signals import Running
 from .tls import TlsManager, tls_for
+from .tmp_cleanup import CleaningResolver, TmpCleaner
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -190,10 +191,11 @@ def _executor(config: ServerConfig) -> DeliveryExecutor:
 
 
 def _handler(
-    config: ServerConfig, executor: DeliveryExecutor, hostname: str
+    config: ServerConfig, executor: DeliveryExecutor, hostname: str, cleaner: TmpCleaner
 ) -> tuple[object, MailboxResolver]:
-    resolver = MailboxResolver(
+    resolver = CleaningResolver(
         config.root,
+        cleaner=cleaner,
         domains=config.domains,
         recipient_delimiter=config.recipient_delimiter,
         existing_only=config.existing_only,
@@ -316,7 +318,8 @@ async def _serve(
     )
     executor = _executor(config)
     hostname = config.hostname or default_hostname()  # once: greeting and Received lines
-    handler, _ = _handler(config, executor, hostname)
+    cleaner = TmpCleaner()  # tmp/ leftovers of killed writes, off the loop (see .tmp_cleanup)
+    handler, _ = _handler(config, executor, hostname, cleaner)
     factory = _sessions(config, handler, hostname, tls, loop)
     try:
         await executor.start()  # the writer helper answers, or we say why now
@@ -343,6 +346,7 @@ async def _serve(
             for server in servers:
                 server.close()
             await _end_sessions(factory, handler, config.grace)
+    await asyncio.to_thread(cleaner.close)  # a cleanup under way finishes; queued ones are dropped
     if metrics is not None:  # after the drain: a worker's last snapshot counts everything
         await metrics.aclose()
     stats = executor.stats()
