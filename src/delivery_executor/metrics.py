@@ -25,7 +25,7 @@ histogram observation, written to mmap files) and with the same output
 whether one process runs or several.
 
 ``prometheus_client`` is needed only to serve (the ``metrics`` extra:
-``pip install 'delivery-executor[metrics]'``); workers write plain JSON.
+``pip install '/path/to/checkout[metrics]'``); workers write plain JSON.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def _check_prometheus() -> None:
         import prometheus_client  # noqa: F401
     except ImportError as exc:
         raise MetricsUnavailable(
-            "--metrics needs prometheus_client: pip install 'delivery-executor[metrics]'"
+            "--metrics needs prometheus_client: pip install '/path/to/checkout[metrics]'"
+            " (from a checkout of delivery-executor: pip install '.[metrics]')"
         ) from exc
 
 
