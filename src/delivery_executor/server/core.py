@@ -294,13 +294,14 @@ async def _end_sessions(factory: SessionFactory, handler: object, grace: float) 
     _log.warning("%d sessions still open after %.1f s; closing", factory.live, grace)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + REPLY_WAIT
-    while factory.sessions:
+    while True:
         late = loop.time() >= deadline
         for guard in list(factory.sessions):
             if late or not guard.hooks:
                 guard.close(SHUTTING_DOWN)
-        if factory.sessions:
-            await asyncio.sleep(0.02)
+        if late or not factory.sessions:
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _serve(
