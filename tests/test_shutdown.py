@@ -103,6 +103,7 @@ def _config(root: Path, **kw: Any) -> ServerConfig:
 
 
 @pytest.mark.asyncio
+@pytest.mark.uvloop
 async def test_stop_waits_grace_then_says_421_and_refuses_new_mail(tmp_path: Path) -> None:
     """After a stop: a started DATA finishes, MAIL gets 421, an idle session 421 after --grace."""
     grace = 1.5
@@ -136,6 +137,7 @@ async def test_stop_waits_grace_then_says_421_and_refuses_new_mail(tmp_path: Pat
 
 
 @pytest.mark.asyncio
+@pytest.mark.uvloop
 async def test_a_session_delivering_at_the_end_of_grace_gets_its_reply_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
