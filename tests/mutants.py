@@ -289,6 +289,39 @@ MUTANTS = [
         ("tests/test_session_slots.py", "-k", "stops_counting"),
         "a session that said 221 keeps its slot until the loop runs connection_lost",
     ),
+    # -- issue 18, item 9: serve's stop, header sanitising, the resolver's root check
+    Mutant(
+        "stop-without-grace",
+        PKG + "server/core.py",
+        "        await asyncio.wait_for(factory.idle.wait(), grace)\n",
+        "        await asyncio.sleep(0)\n",
+        ("tests/test_shutdown.py", "-k", "grace"),
+        "serve closes open sessions at once instead of giving them --grace seconds",
+    ),
+    Mutant(
+        "header-text-uncapped",
+        PKG + "smtp/handler.py",
+        "    text = text[:limit]\n",
+        "    pass\n",
+        ("tests/test_header_sanitising.py",),
+        "client text in our trace headers is no longer capped (lines over 998 octets)",
+    ),
+    Mutant(
+        "header-text-non-ascii",
+        PKG + "smtp/handler.py",
+        "    if text.isascii() and text.isprintable():",
+        "    if text.isprintable():",
+        ("tests/test_header_sanitising.py",),
+        "non-ASCII client text reaches our trace headers",
+    ),
+    Mutant(
+        "root-prefix-without-separator",
+        PKG + "recipients.py",
+        "        self._root_prefix = str(self.root) + os.sep\n",
+        "        self._root_prefix = str(self.root)\n",
+        ("tests/test_recipients.py", "-k", "sibling"),
+        "a mapper's path in a sibling of the root (/var/mail2 next to /var/mail) is accepted",
+    ),
 ]
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from delivery_executor.logs import BlockFileHandler, TextFormatter
+from delivery_executor.testing import ServerProcess
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -150,3 +152,15 @@ async def test_a_failed_timed_write_is_reported_on_stderr(
         log.removeHandler(handler)
         with pytest.raises(OSError, match="No space left"):
             handler.close()  # the line is still buffered, and still cannot be written
+
+
+def test_log_file_gets_the_listening_and_summary_lines(tmp_path: Path) -> None:
+    """serve --log-file writes 'listening on' and 'summary:' into the file, not only to stdout."""
+    log = tmp_path / "serve.log"
+    with ServerProcess(tmp_path / "mail", "--log-file", str(log)) as srv:
+        assert srv.stop(signal.SIGTERM) == 0
+    text = log.read_text()
+    assert f"listening on 127.0.0.1:{srv.port} (LMTP, pid {srv.pids[0]})" in text
+    assert "summary: delivered 0, failed 0" in text
+    assert srv.summary is not None  # stdout still has it
+    assert sum("listening on" in line for line in srv.lines) == 1  # and once only

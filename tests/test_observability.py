@@ -168,7 +168,8 @@ def test_metrics_without_prometheus_client_is_a_clear_error(tmp_path: Path) -> N
             capture_output=True, text=True, timeout=60, env=env,
         )  # fmt: skip
         assert res.returncode == 2, res.stderr  # a start-up error, like a bad option
-        assert "pip install 'delivery-executor[metrics]'" in res.stderr
+        assert "pip install '/path/to/checkout[metrics]'" in res.stderr  # not on an index
+        assert "'.[metrics]'" in res.stderr
         assert "Traceback" not in res.stderr
 
 

@@ -67,6 +67,19 @@ def test_custom_mapper_is_confined_to_the_root(tmp_path: Path) -> None:
             r.resolve(f"{who}@x.org")
 
 
+def test_mapper_cannot_reach_a_sibling_that_shares_the_roots_prefix(tmp_path: Path) -> None:
+    """Root /x/mail: a mapper's /x/mail2/alice or ../mail2/alice is refused (prefix ends in /)."""
+    root = tmp_path / "mail"
+    sibling = tmp_path / "mail2"
+    table = {"abs": str(sibling / "alice"), "rel": "../mail2/alice", "bare": str(sibling)}
+    r = MailboxResolver(root, mapper=lambda local, domain: table.get(local))
+    for who in table:
+        with pytest.raises(RecipientRejected, match="outside the mail root"):
+            r.resolve(f"{who}@x.org")
+    table["ok"] = str(root / "alice")
+    assert r.resolve("ok@x.org") == str(root / "alice")
+
+
 def test_bad_configuration(tmp_path: Path) -> None:
     """A bad delimiter, a str for domains, or a non-callable mapper raise at construction."""
     with pytest.raises(ValueError, match="recipient_delimiter"):

@@ -209,7 +209,8 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
         "--grace",
         type=_seconds,
         default=10.0,
-        help="seconds open sessions get to finish after SIGTERM/SIGINT, before the drain",
+        help="seconds open sessions get to finish after SIGTERM/SIGINT (new MAIL gets"
+        " 421 4.3.2); then they get 421 4.3.2 and are closed, and the rest is drained",
     )
     p.add_argument("--version", action="version", version=f"delivery-executor {__version__}")
 

@@ -36,6 +36,7 @@ __all__ = [
     "NoMessageData",
     "TextFormatter",
     "configure_logging",
+    "logs_to_file",
 ]
 
 DELIVERY_LOG_FIELDS = ("msgid", "from", "to", "size", "name", "ms")
@@ -254,6 +255,11 @@ class JSONFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def logs_to_file() -> bool:
+    """True if the root logger writes to a file (``--log-file``), not only to a stream."""
+    return any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers)
 
 
 def configure_logging(

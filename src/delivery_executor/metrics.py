@@ -6,7 +6,7 @@ a scrape takes a :class:`Snapshot` of them on the event loop and renders it
 with ``prometheus_client``'s metric families. Exposed (prefix ``delivery_executor_``):
 
 - counters ``delivered_total``, ``failed_total``, ``rcpt_rejected_total``,
-  ``syncs_total``, ``refused_connections_total``;
+  ``syncs_total``, ``refused_connections_total``, ``tmp_cleaned_total``;
 - histograms ``batch_size`` (messages per batch), ``flush_seconds`` (per batch
   write), ``delivery_seconds`` (per copy, end of DATA to durable);
 - gauges ``connections``, ``queue_depth`` (requests accepted and not yet being
@@ -25,7 +25,7 @@ histogram observation, written to mmap files) and with the same output
 whether one process runs or several.
 
 ``prometheus_client`` is needed only to serve (the ``metrics`` extra:
-``pip install 'delivery-executor[metrics]'``); workers write plain JSON.
+``pip install '/path/to/checkout[metrics]'``); workers write plain JSON.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ __all__ = [
     "ServerMetrics",
     "Snapshot",
     "WorkerMetrics",
+    "failed_copies",
     "parse_address",
     "start_metrics",
     "start_worker_metrics",
@@ -95,7 +96,8 @@ def _check_prometheus() -> None:
         import prometheus_client  # noqa: F401
     except ImportError as exc:
         raise MetricsUnavailable(
-            "--metrics needs prometheus_client: pip install 'delivery-executor[metrics]'"
+            "--metrics needs prometheus_client: pip install '/path/to/checkout[metrics]'"
+            " (from a checkout of delivery-executor: pip install '.[metrics]')"
         ) from exc
 
 
@@ -112,6 +114,7 @@ class Snapshot:
     rcpt_rejected: int = 0
     syncs: int = 0
     refused_connections: int = 0
+    tmp_cleaned: int = 0
     batch_size: HistogramCounts = field(default_factory=lambda: _empty(BATCH_BOUNDS))
     flush_seconds: HistogramCounts = field(default_factory=HistogramCounts)
     delivery_seconds: HistogramCounts = field(default_factory=HistogramCounts)
@@ -153,6 +156,17 @@ def _bucketize(sizes: dict[int, int]) -> HistogramCounts:
     return HistogramCounts(BATCH_BOUNDS, tuple(counts), total)
 
 
+def failed_copies(executor_failed: int, handler: object) -> int:
+    """Copies answered 4xx after DATA: the handler's count (``failed``) if it keeps one.
+
+    A :class:`~.smtp.DeliveryHandler` counts every copy it answers ``451``,
+    also those the executor refused before queueing (a stop under way); any
+    other handler falls back on the executor's failed writes.
+    """
+    failed = getattr(handler, "failed", None)
+    return failed if isinstance(failed, int) else executor_failed
+
+
 def take_snapshot(executor: DeliveryExecutor, handler: object, factory: object) -> Snapshot:
     """Read the executor's, handler's and session factory's counters (on the home loop).
 
@@ -163,10 +177,11 @@ def take_snapshot(executor: DeliveryExecutor, handler: object, factory: object) 
     return Snapshot(
         pid=os.getpid(),
         delivered=stats.delivered,
-        failed=stats.failed,
+        failed=failed_copies(stats.failed, handler),
         rcpt_rejected=int(getattr(handler, "rcpt_rejected", 0)),
         syncs=stats.syncs,
         refused_connections=int(getattr(factory, "refused", 0)),
+        tmp_cleaned=int(getattr(getattr(handler, "resolver", None), "tmp_cleaned", 0)),
         batch_size=_bucketize(stats.batch_sizes),
         flush_seconds=stats.flush_seconds,
         delivery_seconds=delivery.snapshot() if delivery is not None else HistogramCounts(),
@@ -238,6 +253,7 @@ class DeliveryCollector:
             ("rcpt_rejected", "Recipients refused at RCPT."),
             ("syncs", "fdatasync/fsync/syncfs calls made."),
             ("refused_connections", "Connections refused over --max-connections."),
+            ("tmp_cleaned", "Stale files (over 36 h old) removed from Maildirs' tmp/."),
         )
         for name, doc in counters:
             total = sum(getattr(s, name) for s in every)

@@ -30,9 +30,10 @@ from ..executor import (
     DeliveryExecutor,
     WriterName,
 )
-from ..metrics import start_metrics
+from ..metrics import failed_copies, start_metrics
 from ..recipients import MailboxResolver
 from ..smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, LineEndings, SessionFactory
+from ..smtp.handler import SHUTTING_DOWN
 from ..smtp.sessions import (
     DEFAULT_MAX_CONNECTIONS_PER_IP,
     DEFAULT_MIN_RATE,
@@ -53,9 +54,11 @@ from .listeners import (
 from .loops import default_loop
 from .signals import Running
 from .tls import TlsManager, tls_for
+from .tmp_cleanup import CleaningResolver, TmpCleaner
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
+    "SHUTTING_DOWN",
     "Running",
     "ServerConfig",
     "ServerSummary",
@@ -64,6 +67,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_CONNECTIONS = 256
+REPLY_WAIT = 5.0
+"""Seconds past ``--grace`` that a session whose copy is being delivered gets for its reply."""
 
 _log = logging.getLogger("delivery_executor.server")
 _HEADER_SLACK = 64 * 1024  # our prepended headers, on top of the message size
@@ -189,10 +194,11 @@ def _executor(config: ServerConfig) -> DeliveryExecutor:
 
 
 def _handler(
-    config: ServerConfig, executor: DeliveryExecutor, hostname: str
+    config: ServerConfig, executor: DeliveryExecutor, hostname: str, cleaner: TmpCleaner
 ) -> tuple[object, MailboxResolver]:
-    resolver = MailboxResolver(
+    resolver = CleaningResolver(
         config.root,
+        cleaner=cleaner,
         domains=config.domains,
         recipient_delimiter=config.recipient_delimiter,
         existing_only=config.existing_only,
@@ -273,6 +279,35 @@ def _sessions(
     )
 
 
+async def _end_sessions(factory: SessionFactory, handler: object, grace: float) -> None:
+    """The stop, for sessions: no new transaction, ``grace`` s to finish, then 421 and close.
+
+    Once the stop begins, MAIL gets ``421 4.3.2`` (:attr:`DeliveryHandler.stopping`).
+    After ``grace`` s a session still open gets :data:`SHUTTING_DOWN` (RFC 5321
+    3.8) and is closed, at once if it is between commands or sending DATA;
+    one whose handler is running (a copy being made durable) first gets its
+    reply, for at most :data:`REPLY_WAIT` s more, so that the client is not
+    told to resend a message that was delivered.
+    """
+    if isinstance(handler, DeliveryHandler):
+        handler.stopping = True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(factory.idle.wait(), grace)
+    if not factory.live:
+        return
+    _log.warning("%d sessions still open after %.1f s; closing", factory.live, grace)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REPLY_WAIT
+    while True:
+        late = loop.time() >= deadline
+        for guard in list(factory.sessions):
+            if late or not guard.hooks:
+                guard.close(SHUTTING_DOWN)
+        if late or not factory.sessions:
+            return
+        await asyncio.sleep(0.02)
+
+
 async def _serve(
     config: ServerConfig,
     stop: asyncio.Event,
@@ -288,7 +323,8 @@ async def _serve(
     )
     executor = _executor(config)
     hostname = config.hostname or default_hostname()  # once: greeting and Received lines
-    handler, _ = _handler(config, executor, hostname)
+    cleaner = TmpCleaner()  # tmp/ leftovers of killed writes, off the loop (see .tmp_cleanup)
+    handler, _ = _handler(config, executor, hostname, cleaner)
     factory = _sessions(config, handler, hostname, tls, loop)
     try:
         await executor.start()  # the writer helper answers, or we say why now
@@ -297,7 +333,16 @@ async def _serve(
         raise StartupError(str(exc)) from exc
     async with executor:
         metrics = await start_metrics(config, executor, handler, factory)
-        servers = [await start_serving(loop, b, factory, tls) for b in bound]
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            for b in bound:
+                servers.append(await start_serving(loop, b, factory, tls))
+        except BaseException:
+            for server in servers:
+                server.close()
+            if metrics is not None:  # its HTTP thread and port would outlive the failure
+                await metrics.aclose()
+            raise
         if on_ready is not None:
             on_ready(Running(bound, executor, factory, tls, started))
         try:
@@ -305,18 +350,14 @@ async def _serve(
         finally:
             for server in servers:
                 server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(factory.idle.wait(), config.grace)
-            if factory.live:
-                _log.warning(
-                    "%d sessions still open after %.1f s; closing", factory.live, config.grace
-                )
+            await _end_sessions(factory, handler, config.grace)
+    await asyncio.to_thread(cleaner.close)  # a cleanup under way finishes; queued ones are dropped
     if metrics is not None:  # after the drain: a worker's last snapshot counts everything
         await metrics.aclose()
     stats = executor.stats()
     return ServerSummary(
         delivered=stats.delivered,
-        failed=stats.failed,
+        failed=failed_copies(stats.failed, handler),
         batches=stats.batches,
         mean_batch_size=stats.mean_batch_size,
         syncs=stats.syncs,

@@ -1,6 +1,6 @@
 """The event loop ``serve`` runs on: uvloop when it is installed, else asyncio's own.
 
-uvloop is optional (``pip install 'delivery-executor[uvloop]'``); both loops
+uvloop is optional (``pip install '/path/to/checkout[uvloop]'``); both loops
 run the same code, signals included (see :mod:`.signals`).
 """
 
@@ -31,7 +31,8 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
             import uvloop
         except ImportError:
             raise ValueError(
-                "--loop uvloop: uvloop is not installed (pip install 'delivery-executor[uvloop]')"
+                "--loop uvloop: uvloop is not installed"
+                " (pip install '/path/to/checkout[uvloop]', or '.[uvloop]' in it)"
             ) from None
         return uvloop.new_event_loop
     raise ValueError(f"--loop must be one of {', '.join(LOOPS)}, not {name!r}")

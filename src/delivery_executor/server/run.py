@@ -16,7 +16,7 @@
 
 Each server process prints ``listening on ADDRESS (LMTP, pid N), delivering
 into ROOT`` per listener once it accepts connections, and a ``summary:`` line
-when it has drained.
+when it has drained: on stdout, and with ``--log-file`` in that file too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
+from ..logs import logs_to_file
 from ..metrics import WorkerMetrics, start_worker_metrics
 from . import notify, signals
 from .checks import StartupError, check_root
@@ -59,6 +60,8 @@ def _say(line: str) -> None:
     # print() writes the text and its newline separately, so lines interleave.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+    if logs_to_file():  # --log-file: the admin reads the file, not our stdout
+        _log.info("%s", line)
 
 
 class _Controls:

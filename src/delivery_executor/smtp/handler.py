@@ -47,7 +47,13 @@ from typing import Any, Literal, Protocol, TypeAlias
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from ..errors import DeliveryError, RecipientRejected
+from ..errors import (
+    DeliveryError,
+    ExecutorClosed,
+    InvalidMaildirPath,
+    MessageTooLarge,
+    RecipientRejected,
+)
 from ..executor import DeliveryExecutor
 from ..logs import DELIVERY_LOG_FIELDS
 from ..recipients import MailboxResolver
@@ -59,6 +65,7 @@ __all__ = [
     "DEFAULT_MAX_RECIPIENTS",
     "DELIVERY_LOG_FIELDS",
     "LINE_ENDINGS",
+    "SHUTTING_DOWN",
     "Deliverer",
     "DeliveryHandler",
     "LineEndings",
@@ -72,6 +79,14 @@ LineEndings: TypeAlias = Literal["lf", "crlf"]
 LINE_ENDINGS: tuple[LineEndings, ...] = ("lf", "crlf")
 _SAVED = "msgid=%s from=<%s> to=<%s> size=%d saved as %s (%.1f ms)"
 _HEADER_SCAN = 16 * 1024  # where to stop looking for the end of the header
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+"""MAIL's reply once a stop has begun, and the last words to a session still open after it."""
+# What a failed copy's 451 says: never a Python class name on the wire.
+_FAILURE_TEXT: tuple[tuple[type[BaseException], str], ...] = (
+    (ExecutorClosed, "service shutting down"),
+    (MessageTooLarge, "message too large for this server"),
+    (InvalidMaildirPath, "mailbox path not usable"),
+)
 
 
 class Deliverer(Protocol):
@@ -199,6 +214,11 @@ class DeliveryHandler:
         self.rejected = 0
         self.rcpt_rejected = 0
         """Recipients refused at RCPT (bad, unknown, not ours, too many)."""
+        self.failed = 0
+        """Copies answered ``451`` after DATA (what ``failed_total`` and the summary count)."""
+        self.stopping = False
+        """Set by ``serve`` when a stop begins: MAIL gets :data:`SHUTTING_DOWN` and the
+        connection is closed."""
         self.delivery_seconds = Buckets()
         """Per delivered copy: seconds from the end of DATA until the copy was durable."""
 
@@ -234,6 +254,11 @@ class DeliveryHandler:
         Such characters are never part of a real address (a quoted local part
         may hold CR after parsing) and would end up in ``Return-Path``.
         """
+        if self.stopping:  # RFC 5321 3.8: 421, then close; the client retries elsewhere/later
+            transport = getattr(server, "transport", None)
+            if transport is not None:  # after the reply is written (same step, see push)
+                asyncio.get_running_loop().call_soon(transport.close)
+            return SHUTTING_DOWN
         if any(c < " " or "\x7f" <= c < "\xa0" for c in address):
             return "553 5.1.7 Sender address contains control characters"
         envelope.mail_from = address
@@ -272,6 +297,7 @@ class DeliveryHandler:
         except Exception:
             _log.exception("unexpected error delivering a message")
             replies = ["451 4.3.0 Local error in processing"] * len(rcpts)
+            self.failed += len(rcpts)
         if lmtp:
             return "\r\n".join(replies)
         return self._smtp_reply(replies, len(rcpts))
@@ -325,6 +351,7 @@ class DeliveryHandler:
             res, done = (item, 0.0) if isinstance(item, BaseException) else item
             if isinstance(res, BaseException):
                 self.rejected += 1
+                self.failed += 1
                 replies.append(self._failure(rcpt, res))
                 continue
             self.accepted += 1
@@ -346,12 +373,14 @@ class DeliveryHandler:
 
     @staticmethod
     def _failure(rcpt: str, exc: BaseException) -> str:
+        """The ``451`` for one failed copy; the log has the detail, the reply a plain reason."""
         if isinstance(exc, OSError):
             _log.error("delivery to <%s> failed: %s", rcpt, exc)
-            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-            return f"451 4.3.0 <{rcpt}> Temporary local failure: {reason}"
-        _log.error("delivery to <%s> failed: %r", rcpt, exc)
-        return f"451 4.3.0 <{rcpt}> Temporary local failure: {type(exc).__name__}"
+            reason = os.strerror(exc.errno) if exc.errno else "I/O error"
+        else:
+            _log.error("delivery to <%s> failed: %r", rcpt, exc)
+            reason = next((t for c, t in _FAILURE_TEXT if isinstance(exc, c)), "internal error")
+        return f"451 4.3.0 <{rcpt}> Temporary local failure: {reason}"
 
     def _headers(self, sender: str, rcpt: str) -> bytes:
         eol = self._eol
