@@ -155,8 +155,7 @@ async def test_malformed_dsn_parameters_get_501_and_unknown_ones_555(
 async def test_headers_order_and_per_recipient_values_in_a_multi_recipient_transaction(
     tmp_path: Path,
 ) -> None:
-    """3 recipients, one transaction: each copy has Return-Path, X-Original-To, Delivered-To,
-    Received (for its own recipient only), in that order."""
+    """3 recipients: each copy has Return-Path, X-Original-To, Delivered-To, Received, in order."""
     async with server(tmp_path) as port, Client.connect(port) as c:
         await c.reply()
         await c.command("LHLO client.example")
