@@ -319,6 +319,6 @@ def test_alias_expansion_gives_each_copy_x_original_to_and_utf8_lands(
         assert f.body.startswith(b"body of via alias")
     assert len(ids) == 1  # both copies came in one LMTP transaction
     (utf8,) = [f for f in files if f.mailbox == f"jörg@{DOMAIN}"]
-    head = utf8.data.split(b"\n\n", 1)[0].decode("utf-8")
-    assert f"\nX-Original-To: jörg@{DOMAIN}\nDelivered-To: jörg@{DOMAIN}\n" in head, head
-    assert " with UTF8LMTP id " in head
+    text = utf8.data.split(b"\n\n", 1)[0].decode("utf-8")
+    assert f"\nX-Original-To: jörg@{DOMAIN}\nDelivered-To: jörg@{DOMAIN}\n" in text, text
+    assert " with UTF8LMTP id " in text
