@@ -6,7 +6,7 @@ a scrape takes a :class:`Snapshot` of them on the event loop and renders it
 with ``prometheus_client``'s metric families. Exposed (prefix ``delivery_executor_``):
 
 - counters ``delivered_total``, ``failed_total``, ``rcpt_rejected_total``,
-  ``syncs_total``, ``refused_connections_total``;
+  ``syncs_total``, ``refused_connections_total``, ``duplicates_total``;
 - histograms ``batch_size`` (messages per batch), ``flush_seconds`` (per batch
   write), ``delivery_seconds`` (per copy, end of DATA to durable);
 - gauges ``connections``, ``queue_depth`` (requests accepted and not yet being
@@ -111,6 +111,7 @@ class Snapshot:
     rcpt_rejected: int = 0
     syncs: int = 0
     refused_connections: int = 0
+    duplicates: int = 0
     batch_size: HistogramCounts = field(default_factory=lambda: _empty(BATCH_BOUNDS))
     flush_seconds: HistogramCounts = field(default_factory=HistogramCounts)
     delivery_seconds: HistogramCounts = field(default_factory=HistogramCounts)
@@ -166,6 +167,7 @@ def take_snapshot(executor: DeliveryExecutor, handler: object, factory: object) 
         rcpt_rejected=int(getattr(handler, "rcpt_rejected", 0)),
         syncs=stats.syncs,
         refused_connections=int(getattr(factory, "refused", 0)),
+        duplicates=int(getattr(getattr(handler, "duplicates", None), "suppressed", 0)),
         batch_size=_bucketize(stats.batch_sizes),
         flush_seconds=stats.flush_seconds,
         delivery_seconds=delivery.snapshot() if delivery is not None else HistogramCounts(),
@@ -237,6 +239,7 @@ class DeliveryCollector:
             ("rcpt_rejected", "Recipients refused at RCPT."),
             ("syncs", "fdatasync/fsync/syncfs calls made."),
             ("refused_connections", "Connections refused over --max-connections."),
+            ("duplicates", "Copies answered 250 and not stored again (--duplicate-window)."),
         )
         for name, doc in counters:
             total = sum(getattr(s, name) for s in every)

@@ -53,6 +53,7 @@ from ..recipients import MailboxResolver
 from ..stats import Buckets
 from ..store import Message
 from .dsn import DsnSyntaxError, original_recipient
+from .duplicates import DuplicateFilter
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -158,6 +159,9 @@ class DeliveryHandler:
         hostname: the name in our ``Received`` line (default: this host's FQDN).
         line_endings: ``"lf"`` (default) stores every CRLF as LF, in the body and
             in our headers; ``"crlf"`` stores the body exactly as received.
+        duplicate_window: seconds (0: off, the default); a message whose
+            ``Message-ID`` the same Maildir got within it is answered ``250``
+            and not stored again (:mod:`.duplicates`).
 
     With a :class:`DeliveryExecutor` a message is held once, whatever the
     number of recipients: each copy is its own small header block followed by
@@ -177,6 +181,7 @@ class DeliveryHandler:
         add_headers: bool = True,
         hostname: str | None = None,
         line_endings: LineEndings = "lf",
+        duplicate_window: float = 0.0,
     ) -> None:
         if not asyncio.iscoroutinefunction(getattr(executor, "deliver", None)):
             raise TypeError(
@@ -215,6 +220,7 @@ class DeliveryHandler:
         self.rejected = 0
         self.rcpt_rejected = 0
         """Recipients refused at RCPT (bad, unknown, not ours, too many)."""
+        self.duplicates = None if not duplicate_window else DuplicateFilter(duplicate_window)
         self.delivery_seconds = Buckets()
         """Per delivered copy: seconds from the end of DATA until the copy was durable."""
 
@@ -341,11 +347,16 @@ class DeliveryHandler:
         which: list[int] = []  # recipient → index of the copy that serves it
         paths: list[str] = []
         copies: list[Message] = []
+        dups = self.duplicates
+        key = dups.key(body) if dups is not None else None
+        found: dict[int, str] = {}  # copy → the name it is already stored under
         for rcpt, (path, orcpt) in zip(rcpts, entries, strict=True):
             at = first.get(path)
             if at is None:
                 at = first[path] = len(paths)
                 paths.append(path)
+                if key is not None and dups is not None and (name := await dups.find(path, key)):
+                    found[at] = name
                 if not self.add_headers:
                     copies.append(body)
                 else:
@@ -353,7 +364,15 @@ class DeliveryHandler:
                     copies.append((head, body) if self._parts else head + body)
             which.append(at)
         results: Sequence[tuple[object, float] | BaseException]
-        if len(paths) == 1:  # the common case: no task per message
+        if found:
+            results = await asyncio.gather(
+                *(
+                    self._one(p, c) if i not in found else self._known(found[i])
+                    for i, (p, c) in enumerate(zip(paths, copies, strict=True))
+                ),
+                return_exceptions=True,
+            )
+        elif len(paths) == 1:  # the common case: no task per message
             results = [await self._one(paths[0], copies[0])]
         else:
             results = await asyncio.gather(
@@ -370,6 +389,14 @@ class DeliveryHandler:
                 self.rejected += 1
                 replies.append(self._failure(rcpt, res))
                 continue
+            if at in found and dups is not None:
+                dups.suppressed += 1
+                _log.info(
+                    "duplicate: msgid=%s from=<%s> to=<%s> already stored as %s, not stored again",
+                    message_id(body), sender, rcpt, res,
+                )  # fmt: skip
+                replies.append(f"250 2.0.0 <{rcpt}> Ok: already delivered as {res}")
+                continue
             self.accepted += 1
             seconds = done - started
             self.delivery_seconds.observe(seconds)
@@ -378,6 +405,10 @@ class DeliveryHandler:
                 _dlog.info(_SAVED, msgid, sender, rcpt, size, res, seconds * 1000)
             replies.append(f"250 2.0.0 <{rcpt}> Ok: delivered as {res}")
         return replies
+
+    @staticmethod
+    async def _known(name: str) -> tuple[object, float]:
+        return name, time.perf_counter()
 
     async def _one(self, path: str, copy: Message) -> tuple[object, float]:
         """Deliver one copy; return its id (or the error) and when it was done."""
