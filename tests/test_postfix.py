@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import smtplib
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -266,3 +267,58 @@ def test_null_sender_is_stored_with_an_empty_return_path(tmp_path: Path, serve_p
         assert srv.stop() == 0
     (bounce,) = read_maildirs(root)
     assert bounce.header("Return-Path") == "<>"
+
+
+@pytest.mark.root
+def test_alias_expansion_gives_each_copy_x_original_to_and_utf8_lands(
+    tmp_path: Path, serve_socket: Path
+) -> None:
+    """Alias@ -> a@, b@ in one LMTP transaction: X-Original-To: Alias@ on each; jörg@ in jörg/."""
+    # Postfix sends ORCPT (the address before alias expansion) because we
+    # advertise DSN; lmtp_destination_recipient_limit stays at its default.
+    aliases = serve_socket.parent / "virtual"
+    aliases.write_text(f"Alias@{DOMAIN} a@{DOMAIN}, b@{DOMAIN}\n")
+    aliases.chmod(0o644)
+    root = tmp_path / "mail"
+    with (
+        PrivatePostfix(
+            virtual_transport=f"lmtp:unix:{serve_socket}",
+            domains=(DOMAIN,),
+            settings={"virtual_alias_maps": f"texthash:{aliases}"},
+        ) as pf,
+        start_serve(root, serve_socket) as srv,
+    ):
+        postconf = [need("postconf"), "-c", str(pf.conf)]
+        limit = "lmtp_destination_recipient_limit"
+        assert run_tool([*postconf, "-n", limit]).stdout == ""  # not set: Postfix's default
+        assert int(run_tool([*postconf, "-xh", limit]).stdout) > 1
+        q1 = swaks(pf, [f"Alias@{DOMAIN}"], "via alias")
+        with smtplib.SMTP(pf.address, pf.smtp_port, timeout=30) as client:
+            client.sendmail(
+                SENDER, [f"jörg@{DOMAIN}"],
+                b"Subject: utf8\r\n\r\nhallo\r\n", mail_options=["SMTPUTF8"],
+            )  # fmt: skip
+        pf.wait_queue_empty(30)
+        wait_for(lambda: pf.count_status("sent") >= 3, 10, "3 status=sent lines")
+        assert srv.stop() == 0
+    files = read_maildirs(root)
+    assert sorted(f.mailbox for f in files) == [f"a@{DOMAIN}", f"b@{DOMAIN}", f"jörg@{DOMAIN}"]
+    copies = [f for f in files if f.queue_id == q1]
+    assert sorted(f.mailbox for f in copies) == [f"a@{DOMAIN}", f"b@{DOMAIN}"]
+    ids = set()
+    for f in copies:
+        head = f.data.split(b"\n\n", 1)[0].split(b"\n")
+        assert head[:3] == [
+            f"Return-Path: <{SENDER}>".encode(),
+            f"X-Original-To: Alias@{DOMAIN}".encode(),
+            f"Delivered-To: {f.mailbox}".encode(),
+        ], head
+        received = f.header("Received") or ""
+        assert received.endswith(f"for <{f.mailbox}>; " + received.rsplit("; ", 1)[1])
+        ids.add(received.split(" id ", 1)[1].split()[0])
+        assert f.body.startswith(b"body of via alias")
+    assert len(ids) == 1  # both copies came in one LMTP transaction
+    (utf8,) = [f for f in files if f.mailbox == f"jörg@{DOMAIN}"]
+    text = utf8.data.split(b"\n\n", 1)[0].decode("utf-8")
+    assert f"\nX-Original-To: jörg@{DOMAIN}\nDelivered-To: jörg@{DOMAIN}\n" in text, text
+    assert " with UTF8LMTP id " in text

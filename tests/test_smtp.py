@@ -74,7 +74,7 @@ async def send(port: int, rcpts: list[str], body: bytes = BODY, lmtp: bool = Tru
 
 
 async def test_lmtp_one_reply_per_recipient_in_order_with_duplicates(tmp_path: Path) -> None:
-    """LMTP gives one 250 per recipient, duplicates included, and each copy is on disk."""
+    """LMTP: one 250 per recipient, duplicates included; a mailbox named twice gets one copy."""
     async with server(tmp_path) as (port, _, _):
         replies = await send(port, ["alice@example.org", "bob@example.org", "alice@example.org"])
     assert [r.code for r in replies] == [250, 250, 250]
@@ -84,8 +84,9 @@ async def test_lmtp_one_reply_per_recipient_in_order_with_duplicates(tmp_path: P
         "alice@example.org",
     ]
     assert all("delivered as" in r.text for r in replies)
-    assert len(mailbox(tmp_path, "example.org", "alice")) == 2
+    assert len(mailbox(tmp_path, "example.org", "alice")) == 1
     assert len(mailbox(tmp_path, "example.org", "bob")) == 1
+    assert replies[0].text == replies[2].text  # both answered by the one stored copy
 
 
 async def test_headers_are_prepended_and_the_body_kept_exact(tmp_path: Path) -> None:
@@ -93,7 +94,10 @@ async def test_headers_are_prepended_and_the_body_kept_exact(tmp_path: Path) -> 
     async with server(tmp_path, line_endings="crlf") as (port, _, _):
         await send(port, ["Alice@Example.org"])
     (msg,) = mailbox(tmp_path, "example.org", "alice")
-    assert msg.startswith(b"Return-Path: <s@example.net>\r\nDelivered-To: Alice@Example.org\r\n")
+    assert msg.startswith(
+        b"Return-Path: <s@example.net>\r\nX-Original-To: Alice@Example.org\r\n"
+        b"Delivered-To: Alice@Example.org\r\n"
+    )
     assert b"\r\nReceived: from client.invalid ([127.0.0.1])\r\n\tby " in msg
     assert b"with LMTP id" in msg
     assert b"for <Alice@Example.org>;" in msg
@@ -110,7 +114,10 @@ async def test_lf_is_the_default_in_headers_and_body(tmp_path: Path) -> None:
         assert b"\r" not in msg
         assert msg.endswith(LF_BODY)
         assert b"\nReceived: from client.invalid ([127.0.0.1])\n\tby " in msg
-    assert alice.startswith(b"Return-Path: <s@example.net>\nDelivered-To: Alice@Example.org\n")
+    assert alice.startswith(
+        b"Return-Path: <s@example.net>\nX-Original-To: Alice@Example.org\n"
+        b"Delivered-To: Alice@Example.org\n"
+    )
 
 
 async def test_lf_conversion_touches_only_crlf_pairs(tmp_path: Path) -> None:
@@ -296,4 +303,4 @@ async def test_each_recipient_is_resolved_once(tmp_path: Path) -> None:
         replies = await send(port, ["a@example.org", "b@example.org", "a@example.org"])
     assert [r.code for r in replies] == [250, 250, 250]
     assert calls == ["a", "b", "a"]
-    assert len(mailbox(tmp_path, "example.org", "a")) == 2
+    assert len(mailbox(tmp_path, "example.org", "a")) == 1  # one mailbox, one copy

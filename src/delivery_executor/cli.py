@@ -246,6 +246,14 @@ def _add_conventions(p: argparse.ArgumentParser) -> None:
         " INBOX (Dovecot's lmtp_save_to_detail_mailbox; needs --recipient-delimiter)",
     )
     p.add_argument(
+        "--duplicate-window",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="answer 250 without storing again a message whose Message-ID the same"
+        " mailbox got within SECONDS (0, the default: off)",
+    )
+    p.add_argument(
         "--metrics",
         type=_metrics_address,
         metavar="HOST:PORT",
@@ -404,6 +412,7 @@ def _serve(args: argparse.Namespace) -> int:
         line_endings=args.line_endings,
         size_in_names=args.size_in_names,
         detail_to_folder=args.detail_to_folder,
+        duplicate_window=args.duplicate_window,
         metrics=args.metrics,
         # -- hostile load
         max_connections_per_ip=args.max_connections_per_ip,

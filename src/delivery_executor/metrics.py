@@ -6,7 +6,8 @@ a scrape takes a :class:`Snapshot` of them on the event loop and renders it
 with ``prometheus_client``'s metric families. Exposed (prefix ``delivery_executor_``):
 
 - counters ``delivered_total``, ``failed_total``, ``rcpt_rejected_total``,
-  ``syncs_total``, ``refused_connections_total``, ``tmp_cleaned_total``;
+  ``syncs_total``, ``refused_connections_total``, ``tmp_cleaned_total``,
+  ``duplicates_total``;
 - histograms ``batch_size`` (messages per batch), ``flush_seconds`` (per batch
   write), ``delivery_seconds`` (per copy, end of DATA to durable);
 - gauges ``connections``, ``queue_depth`` (requests accepted and not yet being
@@ -115,6 +116,7 @@ class Snapshot:
     syncs: int = 0
     refused_connections: int = 0
     tmp_cleaned: int = 0
+    duplicates: int = 0
     batch_size: HistogramCounts = field(default_factory=lambda: _empty(BATCH_BOUNDS))
     flush_seconds: HistogramCounts = field(default_factory=HistogramCounts)
     delivery_seconds: HistogramCounts = field(default_factory=HistogramCounts)
@@ -182,6 +184,7 @@ def take_snapshot(executor: DeliveryExecutor, handler: object, factory: object) 
         syncs=stats.syncs,
         refused_connections=int(getattr(factory, "refused", 0)),
         tmp_cleaned=int(getattr(getattr(handler, "resolver", None), "tmp_cleaned", 0)),
+        duplicates=int(getattr(getattr(handler, "duplicates", None), "suppressed", 0)),
         batch_size=_bucketize(stats.batch_sizes),
         flush_seconds=stats.flush_seconds,
         delivery_seconds=delivery.snapshot() if delivery is not None else HistogramCounts(),
@@ -254,6 +257,7 @@ class DeliveryCollector:
             ("syncs", "fdatasync/fsync/syncfs calls made."),
             ("refused_connections", "Connections refused over --max-connections."),
             ("tmp_cleaned", "Stale files (over 36 h old) removed from Maildirs' tmp/."),
+            ("duplicates", "Copies answered 250 and not stored again (--duplicate-window)."),
         )
         for name, doc in counters:
             total = sum(getattr(s, name) for s in every)

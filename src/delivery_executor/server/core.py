@@ -128,6 +128,8 @@ class ServerConfig:
     """End file names with ``,S=<size>,W=<size with CRLF>`` as Dovecot does."""
     detail_to_folder: bool = False
     """``user+box@d`` into the Maildir++ folder ``.box`` when it exists."""
+    duplicate_window: float = 0.0
+    """Seconds during which a Message-ID already in a mailbox is not stored again; 0: off."""
     metrics: tuple[str, int] | None = None
     """``(host, port)`` to serve Prometheus metrics on (see :mod:`..metrics`)."""
     # -- hostile load (SessionFactory; see delivery_executor.smtp.sessions)
@@ -213,6 +215,7 @@ def _handler(
         add_headers=config.add_headers,
         hostname=hostname,
         line_endings=config.line_endings,
+        duplicate_window=config.duplicate_window,
     )
     return handler, resolver
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email.utils
 import inspect
 import itertools
@@ -59,6 +60,8 @@ from ..logs import DELIVERY_LOG_FIELDS
 from ..recipients import MailboxResolver
 from ..stats import Buckets
 from ..store import Message
+from .dsn import DsnSyntaxError, original_recipient
+from .duplicates import DuplicateFilter
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -95,6 +98,17 @@ class Deliverer(Protocol):
     async def deliver(self, path: str, body: bytes, /) -> object:
         """Store ``body`` durably in the Maildir at ``path``; raise ``OSError`` on failure."""
         ...
+
+
+def _clean_utf8(text: str | None, default: str = "unknown", limit: int = 255) -> str:
+    # An SMTPUTF8 session: header values may be UTF-8 (RFC 6532), so only what
+    # is not printable (controls, line and paragraph separators) goes.
+    if not text:
+        return default
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c for c in text if c.isprintable()) or default
 
 
 def _clean(text: str | None, default: str = "unknown", limit: int = 255) -> str:
@@ -160,6 +174,9 @@ class DeliveryHandler:
         hostname: the name in our ``Received`` line (default: this host's FQDN).
         line_endings: ``"lf"`` (default) stores every CRLF as LF, in the body and
             in our headers; ``"crlf"`` stores the body exactly as received.
+        duplicate_window: seconds (0: off, the default); a message whose
+            ``Message-ID`` the same Maildir got within it is answered ``250``
+            and not stored again (:mod:`.duplicates`).
 
     With a :class:`DeliveryExecutor` a message is held once, whatever the
     number of recipients: each copy is its own small header block followed by
@@ -179,6 +196,7 @@ class DeliveryHandler:
         add_headers: bool = True,
         hostname: str | None = None,
         line_endings: LineEndings = "lf",
+        duplicate_window: float = 0.0,
     ) -> None:
         if not inspect.iscoroutinefunction(getattr(executor, "deliver", None)):
             raise TypeError(
@@ -207,8 +225,11 @@ class DeliveryHandler:
         # Our executor takes (headers, body) tuples and writes them with writev.
         self._parts = isinstance(executor, DeliveryExecutor)
         self._ids = itertools.count()
-        # Each envelope's resolved paths, in RCPT order: resolved once, at RCPT.
-        self._paths: weakref.WeakKeyDictionary[Envelope, list[str]] = weakref.WeakKeyDictionary()
+        # Each envelope's (resolved path, ORCPT address or ""), in RCPT order:
+        # resolved once, at RCPT.
+        self._paths: weakref.WeakKeyDictionary[Envelope, list[tuple[str, str]]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._date = (0, "")
         self.accepted = 0
         self.rejected = 0
@@ -219,6 +240,7 @@ class DeliveryHandler:
         self.stopping = False
         """Set by ``serve`` when a stop begins: MAIL gets :data:`SHUTTING_DOWN` and the
         connection is closed."""
+        self.duplicates = None if not duplicate_window else DuplicateFilter(duplicate_window)
         self.delivery_seconds = Buckets()
         """Per delivered copy: seconds from the end of DATA until the copy was durable."""
 
@@ -273,7 +295,11 @@ class DeliveryHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        """Resolve ``address`` now, so that a bad recipient is refused at RCPT."""
+        """Resolve ``address`` now, so that a bad recipient is refused at RCPT.
+
+        An ``ORCPT=`` among ``rcpt_options`` (as :class:`DeliveryLMTP` passes
+        it, case kept) becomes that copy's ``X-Original-To``.
+        """
         if len(envelope.rcpt_tos) >= self.max_recipients:
             self.rcpt_rejected += 1
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients})"
@@ -282,8 +308,18 @@ class DeliveryHandler:
         except RecipientRejected as exc:
             self.rcpt_rejected += 1
             return exc.reply
+        orcpt = ""
+        for option in rcpt_options:
+            if option[:6].upper() == "ORCPT=":
+                with contextlib.suppress(DsnSyntaxError):  # our protocol checked it
+                    orcpt = original_recipient(option[6:], utf8=envelope.smtp_utf8)
+        if not envelope.smtp_utf8 and not orcpt.isascii():
+            # Headers stay ASCII here: a non-ASCII address with its letters
+            # dropped would name someone else, so X-Original-To is the RCPT.
+            orcpt = ""
         envelope.rcpt_tos.append(address)  # aiosmtpd leaves this to the handler
-        self._paths.setdefault(envelope, []).append(path)
+        envelope.rcpt_options.extend(rcpt_options)
+        self._paths.setdefault(envelope, []).append((path, orcpt))
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -291,7 +327,7 @@ class DeliveryHandler:
         lmtp = isinstance(server, LMTP)
         rcpts = list(envelope.rcpt_tos)
         try:
-            replies = await self._deliver_all(session, envelope, rcpts, lmtp)
+            replies = await self._deliver_all(server, session, envelope, rcpts, lmtp)
         except asyncio.CancelledError:
             raise  # the client went away; writes already queued still complete
         except Exception:
@@ -314,7 +350,7 @@ class DeliveryHandler:
         return "451 4.3.0 Delivery failed for some recipients; try again later"
 
     async def _deliver_all(
-        self, session: Session, envelope: Envelope, rcpts: list[str], lmtp: bool
+        self, server: SMTP, session: Session, envelope: Envelope, rcpts: list[str], lmtp: bool
     ) -> list[str]:
         started = time.perf_counter()
         body = envelope.original_content
@@ -325,19 +361,44 @@ class DeliveryHandler:
             return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
         if self._lf:
             body = to_lf(body)  # once per message: every copy shares it
-        paths = self._paths.pop(envelope)
+        entries = self._paths.pop(envelope)
+        utf8 = bool(envelope.smtp_utf8)
+        clean = _clean_utf8 if utf8 else _clean
         # aiosmtpd keeps the null sender as "<>": a bounce's Return-Path is "<>".
-        sender = "" if envelope.mail_from == "<>" else _clean(envelope.mail_from, "")
-        received = self._received(session, rcpts, lmtp) if self.add_headers else b""
+        sender = "" if envelope.mail_from == "<>" else clean(envelope.mail_from, "")
+        received = self._received(server, session, lmtp, utf8) if self.add_headers else ("", "")
+        # One copy per mailbox: the same Maildir named twice (carol, Carol,
+        # carol+x) is stored once, with the first such recipient's headers.
+        first: dict[str, int] = {}
+        which: list[int] = []  # recipient → index of the copy that serves it
+        paths: list[str] = []
         copies: list[Message] = []
-        for rcpt in rcpts:
-            if not self.add_headers:
-                copies.append(body)
-                continue
-            head = self._headers(sender, rcpt) + received
-            copies.append((head, body) if self._parts else head + body)
+        dups = self.duplicates
+        key = dups.key(body) if dups is not None else None
+        found: dict[int, str] = {}  # copy → the name it is already stored under
+        for rcpt, (path, orcpt) in zip(rcpts, entries, strict=True):
+            at = first.get(path)
+            if at is None:
+                at = first[path] = len(paths)
+                paths.append(path)
+                if key is not None and dups is not None and (name := await dups.find(path, key)):
+                    found[at] = name
+                if not self.add_headers:
+                    copies.append(body)
+                else:
+                    head = self._headers(sender, clean(rcpt), clean(orcpt or rcpt), received)
+                    copies.append((head, body) if self._parts else head + body)
+            which.append(at)
         results: Sequence[tuple[object, float] | BaseException]
-        if len(rcpts) == 1:  # the common case: no task per message
+        if found:
+            results = await asyncio.gather(
+                *(
+                    self._one(p, c) if i not in found else self._known(found[i])
+                    for i, (p, c) in enumerate(zip(paths, copies, strict=True))
+                ),
+                return_exceptions=True,
+            )
+        elif len(paths) == 1:  # the common case: no task per message
             results = [await self._one(paths[0], copies[0])]
         else:
             results = await asyncio.gather(
@@ -347,12 +408,21 @@ class DeliveryHandler:
         log = _dlog.isEnabledFor(logging.INFO)
         msgid = message_id(body) if log else ""
         replies = []
-        for rcpt, copy, item in zip(rcpts, copies, results, strict=True):
+        for rcpt, at in zip(rcpts, which, strict=True):
+            item, copy = results[at], copies[at]
             res, done = (item, 0.0) if isinstance(item, BaseException) else item
             if isinstance(res, BaseException):
                 self.rejected += 1
                 self.failed += 1
                 replies.append(self._failure(rcpt, res))
+                continue
+            if at in found and dups is not None:
+                dups.suppressed += 1
+                _log.info(
+                    "duplicate: msgid=%s from=<%s> to=<%s> already stored as %s, not stored again",
+                    message_id(body), sender, rcpt, res,
+                )  # fmt: skip
+                replies.append(f"250 2.0.0 <{rcpt}> Ok: already delivered as {res}")
                 continue
             self.accepted += 1
             seconds = done - started
@@ -362,6 +432,10 @@ class DeliveryHandler:
                 _dlog.info(_SAVED, msgid, sender, rcpt, size, res, seconds * 1000)
             replies.append(f"250 2.0.0 <{rcpt}> Ok: delivered as {res}")
         return replies
+
+    @staticmethod
+    async def _known(name: str) -> tuple[object, float]:
+        return name, time.perf_counter()
 
     async def _one(self, path: str, copy: Message) -> tuple[object, float]:
         """Deliver one copy; return its id (or the error) and when it was done."""
@@ -382,25 +456,39 @@ class DeliveryHandler:
             reason = next((t for c, t in _FAILURE_TEXT if isinstance(exc, c)), "internal error")
         return f"451 4.3.0 <{rcpt}> Temporary local failure: {reason}"
 
-    def _headers(self, sender: str, rcpt: str) -> bytes:
+    def _headers(self, sender: str, rcpt: str, original: str, received: tuple[str, str]) -> bytes:
+        # The order Postfix's virtual(8) writes them, then our Received line,
+        # whose "for" names this copy's recipient only.
         eol = self._eol
-        return f"Return-Path: <{sender}>{eol}Delivered-To: {_clean(rcpt)}{eol}".encode(
-            "utf-8", "replace"
-        )
+        return (
+            f"Return-Path: <{sender}>{eol}X-Original-To: {original}{eol}Delivered-To: {rcpt}{eol}"
+            f"{received[0]}{eol}\tfor <{rcpt}>;{eol}\t{received[1]}{eol}"
+        ).encode("utf-8", "replace")
 
-    def _received(self, session: Session, rcpts: list[str], lmtp: bool) -> bytes:
+    def _received(self, server: SMTP, session: Session, lmtp: bool, utf8: bool) -> tuple[str, str]:
+        """Our ``Received`` line around its ``for`` clause: (up to the id, the date)."""
         peer: Any = session.peer
         ip = peer[0] if isinstance(peer, tuple) and peer else "unknown"
         helo = _clean(session.host_name)
+        # RFC 3848/6531 protocol names: ESMTPS after STARTTLS or on a TLS
+        # listener, A when authenticated, UTF8 for an SMTPUTF8 transaction.
         proto = "LMTP" if lmtp else ("ESMTP" if session.extended_smtp else "SMTP")
+        if proto != "SMTP":
+            transport = getattr(server, "transport", None)
+            if session.ssl is not None or (
+                transport is not None and transport.get_extra_info("ssl_object") is not None
+            ):
+                proto += "S"
+            if session.authenticated:
+                proto += "A"
+            if utf8:
+                proto = "UTF8" + proto[1:] if proto.startswith("E") else "UTF8" + proto
         qid = f"{os.getpid():x}{next(self._ids):x}"
-        eol = self._eol
-        for_part = f"{eol}\tfor <{_clean(rcpts[0])}>" if len(rcpts) == 1 else ""
         now = int(time.time())
         if self._date[0] != now:  # formatting the date costs more than the rest
             self._date = (now, email.utils.formatdate(now, localtime=True))
-        date = self._date[1]
         return (
-            f"Received: from {helo} ([{ip}]){eol}\tby {self.hostname} (delivery-executor)"
-            f" with {proto} id {qid}{for_part};{eol}\t{date}{eol}"
-        ).encode("utf-8", "replace")
+            f"Received: from {helo} ([{ip}]){self._eol}\tby {self.hostname} (delivery-executor)"
+            f" with {proto} id {qid}",
+            self._date[1],
+        )

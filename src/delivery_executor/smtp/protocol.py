@@ -12,6 +12,11 @@
 - a hook run once when the connection is gone; a peer's EOF closes our side
   too (the session is over: aiosmtpd cancels it), so ``connection_lost``
   always follows, on uvloop as on asyncio;
+- ``DSN`` (RFC 3461): ``RET``/``ENVID`` on MAIL and ``NOTIFY``/``ORCPT`` on
+  RCPT are checked (``501 5.5.4`` if malformed) and reach the handler's
+  ``handle_MAIL``/``handle_RCPT`` at the end of ``mail_options`` /
+  ``rcpt_options`` with their case kept (aiosmtpd would answer ``555``); see
+  :mod:`~delivery_executor.smtp.dsn`;
 - the bulk DATA reader (:class:`~delivery_executor.smtp.reader.BulkDataMixin`):
   the body is read in large chunks into one buffer, not one object per line.
 
@@ -41,6 +46,7 @@ on top when the stock reader is used).
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import re
 from collections.abc import Awaitable, Callable
@@ -49,8 +55,9 @@ from email.errors import HeaderParseError
 from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
+from .dsn import MAIL_PARAMS, RCPT_PARAMS, DsnSyntaxError, take_params
 from .reader import BulkDataMixin
 
 if TYPE_CHECKING:
@@ -62,7 +69,7 @@ _SLICE = 8 * 1024  # reserved before the 354; more only as bytes arrive
 _LINE_SLACK = 4 * 1024  # a reader stores at most one line past data_size_limit
 
 
-EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES")
+EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
 """What we add to aiosmtpd's EHLO/LHLO reply."""
 
 _CODED = ("2.", "4.", "5.")  # what follows "NNN " when a reply has an enhanced code
@@ -173,6 +180,7 @@ class _DeliveryProtocol:
         return _aiosmtpd_names(type(self))
 
     envelope: Envelope | None
+    session: Session | None
     transport: asyncio.BaseTransport | None
     data_size_limit: int | None
     _per_recipient = False
@@ -230,6 +238,74 @@ class _DeliveryProtocol:
             status = "\r\n".join([status] * len(env.rcpt_tos))
         return status
 
+    _dsn: list[str] | None = None  # this command's DSN parameters, for the handler hook
+    command_size_limit: int
+    command_size_limits: dict[str, int]
+
+    def _hello_limits(self) -> None:
+        """A fresh per-session dict of line limits, made before aiosmtpd answers EHLO/LHLO.
+
+        aiosmtpd keeps them in one dict shared by every session, cleared by each
+        new connection and grown by each EHLO; with a dict of our own, DSN's
+        longer lines (RFC 3461: RCPT +500 for ORCPT, MAIL +100 for ENVID/RET)
+        apply to this session, once.
+        """
+        base = self.command_size_limit
+        self.command_size_limits = collections.defaultdict(lambda: base)
+        self.command_size_limits["RCPT"] = base + 500
+        self.command_size_limits["MAIL"] = base + 100
+
+    def _take_dsn(self, arg: str | None, keyword: str, known: frozenset[str]) -> str | None:
+        """``arg`` without its DSN parameters, which go to ``self._dsn``; unchanged if none.
+
+        Raises :class:`DsnSyntaxError` for a malformed one. Left to aiosmtpd
+        (unchanged) whenever it would refuse the command for another reason.
+        """
+        self._dsn = None
+        session, env = self.session, self.envelope
+        if arg is None or session is None or env is None or not session.extended_smtp:
+            return arg
+        if bool(env.mail_from) != (keyword == "TO:"):  # MAIL twice, RCPT before MAIL: 503
+            return arg
+        stripped = arg[len(keyword) :].strip() if arg[: len(keyword)].upper() == keyword else None
+        if not stripped:
+            return arg
+        address, params = self._getaddr(stripped)
+        if not address or not params or not stripped.endswith(params):
+            return arg
+        # RCPT: the transaction's SMTPUTF8; MAIL: the same command's.
+        utf8 = bool(env.smtp_utf8) if keyword == "TO:" else "SMTPUTF8" in params.upper().split()
+        rest, dsn = take_params(params, known, utf8=utf8)
+        if not dsn:
+            return arg
+        self._dsn = dsn
+        path = stripped[: len(stripped) - len(params)].rstrip()
+        return f"{keyword}{path} {rest}" if rest else f"{keyword}{path}"
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        try:
+            arg = self._take_dsn(arg, "FROM:", MAIL_PARAMS)
+        except DsnSyntaxError as exc:
+            await self.push(f"501 5.5.4 Syntax error in MAIL parameters: {exc}")
+            return
+        try:
+            await super().smtp_MAIL(arg)  # type: ignore[misc]
+        finally:
+            self._dsn = None
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        try:
+            arg = self._take_dsn(arg, "TO:", RCPT_PARAMS)
+        except DsnSyntaxError as exc:
+            await self.push(f"501 5.5.4 Syntax error in RCPT parameters: {exc}")
+            return
+        try:
+            await super().smtp_RCPT(arg)  # type: ignore[misc]
+        finally:
+            self._dsn = None
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # The one DATA hook: reserve DATA budget around the reader (ours, or aiosmtpd's).
@@ -260,6 +336,10 @@ class _DeliveryProtocol:
                 guard.data_done()
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        dsn = self._dsn
+        if dsn and command in ("MAIL", "RCPT"):
+            self._dsn = None
+            args = (args[0], [*args[1], *dsn])
         guard = self.guard
         if guard is None:
             return await super()._call_handler_hook(command, *args)  # type: ignore[misc]
@@ -312,6 +392,7 @@ class DeliverySMTP(_DeliveryProtocol, BulkDataMixin, SMTP):
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         self._hello = []
+        self._hello_limits()
         try:
             await super().smtp_EHLO(hostname)
         finally:
@@ -369,6 +450,7 @@ class DeliveryLMTP(_DeliveryProtocol, BulkDataMixin, LMTP):
     @syntax("LHLO hostname")
     async def smtp_LHLO(self, arg: str) -> None:
         self._hello = []
+        self._hello_limits()
         try:
             await super().smtp_LHLO(arg)
         finally:

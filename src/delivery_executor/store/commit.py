@@ -44,6 +44,7 @@ file sync, ``fsync(tmp/)``, rename, ``fsync(new/)``) is not used here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import Generator, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ from typing import Literal, Protocol, TypeAlias
 
 from ..fsops import HAVE_SYNCFS, OS_OPS, FsOps
 from .names import MessageId, size_suffix, unique_name
+from .seen import message_key, records_dir
 
 
 class MaildirTarget(Protocol):
@@ -325,6 +327,11 @@ def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitStep
             except OSError as exc:
                 g.fail(exc, ops)
 
+        # 3b. Duplicate records (store/seen.py), after the moves, so that the
+        # sync below covers them too; a record never outlives the chance that
+        # its message is on disk unnoticed (seen.find checks the file).
+        record_dirs = yield from _write_records(work, syncfs_devs, ops)
+
         # 4. Make the moves durable.
         for dev, handle in handles.items():
             yield from _sync_dev(work, dev, handle, ops)
@@ -343,8 +350,59 @@ def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitStep
         if err is not None:
             for g in members:
                 g.fail(err, ops)
+    for record_dir in record_dirs:
+        yield ("fsync_dir", -1, record_dir)  # a failure costs a duplicate at most
 
     return [g.error if g.error is not None else g.ids for g in work]
+
+
+def _write_records(
+    work: list[_Group], syncfs_devs: set[int], ops: FsOps
+) -> Generator[SyncCall, OSError | None, list[str]]:
+    """Record each moved message that has a Message-ID, in Maildirs that keep records.
+
+    Each record is written under a name of its own and renamed over
+    ``<key>``, so a reader sees a whole record or the one before. The portable
+    form syncs each record's data here; the caller fsyncs the returned
+    directories. Errors are ignored: a missing record costs a duplicate at most.
+    """
+    dirs: list[str] = []
+    for g in work:
+        if g.error is not None or not g.ids:
+            continue
+        where = records_dir(str(g.md.path))
+        if where is None:
+            continue
+        portable = g.md.dev not in syncfs_devs
+        if portable:
+            dirs.append(where)
+        for parts, mid in zip(g.messages, g.ids, strict=True):
+            key = message_key(parts)
+            if key is None:
+                continue
+            tmp = f"{where}tmp.{mid.name}"
+            try:
+                fd = ops.create(tmp)
+            except OSError:
+                continue
+            err: OSError | None = None
+            try:
+                ops.write_all(fd, (memoryview(mid.name.encode() + b"\n"),), tmp)
+                if portable:
+                    err = yield ("fdatasync", fd, tmp)
+            except OSError as exc:
+                err = exc
+            finally:
+                with contextlib.suppress(OSError):
+                    ops.close(fd)
+            try:
+                if err is not None:
+                    raise err
+                ops.rename(tmp, where + key)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    ops.unlink(tmp)
+    return dirs
 
 
 def _write_one(
