@@ -32,6 +32,7 @@ from .smtp.sessions import (
     DEFAULT_SESSION_TIMEOUT,
 )
 from .store.commit import SYNC_MODES
+from .userdb import options as userdb_options
 
 __all__ = ["main"]
 
@@ -345,6 +346,7 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     _add_deploy(p)
     _add_conventions(p)
     _add_hostile_load(p)
+    userdb_options.add_arguments(p)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -399,6 +401,7 @@ def _serve(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout,
         min_rate=args.min_rate,
         max_pending_bytes=args.max_pending_bytes,
+        **userdb_options.config_fields(args),
     )
     try:
         return run_server(config)

@@ -39,6 +39,7 @@ from ..smtp.sessions import (
     DEFAULT_SESSION_TIMEOUT,
 )
 from ..store import SyncMode
+from ..userdb import UserdbResolver, resolver_for
 from .checks import StartupError
 from .identity import banner, default_hostname
 from .listeners import (
@@ -133,6 +134,19 @@ class ServerConfig:
     """Bytes/s a client must average while the server waits on it; 0: no rule."""
     max_pending_bytes: int | None = None
     """Bytes held in DATA across sessions; ``None``: 4 × ``max_message_size``."""
+    # -- user database and quota (see delivery_executor.userdb, .quota)
+    userdb: Sequence[str] = ()
+    """``passwd-file:PATH``, ``texthash:PATH``, ``lmdb:PATH``, ``sql:URL``: tried in order."""
+    userdb_default_fields: str = ""
+    """``"uid=vmail home=/var/mail/%d/%n"``: fields a passwd-file line leaves out."""
+    user_query: str | None = None
+    """SQL for ``sql:`` userdbs, with ``$1`` for the address."""
+    mail_location: str | None = None
+    """Dovecot's ``mail_location`` (``%d/%n/Maildir``, ``maildir:~/Maildir``)."""
+    mail_home: str | None = None
+    """Home template (``/var/mail/%d/%n``) for users the userdb gives none."""
+    userdb_cache_ttl: float = 5.0
+    """Seconds a lookup's answer is reused server-wide (0: never)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +202,7 @@ def _executor(config: ServerConfig) -> DeliveryExecutor:
 def _handler(
     config: ServerConfig, executor: DeliveryExecutor, hostname: str
 ) -> tuple[object, MailboxResolver]:
-    resolver = MailboxResolver(
+    resolver = resolver_for(config) or MailboxResolver(
         config.root,
         domains=config.domains,
         recipient_delimiter=config.recipient_delimiter,
@@ -284,7 +298,7 @@ async def _serve(
     )
     executor = _executor(config)
     hostname = config.hostname or default_hostname()  # once: greeting and Received lines
-    handler, _ = _handler(config, executor, hostname)
+    handler, resolver = _handler(config, executor, hostname)
     factory = _sessions(config, handler, hostname, tls, loop)
     try:
         await executor.start()  # the writer helper answers, or we say why now
@@ -309,6 +323,8 @@ async def _serve(
                 )
     if metrics is not None:  # after the drain: a worker's last snapshot counts everything
         await metrics.aclose()
+    if isinstance(resolver, UserdbResolver):
+        await resolver.aclose()
     stats = executor.stats()
     return ServerSummary(
         delivered=stats.delivered,

@@ -253,7 +253,7 @@ class DeliveryHandler:
             self.rcpt_rejected += 1
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients})"
         try:
-            path = self.resolver.resolve(address, smtputf8=envelope.smtp_utf8)
+            path = await self.resolver.aresolve(address, smtputf8=envelope.smtp_utf8)
         except RecipientRejected as exc:
             self.rcpt_rejected += 1
             return exc.reply

@@ -1,0 +1,100 @@
+"""User databases: which addresses exist, where their Maildir is, their quota.
+
+Each form implements :class:`UserDB` and can be used from the library as well
+as through ``serve --userdb``; :class:`UserdbResolver` plugs them into the
+handler's recipient checks.
+
+- ``passwd-file:PATH``: Dovecot's passwd-file (:class:`PasswdFile`);
+- ``texthash:PATH``, ``lmdb:PATH``: Postfix ``virtual_mailbox_maps``
+  (:class:`TexthashMap`, :class:`LmdbMap`);
+- ``sql:sqlite:///PATH``, ``sql:postgresql://...`` with a query
+  (:class:`SqliteUserdb`, :class:`PostgresUserdb`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import UserDB, UserKey, UserRecord, expand, parse_fields
+from .passwd import PasswdFile
+from .postfix import LmdbMap, TexthashMap
+from .resolver import UserdbResolver, reload_all
+from .sql import PostgresUserdb, SqliteUserdb, sql_userdb
+
+__all__ = [
+    "LmdbMap",
+    "PasswdFile",
+    "PostgresUserdb",
+    "SqliteUserdb",
+    "TexthashMap",
+    "UserDB",
+    "UserKey",
+    "UserRecord",
+    "UserdbResolver",
+    "expand",
+    "open_userdb",
+    "parse_fields",
+    "reload_all",
+    "resolver_for",
+]
+
+KINDS = ("passwd-file", "texthash", "lmdb", "sql")
+
+
+def open_userdb(
+    spec: str,
+    *,
+    default_fields: str = "",
+    user_query: str | None = None,
+    recipient_delimiter: str | None = None,
+) -> UserDB:
+    """The database ``spec`` names (``passwd-file:/etc/dovecot/users``, ...).
+
+    ``ValueError`` naming the problem for an unknown kind, a missing path or
+    query, or a backend whose package is not installed.
+    """
+    kind, colon, arg = spec.partition(":")
+    if not colon or kind not in KINDS or not arg:
+        raise ValueError(f"--userdb must be one of {', '.join(k + ':...' for k in KINDS)},"
+                         f" not {spec!r}")  # fmt: skip
+    delim = recipient_delimiter or "+"
+    try:
+        if kind == "passwd-file":
+            return PasswdFile(arg, default_fields=default_fields)
+        if kind == "texthash":
+            return TexthashMap(arg, delimiter=delim)
+        if kind == "lmdb":
+            return LmdbMap(arg, delimiter=delim)
+        return sql_userdb(arg, user_query)
+    except ImportError as exc:
+        raise ValueError(
+            f"--userdb {kind}: needs the {exc.name} package (pip install delivery-executor[userdb])"
+        ) from exc
+
+
+def resolver_for(config: object) -> UserdbResolver | None:
+    """The resolver ``serve`` uses for a ServerConfig, or ``None`` when it sets no
+    userdb or mail location (the plain :class:`MailboxResolver` then)."""
+    c: Any = config
+    if not c.userdb and c.mail_location is None and c.mail_home is None:
+        return None
+    dbs = [
+        open_userdb(
+            spec,
+            default_fields=c.userdb_default_fields,
+            user_query=c.user_query,
+            recipient_delimiter=c.recipient_delimiter,
+        )
+        for spec in c.userdb
+    ]
+    return UserdbResolver(
+        c.root,
+        userdbs=dbs,
+        mail_location=c.mail_location,
+        mail_home=c.mail_home,
+        cache_ttl=c.userdb_cache_ttl,
+        domains=c.domains,
+        recipient_delimiter=c.recipient_delimiter,
+        existing_only=c.existing_only,
+        detail_to_folder=c.detail_to_folder,
+    )
