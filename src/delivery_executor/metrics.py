@@ -6,6 +6,7 @@ a scrape takes a :class:`Snapshot` of them on the event loop and renders it
 with ``prometheus_client``'s metric families. Exposed (prefix ``delivery_executor_``):
 
 - counters ``delivered_total``, ``failed_total``, ``rcpt_rejected_total``,
+  ``quota_rejected_total``,
   ``syncs_total``, ``refused_connections_total``;
 - histograms ``batch_size`` (messages per batch), ``flush_seconds`` (per batch
   write), ``delivery_seconds`` (per copy, end of DATA to durable);
@@ -109,6 +110,7 @@ class Snapshot:
     delivered: int = 0
     failed: int = 0
     rcpt_rejected: int = 0
+    quota_rejected: int = 0
     syncs: int = 0
     refused_connections: int = 0
     batch_size: HistogramCounts = field(default_factory=lambda: _empty(BATCH_BOUNDS))
@@ -164,6 +166,7 @@ def take_snapshot(executor: DeliveryExecutor, handler: object, factory: object) 
         delivered=stats.delivered,
         failed=stats.failed,
         rcpt_rejected=int(getattr(handler, "rcpt_rejected", 0)),
+        quota_rejected=int(getattr(handler, "quota_rejected", 0)),
         syncs=stats.syncs,
         refused_connections=int(getattr(factory, "refused", 0)),
         batch_size=_bucketize(stats.batch_sizes),
@@ -235,6 +238,7 @@ class DeliveryCollector:
             ("delivered", "Copies made durable and acknowledged."),
             ("failed", "Copies whose delivery failed (answered 451)."),
             ("rcpt_rejected", "Recipients refused at RCPT."),
+            ("quota_rejected", "Recipients refused because their mailbox is full."),
             ("syncs", "fdatasync/fsync/syncfs calls made."),
             ("refused_connections", "Connections refused over --max-connections."),
         )

@@ -39,7 +39,7 @@ from ..smtp.sessions import (
     DEFAULT_SESSION_TIMEOUT,
 )
 from ..store import SyncMode
-from ..userdb import UserdbResolver, resolver_for
+from ..userdb import UserdbResolver, quota_for, resolver_for
 from .checks import StartupError
 from .identity import banner, default_hostname
 from .listeners import (
@@ -147,6 +147,14 @@ class ServerConfig:
     """Home template (``/var/mail/%d/%n``) for users the userdb gives none."""
     userdb_cache_ttl: float = 5.0
     """Seconds a lookup's answer is reused server-wide (0: never)."""
+    quota_rule: str | None = None
+    """Default Dovecot quota rule (``*:storage=1G``) for users whose record has none."""
+    quota_grace: float = 0.10
+    """Fraction of the storage limit one delivery may go past (Dovecot 2.3's 10 %)."""
+    quota_full_tempfail: bool = False
+    """Answer a full mailbox with ``452 4.2.2`` instead of ``552 5.2.2``."""
+    quota_check_at_rcpt: bool = False
+    """Refuse a full mailbox already at RCPT (with ``SIZE=`` from MAIL FROM)."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +220,7 @@ def _handler(
     if config.handler is not None:
         return load_handler_factory(config.handler)(executor, resolver, config), resolver
     handler = DeliveryHandler(
-        executor,
+        quota_for(config, executor, resolver) or executor,
         resolver,
         max_message_size=config.max_message_size,
         add_headers=config.add_headers,

@@ -40,13 +40,13 @@ import re
 import socket
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol, TypeAlias
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from ..errors import DeliveryError, RecipientRejected
+from ..errors import DeliveryError, QuotaExceeded, RecipientRejected
 from ..executor import DeliveryExecutor
 from ..recipients import MailboxResolver
 from ..stats import Buckets
@@ -90,6 +90,14 @@ def _clean(text: str | None, default: str = "unknown", limit: int = 255) -> str:
     if text.isascii() and text.isprintable():  # the common case, in C
         return text
     return "".join(c for c in text if " " <= c < "\x7f") or default
+
+
+def _mail_size(mail_options: list[str]) -> int:
+    """``SIZE=`` of MAIL FROM (RFC 1870), else 0."""
+    for opt in mail_options:
+        if opt[:5].upper() == "SIZE=" and opt[5:].isdigit():
+            return int(opt[5:])
+    return 0
 
 
 _BARE_CR = re.compile(rb"\r(?!\n)")
@@ -190,7 +198,11 @@ class DeliveryHandler:
         self._lf = line_endings == "lf"
         self._eol = "\n" if self._lf else "\r\n"
         # Our executor takes (headers, body) tuples and writes them with writev.
-        self._parts = isinstance(executor, DeliveryExecutor)
+        self._parts = isinstance(executor, DeliveryExecutor) or (
+            getattr(executor, "takes_parts", False) is True  # e.g. quota.QuotaDeliverer
+        )
+        check = getattr(executor, "check", None) if getattr(executor, "check_at_rcpt", 0) else None
+        self._rcpt_quota: Callable[[str, int], Awaitable[str | None]] | None = check
         self._ids = itertools.count()
         # Each envelope's resolved paths, in RCPT order: resolved once, at RCPT.
         self._paths: weakref.WeakKeyDictionary[Envelope, list[str]] = weakref.WeakKeyDictionary()
@@ -199,6 +211,8 @@ class DeliveryHandler:
         self.rejected = 0
         self.rcpt_rejected = 0
         """Recipients refused at RCPT (bad, unknown, not ours, too many)."""
+        self.quota_rejected = 0
+        """Recipients refused because their mailbox is full (at RCPT or DATA)."""
         self.delivery_seconds = Buckets()
         """Per delivered copy: seconds from the end of DATA until the copy was durable."""
 
@@ -257,6 +271,12 @@ class DeliveryHandler:
         except RecipientRejected as exc:
             self.rcpt_rejected += 1
             return exc.reply
+        if self._rcpt_quota is not None:
+            refusal = await self._rcpt_quota(path, _mail_size(envelope.mail_options))
+            if refusal is not None:
+                self.rcpt_rejected += 1
+                self.quota_rejected += 1
+                return refusal
         envelope.rcpt_tos.append(address)  # aiosmtpd leaves this to the handler
         self._paths.setdefault(envelope, []).append(path)
         return "250 2.1.5 Ok"
@@ -325,6 +345,8 @@ class DeliveryHandler:
             res, done = (item, 0.0) if isinstance(item, BaseException) else item
             if isinstance(res, BaseException):
                 self.rejected += 1
+                if isinstance(res, QuotaExceeded):
+                    self.quota_rejected += 1
                 replies.append(self._failure(rcpt, res))
                 continue
             self.accepted += 1
@@ -346,6 +368,8 @@ class DeliveryHandler:
 
     @staticmethod
     def _failure(rcpt: str, exc: BaseException) -> str:
+        if isinstance(exc, QuotaExceeded):  # "552 5.2.2 <rcpt> Quota exceeded (...)"
+            return f"{exc.reply[:9]} <{rcpt}>{exc.reply[9:]}"
         if isinstance(exc, OSError):
             _log.error("delivery to <%s> failed: %s", rcpt, exc)
             reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..quota import QuotaDeliverer
 from .base import UserDB, UserKey, UserRecord, expand, parse_fields
 from .passwd import PasswdFile
 from .postfix import LmdbMap, TexthashMap
@@ -34,6 +35,7 @@ __all__ = [
     "expand",
     "open_userdb",
     "parse_fields",
+    "quota_for",
     "reload_all",
     "resolver_for",
 ]
@@ -97,4 +99,43 @@ def resolver_for(config: object) -> UserdbResolver | None:
         recipient_delimiter=c.recipient_delimiter,
         existing_only=c.existing_only,
         detail_to_folder=c.detail_to_folder,
+    )
+
+
+def quota_for(config: object, executor: object, resolver: object) -> QuotaDeliverer | None:
+    """``executor`` wrapped in a :class:`~delivery_executor.quota.QuotaDeliverer` when the
+    config sets ``--quota-rule`` or a userdb (whose records may carry a rule), else ``None``."""
+    import functools
+
+    from ..errors import UserdbUnavailable
+    from ..quota import QuotaLimits, maildir_of, parse_quota_rule
+
+    c: Any = config
+    if c.quota_rule is None and not c.userdb:
+        return None
+    default = None if c.quota_rule is None else parse_quota_rule(c.quota_rule)
+    parse = functools.lru_cache(maxsize=256)(parse_quota_rule)
+    records = resolver if isinstance(resolver, UserdbResolver) else None
+
+    def limits_for(maildir: str) -> QuotaLimits | None:
+        record = None if records is None else records.record(maildir)
+        if record is None or record.quota_rule is None:
+            return default
+        try:
+            return parse(record.quota_rule)
+        except ValueError as exc:  # the database's data: defer, and say why
+            raise UserdbUnavailable(f"user quota_rule: {exc}") from exc
+
+    def maildir_for(path: str) -> str:
+        if records is not None and records.record(path) is not None:
+            return path
+        return maildir_of(path)
+
+    return QuotaDeliverer(
+        executor,
+        limits_for,
+        grace=c.quota_grace,
+        tempfail=c.quota_full_tempfail,
+        check_at_rcpt=c.quota_check_at_rcpt,
+        maildir_for=maildir_for,
     )
