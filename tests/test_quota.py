@@ -385,3 +385,22 @@ async def lmtp_server_quiet(config: ServerConfig, resolver: UserdbResolver) -> A
         srv.close()
         await srv.wait_closed()
         await ex.aclose()
+
+
+@pytest.mark.asyncio
+async def test_copies_are_checked_in_call_order_even_during_a_recount(tmp_path: Path) -> None:
+    """Concurrent copies into a box being recounted are judged in the order they came."""
+    limits = parse_quota_rule("*:messages=2")
+    async with DeliveryExecutor(writer="loop") as ex:
+        q = QuotaDeliverer(ex, lambda md: limits)
+        for i in range(10):
+            md = str(tmp_path / f"u{i}")  # no maildirsize yet: the first copy recounts
+
+            async def one(md: str = md) -> str:
+                try:
+                    await q.deliver(md, b"x\n")
+                except QuotaExceeded:
+                    return "full"
+                return "ok"
+
+            assert list(await asyncio.gather(one(), one(), one())) == ["ok", "ok", "full"]

@@ -274,16 +274,20 @@ class QuotaDeliverer:
         self._recounting: dict[str, asyncio.Future[Usage]] = {}
 
     async def usage(self, maildir: str, limits: QuotaLimits) -> Usage:
-        """The mailbox's usage as ``maildirsize`` says, recalculating it when due."""
+        """The mailbox's usage as ``maildirsize`` says, recalculating it when due.
+
+        Callers that arrive during a recount wait for it, and resume in the order
+        they came (so the copies of one transaction are checked in RCPT order).
+        """
+        running = self._recounting.get(maildir)
+        if running is not None:
+            return await asyncio.shield(running)
         try:
             usage = read_usage(maildir, limits)
         except OSError:
             usage = None
         if usage is not None:
             return usage
-        running = self._recounting.get(maildir)
-        if running is not None:
-            return await asyncio.shield(running)
         fut: asyncio.Future[Usage] = asyncio.get_running_loop().create_future()
         self._recounting[maildir] = fut
         try:
