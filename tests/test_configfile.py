@@ -127,3 +127,12 @@ def test_serve_with_config_userdb_quota_and_sighup(tmp_path: Path) -> None:
     # The user's own rule replaces --quota-rule, as a userdb quota_rule does in Dovecot.
     assert (root / "x.org" / "a" / "maildirsize").read_text().startswith("2C\n0 0\n")
     assert (root / "x.org" / "b" / "maildirsize").read_text().startswith("1048576S\n")
+
+
+def test_contrib_example_config_checks(capsys: pytest.CaptureFixture[str]) -> None:
+    """contrib/delivery-executor.toml passes check-config and says what it sets."""
+    example = Path(__file__).resolve().parent.parent / "contrib" / "delivery-executor.toml"
+    code, lines, err = check(capsys, "--config", str(example))
+    assert (code, err) == (0, "")
+    assert 'userdb = ["passwd-file:/etc/dovecot/userdb"]' in lines
+    assert 'root = "/var/mail/vhosts"' in lines
