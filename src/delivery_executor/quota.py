@@ -169,6 +169,9 @@ def recalculate(maildir: str, limits: QuotaLimits) -> Usage:
     tmp = os.path.join(tmp_dir, f"{time.time():.0f}.P{os.getpid()}.{socket.gethostname()}.size")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        st = os.stat(tmp_dir)
+        if st.st_uid != 0 and os.geteuid() == 0:  # the Maildir's owner may append too
+            os.fchown(fd, st.st_uid, st.st_gid)
         os.write(fd, f"{limits.header()}\n{usage.bytes} {usage.messages}\n".encode())
     finally:
         os.close(fd)

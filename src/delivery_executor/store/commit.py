@@ -347,6 +347,8 @@ def _write_one(
         g.suffixes.append(suffix)
         close = True
         try:
+            if g.md.owner is not None:  # root delivering into a user's Maildir
+                ops.fchown(fd, g.md.owner[0], g.md.owner[1], path)
             ops.write_all(fd, parts, path)
             if keep is None:
                 err = yield ("fdatasync", fd, path)

@@ -10,6 +10,7 @@ anything else is refused (``553 5.1.3``), whatever the database said.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from ..errors import RecipientRejected, UserdbUnavailable
 from ..recipients import MailboxResolver
 from .base import UserDB, UserKey, UserRecord, expand
+from .owner import give_maildir
 
 __all__ = ["UserdbResolver", "reload_all"]
 
@@ -97,6 +99,8 @@ class UserdbResolver(MailboxResolver):
         self._records: OrderedDict[str, UserRecord] = OrderedDict()
         self.lookups = 0
         """Database lookups made (cache misses)."""
+        self._as_root = os.geteuid() == 0 and bool(self.userdbs)
+        self._owned: OrderedDict[str, None] = OrderedDict()  # Maildirs already given
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -144,10 +148,25 @@ class UserdbResolver(MailboxResolver):
                     self._cache.popitem(last=False)
         if isinstance(answer, RecipientRejected):
             raise RecipientRejected(answer.code, answer.text)
+        if self._as_root and answer not in self._owned:
+            await self._give(answer)
         # Only the folder check and existing_only touch the disk here.
         return self._with_detail(key, detail, answer, check_exists=True)
 
     # -- internals ---------------------------------------------------------
+
+    async def _give(self, path: str) -> None:
+        """Root, and the user has a uid: their Maildir is made theirs, once per path."""
+        record = self._records.get(path)
+        if record is not None and record.uid:
+            try:
+                await asyncio.to_thread(give_maildir, path, record.uid, record.gid, record.home)
+            except OSError as exc:
+                _log.error("cannot give %s to uid %d: %s", path, record.uid, exc)
+                raise RecipientRejected(_TEMPFAIL, "Cannot prepare the mailbox") from exc
+        self._owned[path] = None
+        while len(self._owned) > self.cache_size:
+            self._owned.popitem(last=False)
 
     def _key(self, address: str, smtputf8: bool) -> tuple[UserKey, str]:
         if not isinstance(address, str):
