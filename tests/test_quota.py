@@ -404,3 +404,29 @@ async def test_copies_are_checked_in_call_order_even_during_a_recount(tmp_path: 
                 return "ok"
 
             assert list(await asyncio.gather(one(), one(), one())) == ["ok", "ok", "full"]
+
+
+def test_quota_rejections_are_counted_in_metrics(tmp_path: Path) -> None:
+    """serve --quota-rule: the second message to a one-message box is 552 and counted."""
+    from delivery_executor.testing import ServerProcess, free_port
+
+    from .test_observability import scrape, value
+
+    mport = free_port()
+    args = ("--quota-rule", "*:messages=1", "--metrics", f"127.0.0.1:{mport}")
+    with ServerProcess(tmp_path / "mail", *args) as srv:
+
+        async def two() -> list[int]:
+            codes = []
+            for _ in range(2):
+                replies = await send_message(
+                    "127.0.0.1", srv.port, mail_from="s@x.org", rcpts=["a@x.org"], body=BODY
+                )
+                codes.append(replies[0].code)
+            return codes
+
+        assert asyncio.run(two()) == [250, 552]
+        samples = scrape(mport)
+        assert srv.stop() == 0
+    assert value(samples, "quota_rejected_total") == 1
+    assert value(samples, "delivered_total") == 1
