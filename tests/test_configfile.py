@@ -136,3 +136,15 @@ def test_contrib_example_config_checks(capsys: pytest.CaptureFixture[str]) -> No
     assert (code, err) == (0, "")
     assert 'userdb = ["passwd-file:/etc/dovecot/userdb"]' in lines
     assert 'root = "/var/mail/vhosts"' in lines
+
+
+def test_serve_refuses_a_bad_userdb_before_starting_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve checks --userdb and --mail-location up front: exit 2, one line, no worker started."""
+    for bad in (["--userdb", "nope:x"], ["--mail-location", "mbox:~/mail"]):
+        code = main(["serve", "--root", str(tmp_path / "m"), "--workers", "2", *bad])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert len(err.strip().splitlines()) == 1 and err.startswith("delivery-executor serve:")
+    assert not (tmp_path / "m").exists()

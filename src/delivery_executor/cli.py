@@ -413,8 +413,9 @@ def _serve(args: argparse.Namespace, check: _Parser | None = None) -> int:
         **userdb_options.config_fields(args),
     )
     try:
+        _check_userdb(config)  # here, not in each worker: a bad value exits 2, in one line
         if check is not None:
-            return _check_config(check, args, config)
+            return _check_config(check, args)
         return run_server(config)
     except (StartupError, ValueError, TypeError) as exc:
         # Start-up only: once serving, run_server returns a status. Exit 2, as
@@ -449,13 +450,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(args, commands[command] if command == "check-config" else None)
 
 
-def _check_config(parser: _Parser, args: argparse.Namespace, config: object) -> int:
-    """What check-config does once the ServerConfig is built: the checks that need no
-    side effects (user databases, quota rules, handler), then the settings as TOML."""
-    from .server.core import load_handler_factory
+def _check_userdb(config: object) -> None:
+    """``ValueError`` for a bad ``--userdb`` (kind, path, query, package) or mail location."""
     from .userdb import resolver_for
 
-    resolver_for(config)  # every --userdb opens (kind, path, query, package); rules: argparse
+    resolver_for(config)  # builds, reads nothing; quota rules were checked by argparse
+
+
+def _check_config(parser: _Parser, args: argparse.Namespace) -> int:
+    """What check-config does once the ServerConfig is built and checked: the handler
+    factory is imported, then the settings are printed as TOML."""
+    from .server.core import load_handler_factory
+
     if args.handler is not None:
         load_handler_factory(args.handler)
     for line in configfile.effective_settings(parser, args):
