@@ -288,3 +288,17 @@ async def test_server_config_builds_a_userdb_resolver(tmp_path: Path) -> None:
     assert isinstance(r, UserdbResolver)
     assert await r.aresolve("a@x.org") == f"{tmp_path}/x.org/a/M"
     assert resolver_for(ServerConfig(root=tmp_path)) is None
+
+
+async def test_bounded_cache_keeps_the_record_of_every_answer_it_serves(tmp_path: Path) -> None:
+    """With cache_size=2, a cached path whose record was evicted is looked up again."""
+    p = passwd(
+        tmp_path, "".join(f"{u}@x.org:::::::userdb_quota_rule=*:messages=9\n" for u in "abc")
+    )
+    r = UserdbResolver(tmp_path, userdbs=[PasswdFile(str(p))], cache_size=2)
+    paths = [await r.aresolve(f"{u}@x.org") for u in "abc"]
+    assert len(r._cache) == 2 and len(r._records) == 2
+    for path, u in zip(paths, "abc", strict=True):
+        assert await r.aresolve(f"{u}@x.org") == path
+        record = r.record(path)
+        assert record is not None and record.quota_rule == "*:messages=9"

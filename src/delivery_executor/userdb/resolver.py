@@ -137,7 +137,8 @@ class UserdbResolver(MailboxResolver):
         key, detail = self._key(address, smtputf8)
         now = time.monotonic()
         hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
+        # A path whose record fell out of _records is looked up again: quota needs it.
+        if hit is not None and hit[0] > now and self._has_record(hit[1]):
             answer = hit[1]
         else:
             answer = await self._lookup(key)
@@ -154,6 +155,14 @@ class UserdbResolver(MailboxResolver):
         return self._with_detail(key, detail, answer, check_exists=True)
 
     # -- internals ---------------------------------------------------------
+
+    def _has_record(self, answer: str | RecipientRejected) -> bool:
+        if isinstance(answer, RecipientRejected):
+            return True
+        if answer in self._records:
+            self._records.move_to_end(answer)
+            return True
+        return False
 
     async def _give(self, path: str) -> None:
         """Root, and the user has a uid: their Maildir is made theirs, once per path."""
