@@ -302,3 +302,18 @@ async def test_bounded_cache_keeps_the_record_of_every_answer_it_serves(tmp_path
         assert await r.aresolve(f"{u}@x.org") == path
         record = r.record(path)
         assert record is not None and record.quota_rule == "*:messages=9"
+
+
+async def test_cdb_map_as_postmap_writes_it(tmp_path: Path) -> None:
+    """A cdb: map (keys and values without NUL, as Postfix writes them) answers like texthash."""
+    cdblib = pytest.importorskip("cdblib")
+    with (tmp_path / "vmailbox.cdb").open("wb") as f, cdblib.Writer(f) as w:
+        w.put(b"a@x.org", b"x.org/a/")
+        w.put(b"@y.org", b"y.org/all/")
+    db = open_userdb(f"cdb:{tmp_path / 'vmailbox'}")
+    try:
+        assert await db.lookup(UserKey("a", "x.org", "ext")) == UserRecord(mail="x.org/a/")
+        assert await db.lookup(UserKey("q", "y.org")) == UserRecord(mail="y.org/all/")
+        assert await db.lookup(UserKey("q", "x.org")) is None
+    finally:
+        await db.aclose()

@@ -5,8 +5,8 @@ as through ``serve --userdb``; :class:`UserdbResolver` plugs them into the
 handler's recipient checks.
 
 - ``passwd-file:PATH``: Dovecot's passwd-file (:class:`PasswdFile`);
-- ``texthash:PATH``, ``lmdb:PATH``: Postfix ``virtual_mailbox_maps``
-  (:class:`TexthashMap`, :class:`LmdbMap`);
+- ``texthash:PATH``, ``lmdb:PATH``, ``cdb:PATH``: Postfix ``virtual_mailbox_maps``
+  (:class:`TexthashMap`, :class:`LmdbMap`, :class:`CdbMap`);
 - ``sql:sqlite:///PATH``, ``sql:postgresql://...`` with a query
   (:class:`SqliteUserdb`, :class:`PostgresUserdb`).
 """
@@ -18,11 +18,12 @@ from typing import Any
 from ..quota import QuotaDeliverer
 from .base import UserDB, UserKey, UserRecord, expand, parse_fields
 from .passwd import PasswdFile
-from .postfix import LmdbMap, TexthashMap
+from .postfix import CdbMap, LmdbMap, TexthashMap
 from .resolver import UserdbResolver, reload_all
 from .sql import PostgresUserdb, SqliteUserdb, sql_userdb
 
 __all__ = [
+    "CdbMap",
     "LmdbMap",
     "PasswdFile",
     "PostgresUserdb",
@@ -40,7 +41,7 @@ __all__ = [
     "resolver_for",
 ]
 
-KINDS = ("passwd-file", "texthash", "lmdb", "sql")
+KINDS = ("passwd-file", "texthash", "lmdb", "cdb", "sql")
 
 
 def open_userdb(
@@ -67,6 +68,8 @@ def open_userdb(
             return TexthashMap(arg, delimiter=delim)
         if kind == "lmdb":
             return LmdbMap(arg, delimiter=delim)
+        if kind == "cdb":
+            return CdbMap(arg, delimiter=delim)
         return sql_userdb(arg, user_query)
     except ImportError as exc:
         raise ValueError(

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--userdb",
         action="append",
         metavar="KIND:ARG",
-        help="passwd-file:PATH, texthash:PATH, lmdb:PATH or sql:URL (sqlite:///PATH,"
+        help="passwd-file:PATH, texthash:PATH, lmdb:PATH, cdb:PATH or sql:URL (sqlite:///PATH,"
         " postgresql://...); repeatable, tried in order; unknown users get 550 5.1.1",
     )
     g.add_argument(

@@ -1,4 +1,4 @@
-"""Postfix ``virtual_mailbox_maps`` as a user database: ``texthash:`` and ``lmdb:``.
+"""Postfix ``virtual_mailbox_maps`` as a user database: ``texthash:``, ``lmdb:``, ``cdb:``.
 
 Semantics are those of Postfix's ``virtual(8)``: keys are looked up as
 ``user+ext@domain`` (when the address had an extension), ``user@domain``,
@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import UserdbUnavailable
 from .base import UserKey, UserRecord
 
-__all__ = ["LmdbMap", "TexthashMap", "parse_texthash"]
+__all__ = ["CdbMap", "LmdbMap", "TexthashMap", "parse_texthash"]
 
 
 def _candidates(key: UserKey, delimiter: str) -> Iterator[str]:
@@ -158,6 +158,44 @@ class LmdbMap(_PostfixMap):
             value = txn.get(raw + b"\0")
             if value is None:
                 value = txn.get(raw)
+        if value is None:
+            return None
+        return bytes(value).rstrip(b"\0").decode("utf-8", "replace")
+
+
+class CdbMap(_PostfixMap):
+    """``cdb:PATH``: the ``PATH.cdb`` file ``postmap cdb:PATH`` writes, memory-mapped.
+
+    Needs the ``pure-cdb`` package (``pip install delivery-executor[userdb]``).
+    Postfix's cdb keys and values have no NUL; keys with one are found too.
+    ``PATH`` may be given with or without its ``.cdb``.
+    """
+
+    kind = "cdb"
+
+    def __init__(self, path: str, *, delimiter: str = "+") -> None:
+        import cdblib  # noqa: F401  (fail at configuration time if missing)
+
+        super().__init__(path if path.endswith(".cdb") else path + ".cdb", delimiter=delimiter)
+        self._reader: Any = None
+
+    async def aclose(self) -> None:
+        """Unmap the file."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    async def _load(self) -> None:
+        import cdblib
+
+        await self.aclose()
+        self._reader = cdblib.Reader.from_file_path(self.path)
+
+    def _get(self, key: str) -> str | None:
+        raw = key.encode()
+        value = self._reader.get(raw)
+        if value is None:
+            value = self._reader.get(raw + b"\0")
         if value is None:
             return None
         return bytes(value).rstrip(b"\0").decode("utf-8", "replace")
