@@ -17,6 +17,9 @@ Replies:
   ``451 4.3.0`` (the client retries; copies that did land may be duplicated,
   none is lost).
 - A message over ``max_message_size``: ``552 5.3.4`` (per recipient in LMTP).
+- A full mailbox (executor wrapped in a :class:`~delivery_executor.quota.QuotaDeliverer`):
+  ``552 5.2.2`` or ``452 4.2.2`` for that recipient, at DATA or, with
+  ``check_at_rcpt``, at RCPT.
 
 On disk each copy has LF line ends by default (``line_endings="lf"``, as
 Dovecot's ``mail_save_crlf=no`` and Postfix's local delivery store mail); the
