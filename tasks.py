@@ -37,7 +37,7 @@ def ensure_venv() -> None:
     if not (BIN / "python").exists():
         _run(sys.executable, "-m", "venv", VENV)
     _run(BIN / "python", "-m", "pip", "install", "-q", "--upgrade", "pip")
-    _run(BIN / "python", "-m", "pip", "install", "-q", "-e", ".[dev,bench,metrics]")
+    _run(BIN / "python", "-m", "pip", "install", "-q", "-e", ".[dev,bench,metrics,userdb]")
     stamp.write_text(want)
 
 

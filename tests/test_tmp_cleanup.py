@@ -16,7 +16,7 @@ from delivery_executor.server import ServerConfig
 from delivery_executor.server.core import serve
 from delivery_executor.server.listeners import ListenSpec
 from delivery_executor.server.signals import Running
-from delivery_executor.server.tmp_cleanup import CLEAN_INTERVAL, CleaningResolver, TmpCleaner
+from delivery_executor.server.tmp_cleanup import CLEAN_INTERVAL, TmpCleaner
 from delivery_executor.store import names
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,10 +77,10 @@ async def test_serve_removes_stale_tmp_files_at_first_delivery_and_counts_them(
         running = await asyncio.wait_for(asyncio.shield(ready), 20)
         port = running.listeners[0].sock.getsockname()[1]
         handler = running.sessions.handler
-        resolver = getattr(handler, "resolver", None)
-        assert isinstance(resolver, CleaningResolver)
+        cleaner = getattr(handler, "watcher", None)
+        assert isinstance(cleaner, TmpCleaner)
         assert (await _deliver(port, "alice@example.org")).startswith("250")
-        await asyncio.to_thread(resolver.cleaner.wait, 10)
+        await asyncio.to_thread(cleaner.wait, 10)
         left = sorted(p.name for p in (md.path / "tmp").iterdir())
         assert left == sorted([files["new-mine"].name, files["new-theirs"].name])
         assert len(md.scan_new()) == 1
@@ -90,7 +90,7 @@ async def test_serve_removes_stale_tmp_files_at_first_delivery_and_counts_them(
         late.write_bytes(b"x")
         os.utime(late, (time.time() - 40 * HOUR,) * 2)
         assert (await _deliver(port, "alice@example.org")).startswith("250")
-        await asyncio.to_thread(resolver.cleaner.wait, 10)
+        await asyncio.to_thread(cleaner.wait, 10)
         assert late.exists()
         assert take_snapshot(running.executor, handler, running.sessions).tmp_cleaned == 2
     finally:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+from . import configfile
 from ._version import __version__
 from .executor import (
     DEFAULT_MAX_BATCH,
@@ -34,6 +35,7 @@ from .smtp.sessions import (
     trusted_networks_option,
 )
 from .store.commit import SYNC_MODES
+from .userdb import options as userdb_options
 
 __all__ = ["main"]
 
@@ -309,11 +311,17 @@ def _add_hostile_load(p: argparse.ArgumentParser) -> None:
 # -- end of the deployment options
 
 
-def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run a durable Maildir delivery server (LMTP or SMTP)",
-        formatter_class=_Help,
+def _add_serve(
+    sub: argparse._SubParsersAction[_Parser],
+    name: str = "serve",
+    help: str = "run a durable Maildir delivery server (LMTP or SMTP)",
+) -> _Parser:
+    p = sub.add_parser(name, help=help, formatter_class=_Help)
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file whose keys are these long options (max_size = 1000000,"
+        ' listen = ["unix:/run/de/lmtp"]); options given here override it',
     )
     p.add_argument("--root", type=Path, default=Path("maildirs"), help="root of all Maildirs")
     _add_listeners(p)
@@ -364,17 +372,21 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     _add_deploy(p)
     _add_conventions(p)
     _add_hostile_load(p)
+    userdb_options.add_arguments(p)
+    return p
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, check: _Parser | None = None) -> int:
+    """Run ``serve``; with ``check`` (check-config), validate and print the settings instead."""
     from .server import ServerConfig, run_server
 
-    try:
-        log_file = _log_handler(args.log_file)
-    except StartupError as exc:
-        print(f"delivery-executor serve: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(args.log_level, args.log_format, handler=log_file)
+    if check is None:
+        try:
+            log_file = _log_handler(args.log_file)
+        except StartupError as exc:
+            print(f"delivery-executor serve: {exc}", file=sys.stderr)
+            return 2
+        configure_logging(args.log_level, args.log_format, handler=log_file)
     if args.detail_to_folder and not args.recipient_delimiter:
         print("delivery-executor serve: --detail-to-folder needs --recipient-delimiter",
               file=sys.stderr)  # fmt: skip
@@ -420,13 +432,18 @@ def _serve(args: argparse.Namespace) -> int:
         min_rate=args.min_rate,
         max_pending_bytes=args.max_pending_bytes,
         trusted_networks=args.trusted_networks,
+        **userdb_options.config_fields(args),
     )
     try:
+        _check_userdb(config)  # here, not in each worker: a bad value exits 2, in one line
+        if check is not None:
+            return _check_config(check, args)
         return run_server(config)
     except (StartupError, ValueError, TypeError) as exc:
         # Start-up only: once serving, run_server returns a status. Exit 2, as
         # for a bad option value: the configuration needs fixing (README).
-        print(f"delivery-executor serve: {exc}", file=sys.stderr)
+        command = "serve" if check is None else "check-config"
+        print(f"delivery-executor {command}: {exc}", file=sys.stderr)
         return 2
 
 
@@ -436,6 +453,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="delivery-executor", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve(sub)
+    commands = {
+        "serve": _add_serve(sub),
+        "check-config": _add_serve(
+            sub, "check-config", "check serve's settings (--config FILE and flags), print them"
+        ),
+    }
     args = parser.parse_args(argv)
-    return _serve(args)
+    command = args.command
+    if args.config is not None:
+        try:  # the file first, then the flags after the command on top
+            args = configfile.merged_args(
+                commands[command], args.config, argv[argv.index(command) + 1 :]
+            )
+        except ValueError as exc:
+            print(f"delivery-executor {command}: {exc}", file=sys.stderr)
+            return 2
+    return _serve(args, commands[command] if command == "check-config" else None)
+
+
+def _check_userdb(config: object) -> None:
+    """``ValueError`` for a bad ``--userdb`` (kind, path, query, package) or mail location."""
+    from .userdb import resolver_for
+
+    resolver_for(config)  # builds, reads nothing; quota rules were checked by argparse
+
+
+def _check_config(parser: _Parser, args: argparse.Namespace) -> int:
+    """What check-config does once the ServerConfig is built and checked: the handler
+    factory is imported, then the settings are printed as TOML."""
+    from .server.core import load_handler_factory
+
+    if args.handler is not None:
+        load_handler_factory(args.handler)
+    for line in configfile.effective_settings(parser, args):
+        print(line)
+    return 0

@@ -14,8 +14,10 @@ __all__ = [
     "InvalidMaildirPath",
     "InvalidMessageId",
     "MessageTooLarge",
+    "QuotaExceeded",
     "RecipientRejected",
     "TooManyParts",
+    "UserdbUnavailable",
 ]
 
 
@@ -71,3 +73,18 @@ class RecipientRejected(DeliveryError, ValueError):
     def reply(self) -> str:
         """The SMTP reply line: ``"<code> <text>"``."""
         return f"{self.code} {self.text}"
+
+
+class UserdbUnavailable(DeliveryError, OSError):
+    """A user database could not answer (file unreadable, database down).
+
+    The recipient is deferred (``451 4.3.0``), never treated as unknown.
+    """
+
+
+class QuotaExceeded(DeliveryError):
+    """A mailbox is over its quota; carries the SMTP reply (``552 5.2.2`` or ``452 4.2.2``)."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply

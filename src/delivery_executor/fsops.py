@@ -92,6 +92,14 @@ class FsOps:
         except OSError as exc:
             raise _with_path(exc, path) from None
 
+    def fchown(self, fd: int, uid: int, gid: int, path: str) -> None:
+        """``fchown(2)``: give a new file to its Maildir's owner (when running as root)."""
+        try:
+            os.fchown(fd, uid, gid)
+        except OSError as exc:
+            exc.filename = path
+            raise
+
     def mkdir(self, path: str) -> None:
         """``mkdir(path, 0o700)``; the caller fsyncs the parent to make it durable."""
         os.mkdir(path, 0o700)

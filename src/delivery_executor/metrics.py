@@ -6,8 +6,8 @@ a scrape takes a :class:`Snapshot` of them on the event loop and renders it
 with ``prometheus_client``'s metric families. Exposed (prefix ``delivery_executor_``):
 
 - counters ``delivered_total``, ``failed_total``, ``rcpt_rejected_total``,
-  ``syncs_total``, ``refused_connections_total``, ``tmp_cleaned_total``,
-  ``duplicates_total``;
+  ``quota_rejected_total``, ``syncs_total``, ``refused_connections_total``,
+  ``tmp_cleaned_total``, ``duplicates_total``;
 - histograms ``batch_size`` (messages per batch), ``flush_seconds`` (per batch
   write), ``delivery_seconds`` (per copy, end of DATA to durable);
 - gauges ``connections``, ``queue_depth`` (requests accepted and not yet being
@@ -113,6 +113,7 @@ class Snapshot:
     delivered: int = 0
     failed: int = 0
     rcpt_rejected: int = 0
+    quota_rejected: int = 0
     syncs: int = 0
     refused_connections: int = 0
     tmp_cleaned: int = 0
@@ -181,9 +182,10 @@ def take_snapshot(executor: DeliveryExecutor, handler: object, factory: object) 
         delivered=stats.delivered,
         failed=failed_copies(stats.failed, handler),
         rcpt_rejected=int(getattr(handler, "rcpt_rejected", 0)),
+        quota_rejected=int(getattr(handler, "quota_rejected", 0)),
         syncs=stats.syncs,
         refused_connections=int(getattr(factory, "refused", 0)),
-        tmp_cleaned=int(getattr(getattr(handler, "resolver", None), "tmp_cleaned", 0)),
+        tmp_cleaned=int(getattr(getattr(handler, "watcher", None), "removed", 0)),
         duplicates=int(getattr(getattr(handler, "duplicates", None), "suppressed", 0)),
         batch_size=_bucketize(stats.batch_sizes),
         flush_seconds=stats.flush_seconds,
@@ -254,6 +256,7 @@ class DeliveryCollector:
             ("delivered", "Copies made durable and acknowledged."),
             ("failed", "Copies whose delivery failed (answered 451)."),
             ("rcpt_rejected", "Recipients refused at RCPT."),
+            ("quota_rejected", "Recipients refused because their mailbox is full."),
             ("syncs", "fdatasync/fsync/syncfs calls made."),
             ("refused_connections", "Connections refused over --max-connections."),
             ("tmp_cleaned", "Stale files (over 36 h old) removed from Maildirs' tmp/."),

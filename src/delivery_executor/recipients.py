@@ -160,6 +160,11 @@ class MailboxResolver:
                 return folder
         return path
 
+    async def aresolve(self, address: str, *, smtputf8: bool = False) -> str:
+        """:meth:`resolve` for async callers; subclasses that do I/O (user
+        databases, :mod:`delivery_executor.userdb`) override it."""
+        return self.resolve(address, smtputf8=smtputf8)
+
     # -- internals ---------------------------------------------------------
 
     def _split(self, address: str, smtputf8: bool) -> tuple[str, str, str]:

@@ -41,6 +41,7 @@ from ..smtp.sessions import (
     DEFAULT_TRUSTED_NETWORKS,
 )
 from ..store import SyncMode
+from ..userdb import UserdbResolver, quota_for, resolver_for
 from .checks import StartupError
 from .identity import banner, default_hostname
 from .listeners import (
@@ -54,7 +55,7 @@ from .listeners import (
 from .loops import default_loop
 from .signals import Running
 from .tls import TlsManager, tls_for
-from .tmp_cleanup import CleaningResolver, TmpCleaner
+from .tmp_cleanup import TmpCleaner
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -143,6 +144,27 @@ class ServerConfig:
     """Bytes held in DATA across sessions; ``None``: 4 × ``max_message_size``."""
     trusted_networks: tuple[str, ...] = DEFAULT_TRUSTED_NETWORKS
     """Peers (CIDRs) exempt from the per-peer cap and ``min_rate``; Unix sockets always are."""
+    # -- user database and quota (see delivery_executor.userdb, .quota)
+    userdb: Sequence[str] = ()
+    """``passwd-file:PATH``, ``texthash:PATH``, ``lmdb:PATH``, ``sql:URL``: tried in order."""
+    userdb_default_fields: str = ""
+    """``"uid=vmail home=/var/mail/%d/%n"``: fields a passwd-file line leaves out."""
+    user_query: str | None = None
+    """SQL for ``sql:`` userdbs, with ``$1`` for the address."""
+    mail_location: str | None = None
+    """Dovecot's ``mail_location`` (``%d/%n/Maildir``, ``maildir:~/Maildir``)."""
+    mail_home: str | None = None
+    """Home template (``/var/mail/%d/%n``) for users the userdb gives none."""
+    userdb_cache_ttl: float = 5.0
+    """Seconds a lookup's answer is reused server-wide (0: never)."""
+    quota_rule: str | None = None
+    """Default Dovecot quota rule (``*:storage=1G``) for users whose record has none."""
+    quota_grace: float = 0.10
+    """Fraction of the storage limit one delivery may go past (Dovecot 2.3's 10 %)."""
+    quota_full_tempfail: bool = False
+    """Answer a full mailbox with ``452 4.2.2`` instead of ``552 5.2.2``."""
+    quota_check_at_rcpt: bool = False
+    """Refuse a full mailbox already at RCPT (with ``SIZE=`` from MAIL FROM)."""
 
 
 @dataclass(frozen=True)
@@ -198,9 +220,8 @@ def _executor(config: ServerConfig) -> DeliveryExecutor:
 def _handler(
     config: ServerConfig, executor: DeliveryExecutor, hostname: str, cleaner: TmpCleaner
 ) -> tuple[object, MailboxResolver]:
-    resolver = CleaningResolver(
+    resolver = resolver_for(config) or MailboxResolver(
         config.root,
-        cleaner=cleaner,
         domains=config.domains,
         recipient_delimiter=config.recipient_delimiter,
         existing_only=config.existing_only,
@@ -209,13 +230,14 @@ def _handler(
     if config.handler is not None:
         return load_handler_factory(config.handler)(executor, resolver, config), resolver
     handler = DeliveryHandler(
-        executor,
+        quota_for(config, executor, resolver) or executor,
         resolver,
         max_message_size=config.max_message_size,
         add_headers=config.add_headers,
         hostname=hostname,
         line_endings=config.line_endings,
         duplicate_window=config.duplicate_window,
+        watcher=cleaner,
     )
     return handler, resolver
 
@@ -327,7 +349,7 @@ async def _serve(
     executor = _executor(config)
     hostname = config.hostname or default_hostname()  # once: greeting and Received lines
     cleaner = TmpCleaner()  # tmp/ leftovers of killed writes, off the loop (see .tmp_cleanup)
-    handler, _ = _handler(config, executor, hostname, cleaner)
+    handler, resolver = _handler(config, executor, hostname, cleaner)
     factory = _sessions(config, handler, hostname, tls, loop)
     try:
         await executor.start()  # the writer helper answers, or we say why now
@@ -357,6 +379,8 @@ async def _serve(
     await asyncio.to_thread(cleaner.close)  # a cleanup under way finishes; queued ones are dropped
     if metrics is not None:  # after the drain: a worker's last snapshot counts everything
         await metrics.aclose()
+    if isinstance(resolver, UserdbResolver):
+        await resolver.aclose()
     stats = executor.stats()
     return ServerSummary(
         delivered=stats.delivered,

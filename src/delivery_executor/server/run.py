@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .. import userdb
 from ..logs import logs_to_file
 from ..metrics import WorkerMetrics, start_worker_metrics
 from . import notify, signals
@@ -90,6 +91,8 @@ class _Controls:
     def reload(self) -> None:
         count = signals.reopen_log_files()
         _log.info("SIGHUP: reopened %d log file(s)", count)
+        if userdb.reload_all():
+            _log.info("SIGHUP: user databases will be read again")
         if self.running is not None:
             self.running.reload_tls()
 

@@ -7,9 +7,10 @@ than 36 hours, Dovecot's rule, whichever host named it; see that method for
 shared roots) the first time this process delivers to a Maildir, then at most
 once per :data:`CLEAN_INTERVAL` per Maildir. The scan runs in one background
 thread, never on the event loop; a recipient costs the loop one clock read
-and one dict lookup. :class:`CleaningResolver` is the
-:class:`~.recipients.MailboxResolver` that tells the cleaner which Maildirs are
-in use (at RCPT, where each recipient's Maildir is resolved).
+and one dict lookup. ``serve`` passes it to the
+:class:`~delivery_executor.smtp.DeliveryHandler` as its ``watcher``, which
+notes each accepted recipient's Maildir at RCPT, whatever resolved it (the
+plain layout, a mail location or a user database).
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
-from ..recipients import MailboxResolver
 from ..store import Maildir
 
-__all__ = ["CLEAN_INTERVAL", "CleaningResolver", "TmpCleaner"]
+__all__ = ["CLEAN_INTERVAL", "TmpCleaner"]
 
 _log = logging.getLogger("delivery_executor.server")
 
@@ -89,22 +88,3 @@ class TmpCleaner:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-
-class CleaningResolver(MailboxResolver):
-    """A :class:`MailboxResolver` that notes each resolved Maildir with a :class:`TmpCleaner`."""
-
-    def __init__(self, root: str | os.PathLike[str], *, cleaner: TmpCleaner, **kwargs: Any) -> None:
-        super().__init__(root, **kwargs)
-        self.cleaner = cleaner
-
-    @property
-    def tmp_cleaned(self) -> int:
-        """Files the cleaner has removed from ``tmp/`` (the metric reads it here)."""
-        return self.cleaner.removed
-
-    def resolve(self, address: str, *, smtputf8: bool = False, check_exists: bool = True) -> str:
-        """As :meth:`MailboxResolver.resolve`; the Maildir's ``tmp/`` is cleaned if due."""
-        path = super().resolve(address, smtputf8=smtputf8, check_exists=check_exists)
-        self.cleaner.note(path)
-        return path

@@ -17,6 +17,9 @@ Replies:
   ``451 4.3.0`` (the client retries; copies that did land may be duplicated,
   none is lost).
 - A message over ``max_message_size``: ``552 5.3.4`` (per recipient in LMTP).
+- A full mailbox (executor wrapped in a :class:`~delivery_executor.quota.QuotaDeliverer`):
+  ``552 5.2.2`` or ``452 4.2.2`` for that recipient, at DATA or, with
+  ``check_at_rcpt``, at RCPT.
 
 On disk each copy has LF line ends by default (``line_endings="lf"``, as
 Dovecot's ``mail_save_crlf=no`` and Postfix's local delivery store mail); the
@@ -42,7 +45,7 @@ import re
 import socket
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol, TypeAlias
 
 from aiosmtpd.lmtp import LMTP
@@ -53,6 +56,7 @@ from ..errors import (
     ExecutorClosed,
     InvalidMaildirPath,
     MessageTooLarge,
+    QuotaExceeded,
     RecipientRejected,
 )
 from ..executor import DeliveryExecutor
@@ -92,6 +96,14 @@ _FAILURE_TEXT: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
+class MailboxWatcher(Protocol):
+    """Told each Maildir path a recipient was accepted for (``serve``'s ``tmp/`` cleanup)."""
+
+    def note(self, path: str, /) -> None:
+        """``path`` will be delivered to; must return at once (it runs on the loop)."""
+        ...
+
+
 class Deliverer(Protocol):
     """Anything with ``await deliver(path, body)`` returning the stored name (str-able)."""
 
@@ -119,6 +131,14 @@ def _clean(text: str | None, default: str = "unknown", limit: int = 255) -> str:
     if text.isascii() and text.isprintable():  # the common case, in C
         return text
     return "".join(c for c in text if " " <= c < "\x7f") or default
+
+
+def _mail_size(mail_options: list[str]) -> int:
+    """``SIZE=`` of MAIL FROM (RFC 1870), else 0."""
+    for opt in mail_options:
+        if opt[:5].upper() == "SIZE=" and opt[5:].isdigit():
+            return int(opt[5:])
+    return 0
 
 
 _BARE_CR = re.compile(rb"\r(?!\n)")
@@ -177,6 +197,8 @@ class DeliveryHandler:
         duplicate_window: seconds (0: off, the default); a message whose
             ``Message-ID`` the same Maildir got within it is answered ``250``
             and not stored again (:mod:`.duplicates`).
+        watcher: its ``note(path)`` is called with the Maildir of each accepted
+            recipient, at RCPT.
 
     With a :class:`DeliveryExecutor` a message is held once, whatever the
     number of recipients: each copy is its own small header block followed by
@@ -197,6 +219,7 @@ class DeliveryHandler:
         hostname: str | None = None,
         line_endings: LineEndings = "lf",
         duplicate_window: float = 0.0,
+        watcher: MailboxWatcher | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(getattr(executor, "deliver", None)):
             raise TypeError(
@@ -223,7 +246,11 @@ class DeliveryHandler:
         self._lf = line_endings == "lf"
         self._eol = "\n" if self._lf else "\r\n"
         # Our executor takes (headers, body) tuples and writes them with writev.
-        self._parts = isinstance(executor, DeliveryExecutor)
+        self._parts = isinstance(executor, DeliveryExecutor) or (
+            getattr(executor, "takes_parts", False) is True  # e.g. quota.QuotaDeliverer
+        )
+        check = getattr(executor, "check", None) if getattr(executor, "check_at_rcpt", 0) else None
+        self._rcpt_quota: Callable[[str, int], Awaitable[str | None]] | None = check
         self._ids = itertools.count()
         # Each envelope's (resolved path, ORCPT address or ""), in RCPT order:
         # resolved once, at RCPT.
@@ -241,6 +268,9 @@ class DeliveryHandler:
         """Set by ``serve`` when a stop begins: MAIL gets :data:`SHUTTING_DOWN` and the
         connection is closed."""
         self.duplicates = None if not duplicate_window else DuplicateFilter(duplicate_window)
+        self.watcher = watcher
+        self.quota_rejected = 0
+        """Recipients refused because their mailbox is full (at RCPT or DATA)."""
         self.delivery_seconds = Buckets()
         """Per delivered copy: seconds from the end of DATA until the copy was durable."""
 
@@ -304,7 +334,7 @@ class DeliveryHandler:
             self.rcpt_rejected += 1
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients})"
         try:
-            path = self.resolver.resolve(address, smtputf8=envelope.smtp_utf8)
+            path = await self.resolver.aresolve(address, smtputf8=envelope.smtp_utf8)
         except RecipientRejected as exc:
             self.rcpt_rejected += 1
             return exc.reply
@@ -317,6 +347,14 @@ class DeliveryHandler:
             # Headers stay ASCII here: a non-ASCII address with its letters
             # dropped would name someone else, so X-Original-To is the RCPT.
             orcpt = ""
+        if self._rcpt_quota is not None:
+            refusal = await self._rcpt_quota(path, _mail_size(envelope.mail_options))
+            if refusal is not None:
+                self.rcpt_rejected += 1
+                self.quota_rejected += 1
+                return refusal
+        if self.watcher is not None:
+            self.watcher.note(path)
         envelope.rcpt_tos.append(address)  # aiosmtpd leaves this to the handler
         envelope.rcpt_options.extend(rcpt_options)
         self._paths.setdefault(envelope, []).append((path, orcpt))
@@ -413,7 +451,10 @@ class DeliveryHandler:
             res, done = (item, 0.0) if isinstance(item, BaseException) else item
             if isinstance(res, BaseException):
                 self.rejected += 1
-                self.failed += 1
+                if isinstance(res, QuotaExceeded):
+                    self.quota_rejected += 1
+                else:
+                    self.failed += 1
                 replies.append(self._failure(rcpt, res))
                 continue
             if at in found and dups is not None:
@@ -447,7 +488,10 @@ class DeliveryHandler:
 
     @staticmethod
     def _failure(rcpt: str, exc: BaseException) -> str:
-        """The ``451`` for one failed copy; the log has the detail, the reply a plain reason."""
+        """The reply for one failed copy: the quota's own, else ``451`` with a plain reason
+        (the log has the detail)."""
+        if isinstance(exc, QuotaExceeded):  # "552 5.2.2 <rcpt> Quota exceeded (...)"
+            return f"{exc.reply[:9]} <{rcpt}>{exc.reply[9:]}"
         if isinstance(exc, OSError):
             _log.error("delivery to <%s> failed: %s", rcpt, exc)
             reason = os.strerror(exc.errno) if exc.errno else "I/O error"

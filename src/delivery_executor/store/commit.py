@@ -72,6 +72,10 @@ class MaildirTarget(Protocol):
     def new_prefix(self) -> str:
         """``<path>/new/``."""
 
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """``(uid, gid)`` new files are given (root delivering for a user), or None."""
+
 
 __all__ = [
     "AUTO_SYNCFS_MIN_FILES",
@@ -423,6 +427,8 @@ def _write_one(
         g.suffixes.append(suffix)
         close = True
         try:
+            if g.md.owner is not None:  # root delivering into a user's Maildir
+                ops.fchown(fd, g.md.owner[0], g.md.owner[1], path)
             ops.write_all(fd, parts, path)
             if keep is None:
                 err = yield ("fdatasync", fd, path)

@@ -83,7 +83,7 @@ class Maildir:
     Instances are immutable and safe to share between threads.
     """
 
-    __slots__ = ("cur_prefix", "dev", "new_prefix", "path", "tmp_prefix")
+    __slots__ = ("cur_prefix", "dev", "new_prefix", "owner", "path", "tmp_prefix")
 
     path: Path
     """The Maildir's root, absolute."""
@@ -95,10 +95,15 @@ class Maildir:
     """``<root>/new/``."""
     cur_prefix: str
     """``<root>/cur/``."""
+    owner: tuple[int, int] | None
+    """``(uid, gid)`` each new file is given, or ``None`` (the creator's): set when
+    this process is root and ``tmp/`` belongs to another user, so that mail in
+    a user's Maildir is theirs (per-user uid/gid, as Dovecot does)."""
 
-    def __init__(self, root: str, dev: int) -> None:
+    def __init__(self, root: str, dev: int, owner: tuple[int, int] | None = None) -> None:
         self.path = Path(root)
         self.dev = dev
+        self.owner = owner
         self.tmp_prefix = os.path.join(root, "tmp") + os.sep
         self.new_prefix = os.path.join(root, "new") + os.sep
         self.cur_prefix = os.path.join(root, "cur") + os.sep
@@ -146,13 +151,16 @@ class Maildir:
     @classmethod
     def _checked(cls, root: str) -> Maildir:
         dev = 0
+        owner = None
         for sub in ("cur", "tmp", "new"):
             d = os.path.join(root, sub)
             st = os.stat(d)
             if not stat.S_ISDIR(st.st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), d)
             dev = st.st_dev
-        return cls(root, dev)
+            if sub == "tmp" and st.st_uid != 0 and os.geteuid() == 0:
+                owner = (st.st_uid, st.st_gid)
+        return cls(root, dev, owner)
 
     @classmethod
     def cached(cls, path: str | os.PathLike[str], *, ops: FsOps = OS_OPS) -> Maildir:

@@ -1,0 +1,432 @@
+"""Maildir++ quota: rules, maildirsize upkeep, per-recipient refusals, and Dovecot reading it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from delivery_executor import DeliveryExecutor, Maildir
+from delivery_executor.errors import QuotaExceeded
+from delivery_executor.quota import (
+    QuotaDeliverer,
+    QuotaLimits,
+    Usage,
+    parse_quota_rule,
+    read_usage,
+    recalculate,
+)
+from delivery_executor.server.core import ServerConfig
+from delivery_executor.smtp import DeliveryHandler, SessionFactory
+from delivery_executor.testing import send_message
+from delivery_executor.userdb import PasswdFile, UserdbResolver, quota_for
+
+from .helpers import files_in
+
+pytestmark = [pytest.mark.timeout(120)]
+
+BODY = b"Subject: q\r\n\r\n" + b"x" * 980 + b"\r\n"
+
+
+def test_parse_quota_rule_units_and_errors() -> None:
+    """Dovecot's syntax: storage in KiB unless a unit, bytes, messages, ignore; bad: ValueError."""
+    assert parse_quota_rule("*:storage=1G") == QuotaLimits(1 << 30, None)
+    assert parse_quota_rule("*:storage=100") == QuotaLimits(100 * 1024, None)
+    assert parse_quota_rule("*:bytes=5000:messages=10") == QuotaLimits(5000, 10)
+    assert parse_quota_rule("*:storage=2m") == QuotaLimits(2 << 20, None)
+    assert parse_quota_rule("*:ignore").unlimited
+    assert parse_quota_rule("*:storage=0").unlimited
+    for bad in ("Trash:storage=1G", "*:storage=lots", "*:colour=1", "storage=1G", "*:messages=1k"):
+        with pytest.raises(ValueError, match="quota rule"):
+            parse_quota_rule(bad)
+    assert QuotaLimits(1000, 5).header() == "1000S,5C"
+    assert QuotaLimits(1000).header() == "1000S"
+
+
+def _fill(maildir: Path, sizes: list[int], folder: str = "") -> None:
+    base = maildir / folder if folder else maildir
+    for sub in ("new", "cur", "tmp"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    for i, size in enumerate(sizes):
+        sub = "new" if i % 2 else "cur"
+        name = f"{i}.M1P1.host{folder},S={size},W={size + 1}" + (":2,S" if sub == "cur" else "")
+        (base / sub / name).write_bytes(b"x" * size)
+
+
+def test_maildirsize_recalculated_when_missing_big_changed_or_stale(tmp_path: Path) -> None:
+    """Missing, over 5,120 bytes, other limits, or over quota and 15 min old: recount; else sum."""
+    md = tmp_path / "md"
+    _fill(md, [100, 200, 300])
+    _fill(md, [1000], folder=".Sent")
+    (md / "new" / "nosize").write_bytes(b"y" * 50)  # no ,S=: stat'ed
+    limits = QuotaLimits(10_000, 100)
+    assert read_usage(str(md), limits) is None
+    assert recalculate(str(md), limits) == Usage(1650, 5)
+    assert (md / "maildirsize").read_text() == "10000S,100C\n1650 5\n"
+    with (md / "maildirsize").open("a") as f:
+        f.write("10 1\n-100 -1\n5 1\n")  # another writer's lines, a partial last one ignored
+    assert read_usage(str(md), limits) == Usage(1565, 6)
+    assert read_usage(str(md), QuotaLimits(20_000, 100)) is None  # limits changed
+    with (md / "maildirsize").open("a") as f:
+        f.write("1 0\n" * 2000)
+    assert read_usage(str(md), limits) is None  # over 5,120 bytes
+    recalculate(str(md), QuotaLimits(1000))
+    assert read_usage(str(md), QuotaLimits(1000)) == Usage(1650, 5)  # over quota but fresh
+    old = time.time() - 16 * 60
+    os.utime(md / "maildirsize", (old, old))
+    assert read_usage(str(md), QuotaLimits(1000)) is None
+
+
+async def _deliverer(
+    root: Path, rule: str, **kw: object
+) -> tuple[QuotaDeliverer, DeliveryExecutor]:
+    ex = DeliveryExecutor()
+    limits = parse_quota_rule(rule)
+    return QuotaDeliverer(ex, lambda md: limits, **kw), ex  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_one_append_per_mailbox_per_batch_and_exact_totals(tmp_path: Path) -> None:
+    """Concurrent deliveries append one line per mailbox per batch; sums equal what is on disk."""
+    q, ex = await _deliverer(tmp_path, "*:storage=10M")
+    boxes = [str(tmp_path / f"u{i}") for i in range(3)]
+    async with ex:
+        for md in boxes:  # the first delivery creates maildirsize
+            await q.deliver(md, b"first\n")
+        before = q.appends
+        await asyncio.gather(*(q.deliver(boxes[i % 3], BODY) for i in range(60)))
+        batches = ex.stats().batches
+    appended = q.appends - before
+    assert 3 <= appended < 60
+    assert appended <= 3 * batches
+    for md in boxes:
+        usage = read_usage(md, QuotaLimits(10 << 20))
+        on_disk = recalculate(md, QuotaLimits(10 << 20))
+        assert usage == on_disk == Usage(6 + 20 * len(BODY), 21)
+
+
+@pytest.mark.asyncio
+async def test_limits_grace_and_replies(tmp_path: Path) -> None:
+    """A delivery may pass the limit by the grace if the box was under it; then 552 or 452."""
+    md = str(tmp_path / "u")
+    n = len(BODY)
+    q, ex = await _deliverer(tmp_path, f"*:bytes={int(2.8 * n)}")
+    async with ex:
+        await q.deliver(md, BODY)
+        await q.deliver(md, BODY)
+        await q.deliver(md, BODY)  # 2 n was under; 3 n <= 2.8 n * 1.1: within the grace
+        with pytest.raises(QuotaExceeded) as ei:
+            await q.deliver(md, BODY)  # already over: refused
+        assert ei.value.reply == "552 5.2.2 Quota exceeded (mailbox for user is full)"
+        strict, ex2 = await _deliverer(tmp_path, f"*:bytes={2 * n}", grace=0.0, tempfail=True)
+        async with ex2:
+            md2 = str(tmp_path / "v")
+            await strict.deliver(md2, BODY)
+            await strict.deliver(md2, BODY)
+            with pytest.raises(QuotaExceeded, match=r"^452 4\.2\.2"):
+                await strict.deliver(md2, BODY)
+        counted, ex3 = await _deliverer(tmp_path, "*:messages=2")
+        async with ex3:
+            md3 = str(tmp_path / "w")
+            await counted.deliver(md3, b"a\n")
+            await counted.deliver(md3, b"b\n")
+            with pytest.raises(QuotaExceeded):
+                await counted.deliver(md3, b"c\n")
+    assert len(Maildir.open(md).scan_new()) == 3
+    assert q.rejections == 1
+
+
+@pytest.mark.asyncio
+async def test_concurrent_writer_drift_is_repaired_by_recalculation(tmp_path: Path) -> None:
+    """Files removed behind our back (an IMAP expunge) are seen once maildirsize is recounted."""
+    md = tmp_path / "u"
+    q, ex = await _deliverer(tmp_path, "*:messages=3")
+    async with ex:
+        for _ in range(3):
+            await q.deliver(str(md), b"m\n")
+        with pytest.raises(QuotaExceeded):
+            await q.deliver(str(md), b"m\n")
+        for name in files_in(md / "new")[:2]:
+            (md / "new" / name).unlink()  # expunged without a maildirsize line
+        with (md / "maildirsize").open("a") as f:  # a writer that grew the file past 5,120
+            f.write("0 0\n" * 1400)
+        await q.deliver(str(md), b"m\n")  # recounted: 1 + 1 <= 3
+    assert (md / "maildirsize").stat().st_size < 100
+
+
+@contextlib.asynccontextmanager
+async def lmtp_server(config: ServerConfig, resolver: UserdbResolver) -> AsyncIterator[int]:
+    loop = asyncio.get_running_loop()
+    ex = DeliveryExecutor()
+    deliverer = quota_for(config, ex, resolver)
+    assert deliverer is not None
+    handler = DeliveryHandler(deliverer, resolver)
+    factory = SessionFactory(handler, lmtp=True, max_connections=8, loop=loop)
+    srv = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1]
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        await ex.aclose()
+        assert handler.quota_rejected >= 1
+
+
+@pytest.mark.asyncio
+async def test_lmtp_full_mailbox_gets_552_others_250(tmp_path: Path) -> None:
+    """In one LMTP transaction the full mailbox gets 552 5.2.2 and the others 250."""
+    users = tmp_path / "users"
+    users.write_text("full@x.org:::::::userdb_quota_rule=*:messages=1\nok@x.org:::::::\n")
+    root = tmp_path / "mail"
+    config = ServerConfig(root=root, userdb=(f"passwd-file:{users}",), quota_rule="*:storage=1M")
+    resolver = UserdbResolver(root, userdbs=[PasswdFile(str(users))])
+    async with lmtp_server(config, resolver) as port:
+
+        async def send(rcpts: list[str]) -> list[str]:
+            replies = await send_message(
+                "127.0.0.1", port, mail_from="s@x.org", rcpts=rcpts, body=BODY, lmtp=True
+            )
+            return [f"{r.code} {r.text}" for r in replies]
+
+        assert [r[:3] for r in await send(["full@x.org"])] == ["250"]
+        replies = await send(["ok@x.org", "full@x.org", "ok@x.org"])
+        assert replies[0].startswith("250") and replies[2].startswith("250")
+        assert replies[1] == "552 5.2.2 <full@x.org> Quota exceeded (mailbox for user is full)"
+    assert len(files_in(root / "x.org" / "full" / "new")) == 1
+    assert len(files_in(root / "x.org" / "ok" / "new")) == 2
+    assert (root / "x.org" / "ok" / "maildirsize").read_text().startswith("1048576S\n")
+
+
+@pytest.mark.asyncio
+async def test_quota_checked_at_rcpt_with_size(tmp_path: Path) -> None:
+    """--quota-check-at-rcpt refuses at RCPT when SIZE= would not fit (and a full box)."""
+    root = tmp_path / "mail"
+    config = ServerConfig(root=root, quota_rule="*:bytes=5000", quota_check_at_rcpt=True)
+    resolver = UserdbResolver(root, mail_location="%d/%n")
+    async with lmtp_server(config, resolver) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+
+            async def cmd(line: str) -> str:
+                if line:
+                    writer.write(line.encode() + b"\r\n")
+                reply = b""
+                while True:
+                    got = await reader.readline()
+                    reply += got
+                    if got[3:4] != b"-":
+                        return reply.decode()
+
+            assert (await cmd("")).startswith("220")
+            assert (await cmd("LHLO c")).startswith("250")
+            assert (await cmd("MAIL FROM:<s@x.org> SIZE=9000")).startswith("250")
+            assert (await cmd("RCPT TO:<a@x.org>")).startswith("552 5.2.2")
+            assert (await cmd("RSET")).startswith("250")
+            assert (await cmd("MAIL FROM:<s@x.org> SIZE=100")).startswith("250")
+            assert (await cmd("RCPT TO:<a@x.org>")).startswith("250")
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+# -- a real Dovecot reads our maildirsize -------------------------------------------
+
+
+def _need(binary: str) -> str:
+    path = shutil.which(binary) or (
+        f"/usr/bin/{binary}" if os.path.exists(f"/usr/bin/{binary}") else None
+    )
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{binary} missing in CI")
+        pytest.skip(f"{binary} not installed")
+    return path
+
+
+@pytest.fixture
+def dovecot_quota() -> Iterator[tuple[Path, Path, Path]]:
+    """A Dovecot with ``quota = maildir:User quota`` and a passwd-file userdb; yields
+    (config file, passwd-file, mail root)."""
+    binary = _need("dovecot")
+    _need("doveadm")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (Dovecot reads the mail as the 'mail' user)")
+    base = Path(tempfile.mkdtemp(prefix="de-quota-"))
+    base.chmod(0o755)
+    for sub in ("run", "state", "mail"):
+        (base / sub).mkdir()
+    user = pwd.getpwnam("mail")
+    users = base / "users"
+    users.write_text(
+        f"alice@example.org:{{PLAIN}}x:{user.pw_uid}:{user.pw_gid}::{base}/mail/example.org/alice::"
+        "userdb_mail=maildir:~/Maildir userdb_quota_rule=*:storage=100K\n"
+    )
+    conf = base / "dovecot.conf"
+    conf.write_text(
+        f"""protocols =
+base_dir = {base}/run
+state_dir = {base}/state
+log_path = {base}/dovecot.log
+ssl = no
+first_valid_uid = 1
+mail_plugins = quota
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {users}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {users}
+}}
+plugin {{
+  quota = maildir:User quota
+}}
+"""
+    )
+    proc = subprocess.Popen([binary, "-F", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not (base / "run" / "auth-userdb").exists():
+            assert proc.poll() is None, "dovecot exited"
+            assert time.monotonic() < deadline, "dovecot did not start"
+            time.sleep(0.05)
+        yield conf, users, base / "mail"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _doveadm(conf: Path, *args: str) -> str:
+    return subprocess.run(
+        ["doveadm", "-c", str(conf), *args], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+
+
+def _quota_get(conf: Path) -> dict[str, int]:
+    out = _doveadm(conf, "-f", "tab", "quota", "get", "-u", "alice@example.org")
+    rows = [line.split("\t") for line in out.strip().splitlines()[1:]]
+    return {r[1]: int(r[2]) for r in rows}
+
+
+def _chown_to_mail(path: Path) -> None:
+    user = pwd.getpwnam("mail")
+    for dirpath, _, filenames in os.walk(path):
+        os.chown(dirpath, user.pw_uid, user.pw_gid)
+        for name in filenames:
+            os.chown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
+
+
+def test_dovecot_reports_what_we_account_and_we_see_its_expunges(
+    dovecot_quota: tuple[Path, Path, Path],
+) -> None:
+    """doveadm quota get reports our bytes and messages; after its expunge our usage drops."""
+    conf, users, mail = dovecot_quota
+    config = ServerConfig(root=mail, userdb=(f"passwd-file:{users}",))
+
+    async def deliver(n: int) -> list[str]:
+        resolver = UserdbResolver(mail, userdbs=[PasswdFile(str(users))])
+        async with lmtp_server_quiet(config, resolver) as port:
+            out = []
+            for _ in range(n):
+                rcpts = ["alice@example.org"]
+                replies = await send_message(
+                    "127.0.0.1", port, mail_from="s@x.org", rcpts=rcpts, body=BODY, lmtp=True
+                )
+                out.append(f"{replies[0].code}")
+            return out
+
+    assert asyncio.run(deliver(5)) == ["250"] * 5
+    maildir = mail / "example.org" / "alice" / "Maildir"
+    ours = read_usage(str(maildir), QuotaLimits(100 * 1024))
+    assert ours is not None and ours.messages == 5
+    assert ours.bytes == sum(
+        int(n.split(",S=")[1].split(",")[0]) for n in files_in(maildir / "new")
+    )
+    before = (maildir / "maildirsize").read_bytes()
+    _chown_to_mail(mail)
+    got = _quota_get(conf)
+    assert got["MESSAGE"] == 5
+    assert got["STORAGE"] in (ours.bytes // 1024, -(-ours.bytes // 1024))
+    assert (maildir / "maildirsize").read_bytes() == before  # read as it was, not recounted
+    _doveadm(conf, "expunge", "-u", "alice@example.org", "mailbox", "INBOX", "all")
+    after = read_usage(str(maildir), QuotaLimits(100 * 1024))
+    assert after == Usage(0, 0)
+    assert asyncio.run(deliver(1)) == ["250"]
+    (name,) = files_in(maildir / "new")
+    size = int(name.split(",S=")[1].split(",")[0])
+    assert read_usage(str(maildir), QuotaLimits(100 * 1024)) == Usage(size, 1)
+    _chown_to_mail(mail)
+    assert _quota_get(conf)["MESSAGE"] == 1
+
+
+@contextlib.asynccontextmanager
+async def lmtp_server_quiet(config: ServerConfig, resolver: UserdbResolver) -> AsyncIterator[int]:
+    loop = asyncio.get_running_loop()
+    ex = DeliveryExecutor()
+    deliverer = quota_for(config, ex, resolver)
+    assert deliverer is not None
+    factory = SessionFactory(DeliveryHandler(deliverer, resolver), lmtp=True, max_connections=8,
+                             loop=loop)  # fmt: skip
+    srv = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1]
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        await ex.aclose()
+
+
+@pytest.mark.asyncio
+async def test_copies_are_checked_in_call_order_even_during_a_recount(tmp_path: Path) -> None:
+    """Concurrent copies into a box being recounted are judged in the order they came."""
+    limits = parse_quota_rule("*:messages=2")
+    async with DeliveryExecutor(writer="loop") as ex:
+        q = QuotaDeliverer(ex, lambda md: limits)
+        for i in range(10):
+            md = str(tmp_path / f"u{i}")  # no maildirsize yet: the first copy recounts
+
+            async def one(md: str = md) -> str:
+                try:
+                    await q.deliver(md, b"x\n")
+                except QuotaExceeded:
+                    return "full"
+                return "ok"
+
+            assert list(await asyncio.gather(one(), one(), one())) == ["ok", "ok", "full"]
+
+
+def test_quota_rejections_are_counted_in_metrics(tmp_path: Path) -> None:
+    """serve --quota-rule: the second message to a one-message box is 552 and counted."""
+    from delivery_executor.testing import ServerProcess, free_port
+
+    from .test_observability import scrape, value
+
+    mport = free_port()
+    args = ("--quota-rule", "*:messages=1", "--metrics", f"127.0.0.1:{mport}")
+    with ServerProcess(tmp_path / "mail", *args) as srv:
+
+        async def two() -> list[int]:
+            codes = []
+            for _ in range(2):
+                replies = await send_message(
+                    "127.0.0.1", srv.port, mail_from="s@x.org", rcpts=["a@x.org"], body=BODY
+                )
+                codes.append(replies[0].code)
+            return codes
+
+        assert asyncio.run(two()) == [250, 552]
+        samples = scrape(mport)
+        assert srv.stop() == 0
+    assert value(samples, "quota_rejected_total") == 1
+    assert value(samples, "delivered_total") == 1
