@@ -14,6 +14,9 @@ __all__ = [
     "InvalidMaildirPath",
     "MessageTooLarge",
     "RecipientRejected",
+    "SieveCompileError",
+    "SieveError",
+    "SieveRuntimeError",
 ]
 
 
@@ -57,3 +60,21 @@ class RecipientRejected(DeliveryError, ValueError):
     def reply(self) -> str:
         """The SMTP reply line: ``"<code> <text>"``."""
         return f"{self.code} {self.text}"
+
+
+class SieveError(DeliveryError):
+    """Base class of the Sieve filter's errors; the message is then kept in INBOX."""
+
+
+class SieveCompileError(SieveError, ValueError):
+    """A Sieve script does not compile; ``line`` and ``col`` (1-based) say where."""
+
+    def __init__(self, text: str, line: int, col: int) -> None:
+        super().__init__(f"line {line}, column {col}: {text}")
+        self.text = text
+        self.line = line
+        self.col = col
+
+
+class SieveRuntimeError(SieveError, RuntimeError):
+    """A Sieve script failed while running (bad mailbox name, a limit reached, ...)."""

@@ -1,0 +1,97 @@
+"""What a Sieve script sees of a message: headers, size and envelope.
+
+Only the header section is parsed (the body is never walked, apart from its
+size). Header values are unfolded; :meth:`MessageView.header_values` decodes
+RFC 2047 encoded words with the stdlib ``email.header``, as RFC 5228 section
+2.7.2 asks. Undecodable text is replaced, never raised.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.header
+import email.utils
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["Envelope", "MessageView"]
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The SMTP envelope of one delivery: MAIL FROM ("" for ``<>``) and this RCPT TO."""
+
+    sender: str
+    recipient: str
+
+
+@dataclass(slots=True)
+class MessageView:
+    """A parsed header section plus the message size, built once per message.
+
+    ``size`` is the size RFC 5228 ``size`` compares: octets with CRLF line
+    ends, as the message travels in SMTP.
+    """
+
+    headers: list[tuple[str, str]]  # (lower-case name, unfolded raw value)
+    size: int
+    _decoded: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: bytes) -> MessageView:
+        """Headers of ``raw`` (CRLF or LF line ends); cost: one pass over the header section."""
+        m = _HEADER_END.search(raw)
+        head = raw[: m.start()] if m else raw
+        if raw.startswith((b"\n", b"\r\n")):
+            head = b""
+        text = head.decode("utf-8", "replace")
+        headers: list[tuple[str, str]] = []
+        for line in _FOLD.sub("", text).split("\n"):
+            line = line.rstrip("\r")
+            name, sep, value = line.partition(":")
+            if (
+                not sep
+                or not name
+                or name != name.rstrip()
+                or any(c <= " " or c > "~" for c in name)
+            ):
+                continue  # not a header field (RFC 5322 2.2 field name: printable ASCII but ':')
+            headers.append((name.lower(), value.strip(" \t")))
+        lf = raw.count(b"\n")
+        crlf = raw.count(b"\r\n")
+        return cls(headers, len(raw) + (lf - crlf))
+
+    def raw_values(self, name: str) -> list[str]:
+        """Every value of header ``name`` (case-insensitive), in order, undecoded."""
+        key = name.lower()
+        return [v for n, v in self.headers if n == key]
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of ``name``, encoded words decoded (cached per name)."""
+        key = name.lower()
+        got = self._decoded.get(key)
+        if got is None:
+            got = [_decode(v) for v in self.raw_values(key)]
+            self._decoded[key] = got
+        return got
+
+    def addresses(self, name: str) -> list[str]:
+        """The addresses (``local@domain``) in header ``name``; groups flattened."""
+        out: list[str] = []
+        for raw in self.raw_values(name):
+            for _, addr in email.utils.getaddresses([raw]):
+                if addr:
+                    out.append(addr)
+        return out
+
+
+def _decode(value: str) -> str:
+    if "=?" not in value:
+        return value
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (LookupError, ValueError, email.errors.HeaderParseError):
+        return value
