@@ -285,8 +285,14 @@ class _Run:
         if isinstance(t, n.AddressTest):
             values = []
             for h in self.expand_all(t.names):
-                for addr in self.msg.addresses(h):
-                    part = self.address_part(addr, t.part)
+                for addr, valid in self.msg.addresses(h):
+                    part = (
+                        self.address_part(addr, t.part)
+                        if valid
+                        else addr
+                        if t.part == "all"
+                        else None
+                    )
                     if part is not None:
                         values.append(part)
             return self.match(t.match, values)

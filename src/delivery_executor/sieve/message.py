@@ -32,8 +32,8 @@ class Envelope:
 class MessageView:
     """A parsed header section plus the message size, built once per message.
 
-    ``size`` is the size RFC 5228 ``size`` compares: octets with CRLF line
-    ends, as the message travels in SMTP.
+    ``size`` is what RFC 5228 ``size`` compares: the octets of the message as
+    handed over (CRLF line ends when it comes from SMTP), as Pigeonhole counts.
     """
 
     headers: list[tuple[str, str]]  # (lower-case name, unfolded raw value)
@@ -60,9 +60,7 @@ class MessageView:
             ):
                 continue  # not a header field (RFC 5322 2.2 field name: printable ASCII but ':')
             headers.append((name.lower(), value.strip(" \t")))
-        lf = raw.count(b"\n")
-        crlf = raw.count(b"\r\n")
-        return cls(headers, len(raw) + (lf - crlf))
+        return cls(headers, len(raw))
 
     def raw_values(self, name: str) -> list[str]:
         """Every value of header ``name`` (case-insensitive), in order, undecoded."""
@@ -78,13 +76,23 @@ class MessageView:
             self._decoded[key] = got
         return got
 
-    def addresses(self, name: str) -> list[str]:
-        """The addresses (``local@domain``) in header ``name``; groups flattened."""
-        out: list[str] = []
+    def addresses(self, name: str) -> list[tuple[str, bool]]:
+        """The addresses in header ``name`` as ``(text, valid)``; groups flattened.
+
+        A valid address is ``local@domain``. A value that holds no valid
+        address, or an entry without a domain, comes back whole with
+        ``valid=False``: only ``:all`` may match it (RFC 5228 2.7.4), which is
+        what Pigeonhole does with ``undisclosed-recipients:;`` or ``no-domain``.
+        """
+        out: list[tuple[str, bool]] = []
         for raw in self.raw_values(name):
-            for _, addr in email.utils.getaddresses([raw]):
-                if addr:
-                    out.append(addr)
+            got = [a for _, a in email.utils.getaddresses([raw]) if a]
+            if not got:
+                out.append((raw, False))
+                continue
+            for addr in got:
+                local, at, domain = addr.rpartition("@")
+                out.append((addr, bool(at and local and domain)))
         return out
 
 
