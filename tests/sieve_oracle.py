@@ -123,14 +123,18 @@ class DovecotLDA:
     """Real Pigeonhole deliveries with dovecot-lda into a private Maildir."""
 
     def __init__(self, before: Sequence[str] = ()) -> None:
+        """``before``: sources of sieve_before scripts, run in order before the user's."""
         self.dir = Path(tempfile.mkdtemp(prefix="sieve-lda-"))
         self.dir.chmod(0o777)
         self.home = self.dir / "home"
         self.home.mkdir()
         uid, gid = _ids()
-        befores = "".join(
-            f"  sieve_before{'' if i == 0 else i + 1} = {p}\n" for i, p in enumerate(before)
-        )
+        befores = ""
+        for i, src in enumerate(before):
+            p = self.dir / f"before{i}.sieve"
+            p.write_text(src)
+            p.chmod(0o644)
+            befores += f"  sieve_before{'' if i == 0 else i + 1} = {p}\n"
         self.conf = self.dir / "dovecot.conf"
         self.conf.write_text(
             "protocols =\n"

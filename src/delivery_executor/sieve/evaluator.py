@@ -300,9 +300,11 @@ class _Run:
             values = []
             for p in t.names:
                 addr = self.env.sender if p == "from" else self.env.recipient
-                part = (
-                    self.address_part(addr, t.part) if addr else ("" if t.part == "all" else None)
-                )
+                # The null sender <> is "" for every part (as Pigeonhole), no :detail.
+                if addr:
+                    part = self.address_part(addr, t.part)
+                else:
+                    part = None if t.part == "detail" else ""
                 if part is not None:
                     values.append(part)
             return self.match(t.match, values)

@@ -369,7 +369,8 @@ def _move_new(md: Maildir, name: str, suffix: str, ops: FsOps) -> MessageId:
     final = name
     for _ in range(_EEXIST_RETRIES):
         try:
-            ops.rename_noreplace(src, md.new_prefix + final)
+            # md.info is ":2,<flags>" for a with_flags view (new_prefix is then cur/).
+            ops.rename_noreplace(src, md.new_prefix + final + md.info)
             return MessageId(final)
         except FileExistsError:
             final = unique_name() + suffix

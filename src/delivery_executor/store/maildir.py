@@ -74,7 +74,7 @@ class Maildir:
     Instances are immutable and safe to share between threads.
     """
 
-    __slots__ = ("cur_prefix", "dev", "new_prefix", "path", "tmp_prefix")
+    __slots__ = ("cur_prefix", "dev", "info", "new_prefix", "path", "tmp_prefix")
 
     path: Path
     """The Maildir's root, absolute."""
@@ -86,6 +86,8 @@ class Maildir:
     """``<root>/new/``."""
     cur_prefix: str
     """``<root>/cur/``."""
+    info: str
+    """Suffix of delivered names: ``""``, or ``":2,<flags>"`` for a :meth:`with_flags` view."""
 
     def __init__(self, root: str, dev: int) -> None:
         self.path = Path(root)
@@ -93,6 +95,27 @@ class Maildir:
         self.tmp_prefix = os.path.join(root, "tmp") + os.sep
         self.new_prefix = os.path.join(root, "new") + os.sep
         self.cur_prefix = os.path.join(root, "cur") + os.sep
+        self.info = ""
+
+    def with_flags(self, letters: str) -> Maildir:
+        """A view of this Maildir whose deliveries land in ``cur/`` as ``name:2,<letters>``.
+
+        This is what Dovecot's LDA does for a message saved with flags (Sieve
+        ``imap4flags``): the flags are part of the name from the start, with
+        the same durable protocol (the rename into ``cur/`` and the fsync of
+        ``cur/`` replace those of ``new/``). ``letters`` are Maildir info
+        letters (``S``, ``F``, ... and keyword letters ``a``-``z``), stored
+        sorted and once each; ``""`` returns this Maildir itself. Raises
+        ``ValueError`` for anything but ASCII letters.
+        """
+        if not letters:
+            return self
+        if not (letters.isascii() and letters.isalpha()):
+            raise ValueError(f"Maildir flags must be ASCII letters, not {letters!r}")
+        view = Maildir(str(self.path), self.dev)
+        view.new_prefix = self.cur_prefix
+        view.info = ":2," + "".join(sorted(set(letters)))
+        return view
 
     def __repr__(self) -> str:
         return f"Maildir({str(self.path)!r})"
