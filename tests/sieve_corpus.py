@@ -116,6 +116,92 @@ def envelope_of(message: str) -> tuple[str, str]:
 
 _HAND: list[tuple[str, str]] = [
     (
+        "copy-then-same-fileinto",
+        'require ["fileinto", "copy"];\nfileinto :copy "X";\nfileinto "X";',
+    ),
+    (
+        "qmark-captures",
+        'require ["fileinto", "variables"];\nif header :matches "subject" "*?*" { fileinto "Q-${1}-${2}-${3}"; }',
+    ),
+    (
+        "matches-octet",
+        'require ["fileinto", "variables"];\nif header :comparator "i;octet" :matches "from" "*@*.*" { fileinto "O-${2}"; }',
+    ),
+    (
+        "hasflag-matches",
+        'require ["imap4flags", "fileinto"];\nsetflag "\\\\Seen Work";\nif hasflag :matches "w*" { fileinto "W"; }\nif hasflag :is "\\\\seen" { fileinto "S"; }',
+    ),
+    (
+        "address-detail-header",
+        'require ["fileinto", "subaddress", "variables"];\nif address :detail :matches ["to", "from"] "*" { fileinto "HD-${1}"; }',
+    ),
+    (
+        "size-boundary",
+        'require "fileinto";\nif size :over 150 { fileinto "Over150"; }\nif size :under 151 { fileinto "Under151"; }',
+    ),
+    (
+        "text-with-variables",
+        'require ["fileinto", "variables"];\nset "f" text:\nFrom-Text\n.\n;\nfileinto "${f}";',
+    ),
+    ("unclosed-variable", 'require ["fileinto", "variables"];\nset "a" "x";\nfileinto "A${a";'),
+    (
+        "match-var-out-of-range",
+        'require ["fileinto", "variables"];\nif header :matches "subject" "*" { fileinto "M${1}${2}${9}"; }',
+    ),
+    (
+        "upper-unicode",
+        'require ["fileinto", "variables"];\nset :upper "u" "grüße";\nset :length "n" "grüße";\nfileinto "${u}-${n}";',
+    ),
+    (
+        "variable-case",
+        'require ["fileinto", "variables"];\nset "Name" "v";\nfileinto "${NAME}-${name}";',
+    ),
+    (
+        "header-name-variable",
+        'require ["fileinto", "variables"];\nset "h" "subject";\nif header :contains "${h}" "a" { fileinto "HV"; }',
+    ),
+    (
+        "envelope-to-detail-empty",
+        'require ["fileinto", "envelope", "subaddress"];\nif envelope :detail :is "to" "" { fileinto "E"; }\nif envelope :user :contains "to" "bob" { fileinto "U"; }',
+    ),
+    (
+        "keep-flags-then-implicit",
+        'require ["imap4flags", "fileinto", "copy"];\naddflag "A";\nkeep;\naddflag "B";\nfileinto :copy "C";',
+    ),
+    (
+        "removeflag-all",
+        'require ["imap4flags"];\naddflag "\\\\Seen \\\\Flagged";\nremoveflag ["\\\\seen", "\\\\FLAGGED"];\nkeep;',
+    ),
+    ("setflag-empty", 'require ["imap4flags"];\naddflag "X";\nsetflag "";'),
+    (
+        "contains-empty-key",
+        'require "fileinto";\nif header :contains "subject" "" { fileinto "HasSubject"; }',
+    ),
+    (
+        "matches-star-only-missing",
+        'require "fileinto";\nif header :matches "x-absent" "*" { fileinto "Absent"; }',
+    ),
+    (
+        "exists-list",
+        'require "fileinto";\nif exists ["from", "to", "subject"] { fileinto "All3"; }',
+    ),
+    (
+        "not-anyof-empty-like",
+        'require "fileinto";\nif not anyof (false, not true) { fileinto "N"; }',
+    ),
+    (
+        "address-all-display-name",
+        'require "fileinto";\nif address :is "from" "Guido <guido+py@python.org>" { fileinto "Bad"; } elsif address :is "from" "guido+py@python.org" { fileinto "Good"; }',
+    ),
+    (
+        "domain-case",
+        'require "fileinto";\nif address :domain :is "cc" "example.net" { fileinto "D"; }\nif address :domain :comparator "i;octet" :is "cc" "example.net" { fileinto "DO"; }',
+    ),
+    (
+        "quotewildcard-match",
+        'require ["fileinto", "variables"];\nset :quotewildcard "p" "*";\nif header :matches "subject" "*${p}*" { fileinto "Star"; }',
+    ),
+    (
         "spam-junk",
         'require "fileinto";\nif header :contains "X-Spam-Flag" "YES" { fileinto "Junk"; }',
     ),

@@ -38,8 +38,16 @@ _PREFIX_QMARK = re.compile(r'"[^"*]*\?[^"*]+\*')
 _STRING_NO_COMPARATOR = re.compile(r"\bstring\s+(?::is|:contains|:matches)?\s*\"")
 
 
+# "fileinto :copy X; fileinto X": Pigeonhole merges the second into the first
+# and keeps the implicit keep. RFC 5228 4.1: fileinto (without :copy, RFC 3894
+# 3) cancels the implicit keep.
+_COPY_TARGET = re.compile(r'fileinto :copy "([^"]*)"')
+
+
 def known_pigeonhole_bug(source: str) -> str | None:
     """The documented Pigeonhole deviation that can explain a difference, if any."""
+    if any(f'fileinto "{t}"' in source for t in _COPY_TARGET.findall(source)):
+        return "copy-then-plain-fileinto (RFC 5228 4.1, RFC 3894 3)"
     if ":matches" in source and _PREFIX_QMARK.search(source):
         return "matches-prefix-qmark (RFC 5228 2.7.1)"
     if _STRING_NO_COMPARATOR.search(source):
@@ -51,8 +59,11 @@ def ours(script: Script, message: str) -> Stores:
     """Our deliveries for ``message``, flags normalised as sieve-test prints them."""
     sender, rcpt = envelope_of(message)
     res = evaluate([script], MessageView.parse(MESSAGES[message]), Envelope(sender, rcpt))
+    # sieve-test prints control characters in names as "?".
     return {
-        d.mailbox: frozenset(f.lower() if f.startswith("\\") else f for f in d.flags)
+        re.sub(r"[\x00-\x1f]", "?", d.mailbox): frozenset(
+            f.lower() if f.startswith("\\") else f for f in d.flags
+        )
         for d in res.deliveries
     }
 

@@ -39,6 +39,8 @@ _SYSTEM_FLAGS = {
 _ATOM = re.compile(r'[^(){ %*"\\\]\x00-\x20\x7f]+\Z')
 _VAR_REF = re.compile(r"\$\{([A-Za-z0-9_.]*)\}")
 _CPU_CHECK_EVERY = 4096
+_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+_UPPER = {c + 32: c for c in range(ord("A"), ord("Z") + 1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +263,17 @@ class _Run:
         return value
 
     def modify(self, value: str, mods: tuple[str, ...]) -> str:
+        # Case modifiers change ASCII letters only, as Pigeonhole (and as the
+        # i;ascii-casemap comparator folds).
         for m in mods:
             if m == "lower":
-                value = value.lower()
+                value = value.translate(_LOWER)
             elif m == "upper":
-                value = value.upper()
+                value = value.translate(_UPPER)
             elif m == "lowerfirst":
-                value = value[:1].lower() + value[1:]
+                value = value[:1].translate(_LOWER) + value[1:]
             elif m == "upperfirst":
-                value = value[:1].upper() + value[1:]
+                value = value[:1].translate(_UPPER) + value[1:]
             elif m == "quotewildcard":
                 value = value.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
             elif m == "length":
