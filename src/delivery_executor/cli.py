@@ -257,6 +257,38 @@ def _add_conventions(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_sieve(p: argparse.ArgumentParser) -> None:
+    """Sieve filtering at delivery (delivery_executor.sieve)."""
+    p.add_argument(
+        "--sieve",
+        action="store_true",
+        help="run each user's .dovecot.sieve (in their Maildir directory) at delivery;"
+        " implied by --sieve-before/--sieve-after/--sieve-default",
+    )
+    p.add_argument(
+        "--sieve-before",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="admin Sieve script run before the user's (Pigeonhole's sieve_before; repeatable)",
+    )
+    p.add_argument(
+        "--sieve-after",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="admin Sieve script run after the user's (sieve_after; repeatable)",
+    )
+    p.add_argument(
+        "--sieve-default",
+        type=Path,
+        metavar="PATH",
+        help="Sieve script for users without their own (sieve_default)",
+    )
+
+
 def _add_hostile_load(p: argparse.ArgumentParser) -> None:
     """Caps, fairness and the DATA budget (smtp/sessions.py)."""
     p.add_argument(
@@ -345,6 +377,7 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     _add_deploy(p)
     _add_conventions(p)
     _add_hostile_load(p)
+    _add_sieve(p)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -399,6 +432,11 @@ def _serve(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout,
         min_rate=args.min_rate,
         max_pending_bytes=args.max_pending_bytes,
+        # -- Sieve
+        sieve=args.sieve,
+        sieve_before=tuple(p.resolve() for p in args.sieve_before),
+        sieve_after=tuple(p.resolve() for p in args.sieve_after),
+        sieve_default=args.sieve_default.resolve() if args.sieve_default else None,
     )
     try:
         return run_server(config)

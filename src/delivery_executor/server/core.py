@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ..executor import (
 )
 from ..metrics import start_metrics
 from ..recipients import MailboxResolver
+from ..sieve.hook import SieveFilter
 from ..smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, LineEndings, SessionFactory
 from ..smtp.sessions import (
     DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -133,6 +135,16 @@ class ServerConfig:
     """Bytes/s a client must average while the server waits on it; 0: no rule."""
     max_pending_bytes: int | None = None
     """Bytes held in DATA across sessions; ``None``: 4 × ``max_message_size``."""
+    # -- Sieve filtering (delivery_executor.sieve)
+    sieve: bool = False
+    """Run each user's ``.dovecot.sieve`` (in their Maildir directory) at delivery;
+    implied by the three options below."""
+    sieve_before: Sequence[Path] = ()
+    """Admin scripts run before the user's (Pigeonhole's ``sieve_before``)."""
+    sieve_after: Sequence[Path] = ()
+    """Admin scripts run after the user's (``sieve_after``)."""
+    sieve_default: Path | None = None
+    """The script for users without their own (``sieve_default``)."""
 
 
 @dataclass(frozen=True)
@@ -204,8 +216,25 @@ def _handler(
         add_headers=config.add_headers,
         hostname=hostname,
         line_endings=config.line_endings,
+        sieve=_sieve(config),
     )
     return handler, resolver
+
+
+def _sieve(config: ServerConfig) -> SieveFilter | None:
+    """The Sieve filter ``config`` asks for, or ``None`` (no cost per delivery)."""
+    if not (config.sieve or config.sieve_before or config.sieve_after or config.sieve_default):
+        return None
+    for p in (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default])):
+        if not os.path.isfile(p):
+            raise ValueError(f"Sieve script {str(p)!r} does not exist or is not a file")
+    return SieveFilter(
+        before=config.sieve_before,
+        after=config.sieve_after,
+        default=config.sieve_default,
+        user_scripts=True,
+        recipient_delimiter=config.recipient_delimiter or "+",
+    )
 
 
 async def serve(

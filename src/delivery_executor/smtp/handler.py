@@ -49,6 +49,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from ..errors import DeliveryError, RecipientRejected
 from ..executor import DeliveryExecutor
 from ..recipients import MailboxResolver
+from ..sieve.hook import SieveFilter, move_to_cur
 from ..stats import Buckets
 from ..store import Message
 
@@ -164,6 +165,7 @@ class DeliveryHandler:
         add_headers: bool = True,
         hostname: str | None = None,
         line_endings: LineEndings = "lf",
+        sieve: SieveFilter | None = None,
     ) -> None:
         if not asyncio.iscoroutinefunction(getattr(executor, "deliver", None)):
             raise TypeError(
@@ -187,6 +189,8 @@ class DeliveryHandler:
         self.add_headers = add_headers
         self.hostname = _clean(hostname or socket.getfqdn(), "localhost")
         self.line_endings: LineEndings = line_endings
+        self.sieve = sieve
+        """Sieve filtering per recipient (:class:`SieveFilter`), or ``None``."""
         self._lf = line_endings == "lf"
         self._eol = "\n" if self._lf else "\r\n"
         # Our executor takes (headers, body) tuples and writes them with writev.
@@ -311,7 +315,15 @@ class DeliveryHandler:
             head = self._headers(sender, rcpt) + received
             copies.append((head, body) if self._parts else head + body)
         results: Sequence[tuple[object, float] | BaseException]
-        if len(rcpts) == 1:  # the common case: no task per message
+        if self.sieve is not None:
+            results = await asyncio.gather(
+                *(
+                    self._sieved(p, c, body, sender, r)
+                    for p, c, r in zip(paths, copies, rcpts, strict=True)
+                ),
+                return_exceptions=True,
+            )
+        elif len(rcpts) == 1:  # the common case: no task per message
             results = [await self._one(paths[0], copies[0])]
         else:
             results = await asyncio.gather(
@@ -343,6 +355,40 @@ class DeliveryHandler:
         except (OSError, DeliveryError) as exc:
             res = exc
         return res, time.perf_counter()
+
+    async def _sieved(
+        self, path: str, copy: Message, body: bytes, sender: str, rcpt: str
+    ) -> tuple[object, float]:
+        """One recipient through Sieve: each route is a delivery riding the same batches.
+
+        A script never costs the message: any failure of the filter itself
+        delivers to INBOX. Flags are set by a durable move into ``cur/`` once
+        the copy is durable in ``new/`` (a crash in between keeps it, unflagged).
+        """
+        assert self.sieve is not None
+        try:
+            routes = self.sieve.route(path, body, sender, rcpt)
+        except Exception:
+            _log.exception("sieve failed for <%s>; delivering to INBOX", rcpt)
+            routes = None
+        if routes is None:
+            return await self._one(path, copy)
+        if not routes:
+            return "nothing (discarded by Sieve)", time.perf_counter()
+        got = await asyncio.gather(*(self._one(r.path, copy) for r in routes))
+        loop = asyncio.get_running_loop()
+        names: list[str] = []
+        for r, (res, _) in zip(routes, got, strict=True):
+            if isinstance(res, BaseException):
+                return res, time.perf_counter()
+            name = str(res)
+            if r.letters:
+                try:
+                    name = await loop.run_in_executor(None, move_to_cur, r.path, name, r.letters)
+                except OSError as exc:  # durable in new/ already: only the flags are lost
+                    _log.error("sieve: flags %s for %s not set: %s", r.letters, name, exc)
+            names.append(name if r.path == path else f"{os.path.basename(r.path)}/{name}")
+        return ", ".join(names), time.perf_counter()
 
     @staticmethod
     def _failure(rcpt: str, exc: BaseException) -> str:
