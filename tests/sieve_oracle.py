@@ -16,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LDA", "SIEVE_TEST", "Outcome", "SieveTest", "available", "parse_sieve_test"]
+__all__ = ["IMAP", "LDA", "SIEVE_TEST", "Outcome", "SieveTest", "available", "parse_sieve_test"]
 
 SIEVE_TEST = shutil.which("sieve-test") or "/usr/bin/sieve-test"
 LDA = "/usr/lib/dovecot/dovecot-lda"
+IMAP = "/usr/lib/dovecot/imap"
 _EXTS = "+fileinto +envelope +imap4flags +mailbox +subaddress +copy +variables +vacation +reject"
 
 
@@ -175,6 +176,26 @@ class DovecotLDA:
         if p.returncode != 0:
             raise RuntimeError(f"dovecot-lda failed ({p.returncode}): {log}")
         return log
+
+    def imap(self, commands: Sequence[str]) -> str:
+        """Run Dovecot's imap binary as a PREAUTH session on the Maildir; its output.
+
+        Everything under the Maildir is first given to the LDA user, as
+        Dovecot needs to write its index files there.
+        """
+        for root, _, names in os.walk(self.maildir):
+            os.chown(root, self.uid, self.gid)
+            for name in names:
+                os.chown(os.path.join(root, name), self.uid, self.gid)
+        cmd = [IMAP, "-c", str(self.conf)]
+        if os.getuid() == 0:
+            cmd = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", *cmd]
+        script = "".join(f"t{i} {c}\r\n" for i, c in enumerate([*commands, "LOGOUT"]))
+        env = {"HOME": str(self.home), "USER": "nobody", "PATH": os.environ.get("PATH", "")}
+        p = subprocess.run(
+            cmd, input=script.encode(), capture_output=True, env=env, timeout=30, check=False
+        )
+        return p.stdout.decode("utf-8", "replace")
 
     def make_folder(self, name: str) -> None:
         """Create a Maildir++ folder (``.name`` with cur/new/tmp) owned by the LDA user."""

@@ -19,6 +19,7 @@ from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.testing import send_message
 
 from .conftest import listening
+from .sieve_oracle import IMAP, DovecotLDA
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,3 +125,58 @@ def test_serve_config_and_cli_wire_the_filter(tmp_path: Path) -> None:
     _add_sieve(p)
     args = p.parse_args(["--sieve-before", "a", "--sieve-before", "b", "--sieve-default", "d"])
     assert args.sieve_before == [Path("a"), Path("b")] and args.sieve_default == Path("d")
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(
+    not os.access(IMAP, os.X_OK) and os.environ.get("CI") != "true",
+    reason="Dovecot's imap binary is not installed",
+)
+async def test_dovecot_imap_sees_sieve_folders_flags_and_keywords(tmp_path: Path) -> None:
+    """After LMTP delivery through serve's Sieve, Dovecot IMAP lists the folders and
+    FETCH shows the flags and keywords the scripts set."""
+    lda = DovecotLDA()
+    try:
+        Maildir.create(lda.maildir)
+        Maildir.create(lda.maildir / ".Junk")
+        (lda.maildir / ".dovecot.sieve").write_text(USER)
+        before = tmp_path / "spam.sieve"
+        before.write_text(SPAM_RULE)
+        ex = DeliveryExecutor()
+        resolver = MailboxResolver(lda.home, mapper=lambda local, domain: "Maildir")
+        handler = DeliveryHandler(ex, resolver, sieve=SieveFilter(before=[before]))
+        factory = SessionFactory(
+            handler, lmtp=True, max_connections=4, loop=asyncio.get_running_loop()
+        )
+        async with listening(factory, ex) as port:
+            for body in (
+                b"Subject: win\r\nX-Spam-Flag: YES\r\n\r\nx\r\n",
+                b"Subject: py\r\nList-Id: Python <python-list.python.org>\r\n\r\nx\r\n",
+                b"Subject: from the boss\r\n\r\nx\r\n",
+            ):
+                (reply,) = await send_message(
+                    "127.0.0.1",
+                    port,
+                    mail_from="s@example.net",
+                    rcpts=["bob@example.org"],
+                    body=body,
+                )
+                assert reply.code == 250, reply
+        out = await asyncio.to_thread(
+            lda.imap,
+            [
+                'LIST "" "*"',
+                "SELECT Junk",
+                "FETCH 1:* FLAGS",
+                'SELECT "Lists/python-list"',
+                "FETCH 1:* FLAGS",
+                "SELECT INBOX",
+                "FETCH 1:* FLAGS",
+            ],
+        )
+    finally:
+        lda.close()
+    assert '"/" Lists/python-list' in out and '"/" Junk' in out, out
+    fetched = [line for line in out.splitlines() if " FETCH (FLAGS" in line]
+    assert len(fetched) == 3, out
+    assert "\\Seen" in fetched[0] and "$List" in fetched[1] and "\\Flagged" in fetched[2], out
