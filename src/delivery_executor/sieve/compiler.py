@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..errors import SieveCompileError
 from . import nodes as n
 from .limits import Limits
+from .match import casemap
 from .parser import Argument, Command, Number, StringList, Tag, Test, parse
 
 __all__ = ["SUPPORTED_EXTENSIONS", "Script", "compile_script"]
@@ -144,7 +145,7 @@ class _Args:
             comp = self.single(self.tag_values["comparator"]).lower()
             if comp not in _COMPARATORS:
                 raise _err(self.tag_values["comparator"], f"unknown comparator {comp!r}")
-        return n.Match(kind, comp, keys)
+        return n.Match(kind, comp, keys, tuple(casemap(k) for k in keys))
 
 
 _MATCH_FLAGS: dict[str, str | None] = {"is": None, "contains": None, "matches": None}

@@ -18,6 +18,7 @@ keeps the message in INBOX; it never raises to the caller.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from ..errors import SieveRuntimeError
 from . import nodes as n
 from .compiler import Script
 from .limits import Limits
-from .match import match_value
+from .match import casemap, compile_glob_cached, glob_match
 from .message import Envelope, MessageView
 
 __all__ = ["Delivery", "SieveResult", "evaluate", "normalize_flags"]
@@ -71,6 +72,11 @@ class SieveResult:
 
 
 KEEP_ONLY = SieveResult((Delivery("INBOX"),), True)
+_DEFAULT_LIMITS = Limits()
+
+
+def _only_inbox(name: str) -> bool:
+    return name == "INBOX"
 
 
 def normalize_flags(values: Sequence[str]) -> list[str]:
@@ -146,6 +152,7 @@ class _Run:
         self.steps = steps  # shared by the scripts of one chain
         self.deadline = deadline
         self.use_vars = script.variables
+        self.parts_cache: dict[tuple[str, str], list[str]] = {}
 
     # -- bookkeeping
     def tick(self, k: int) -> None:
@@ -180,7 +187,9 @@ class _Run:
 
         return _VAR_REF.sub(ref, s)
 
-    def expand_all(self, values: tuple[str, ...]) -> list[str]:
+    def expand_all(self, values: tuple[str, ...]) -> Sequence[str]:
+        if not self.use_vars or not _has_variable(values):
+            return values
         return [self.expand(v) for v in values]
 
     # -- commands
@@ -282,24 +291,17 @@ class _Run:
 
     # -- tests
     def test(self, t: n.TestNode) -> bool:
-        self.tick(1)
+        # Steps are charged by match() (one per value and key) and block().
         if isinstance(t, n.HeaderTest):
-            values = [v for h in self.expand_all(t.names) for v in self.msg.header_values(h)]
-            return self.match(t.match, values)
+            names = self.expand_all(t.names)
+            if len(names) == 1:
+                return self.match(t.match, self.msg.header_values(names[0]))
+            return self.match(t.match, [v for h in names for v in self.msg.header_values(h)])
         if isinstance(t, n.AddressTest):
-            values = []
-            for h in self.expand_all(t.names):
-                for addr, valid in self.msg.addresses(h):
-                    part = (
-                        self.address_part(addr, t.part)
-                        if valid
-                        else addr
-                        if t.part == "all"
-                        else None
-                    )
-                    if part is not None:
-                        values.append(part)
-            return self.match(t.match, values)
+            names = self.expand_all(t.names)
+            if len(names) == 1:
+                return self.match(t.match, self.address_parts(names[0], t.part))
+            return self.match(t.match, [v for h in names for v in self.address_parts(h, t.part)])
         if isinstance(t, n.EnvelopeTest):
             values = []
             for p in t.names:
@@ -334,6 +336,23 @@ class _Run:
             return all(self.mailbox_exists(_mailbox_key(b)) for b in self.expand_all(t.names))
         return self.match(t.match, self.expand_all(t.sources))
 
+    def address_parts(self, header: str, part: str) -> list[str]:
+        """The ``part`` of every address in ``header`` (cached for the message)."""
+        key = (header.lower(), part)
+        got = self.parts_cache.get(key)
+        if got is None:
+            got = []
+            for addr, valid in self.msg.addresses(header):
+                if not valid:  # only :all sees an invalid address, whole
+                    if part == "all":
+                        got.append(addr)
+                    continue
+                value = self.address_part(addr, part)
+                if value is not None:
+                    got.append(value)
+            self.parts_cache[key] = got
+        return got
+
     def address_part(self, addr: str, part: str) -> str | None:
         if part == "all":
             return addr
@@ -349,16 +368,50 @@ class _Run:
             return local if cut < 0 else local[:cut]
         return None if cut < 0 else local[cut + 1 :]
 
-    def match(self, m: n.Match, values: list[str]) -> bool:
-        keys = self.expand_all(m.keys)
-        for v in values:
-            for k in keys:
-                got = match_value(m.kind, m.comparator, v, k, self.tick)
-                if got is not None:
-                    if m.kind == "matches" and self.use_vars:
-                        self.match_vars = got
-                    return True
-        return False
+    def match(self, m: n.Match, values: Sequence[str]) -> bool:
+        """Whether any value matches any key (one step per value and key, plus
+        one per 64 characters compared; ``:matches`` per character)."""
+        if not values:
+            self.tick(1)
+            return False
+        fold = m.comparator == "i;ascii-casemap"
+        if self.use_vars and _has_variable(m.keys):
+            keys: Sequence[str] = self.expand_all(m.keys)
+            if fold:
+                keys = [casemap(k) for k in keys]
+        else:
+            keys = m.folded if fold else m.keys
+        kind = m.kind
+        steps = 1
+        try:
+            for v in values:
+                fv = casemap(v) if fold else v
+                steps += len(keys) * (1 + len(v) // 64)
+                if kind == "is":
+                    if fv in keys:
+                        return True
+                elif kind == "contains":
+                    for k in keys:
+                        steps += len(v) * len(k) // 64
+                        if k in fv:
+                            return True
+                else:
+                    for k in keys:
+                        spans = glob_match(compile_glob_cached(k), fv, self.tick)
+                        if spans is not None:
+                            if self.use_vars:
+                                # Captures come from the unfolded value: ASCII
+                                # folding keeps every index.
+                                self.match_vars = [v, *(v[a:b] for a, b in spans)]
+                            return True
+            return False
+        finally:
+            self.tick(steps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_variable(values: tuple[str, ...]) -> bool:
+    return any("${" in v for v in values)
 
 
 def evaluate(
@@ -376,8 +429,8 @@ def evaluate(
     ``recipient_delimiter`` holds the characters that start a ``:detail``.
     Never raises for anything a script does: errors end in an implicit keep.
     """
-    lim = limits or Limits()
-    exists = mailbox_exists or (lambda name: name == "INBOX")
+    lim = limits or _DEFAULT_LIMITS
+    exists = mailbox_exists or _only_inbox
     steps = [0]
     deadline = time.process_time() + lim.max_cpu_seconds
     flags: list[str] = []

@@ -10,9 +10,10 @@ match variables see, and the ones Pigeonhole gives.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
-__all__ = ["casemap", "compile_glob", "glob_match", "match_value"]
+__all__ = ["casemap", "compile_glob", "compile_glob_cached", "glob_match", "match_value"]
 
 _ASCII_FOLD = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 
@@ -25,6 +26,12 @@ def casemap(s: str) -> str:
 # A glob is a tuple of tokens: a one-character literal str, or None for "?"
 # and "" for "*" (both capture).
 Glob = tuple[str | None, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_glob_cached(pattern: str) -> Glob:
+    """:func:`compile_glob`, remembered (patterns repeat across messages)."""
+    return compile_glob(pattern)
 
 
 def compile_glob(pattern: str) -> Glob:
@@ -104,7 +111,7 @@ def match_value(
     if kind == "contains":
         tick(len(value) * max(1, len(key)) // 64)
         return [] if (casemap(key) if fold else key) in v else None
-    tokens = compile_glob(casemap(key) if fold else key)
+    tokens = compile_glob_cached(casemap(key) if fold else key)
     spans = glob_match(tokens, v, tick)
     if spans is None:
         return None

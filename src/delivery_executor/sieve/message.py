@@ -18,6 +18,13 @@ __all__ = ["Envelope", "MessageView"]
 
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_FIELD = re.compile(r"^([!-9;-~]+):[ \t]*(.*?)[ \t\r]*$", re.MULTILINE)
+# "local@domain" or "Display Name <local@domain>" with nothing unusual in it:
+# no quotes, comments, groups, lists or encoded words.
+_SIMPLE_ADDRESS = re.compile(
+    r"([A-Za-z0-9.!#$%&\'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+)\Z"
+    r"|[A-Za-z0-9 .\'_-]*<([A-Za-z0-9.!#$%&\'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+)>\Z"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +43,10 @@ class MessageView:
     handed over (CRLF line ends when it comes from SMTP), as Pigeonhole counts.
     """
 
-    headers: list[tuple[str, str]]  # (lower-case name, unfolded raw value)
+    headers: dict[str, list[str]]  # lower-case name -> unfolded raw values, in order
     size: int
     _decoded: dict[str, list[str]] = field(default_factory=dict)
+    _addresses: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, raw: bytes) -> MessageView:
@@ -47,25 +55,16 @@ class MessageView:
         head = raw[: m.start()] if m else raw
         if raw.startswith((b"\n", b"\r\n")):
             head = b""
-        text = head.decode("utf-8", "replace")
-        headers: list[tuple[str, str]] = []
-        for line in _FOLD.sub("", text).split("\n"):
-            line = line.rstrip("\r")
-            name, sep, value = line.partition(":")
-            if (
-                not sep
-                or not name
-                or name != name.rstrip()
-                or any(c <= " " or c > "~" for c in name)
-            ):
-                continue  # not a header field (RFC 5322 2.2 field name: printable ASCII but ':')
-            headers.append((name.lower(), value.strip(" \t")))
+        text = _FOLD.sub("", head.decode("utf-8", "replace"))
+        headers: dict[str, list[str]] = {}
+        # A field name is printable ASCII but ':' (RFC 5322 2.2); other lines are skipped.
+        for name, value in _FIELD.findall(text):
+            headers.setdefault(name.lower(), []).append(value)
         return cls(headers, len(raw))
 
     def raw_values(self, name: str) -> list[str]:
         """Every value of header ``name`` (case-insensitive), in order, undecoded."""
-        key = name.lower()
-        return [v for n, v in self.headers if n == key]
+        return self.headers.get(name.lower(), [])
 
     def header_values(self, name: str) -> list[str]:
         """Every value of ``name``, encoded words decoded (cached per name)."""
@@ -84,8 +83,18 @@ class MessageView:
         ``valid=False``: only ``:all`` may match it (RFC 5228 2.7.4), which is
         what Pigeonhole does with ``undisclosed-recipients:;`` or ``no-domain``.
         """
+        key = name.lower()
+        cached = self._addresses.get(key)
+        if cached is not None:
+            return cached
         out: list[tuple[str, bool]] = []
-        for raw in self.raw_values(name):
+        self._addresses[key] = out
+        for raw in self.raw_values(key):
+            simple = _SIMPLE_ADDRESS.match(raw)
+            if simple:  # the common case, without the stdlib parser's cost
+                addr = simple.group(1) or simple.group(2)
+                out.append((addr, True))
+                continue
             got = [a for _, a in email.utils.getaddresses([raw]) if a]
             if not got:
                 out.append((raw, False))

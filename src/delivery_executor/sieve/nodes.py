@@ -43,6 +43,7 @@ class Match:
     kind: str
     comparator: str  # "i;ascii-casemap" or "i;octet"
     keys: tuple[str, ...]
+    folded: tuple[str, ...] = ()  # keys under i;ascii-casemap folding, made once
 
 
 @dataclass(frozen=True, slots=True)
