@@ -270,6 +270,38 @@ def _add_conventions(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_sieve(p: argparse.ArgumentParser) -> None:
+    """Sieve filtering at delivery (delivery_executor.sieve)."""
+    p.add_argument(
+        "--sieve",
+        action="store_true",
+        help="run each user's .dovecot.sieve (in their Maildir directory) at delivery;"
+        " implied by --sieve-before/--sieve-after/--sieve-default",
+    )
+    p.add_argument(
+        "--sieve-before",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="admin Sieve script run before the user's (Pigeonhole's sieve_before; repeatable)",
+    )
+    p.add_argument(
+        "--sieve-after",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="admin Sieve script run after the user's (sieve_after; repeatable)",
+    )
+    p.add_argument(
+        "--sieve-default",
+        type=Path,
+        metavar="PATH",
+        help="Sieve script for users without their own (sieve_default)",
+    )
+
+
 def _add_hostile_load(p: argparse.ArgumentParser) -> None:
     """Caps, fairness and the DATA budget (smtp/sessions.py)."""
     p.add_argument(
@@ -373,6 +405,7 @@ def _add_serve(
     _add_conventions(p)
     _add_hostile_load(p)
     userdb_options.add_arguments(p)
+    _add_sieve(p)
     return p
 
 
@@ -433,6 +466,11 @@ def _serve(args: argparse.Namespace, check: _Parser | None = None) -> int:
         max_pending_bytes=args.max_pending_bytes,
         trusted_networks=args.trusted_networks,
         **userdb_options.config_fields(args),
+        # -- Sieve
+        sieve=args.sieve,
+        sieve_before=tuple(p.resolve() for p in args.sieve_before),
+        sieve_after=tuple(p.resolve() for p in args.sieve_after),
+        sieve_default=args.sieve_default.resolve() if args.sieve_default else None,
     )
     try:
         _check_userdb(config)  # here, not in each worker: a bad value exits 2, in one line

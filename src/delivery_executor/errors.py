@@ -16,6 +16,9 @@ __all__ = [
     "MessageTooLarge",
     "QuotaExceeded",
     "RecipientRejected",
+    "SieveCompileError",
+    "SieveError",
+    "SieveRuntimeError",
     "TooManyParts",
     "UserdbUnavailable",
 ]
@@ -88,3 +91,21 @@ class QuotaExceeded(DeliveryError):
     def __init__(self, reply: str) -> None:
         super().__init__(reply)
         self.reply = reply
+
+
+class SieveError(DeliveryError):
+    """Base class of the Sieve filter's errors; the message is then kept in INBOX."""
+
+
+class SieveCompileError(SieveError, ValueError):
+    """A Sieve script does not compile; ``line`` and ``col`` (1-based) say where."""
+
+    def __init__(self, text: str, line: int, col: int) -> None:
+        super().__init__(f"line {line}, column {col}: {text}")
+        self.text = text
+        self.line = line
+        self.col = col
+
+
+class SieveRuntimeError(SieveError, RuntimeError):
+    """A Sieve script failed while running (bad mailbox name, a limit reached, ...)."""

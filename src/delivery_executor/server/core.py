@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ..executor import (
 )
 from ..metrics import failed_copies, start_metrics
 from ..recipients import MailboxResolver
+from ..sieve.hook import SieveFilter
 from ..smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, LineEndings, SessionFactory
 from ..smtp.handler import SHUTTING_DOWN
 from ..smtp.sessions import (
@@ -165,6 +167,16 @@ class ServerConfig:
     """Answer a full mailbox with ``452 4.2.2`` instead of ``552 5.2.2``."""
     quota_check_at_rcpt: bool = False
     """Refuse a full mailbox already at RCPT (with ``SIZE=`` from MAIL FROM)."""
+    # -- Sieve filtering (delivery_executor.sieve)
+    sieve: bool = False
+    """Run each user's ``.dovecot.sieve`` (in their Maildir directory) at delivery;
+    implied by the three options below."""
+    sieve_before: Sequence[Path] = ()
+    """Admin scripts run before the user's (Pigeonhole's ``sieve_before``)."""
+    sieve_after: Sequence[Path] = ()
+    """Admin scripts run after the user's (``sieve_after``)."""
+    sieve_default: Path | None = None
+    """The script for users without their own (``sieve_default``)."""
 
 
 @dataclass(frozen=True)
@@ -238,8 +250,25 @@ def _handler(
         line_endings=config.line_endings,
         duplicate_window=config.duplicate_window,
         watcher=cleaner,
+        sieve=_sieve(config),
     )
     return handler, resolver
+
+
+def _sieve(config: ServerConfig) -> SieveFilter | None:
+    """The Sieve filter ``config`` asks for, or ``None`` (no cost per delivery)."""
+    if not (config.sieve or config.sieve_before or config.sieve_after or config.sieve_default):
+        return None
+    for p in (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default])):
+        if not os.path.isfile(p):
+            raise ValueError(f"Sieve script {str(p)!r} does not exist or is not a file")
+    return SieveFilter(
+        before=config.sieve_before,
+        after=config.sieve_after,
+        default=config.sieve_default,
+        user_scripts=True,
+        recipient_delimiter=config.recipient_delimiter or "+",
+    )
 
 
 async def serve(

@@ -62,6 +62,7 @@ from ..errors import (
 from ..executor import DeliveryExecutor
 from ..logs import DELIVERY_LOG_FIELDS
 from ..recipients import MailboxResolver
+from ..sieve.hook import SieveFilter, move_to_cur
 from ..stats import Buckets
 from ..store import Message
 from .dsn import DsnSyntaxError, original_recipient
@@ -220,6 +221,7 @@ class DeliveryHandler:
         line_endings: LineEndings = "lf",
         duplicate_window: float = 0.0,
         watcher: MailboxWatcher | None = None,
+        sieve: SieveFilter | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(getattr(executor, "deliver", None)):
             raise TypeError(
@@ -243,6 +245,8 @@ class DeliveryHandler:
         self.add_headers = add_headers
         self.hostname = _clean(hostname or socket.getfqdn(), "localhost")
         self.line_endings: LineEndings = line_endings
+        self.sieve = sieve
+        """Sieve filtering per recipient (:class:`SieveFilter`), or ``None``."""
         self._lf = line_endings == "lf"
         self._eol = "\n" if self._lf else "\r\n"
         # Our executor takes (headers, body) tuples and writes them with writev.
@@ -411,6 +415,7 @@ class DeliveryHandler:
         which: list[int] = []  # recipient → index of the copy that serves it
         paths: list[str] = []
         copies: list[Message] = []
+        owners: list[str] = []  # copy → the recipient it was made for (Sieve's envelope to)
         dups = self.duplicates
         key = dups.key(body) if dups is not None else None
         found: dict[int, str] = {}  # copy → the name it is already stored under
@@ -419,6 +424,7 @@ class DeliveryHandler:
             if at is None:
                 at = first[path] = len(paths)
                 paths.append(path)
+                owners.append(rcpt)
                 if key is not None and dups is not None and (name := await dups.find(path, key)):
                     found[at] = name
                 if not self.add_headers:
@@ -428,19 +434,14 @@ class DeliveryHandler:
                     copies.append((head, body) if self._parts else head + body)
             which.append(at)
         results: Sequence[tuple[object, float] | BaseException]
-        if found:
-            results = await asyncio.gather(
-                *(
-                    self._one(p, c) if i not in found else self._known(found[i])
-                    for i, (p, c) in enumerate(zip(paths, copies, strict=True))
-                ),
-                return_exceptions=True,
-            )
-        elif len(paths) == 1:  # the common case: no task per message
-            results = [await self._one(paths[0], copies[0])]
+        if len(paths) == 1:  # the common case: no task per message
+            results = [await self._copy(0, paths, copies, owners, found, body, sender)]
         else:
             results = await asyncio.gather(
-                *(self._one(p, c) for p, c in zip(paths, copies, strict=True)),
+                *(
+                    self._copy(i, paths, copies, owners, found, body, sender)
+                    for i in range(len(paths))
+                ),
                 return_exceptions=True,
             )
         log = _dlog.isEnabledFor(logging.INFO)
@@ -474,6 +475,23 @@ class DeliveryHandler:
             replies.append(f"250 2.0.0 <{rcpt}> Ok: delivered as {res}")
         return replies
 
+    def _copy(
+        self,
+        i: int,
+        paths: list[str],
+        copies: list[Message],
+        owners: list[str],
+        found: dict[int, str],
+        body: bytes,
+        sender: str,
+    ) -> Awaitable[tuple[object, float]]:
+        """Store copy ``i``: already there (a duplicate), through Sieve, or as it is."""
+        if i in found:
+            return self._known(found[i])
+        if self.sieve is not None:
+            return self._sieved(paths[i], copies[i], body, sender, owners[i])
+        return self._one(paths[i], copies[i])
+
     @staticmethod
     async def _known(name: str) -> tuple[object, float]:
         return name, time.perf_counter()
@@ -485,6 +503,40 @@ class DeliveryHandler:
         except (OSError, DeliveryError) as exc:
             res = exc
         return res, time.perf_counter()
+
+    async def _sieved(
+        self, path: str, copy: Message, body: bytes, sender: str, rcpt: str
+    ) -> tuple[object, float]:
+        """One recipient through Sieve: each route is a delivery riding the same batches.
+
+        A script never costs the message: any failure of the filter itself
+        delivers to INBOX. Flags are set by a durable move into ``cur/`` once
+        the copy is durable in ``new/`` (a crash in between keeps it, unflagged).
+        """
+        assert self.sieve is not None
+        try:
+            routes = self.sieve.route(path, body, sender, rcpt)
+        except Exception:
+            _log.exception("sieve failed for <%s>; delivering to INBOX", rcpt)
+            routes = None
+        if routes is None:
+            return await self._one(path, copy)
+        if not routes:
+            return "nothing (discarded by Sieve)", time.perf_counter()
+        got = await asyncio.gather(*(self._one(r.path, copy) for r in routes))
+        loop = asyncio.get_running_loop()
+        names: list[str] = []
+        for r, (res, _) in zip(routes, got, strict=True):
+            if isinstance(res, BaseException):
+                return res, time.perf_counter()
+            name = str(res)
+            if r.letters:
+                try:
+                    name = await loop.run_in_executor(None, move_to_cur, r.path, name, r.letters)
+                except OSError as exc:  # durable in new/ already: only the flags are lost
+                    _log.error("sieve: flags %s for %s not set: %s", r.letters, name, exc)
+            names.append(name if r.path == path else f"{os.path.basename(r.path)}/{name}")
+        return ", ".join(names), time.perf_counter()
 
     @staticmethod
     def _failure(rcpt: str, exc: BaseException) -> str:

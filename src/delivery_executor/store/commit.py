@@ -76,6 +76,10 @@ class MaildirTarget(Protocol):
     def owner(self) -> tuple[int, int] | None:
         """``(uid, gid)`` new files are given (root delivering for a user), or None."""
 
+    @property
+    def info(self) -> str:
+        """Appended to each final name: ``""``, or ``":2,<flags>"`` (new_prefix is cur/ then)."""
+
 
 __all__ = [
     "AUTO_SYNCFS_MIN_FILES",
@@ -451,7 +455,8 @@ def _move_new(md: MaildirTarget, name: str, suffix: str, ops: FsOps) -> MessageI
     final = name
     for _ in range(_EEXIST_RETRIES):
         try:
-            ops.rename_noreplace(src, md.new_prefix + final)
+            # md.info is ":2,<flags>" for a with_flags view (new_prefix is then cur/).
+            ops.rename_noreplace(src, md.new_prefix + final + md.info)
             return MessageId(final)
         except FileExistsError:
             final = unique_name() + suffix

@@ -83,7 +83,7 @@ class Maildir:
     Instances are immutable and safe to share between threads.
     """
 
-    __slots__ = ("cur_prefix", "dev", "new_prefix", "owner", "path", "tmp_prefix")
+    __slots__ = ("cur_prefix", "dev", "info", "new_prefix", "owner", "path", "tmp_prefix")
 
     path: Path
     """The Maildir's root, absolute."""
@@ -99,6 +99,8 @@ class Maildir:
     """``(uid, gid)`` each new file is given, or ``None`` (the creator's): set when
     this process is root and ``tmp/`` belongs to another user, so that mail in
     a user's Maildir is theirs (per-user uid/gid, as Dovecot does)."""
+    info: str
+    """Suffix of delivered names: ``""``, or ``":2,<flags>"`` for a :meth:`with_flags` view."""
 
     def __init__(self, root: str, dev: int, owner: tuple[int, int] | None = None) -> None:
         self.path = Path(root)
@@ -107,6 +109,27 @@ class Maildir:
         self.tmp_prefix = os.path.join(root, "tmp") + os.sep
         self.new_prefix = os.path.join(root, "new") + os.sep
         self.cur_prefix = os.path.join(root, "cur") + os.sep
+        self.info = ""
+
+    def with_flags(self, letters: str) -> Maildir:
+        """A view of this Maildir whose deliveries land in ``cur/`` as ``name:2,<letters>``.
+
+        This is what Dovecot's LDA does for a message saved with flags (Sieve
+        ``imap4flags``): the flags are part of the name from the start, with
+        the same durable protocol (the rename into ``cur/`` and the fsync of
+        ``cur/`` replace those of ``new/``). ``letters`` are Maildir info
+        letters (``S``, ``F``, ... and keyword letters ``a``-``z``), stored
+        sorted and once each; ``""`` returns this Maildir itself. Raises
+        ``ValueError`` for anything but ASCII letters.
+        """
+        if not letters:
+            return self
+        if not (letters.isascii() and letters.isalpha()):
+            raise ValueError(f"Maildir flags must be ASCII letters, not {letters!r}")
+        view = Maildir(str(self.path), self.dev, self.owner)
+        view.new_prefix = self.cur_prefix
+        view.info = ":2," + "".join(sorted(set(letters)))
+        return view
 
     def __repr__(self) -> str:
         return f"Maildir({str(self.path)!r})"

@@ -1,0 +1,488 @@
+"""Running compiled Sieve scripts against one message: the deliveries they ask for.
+
+:func:`evaluate` runs a chain of scripts (``sieve_before``..., the user's,
+``sieve_after``...) as Pigeonhole does: the next script runs only while the
+message would still be kept (implicit or explicit ``keep``); a script that
+files the message elsewhere or discards it ends the chain; ``stop`` ends only
+its own script; the imap4flags internal variable carries over from one
+script to the next. Duplicate deliveries to one mailbox collapse into one,
+the later one's flags winning (RFC 5228 section 2.10.3).
+
+``redirect``, ``reject`` and ``vacation`` need outgoing mail: they are
+recorded in :attr:`SieveResult.not_performed` and the message is kept.
+
+Cost: one walk of the script per message, bounded by :class:`Limits`. A
+runtime error (a limit, a bad flag variable) drops that script's actions and
+keeps the message in INBOX; it never raises to the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import SieveRuntimeError
+from . import nodes as n
+from .compiler import Script
+from .limits import Limits
+from .match import casemap, compile_glob_cached, glob_match
+from .message import Envelope, MessageView
+
+__all__ = ["Delivery", "SieveResult", "evaluate", "normalize_flags"]
+
+_SYSTEM_FLAGS = {
+    f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+}
+# RFC 3501 atom: no atom-specials ( ) { SP CTL % * " \ ]
+_ATOM = re.compile(r'[^(){ %*"\\\]\x00-\x20\x7f]+\Z')
+_VAR_REF = re.compile(r"\$\{([A-Za-z0-9_.]*)\}")
+_CPU_CHECK_EVERY = 4096
+_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+_UPPER = {c + 32: c for c in range(ord("A"), ord("Z") + 1)}
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One place the message goes: ``mailbox`` (``"INBOX"`` or a folder name),
+    IMAP ``flags`` (system flags spelled ``\\Seen`` etc., then keywords) and
+    whether ``fileinto :create`` asked for the folder to be created."""
+
+    mailbox: str
+    flags: tuple[str, ...] = ()
+    create: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SieveResult:
+    """What the scripts decided for one message.
+
+    ``deliveries`` is never empty unless the message was discarded;
+    ``implicit_keep`` says whether INBOX came from the implicit keep (also the
+    case after an error); ``errors`` holds runtime errors (the message was kept);
+    ``not_performed`` lists redirect/reject/vacation that were not carried out.
+    """
+
+    deliveries: tuple[Delivery, ...]
+    implicit_keep: bool
+    errors: tuple[str, ...] = ()
+    not_performed: tuple[str, ...] = ()
+
+
+KEEP_ONLY = SieveResult((Delivery("INBOX"),), True)
+_DEFAULT_LIMITS = Limits()
+
+
+def _only_inbox(name: str) -> bool:
+    return name == "INBOX"
+
+
+def normalize_flags(values: Sequence[str]) -> list[str]:
+    """Flags from space-separated strings: valid ones only, deduplicated ignoring case.
+
+    System flags are spelled canonically (``\\seen`` → ``\\Seen``); ``\\Recent``,
+    unknown system flags and keywords that are not IMAP atoms are dropped, as
+    Pigeonhole drops them.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for v in values:
+        for f in v.split():
+            low = f.lower()
+            if f.startswith("\\"):
+                canon = _SYSTEM_FLAGS.get(low)
+                if canon is None:
+                    continue
+                f = canon
+            elif not _ATOM.match(f):
+                continue
+            if low not in seen:
+                seen.add(low)
+                out.append(f)
+    return out
+
+
+def _mailbox_key(name: str) -> str:
+    return "INBOX" if name.upper() == "INBOX" else name
+
+
+@dataclass(slots=True)
+class _Store:
+    mailbox: str
+    flags: tuple[str, ...]
+    create: bool
+    is_keep: bool
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Run:
+    """One script's run: variables, flags and the actions it collected."""
+
+    def __init__(
+        self,
+        script: Script,
+        msg: MessageView,
+        env: Envelope,
+        flags: list[str],
+        limits: Limits,
+        mailbox_exists: Callable[[str], bool],
+        delimiter: str,
+        steps: list[int],
+        deadline: float,
+    ) -> None:
+        self.script = script
+        self.msg = msg
+        self.env = env
+        self.flags = list(flags)
+        self.limits = limits
+        self.mailbox_exists = mailbox_exists
+        self.delimiter = delimiter
+        self.vars: dict[str, str] = {}
+        self.match_vars: list[str] = []
+        self.stores: dict[str, _Store] = {}
+        self.implicit_keep = True
+        self.explicit_keep = False
+        self.not_performed: list[str] = []
+        self.actions = 0
+        self.steps = steps  # shared by the scripts of one chain
+        self.deadline = deadline
+        self.use_vars = script.variables
+        self.parts_cache: dict[tuple[str, str], list[str]] = {}
+
+    # -- bookkeeping
+    def tick(self, k: int) -> None:
+        s = self.steps[0] + k
+        self.steps[0] = s
+        if s > self.limits.max_steps:
+            raise SieveRuntimeError(f"script used more than {self.limits.max_steps} steps")
+        if (
+            s // _CPU_CHECK_EVERY != (s - k) // _CPU_CHECK_EVERY
+            and time.process_time() > self.deadline
+        ):
+            raise SieveRuntimeError(f"script used more than {self.limits.max_cpu_seconds} s of CPU")
+
+    def action(self) -> None:
+        self.actions += 1
+        if self.actions > self.limits.max_actions:
+            raise SieveRuntimeError(f"script performed more than {self.limits.max_actions} actions")
+
+    def expand(self, s: str) -> str:
+        if not self.use_vars or "${" not in s:
+            return s
+        self.tick(1 + len(s) // 64)
+
+        def ref(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name.isdigit():
+                i = int(name)
+                return self.match_vars[i] if i < len(self.match_vars) else ""
+            if not name or name[0].isdigit():
+                return m.group(0)
+            return self.vars.get(name.lower(), "")
+
+        return _VAR_REF.sub(ref, s)
+
+    def expand_all(self, values: tuple[str, ...]) -> Sequence[str]:
+        if not self.use_vars or not _has_variable(values):
+            return values
+        return [self.expand(v) for v in values]
+
+    # -- commands
+    def block(self, body: n.Block) -> None:
+        for node in body:
+            self.tick(1)
+            self.command(node)
+
+    def command(self, node: n.Node) -> None:
+        if isinstance(node, n.If):
+            for test, body in node.branches:
+                if self.test(test):
+                    self.block(body)
+                    return
+            if node.orelse is not None:
+                self.block(node.orelse)
+        elif isinstance(node, n.Stop):
+            raise _Stop
+        elif isinstance(node, n.Keep):
+            self.action()
+            self.implicit_keep = False
+            self.explicit_keep = True
+            self.store("INBOX", node.flags, False, True)
+        elif isinstance(node, n.Discard):
+            self.action()
+            self.implicit_keep = False
+        elif isinstance(node, n.FileInto):
+            self.action()
+            box = self.expand(node.mailbox)
+            if not node.copy:
+                self.implicit_keep = False
+            self.store(box, node.flags, node.create, False)
+        elif isinstance(node, n.FlagAction):
+            self.flag_action(node)
+        elif isinstance(node, n.SetVar):
+            self.vars[node.name] = self.modify(self.expand(node.value), node.modifiers)
+        else:  # NotPerformed: logged by the caller; the message is kept (see module doc)
+            self.action()
+            self.not_performed.append(f"{node.command} (line {node.line})")
+
+    def store(
+        self, mailbox: str, flags: tuple[str, ...] | None, create: bool, is_keep: bool
+    ) -> None:
+        # Without :flags, the internal variable; it may come from an earlier
+        # script of the chain even when this one does not require imap4flags.
+        chosen = (
+            tuple(self.flags) if flags is None else tuple(normalize_flags(self.expand_all(flags)))
+        )
+        key = _mailbox_key(mailbox)
+        old = self.stores.pop(key, None)
+        if old is not None:
+            create = create or old.create
+            is_keep = is_keep and old.is_keep
+        # A later duplicate replaces the earlier one's flags (as Pigeonhole).
+        self.stores[key] = _Store(key, chosen, create, is_keep)
+
+    def flag_action(self, node: n.FlagAction) -> None:
+        new = normalize_flags(self.expand_all(node.flags))
+        if node.variable is None:
+            current = self.flags
+        else:
+            current = normalize_flags([self.vars.get(node.variable, "")])
+        if node.op == "setflag":
+            result = new
+        elif node.op == "addflag":
+            result = normalize_flags([*current, *new])
+        else:
+            drop = {f.lower() for f in new}
+            result = [f for f in current if f.lower() not in drop]
+        if node.variable is None:
+            self.flags = result
+        else:
+            self.vars[node.variable] = self.clip(" ".join(result))
+
+    def clip(self, value: str) -> str:
+        limit = self.limits.max_variable_bytes
+        if len(value) > limit // 4 and len(value.encode("utf-8", "surrogatepass")) > limit:
+            b = value.encode("utf-8", "surrogatepass")[:limit]
+            value = b.decode("utf-8", "ignore")
+        return value
+
+    def modify(self, value: str, mods: tuple[str, ...]) -> str:
+        # Case modifiers change ASCII letters only, as Pigeonhole (and as the
+        # i;ascii-casemap comparator folds).
+        for m in mods:
+            if m == "lower":
+                value = value.translate(_LOWER)
+            elif m == "upper":
+                value = value.translate(_UPPER)
+            elif m == "lowerfirst":
+                value = value[:1].translate(_LOWER) + value[1:]
+            elif m == "upperfirst":
+                value = value[:1].translate(_UPPER) + value[1:]
+            elif m == "quotewildcard":
+                value = value.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
+            elif m == "length":
+                value = str(len(value))
+        return self.clip(value)
+
+    # -- tests
+    def test(self, t: n.TestNode) -> bool:
+        # Steps are charged by match() (one per value and key) and block().
+        if isinstance(t, n.HeaderTest):
+            names = self.expand_all(t.names)
+            if len(names) == 1:
+                return self.match(t.match, self.msg.header_values(names[0]))
+            return self.match(t.match, [v for h in names for v in self.msg.header_values(h)])
+        if isinstance(t, n.AddressTest):
+            names = self.expand_all(t.names)
+            if len(names) == 1:
+                return self.match(t.match, self.address_parts(names[0], t.part))
+            return self.match(t.match, [v for h in names for v in self.address_parts(h, t.part)])
+        if isinstance(t, n.EnvelopeTest):
+            values = []
+            for p in t.names:
+                addr = self.env.sender if p == "from" else self.env.recipient
+                # The null sender <> is "" for every part (as Pigeonhole), no :detail.
+                if addr:
+                    part = self.address_part(addr, t.part)
+                else:
+                    part = None if t.part == "detail" else ""
+                if part is not None:
+                    values.append(part)
+            return self.match(t.match, values)
+        if isinstance(t, n.ExistsTest):
+            return all(self.msg.raw_values(h) for h in self.expand_all(t.names))
+        if isinstance(t, n.SizeTest):
+            return self.msg.size > t.limit if t.over else self.msg.size < t.limit
+        if isinstance(t, n.AllOf):
+            return all(self.test(x) for x in t.tests)
+        if isinstance(t, n.AnyOf):
+            return any(self.test(x) for x in t.tests)
+        if isinstance(t, n.Not):
+            return not self.test(t.test)
+        if isinstance(t, n.Const):
+            return t.value
+        if isinstance(t, n.HasFlagTest):
+            if t.variables is None:
+                flags = self.flags
+            else:
+                flags = normalize_flags([self.vars.get(v, "") for v in t.variables])
+            return self.match(t.match, flags)
+        if isinstance(t, n.MailboxExistsTest):
+            return all(self.mailbox_exists(_mailbox_key(b)) for b in self.expand_all(t.names))
+        return self.match(t.match, self.expand_all(t.sources))
+
+    def address_parts(self, header: str, part: str) -> list[str]:
+        """The ``part`` of every address in ``header`` (cached for the message)."""
+        key = (header.lower(), part)
+        got = self.parts_cache.get(key)
+        if got is None:
+            got = []
+            for addr, valid in self.msg.addresses(header):
+                if not valid:  # only :all sees an invalid address, whole
+                    if part == "all":
+                        got.append(addr)
+                    continue
+                value = self.address_part(addr, part)
+                if value is not None:
+                    got.append(value)
+            self.parts_cache[key] = got
+        return got
+
+    def address_part(self, addr: str, part: str) -> str | None:
+        if part == "all":
+            return addr
+        local, at, domain = addr.rpartition("@")
+        if not at:
+            local, domain = addr, ""
+        if part == "localpart":
+            return local
+        if part == "domain":
+            return domain
+        cut = min((i for i in (local.find(d) for d in self.delimiter) if i >= 0), default=-1)
+        if part == "user":
+            return local if cut < 0 else local[:cut]
+        return None if cut < 0 else local[cut + 1 :]
+
+    def match(self, m: n.Match, values: Sequence[str]) -> bool:
+        """Whether any value matches any key (one step per value and key, plus
+        one per 64 characters compared; ``:matches`` per character)."""
+        if not values:
+            self.tick(1)
+            return False
+        fold = m.comparator == "i;ascii-casemap"
+        if self.use_vars and _has_variable(m.keys):
+            keys: Sequence[str] = self.expand_all(m.keys)
+            if fold:
+                keys = [casemap(k) for k in keys]
+        else:
+            keys = m.folded if fold else m.keys
+        kind = m.kind
+        steps = 1
+        try:
+            for v in values:
+                fv = casemap(v) if fold else v
+                steps += len(keys) * (1 + len(v) // 64)
+                if kind == "is":
+                    if fv in keys:
+                        return True
+                elif kind == "contains":
+                    for k in keys:
+                        steps += len(v) * len(k) // 64
+                        if k in fv:
+                            return True
+                else:
+                    for k in keys:
+                        spans = glob_match(compile_glob_cached(k), fv, self.tick)
+                        if spans is not None:
+                            if self.use_vars:
+                                # Captures come from the unfolded value: ASCII
+                                # folding keeps every index.
+                                self.match_vars = [v, *(v[a:b] for a, b in spans)]
+                            return True
+            return False
+        finally:
+            self.tick(steps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_variable(values: tuple[str, ...]) -> bool:
+    return any("${" in v for v in values)
+
+
+def evaluate(
+    scripts: Sequence[Script],
+    message: MessageView,
+    envelope: Envelope,
+    *,
+    limits: Limits | None = None,
+    mailbox_exists: Callable[[str], bool] | None = None,
+    recipient_delimiter: str = "+",
+) -> SieveResult:
+    """Run ``scripts`` in order (before..., user, after...) on one message.
+
+    ``mailbox_exists(name)`` answers ``mailboxexists`` (default: only INBOX);
+    ``recipient_delimiter`` holds the characters that start a ``:detail``.
+    Never raises for anything a script does: errors end in an implicit keep.
+    """
+    lim = limits or _DEFAULT_LIMITS
+    exists = mailbox_exists or _only_inbox
+    steps = [0]
+    deadline = time.process_time() + lim.max_cpu_seconds
+    flags: list[str] = []
+    stores: dict[str, _Store] = {}
+    not_performed: list[str] = []
+    if not scripts:
+        return KEEP_ONLY
+
+    def add(s: _Store) -> None:
+        old = stores.pop(s.mailbox, None)
+        stores[s.mailbox] = _Store(
+            s.mailbox, s.flags, s.create or (old.create if old else False), False
+        )
+
+    implicit = False
+    for i, script in enumerate(scripts):
+        last = i == len(scripts) - 1
+        run = _Run(
+            script, message, envelope, flags, lim, exists, recipient_delimiter, steps, deadline
+        )
+        try:
+            try:
+                run.block(script.body)
+            except _Stop:
+                pass
+        except SieveRuntimeError as e:
+            # This script's actions are dropped; earlier scripts' stand; keep.
+            not_performed.extend(run.not_performed)
+            add(_Store("INBOX", (), False, False))
+            return SieveResult(
+                tuple(Delivery(s.mailbox, s.flags, s.create) for s in stores.values()),
+                True,
+                (f"{script.name}: {e}",),
+                tuple(not_performed),
+            )
+        not_performed.extend(run.not_performed)
+        keeps = run.implicit_keep or run.explicit_keep
+        for s in run.stores.values():
+            if s.is_keep and keeps and not last:
+                continue  # a keep defers to the next script
+            add(s)
+        if not keeps:
+            break
+        if not last:
+            flags = run.flags
+            continue
+        if run.implicit_keep:
+            implicit = True
+            add(_Store("INBOX", tuple(run.flags), False, False))
+    return SieveResult(
+        tuple(Delivery(s.mailbox, s.flags, s.create) for s in stores.values()),
+        implicit,
+        (),
+        tuple(not_performed),
+    )

@@ -1,0 +1,212 @@
+"""Sieve at delivery time: which scripts apply to a recipient, and where its copy goes.
+
+:class:`SieveFilter` is what a server calls per recipient. Scripts come from
+where Pigeonhole's settings put them: ``before`` scripts (``sieve_before``),
+the user's own script (``.dovecot.sieve`` in the user's Maildir directory, our
+home), else ``default`` (``sieve_default``), then ``after`` scripts
+(``sieve_after``). Each file is compiled once and recompiled when it changes
+(one ``stat`` per script per delivery); a script that does not compile is
+logged once per version with its line and column, and the message is kept in
+INBOX, as Pigeonhole does. :meth:`SieveFilter.route` never raises for a
+script's sake: the worst case is INBOX.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import SieveCompileError
+from ..store import Maildir
+from .compiler import Script, compile_script
+from .evaluator import evaluate
+from .limits import Limits
+from .maildir import SYSTEM_FLAG_LETTERS, keyword_letters, mailbox_exists, plan
+from .message import Envelope, MessageView
+
+__all__ = ["USER_SCRIPT", "Route", "ScriptCache", "SieveFilter", "move_to_cur"]
+
+USER_SCRIPT = ".dovecot.sieve"
+_log = logging.getLogger("delivery_executor.sieve")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One copy to store: the Maildir (INBOX or a folder) and its info letters."""
+
+    path: str
+    letters: str = ""
+
+
+class _Broken:
+    """A script file that did not compile (kept so the error is logged once)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: SieveCompileError) -> None:
+        self.error = error
+
+
+class ScriptCache:
+    """Compiled scripts by path, recompiled when (inode, size, mtime) changes."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._by_path: dict[str, tuple[tuple[int, int, int], Script | _Broken]] = {}
+
+    def get(self, path: str) -> Script | _Broken | None:
+        """The compiled script at ``path``; ``None`` if there is no such file."""
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        got = self._by_path.get(path)
+        if got is not None and got[0] == key:
+            return got[1]
+        try:
+            with open(path, "rb") as f:
+                source = f.read(self.limits.max_script_bytes + 1)
+            compiled: Script | _Broken = compile_script(source, name=path, limits=self.limits)
+        except SieveCompileError as e:
+            _log.error("sieve: %s: %s; messages are kept in INBOX until it is fixed", path, e)
+            compiled = _Broken(e)
+        except OSError as e:
+            _log.error("sieve: cannot read %s: %s", path, e)
+            return None
+        with self._lock:
+            self._by_path[path] = (key, compiled)
+        return compiled
+
+
+class SieveFilter:
+    """Runs the applicable scripts for one recipient and says where its copy goes.
+
+    Parameters:
+        before, after: admin scripts run around the user's, in order.
+        default: the script for users without their own.
+        user_scripts: look for ``.dovecot.sieve`` in each user's Maildir.
+        limits: per-script and per-message bounds (:class:`Limits`).
+        recipient_delimiter: characters that start ``:detail``.
+    """
+
+    def __init__(
+        self,
+        *,
+        before: Sequence[str | os.PathLike[str]] = (),
+        after: Sequence[str | os.PathLike[str]] = (),
+        default: str | os.PathLike[str] | None = None,
+        user_scripts: bool = True,
+        limits: Limits | None = None,
+        recipient_delimiter: str = "+",
+        user_script: Callable[[str], str] | None = None,
+    ) -> None:
+        if not isinstance(recipient_delimiter, str) or not recipient_delimiter:
+            raise ValueError(
+                f"recipient_delimiter must be a non-empty str, not {recipient_delimiter!r}"
+            )
+        self.before = [os.fspath(p) for p in before]
+        self.after = [os.fspath(p) for p in after]
+        self.default = os.fspath(default) if default is not None else None
+        self.user_scripts = user_scripts
+        self.limits = limits or Limits()
+        self.delimiter = recipient_delimiter
+        self._user_script = user_script or (lambda maildir: os.path.join(maildir, USER_SCRIPT))
+        self.cache = ScriptCache(self.limits)
+
+    def chain(self, maildir: str) -> list[Script] | None:
+        """The scripts for the user of ``maildir`` (``[]``: none); ``None`` if one is broken."""
+        paths = list(self.before)
+        personal = None
+        if self.user_scripts:
+            personal = self.cache.get(self._user_script(maildir))
+        if personal is None and self.default is not None:
+            personal = self.cache.get(self.default)
+        out: list[Script] = []
+        for p in paths:
+            got = self.cache.get(p)
+            if isinstance(got, _Broken):
+                return None
+            if got is not None:
+                out.append(got)
+        if isinstance(personal, _Broken):
+            return None
+        if personal is not None:
+            out.append(personal)
+        for p in self.after:
+            got = self.cache.get(p)
+            if isinstance(got, _Broken):
+                return None
+            if got is not None:
+                out.append(got)
+        return out
+
+    def route(
+        self, maildir: str, message: bytes, sender: str, recipient: str
+    ) -> list[Route] | None:
+        """Where the copy for ``recipient`` (Maildir ``maildir``) goes.
+
+        ``None``: no script applies, deliver as usual. ``[]``: discarded.
+        Otherwise one :class:`Route` per copy; folders asked for with
+        ``:create`` are created here and keywords registered, so this does
+        file I/O only then. Cost without scripts: one ``stat`` per configured
+        path.
+        """
+        chain = self.chain(maildir)
+        if chain is None:
+            return [Route(maildir)]
+        if not chain:
+            return None
+        res = evaluate(
+            chain,
+            MessageView.parse(message),
+            Envelope(sender, recipient),
+            limits=self.limits,
+            mailbox_exists=lambda name: mailbox_exists(maildir, name),
+            recipient_delimiter=self.delimiter,
+        )
+        for err in res.errors:
+            _log.warning("sieve: <%s>: %s; message kept in INBOX", recipient, err)
+        for what in res.not_performed:
+            _log.warning(
+                "sieve: <%s>: %s not performed (no outgoing mail); message kept", recipient, what
+            )
+        targets, why = plan(res, maildir)
+        if why is not None:
+            _log.warning("sieve: <%s>: %s; message kept in INBOX", recipient, why)
+        routes: list[Route] = []
+        for t in targets:
+            if t.create and not os.path.isdir(t.path):
+                Maildir.create(t.path)
+                marker = os.path.join(t.path, "maildirfolder")
+                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
+            system = "".join(SYSTEM_FLAG_LETTERS[f] for f in t.flags if f in SYSTEM_FLAG_LETTERS)
+            keywords = [f for f in t.flags if not f.startswith("\\")]
+            if keywords:
+                if t.path == maildir:
+                    Maildir.cached(maildir)  # INBOX may not exist before its first message
+                system += keyword_letters(t.path, keywords)
+            routes.append(Route(t.path, "".join(sorted(set(system)))))
+        return routes
+
+
+def move_to_cur(maildir: str, name: str, letters: str) -> str:
+    """Give a message just delivered into ``new/`` its flags: move it to ``cur/name:2,letters``.
+
+    Durable: ``cur/`` then ``new/`` are fsynced. A crash before the move
+    leaves the message in ``new/`` without flags, never lost. Returns the
+    new file name.
+    """
+    final = f"{name}:2,{letters}"
+    os.rename(os.path.join(maildir, "new", name), os.path.join(maildir, "cur", final))
+    for sub in ("cur", "new"):
+        fd = os.open(os.path.join(maildir, sub), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return final

@@ -1,0 +1,50 @@
+"""Limits that keep a hostile Sieve script from costing more than a bounded amount.
+
+Checked at compile time (size, nesting) and while running (actions, steps,
+CPU time). A script over a run-time limit fails with
+:class:`~delivery_executor.errors.SieveRuntimeError`; the message is then kept
+in INBOX (implicit keep), as Pigeonhole does on a runtime error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on one script (compile) and one run (per message).
+
+    max_script_bytes: source size (Pigeonhole's ``sieve_max_script_size``, 1 MiB).
+    max_nesting: depth of blocks and of nested tests (Pigeonhole: 32).
+    max_actions: actions one run may collect (Pigeonhole's ``sieve_max_actions``, 32).
+    max_steps: work units per run: one per test, command and character compared
+        (bounds ``:matches`` and huge headers without timing anything).
+    max_cpu_seconds: process CPU time one run may take, checked every few
+        thousand steps.
+    max_variable_bytes: longest variable value; longer values are truncated
+        (RFC 5229 section 3; Pigeonhole: 4 KiB).
+    """
+
+    max_script_bytes: int = 1 << 20
+    max_nesting: int = 32
+    max_actions: int = 32
+    max_steps: int = 2_000_000
+    max_cpu_seconds: float = 0.5
+    max_variable_bytes: int = 4000
+
+    def __post_init__(self) -> None:
+        for field in (
+            "max_script_bytes",
+            "max_nesting",
+            "max_actions",
+            "max_steps",
+            "max_variable_bytes",
+        ):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Limits.{field} must be a positive int, got {v!r}")
+        if not isinstance(self.max_cpu_seconds, (int, float)) or not self.max_cpu_seconds > 0:
+            raise ValueError(f"Limits.max_cpu_seconds must be > 0, got {self.max_cpu_seconds!r}")
