@@ -185,7 +185,9 @@ async def lmtp_server(config: ServerConfig, resolver: UserdbResolver) -> AsyncIt
 async def test_lmtp_full_mailbox_gets_552_others_250(tmp_path: Path) -> None:
     """In one LMTP transaction the full mailbox gets 552 5.2.2 and the others 250."""
     users = tmp_path / "users"
-    users.write_text("full@x.org:::::::userdb_quota_rule=*:messages=1\nok@x.org:::::::\n")
+    users.write_text(
+        "full@x.org:::::::userdb_quota_rule=*:messages=1\nok@x.org:::::::\nother@x.org:::::::\n"
+    )
     root = tmp_path / "mail"
     config = ServerConfig(root=root, userdb=(f"passwd-file:{users}",), quota_rule="*:storage=1M")
     resolver = UserdbResolver(root, userdbs=[PasswdFile(str(users))])
@@ -198,11 +200,12 @@ async def test_lmtp_full_mailbox_gets_552_others_250(tmp_path: Path) -> None:
             return [f"{r.code} {r.text}" for r in replies]
 
         assert [r[:3] for r in await send(["full@x.org"])] == ["250"]
-        replies = await send(["ok@x.org", "full@x.org", "ok@x.org"])
+        replies = await send(["ok@x.org", "full@x.org", "other@x.org"])
         assert replies[0].startswith("250") and replies[2].startswith("250")
         assert replies[1] == "552 5.2.2 <full@x.org> Quota exceeded (mailbox for user is full)"
     assert len(files_in(root / "x.org" / "full" / "new")) == 1
-    assert len(files_in(root / "x.org" / "ok" / "new")) == 2
+    assert len(files_in(root / "x.org" / "ok" / "new")) == 1
+    assert len(files_in(root / "x.org" / "other" / "new")) == 1
     assert (root / "x.org" / "ok" / "maildirsize").read_text().startswith("1048576S\n")
 
 

@@ -29,6 +29,7 @@ are not supported and rejected.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import re
@@ -253,7 +254,7 @@ class QuotaDeliverer:
         check_at_rcpt: bool = False,
         maildir_for: Callable[[str], str] | None = None,
     ) -> None:
-        if not asyncio.iscoroutinefunction(getattr(inner, "deliver", None)):
+        if not inspect.iscoroutinefunction(getattr(inner, "deliver", None)):
             raise TypeError(f"inner must have an async deliver(), not {type(inner).__name__}")
         if not 0 <= grace <= 10:
             raise ValueError(f"grace must be a fraction between 0 and 10, not {grace!r}")
