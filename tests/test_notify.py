@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,32 @@ def test_ready_then_stopping_from_the_main_process(
     sock.settimeout(0.5)
     with pytest.raises(TimeoutError):  # nothing from the workers or the writer helpers
         sock.recv(4096)
+
+
+_NESTED = """
+import os, signal, subprocess, threading, time
+from delivery_executor.server import notify, run
+calls = []
+def told(*states):
+    calls.append(states)
+    if len(calls) == 1:  # a second SIGTERM arrives while systemd is being told of the first
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # its Python handler runs here, nested in the first
+    return True
+notify.notify = told
+worker = subprocess.Popen(["sleep", "30"])
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+run._supervise([worker.pid], None)
+print(calls.count(("STOPPING=1",)))
+"""
+
+
+def test_the_supervisor_says_stopping_once_even_if_a_signal_interrupts_it() -> None:
+    """A SIGTERM that nests in the supervisor's first SIGTERM handler sends no second STOPPING."""
+    out = subprocess.run(
+        [sys.executable, "-c", _NESTED], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.splitlines()[-1] == "1", out.stdout + out.stderr  # STOPPING=1 sent once
 
 
 def test_notify_speaks_abstract_sockets_and_ignores_the_rest(

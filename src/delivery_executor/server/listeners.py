@@ -334,9 +334,16 @@ async def start_serving(
     if bound.sock.family != socket.AF_UNIX:
         return await loop.create_server(factory, sock=bound.sock, ssl=context, backlog=BACKLOG)
     extra: dict[str, Any] = {}
-    if sys.version_info >= (3, 13) and type(loop).__module__.startswith("asyncio"):
-        # The socket file is ours to remove (release()), or systemd's: never asyncio's.
+    if sys.version_info >= (3, 13):
+        # The socket file is ours to remove (release()), or systemd's: never the
+        # loop's, which on 3.13 removes it at close (asyncio, and uvloop >= 0.21).
         extra["cleanup_socket"] = False
-    return await loop.create_unix_server(
-        factory, sock=bound.sock, ssl=context, backlog=BACKLOG, **extra
-    )
+    try:
+        return await loop.create_unix_server(
+            factory, sock=bound.sock, ssl=context, backlog=BACKLOG, **extra
+        )
+    except TypeError:
+        if not extra:
+            raise
+        # A loop without the option (an older uvloop) does not remove the file either.
+        return await loop.create_unix_server(factory, sock=bound.sock, ssl=context, backlog=BACKLOG)

@@ -157,9 +157,11 @@ def _supervise(pids: list[int], metrics: WorkerMetrics | None) -> int:
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
-            if not stopping:
+            # Marked before notifying: a second signal can run this handler
+            # again inside notify() (Python handlers nest), and must not repeat it.
+            first, stopping = not stopping, True
+            if first:
                 notify.notify("STOPPING=1")
-            stopping = True
         if signum == signal.SIGHUP:
             signals.reopen_log_files()
         for pid in list(live):
