@@ -13,7 +13,11 @@ import pytest
 
 from delivery_executor import DeliveryExecutor, MailboxResolver
 from delivery_executor.smtp import DeliveryHandler, DeliveryLMTP, SessionFactory
-from delivery_executor.smtp.sessions import DEFAULT_TRUSTED_NETWORKS, WRITE_HIGH
+from delivery_executor.smtp.sessions import (
+    DEFAULT_TRUSTED_NETWORKS,
+    WRITE_HIGH,
+    trusted_networks_option,
+)
 from delivery_executor.testing import ServerProcess, send_message
 
 from .conftest import files_in, listening
@@ -101,7 +105,11 @@ async def test_a_trusted_peer_is_exempt_from_min_rate(tmp_path: Path) -> None:
 
 
 async def test_trusted_networks_are_checked_up_front() -> None:
-    """A bad network is a ValueError naming it; a bare string is a TypeError."""
+    """A bad network is a ValueError naming it; a bare string is a TypeError; '' trusts none."""
+    assert trusted_networks_option("") == ()
+    assert trusted_networks_option("10.0.0.0/8, ::1") == ("10.0.0.0/8", "::1/128")
+    with pytest.raises(ValueError, match="not an IP network: 'localhost'"):
+        trusted_networks_option("127.0.0.1,localhost")
     loop = asyncio.get_running_loop()
     with pytest.raises(ValueError, match=r"not an IP network: '10\.0\.0\.0/33'"):
         SessionFactory(object(), lmtp=True, max_connections=1, loop=loop,
