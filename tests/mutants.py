@@ -284,7 +284,7 @@ MUTANTS = [
     Mutant(
         "slot-held-after-221",
         PKG + "smtp/protocol.py",
-        '            elif status.startswith("221"):',
+        '            elif code == "221":',
         "            elif False:",
         ("tests/test_session_slots.py", "-k", "stops_counting"),
         "a session that said 221 keeps its slot until the loop runs connection_lost",

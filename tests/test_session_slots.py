@@ -13,7 +13,11 @@ import pytest
 
 from delivery_executor import DeliveryExecutor, MailboxResolver
 from delivery_executor.smtp import DeliveryHandler, DeliveryLMTP, SessionFactory
-from delivery_executor.smtp.sessions import DEFAULT_TRUSTED_NETWORKS
+from delivery_executor.smtp.sessions import (
+    DEFAULT_TRUSTED_NETWORKS,
+    WRITE_HIGH,
+    trusted_networks_option,
+)
 from delivery_executor.testing import ServerProcess, send_message
 
 from .helpers import files_in, listening
@@ -101,7 +105,11 @@ async def test_a_trusted_peer_is_exempt_from_min_rate(tmp_path: Path) -> None:
 
 
 async def test_trusted_networks_are_checked_up_front() -> None:
-    """A bad network is a ValueError naming it; a bare string is a TypeError."""
+    """A bad network is a ValueError naming it; a bare string is a TypeError; '' trusts none."""
+    assert trusted_networks_option("") == ()
+    assert trusted_networks_option("10.0.0.0/8, ::1") == ("10.0.0.0/8", "::1/128")
+    with pytest.raises(ValueError, match="not an IP network: 'localhost'"):
+        trusted_networks_option("127.0.0.1,localhost")
     loop = asyncio.get_running_loop()
     with pytest.raises(ValueError, match=r"not an IP network: '10\.0\.0\.0/33'"):
         SessionFactory(object(), lmtp=True, max_connections=1, loop=loop,
@@ -146,6 +154,9 @@ class FakeTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self.protocol = protocol
@@ -284,3 +295,45 @@ async def test_32_lmtp_clients_reconnecting_from_loopback_deliver_everything(
         assert srv.stop() == 0
     assert [c for codes in results for c in codes] == [250] * 256
     assert sum(len(files_in(tmp_path / "example.org" / f"u{i}" / "new")) for i in range(32)) == 256
+
+
+# -- clients that pipeline and never read
+
+
+@pytest.mark.uvloop
+async def test_a_client_that_never_reads_its_replies_is_bounded_then_aborted(
+    tmp_path: Path,
+) -> None:
+    """100,000 pipelined LHLOs, never read: unread replies stay under WRITE_HIGH plus one reply,
+    the session is aborted after write_stall s (trusted or not), and others are served meanwhile."""
+    loop = asyncio.get_running_loop()
+    async with server(tmp_path, write_stall=1.0) as (port, factory):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+
+        async def flood() -> None:
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(sock, b"LHLO flood\r\n" * 100_000)
+
+        sender = asyncio.create_task(flood())
+        await until(lambda: any(g.write_paused for g in factory.sessions))
+        (guard,) = factory.sessions
+        most, served = 0, False
+        while not guard.closed:  # bounded: write_stall ends it (the test's timeout otherwise)
+            most = max(most, guard.proto.transport.get_write_buffer_size())
+            await asyncio.sleep(0.01)
+            if not served and not guard.closed:
+                replies = await send_message(
+                    "127.0.0.1", port, mail_from="s@x.net", rcpts=["a@example.org"], body=b"hi\r\n"
+                )
+                assert [r.code for r in replies] == [250]
+                served = not guard.closed  # served while the flood was held
+        assert served and 0 < most <= WRITE_HIGH + 1024  # one LHLO reply is about 150 bytes
+        assert factory.write_stalled == 1 and factory.live == 0
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        sock.close()
+    assert len(files_in(tmp_path / "example.org" / "a" / "new")) == 1

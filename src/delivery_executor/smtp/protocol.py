@@ -192,10 +192,11 @@ class _DeliveryProtocol:
 
     async def push(self, status: AnyStr) -> None:
         guard = self.guard
-        if guard is not None and isinstance(status, str) and status[:1] in ("2", "3"):
-            if status.startswith("354"):
+        if guard is not None and isinstance(status, str):
+            code = status[:3]
+            if code == "354":
                 guard.data_started()
-            elif status.startswith("221"):  # QUIT: the session has ended, its slot is free
+            elif code == "221":  # QUIT: the session has ended, its slot is free now
                 guard.stop()
         # Fast path, most replies: ours already carry a code (about 0.2 µs here).
         if isinstance(status, str) and (

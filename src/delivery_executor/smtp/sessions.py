@@ -28,6 +28,13 @@ keeps a slow or idle client from holding slots that normal clients need:
   being delivered).
 - **a DATA budget** (:class:`~.data_budget.DataBudget`): bytes held in DATA
   across sessions, at most ``max_pending_bytes``; see :mod:`.protocol`.
+- **unread replies**: a client that sends commands without reading the
+  replies fills our write buffer; past :data:`WRITE_HIGH` bytes (asyncio's
+  flow control: ``pause_writing``) the session stops reading and running
+  commands, so at most ``WRITE_HIGH`` plus one reply waits for it, and at most
+  one socket read of its input is held. If it has read nothing for
+  ``write_stall`` s, the connection is aborted (a reply could not reach it),
+  whatever its peer's trust; never while a message is being delivered.
 
 A one-byte-per-second client is therefore closed after about ``rate_grace``
 s of such trickling (about 12 s at the defaults), or at once when the server is
@@ -78,6 +85,10 @@ EVICT_IDLE = 5.0
 """Seconds idle (in all) after which a session idle now may be closed to make room."""
 EVICT_BEHIND = 0.5
 """Seconds behind ``min_rate`` after which a session may be closed to make room."""
+WRITE_HIGH = 64 * 1024
+"""Bytes of unread replies after which a session stops reading (asyncio's default mark)."""
+WRITE_STALL = 30.0
+"""Seconds a session may keep unread replies past :data:`WRITE_HIGH` before it is aborted."""
 DATA_WAIT = 30.0
 """Seconds a DATA command waits for room in the DATA budget before ``451 4.3.1``."""
 
@@ -86,6 +97,7 @@ _FULL_PEER = "421 4.3.2 Too many connections from your address, try again later"
 _EVICTED = "421 4.3.2 Server full, closing an idle or slow connection"
 _SLOW = "421 4.4.2 Connection too slow, closing"
 _DEADLINE = "421 4.4.2 Session time limit exceeded, closing"
+_STALLED = "421 4.4.2 Replies not read, closing"  # logged: it could not reach the client
 
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -168,6 +180,9 @@ class _Gate(asyncio.Protocol):
         proto = self.factory._admit(transport, self.overrides)
         if proto is None:
             return
+        # The bound on unread replies, the same on every loop (cast: uvloop's
+        # transports are not asyncio.WriteTransport subclasses).
+        cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=WRITE_HIGH)
         transport.set_protocol(proto)
         proto.connection_made(transport)
 
@@ -195,6 +210,7 @@ class SessionGuard:
         "kept",
         "key",
         "partial",
+        "paused_since",
         "proto",
         "started",
         "trusted",
@@ -220,6 +236,7 @@ class SessionGuard:
         self.in_data = False
         self.hooks = 0  # handler hooks running (delivering, resolving): our time, not theirs
         self.write_paused = False
+        self.paused_since: float | None = None  # when our writes last became blocked
         self.hold: DataHold | None = None
         self.waiting: asyncio.Task[None] | None = None
         self.kept: list[bytes] = []  # received, waiting for room in the DATA budget
@@ -269,9 +286,18 @@ class SessionGuard:
         self._update()
 
     def paused(self, paused: bool) -> None:
-        """Our writes are blocked (the client does not read) or flow again."""
+        """Our writes are blocked (the client does not read) or flow again.
+
+        While they are, the session reads nothing more: its unread replies
+        stay under the transport's high-water mark plus one reply.
+        """
         self.write_paused = paused
+        self.paused_since = self.factory.loop.time() if paused else None
         self._update()
+        if paused:
+            self._pause()
+        else:
+            self._resume()
 
     def stop(self) -> None:
         """The connection is gone: stop the clocks and give the slot back (idempotent)."""
@@ -327,6 +353,10 @@ class SessionGuard:
                 f.too_slow += 1
                 self.close(_SLOW)
                 return
+            if self.paused_since is not None and now - self.paused_since >= f.write_stall:
+                f.write_stalled += 1
+                self.close(_STALLED)
+                return
         self._timer = f.loop.call_later(f.tick, self._tick)
 
     def eviction_score(self) -> float:
@@ -345,12 +375,20 @@ class SessionGuard:
         return behind if behind >= EVICT_BEHIND else 0.0
 
     def close(self, reply: str) -> None:
-        """Answer ``reply`` and close the connection; the slot is free at once."""
+        """Answer ``reply`` and close the connection; the slot is free at once.
+
+        A client that does not read its replies cannot get this one: its
+        connection is aborted, so the unread bytes are freed too (a close
+        would keep them until it reads).
+        """
         _log.info("%r: %s", getattr(self.proto.session, "peer", None), reply)
         transport = self.proto.transport
         if transport is not None and not transport.is_closing():
-            transport.write(reply.encode() + b"\r\n")
-            transport.close()
+            if self.write_paused:
+                transport.abort()
+            else:
+                transport.write(reply.encode() + b"\r\n")
+                transport.close()
         self.stop()
 
     # -- the DATA budget
@@ -359,6 +397,18 @@ class SessionGuard:
         transport = self.proto.transport
         if transport is not None and not transport.is_closing():
             transport.pause_reading()
+
+    def _resume(self) -> None:
+        """Read again, unless another reason to pause still holds."""
+        if self.waiting is not None or self.write_paused or self.closed:
+            return
+        transport = self.proto.transport
+        reader = getattr(self.proto, "_reader", None)
+        # aiosmtpd's StreamReader pauses reading itself when its buffer is
+        # full; resuming then would override it (it resumes on its own later).
+        paused_itself = getattr(reader, "_paused", False)
+        if transport is not None and not transport.is_closing() and not paused_itself:
+            transport.resume_reading()
 
     async def _grow(self, hold: DataHold) -> None:
         try:
@@ -375,12 +425,7 @@ class SessionGuard:
         kept, self.kept = self.kept, []
         for data in kept:
             self.proto.feed(data)
-        transport = self.proto.transport
-        reader = getattr(self.proto, "_reader", None)
-        # aiosmtpd's StreamReader pauses reading itself when its buffer is
-        # full; resuming then would override it (it resumes on its own later).
-        if transport is not None and not getattr(reader, "_paused", False):
-            transport.resume_reading()
+        self._resume()
 
 
 class SessionFactory:
@@ -399,13 +444,15 @@ class SessionFactory:
         max_pending_bytes: the DATA budget across sessions (default: 4 ×
             ``data_size_limit``; at least ``data_size_limit``).
         data_wait: seconds a DATA command waits for budget before ``451 4.3.1``.
+        write_stall: seconds a session may leave :data:`WRITE_HIGH` bytes of
+            replies unread before its connection is aborted.
         trusted_networks: peers exempt from ``max_connections_per_ip`` and
             ``min_rate`` (CIDR strings or ``ipaddress`` networks; default
             loopback). Unix-socket peers always are.
         **smtp_kwargs: passed to every protocol (``data_size_limit``, ...).
 
     ``live`` counts open sessions; ``refused``, ``evicted``, ``timed_out``,
-    ``too_slow`` and ``budget_closed`` count what the rules did.
+    ``too_slow``, ``budget_closed`` and ``write_stalled`` count what the rules did.
     """
 
     def __init__(
@@ -422,6 +469,7 @@ class SessionFactory:
         evict_idle: float = EVICT_IDLE,
         max_pending_bytes: int | None = None,
         data_wait: float = DATA_WAIT,
+        write_stall: float = WRITE_STALL,
         trusted_networks: Iterable[str | _Network] = DEFAULT_TRUSTED_NETWORKS,
         **smtp_kwargs: Any,
     ) -> None:
@@ -433,6 +481,7 @@ class SessionFactory:
             ("rate_grace", rate_grace),
             ("evict_idle", evict_idle),
             ("data_wait", data_wait),
+            ("write_stall", write_stall),
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
@@ -446,7 +495,10 @@ class SessionFactory:
         self.rate_grace = float(rate_grace)
         self.evict_idle = float(evict_idle)
         self.data_wait = float(data_wait)
-        self.tick = max(0.05, min(1.0, self.rate_grace / 4, self.session_timeout / 4))
+        self.write_stall = float(write_stall)
+        self.tick = max(
+            0.05, min(1.0, self.rate_grace / 4, self.session_timeout / 4, self.write_stall / 4)
+        )
         self.loop = loop
         self.smtp_kwargs = smtp_kwargs
         limit = smtp_kwargs.get("data_size_limit") or 33554432  # aiosmtpd's default
@@ -462,6 +514,7 @@ class SessionFactory:
         self.timed_out = 0
         self.too_slow = 0
         self.budget_closed = 0
+        self.write_stalled = 0
         self.idle = asyncio.Event()
         """Set while no session is open."""
         self.idle.set()
