@@ -11,8 +11,10 @@ Replies:
   ``max_recipients``.
 - LMTP DATA: exactly one reply per recipient, in order, duplicates included
   (RFC 2033): ``250 2.0.0`` once that copy is durable, else ``451 4.3.0`` for
-  that recipient alone. The handler never raises under LMTP: aiosmtpd would
-  answer a single ``500``, the wrong number of replies.
+  that recipient alone. One Maildir named twice (``carol``, ``Carol``) is
+  stored once, and each of its recipients gets that copy's reply. The handler
+  never raises under LMTP: aiosmtpd would answer a single ``500``, the wrong
+  number of replies.
 - SMTP DATA: ``250 2.0.0`` only when every recipient's copy is durable, else
   ``451 4.3.0`` (the client retries; copies that did land may be duplicated,
   none is lost).
@@ -190,8 +192,10 @@ class DeliveryHandler:
         resolver: maps and checks recipients (:class:`MailboxResolver`).
         max_message_size: bodies above it get ``552 5.3.4``.
         max_recipients: RCPTs beyond it get ``452 4.5.3``.
-        add_headers: prepend ``Return-Path``, ``Delivered-To`` and ``Received``
-            (as Dovecot and Postfix's local delivery do).
+        add_headers: prepend ``Return-Path``, ``X-Original-To`` (the RCPT's
+            ``ORCPT``, else the RCPT address), ``Delivered-To`` (Postfix's
+            ``virtual(8)`` order) and ``Received``, per copy; UTF-8 in an
+            SMTPUTF8 transaction (RFC 6532), else printable ASCII.
         hostname: the name in our ``Received`` line (default: this host's FQDN).
         line_endings: ``"lf"`` (default) stores every CRLF as LF, in the body and
             in our headers; ``"crlf"`` stores the body exactly as received.
