@@ -115,7 +115,10 @@ def test_cpu_limit_is_checked() -> None:
     src = f'if header :matches "subject" [{keys}] {{ discard; }}'
     t0 = time.process_time()
     res = evaluate(
-        [compile_script(src)], MessageView.parse(big), ENV, limits=Limits(max_cpu_seconds=0.05)
+        [compile_script(src)],
+        MessageView.parse(big),
+        ENV,
+        limits=Limits(max_cpu_seconds=0.05, max_steps=10**9),
     )
     assert res.deliveries == (Delivery("INBOX"),)
     assert "CPU" in res.errors[0]
