@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from delivery_executor.errors import SieveCompileError
 from delivery_executor.sieve import (
@@ -113,7 +115,10 @@ def test_cpu_limit_is_checked() -> None:
     src = f'if header :matches "subject" [{keys}] {{ discard; }}'
     t0 = time.process_time()
     res = evaluate(
-        [compile_script(src)], MessageView.parse(big), ENV, limits=Limits(max_cpu_seconds=0.05)
+        [compile_script(src)],
+        MessageView.parse(big),
+        ENV,
+        limits=Limits(max_cpu_seconds=0.05, max_steps=10**9),
     )
     assert res.deliveries == (Delivery("INBOX"),)
     assert "CPU" in res.errors[0]
@@ -222,3 +227,42 @@ def test_discard_and_missing_headers() -> None:
     assert run('if header :contains "x-nope" "" { discard; }') == (Delivery("INBOX"),)
     assert run("if size :over 100 { discard; }") == ()
     assert run("if size :under 1K { discard; }") == ()
+
+
+_TOKENS = [
+    "if", "elsif", "else", "require", "keep", "fileinto", "discard", "stop", "header",
+    "address", "allof", "anyof", "not", "true", "size", ":is", ":matches", ":over", ":all",
+    ":comparator", ":flags", "[", "]", "(", ")", "{", "}", ",", ";", '"x"', '"${1}"', "1K",
+    "text:\n.\n", '"fileinto"', '"variables"', "#c\n", "/* c */", '"\\\\"', "set", "addflag",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_TOKENS), max_size=40) | st.text(max_size=200).map(lambda s: [s]))
+def test_any_input_compiles_or_fails_with_a_position(tokens: list[str]) -> None:
+    """Token soup and random text either compile or raise SieveCompileError, nothing else."""
+    source = " ".join(tokens)
+    error: SieveCompileError | None = None
+    try:
+        compile_script(source)
+    except SieveCompileError as e:
+        error = e
+    if error is not None:
+        assert 1 <= error.line <= source.count("\n") + 1 and error.col >= 1
+
+
+_ROBUST = compile_script(
+    'require ["fileinto", "envelope", "subaddress", "imap4flags", "variables", "copy"];\n'
+    'if address :detail :matches ["to", "from", "cc"] "*" { fileinto :copy "D/${1}"; }\n'
+    'if header :matches "subject" "*?*" { addflag "${1}"; fileinto :copy "S-${2}"; }\n'
+    'if envelope :domain :contains "from" "." { addflag "\\\\Seen"; }\n'
+    'if exists "x" { discard; }\n'
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.text(max_size=30), st.text(max_size=30))
+def test_any_message_and_envelope_evaluate_without_raising(raw: bytes, snd: str, rcpt: str) -> None:
+    """Arbitrary bytes as a message, arbitrary envelope: a result, never an exception."""
+    res = evaluate([_ROBUST], MessageView.parse(raw), Envelope(snd, rcpt))
+    assert res.deliveries or not res.implicit_keep

@@ -26,6 +26,9 @@ if not available():
         pytest.fail("sieve-test (Debian dovecot-sieve) is required under CI", pytrace=False)
     pytest.skip("sieve-test (Debian dovecot-sieve) is not installed", allow_module_level=True)
 
+# The whole corpus is ~3,500 sieve-test processes: 25-30 s here, more on a busy machine.
+pytestmark = pytest.mark.timeout(300)
+
 Stores = dict[str, frozenset[str]]
 
 # Pigeonhole's :matches skips the rest of a leading segment after a "?"

@@ -112,13 +112,21 @@ async def test_serve_filters_per_recipient_with_before_and_user_scripts(tmp_path
     assert len(files(root, "example.org", "carol", "new")) == 5  # no script: all in INBOX
 
 
-def test_serve_config_and_cli_wire_the_filter(tmp_path: Path) -> None:
-    """No Sieve option: no filter (no cost); options build one; a missing script is refused."""
+def test_serve_config_and_cli_wire_the_filter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No Sieve option: no filter (no cost); options build one; a missing script is refused,
+    a broken one is logged at start-up with its line and column."""
     assert _sieve(ServerConfig(root=tmp_path)) is None
     s = tmp_path / "b.sieve"
     s.write_text("keep;\n")
     f = _sieve(ServerConfig(root=tmp_path, sieve_before=(s,), recipient_delimiter="-"))
     assert f is not None and f.before == [str(s)] and f.delimiter == "-"
+    bad = tmp_path / "bad.sieve"
+    bad.write_text("keep\n")
+    with caplog.at_level(logging.ERROR, logger="delivery_executor.sieve"):
+        assert _sieve(ServerConfig(root=tmp_path, sieve_after=(bad,))) is not None
+    assert "bad.sieve: line 2, column 1" in caplog.text
     with pytest.raises(ValueError, match="does not exist"):
         _sieve(ServerConfig(root=tmp_path, sieve_after=(tmp_path / "nope.sieve",)))
     p = argparse.ArgumentParser()

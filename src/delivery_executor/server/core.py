@@ -262,13 +262,16 @@ def _sieve(config: ServerConfig) -> SieveFilter | None:
     for p in (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default])):
         if not os.path.isfile(p):
             raise ValueError(f"Sieve script {str(p)!r} does not exist or is not a file")
-    return SieveFilter(
+    sieve = SieveFilter(
         before=config.sieve_before,
         after=config.sieve_after,
         default=config.sieve_default,
         user_scripts=True,
         recipient_delimiter=config.recipient_delimiter or "+",
     )
+    for p in (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default])):
+        sieve.cache.get(os.fspath(p))  # compile now: an error is logged at start-up
+    return sieve
 
 
 async def serve(

@@ -82,7 +82,6 @@ class _Args:
         self.tags: dict[str, Tag] = {}
         self.tag_values: dict[str, Argument] = {}
         self.positional: list[Argument] = []
-        self._comparator: str | None = None
 
     def split(self, with_value: dict[str, str], flags: dict[str, str | None]) -> None:
         """Sort tags from positionals; ``with_value`` tags take the next argument."""
@@ -93,6 +92,8 @@ class _Args:
             if isinstance(a, Tag):
                 if a.name in self.tags:
                     raise _err(a, f"tag :{a.name} given twice")
+                if self.positional:
+                    raise _err(a, f"tag :{a.name} after positional arguments")
                 if a.name in with_value:
                     if i + 1 >= len(args) or isinstance(args[i + 1], Tag):
                         raise _err(a, f"tag :{a.name} needs a {with_value[a.name]} argument")
@@ -102,12 +103,8 @@ class _Args:
                     ext = flags[a.name]
                     if ext is not None and ext not in self.exts:
                         raise _err(a, f"tag :{a.name} needs require {ext!r}")
-                elif self.positional:
-                    raise _err(a, f"tag :{a.name} after positional arguments")
                 else:
                     raise _err(a, f"unknown tag :{a.name} for {self.owner.name!r}")
-                if self.positional:
-                    raise _err(a, f"tag :{a.name} after positional arguments")
                 self.tags[a.name] = a
             else:
                 self.positional.append(a)
@@ -239,9 +236,8 @@ class _Compiler:
                 {"flags": "string list"} if "imap4flags" in self.exts else {},
                 {"copy": "copy", "create": "mailbox"},
             )
-            (box,) = a.strings(1)
+            a.strings(1)
             mailbox = a.single(a.positional[0])
-            del box
             return n.FileInto(mailbox, "copy" in a.tags, "create" in a.tags, self.flags_tag(a))
         if name in ("setflag", "addflag", "removeflag"):
             self.need(c, "imap4flags")

@@ -12,8 +12,9 @@ the later one's flags winning (RFC 5228 section 2.10.3).
 recorded in :attr:`SieveResult.not_performed` and the message is kept.
 
 Cost: one walk of the script per message, bounded by :class:`Limits`. A
-runtime error (a limit, a bad flag variable) drops that script's actions and
-keeps the message in INBOX; it never raises to the caller.
+runtime error (a limit: actions, steps, CPU time) drops that script's actions,
+keeps those of earlier scripts of the chain and adds INBOX; it never raises
+to the caller. Mailbox names are checked later, by :mod:`.maildir`.
 """
 
 from __future__ import annotations

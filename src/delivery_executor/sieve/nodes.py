@@ -213,7 +213,7 @@ class NotPerformed:
 
     command: str
     line: int
-    cancels_keep: bool
+    cancels_keep: bool  # what Pigeonhole would do; we keep the message either way
 
 
 Node = If | Stop | Keep | Discard | FileInto | FlagAction | SetVar | NotPerformed
