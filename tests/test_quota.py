@@ -433,3 +433,33 @@ def test_quota_rejections_are_counted_in_metrics(tmp_path: Path) -> None:
         assert srv.stop() == 0
     assert value(samples, "quota_rejected_total") == 1
     assert value(samples, "delivered_total") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_bad_quota_rule_in_the_userdb_defers_only_that_user(tmp_path: Path) -> None:
+    """A user whose quota_rule cannot be parsed gets 451 4.3.0 at DATA; the others 250."""
+    users = tmp_path / "users"
+    users.write_text("bad@x.org:::::::userdb_quota_rule=*:colour=1\nok@x.org:::::::\n")
+    root = tmp_path / "mail"
+    config = ServerConfig(root=root, userdb=(f"passwd-file:{users}",), quota_rule="*:messages=5")
+    resolver = UserdbResolver(root, userdbs=[PasswdFile(str(users))])
+    loop = asyncio.get_running_loop()
+    async with DeliveryExecutor() as ex:
+        deliverer = quota_for(config, ex, resolver)
+        assert deliverer is not None
+        factory = SessionFactory(
+            DeliveryHandler(deliverer, resolver), lmtp=True, max_connections=4, loop=loop
+        )
+        srv = await loop.create_server(factory, "127.0.0.1", 0)
+        try:
+            replies = await send_message(
+                "127.0.0.1", srv.sockets[0].getsockname()[1], mail_from="s@x.org",
+                rcpts=["bad@x.org", "ok@x.org"], body=BODY, lmtp=True,
+            )  # fmt: skip
+        finally:
+            srv.close()
+            await srv.wait_closed()
+    assert [(r.code, r.text[:5]) for r in replies] == [(451, "4.3.0"), (250, "2.0.0")]
+    assert not (root / "x.org" / "bad" / "new").exists() or not files_in(
+        root / "x.org" / "bad" / "new"
+    )
