@@ -23,6 +23,10 @@ Modes:
     executor-w2   serve's defaults with --workers 2
     executor-bare serve with CRLF kept and plain names (--line-endings crlf --no-size-names)
     executor-logged  serve's defaults with the per-delivery INFO log line, to a file
+    executor-userdb  serve's defaults, recipients looked up in a 10,000-user passwd-file,
+                  quota on (``maildirsize`` kept per mailbox)
+    executor-sieve20 serve's defaults with a 20-rule ``--sieve-before`` script
+                  (benches/sieve20.sieve) that files nothing the load sends
     dovecot       Dovecot's LMTP, mail_fsync=always (benches/dovecot-lmtp.conf), started here
 A mode name ending in ``@asyncio`` or ``@uvloop`` runs that mode on that loop.
 
@@ -70,6 +74,7 @@ MODES: dict[str, list[str]] = {
     "executor-w2": ["--workers", "2"],
     "executor-bare": ["--line-endings", "crlf", "--no-size-names"],
     "executor-logged": ["--log-level", "INFO", "--log-file", "{root}.log"],
+    "executor-userdb": ["--userdb", "passwd-file:{root}.users", "--quota-rule", "*:storage=10G"],
     "dovecot": [],
 }
 _EXTERNAL = ("noop-stock", "noop", "dovecot", "target")  # no executor summary, no disk check
@@ -220,6 +225,15 @@ def _dovecot(root: Path) -> Iterator[int]:
         proc.wait(30)
 
 
+USERS = 10_000
+
+
+def _users_file(root: Path) -> None:
+    """The 10,000-user passwd-file that the userdb mode names (the load's addresses among them)."""
+    users = ["alice@example.org", *(f"user{k}@example.org" for k in range(USERS - 1))]
+    Path(f"{root}.users").write_text("".join(f"{u}::::::\n" for u in users))
+
+
 def run_cell(
     base: Path, workload: str, mode: str, duration: float, warmup: float, lmtp: bool
 ) -> Row:
@@ -230,6 +244,8 @@ def run_cell(
         with _dovecot(root) as port:
             res = _load(port, wl, duration, warmup, lmtp)
         return _row(wl, mode, res, [], _count_files(root / "mail"), 0.0)
+    if mode.partition("@")[0] == "executor-userdb":
+        _users_file(root)
     args, workers, command = _server_args(mode, wl, lmtp, root)
     server = ServerProcess(
         root, *args, workers=workers, env=_env(), start_timeout=30, program=command or ()
