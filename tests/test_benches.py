@@ -43,7 +43,8 @@ def test_ten_recipient_cell_counts_copies(tmp_path: Path) -> None:
 def test_stock_noop_and_ours_both_serve(tmp_path: Path) -> None:
     """noop-stock (aiosmtpd's classes) and noop (ours) answer the same load without errors."""
     for mode in ("noop-stock", "noop"):
-        row = run_cell(tmp_path, "64 KiB", mode, 0.5, 0.1, lmtp=True)
+        # 2 s: the stock reader takes 64 KiB line by line; a loaded machine may finish none in less.
+        row = run_cell(tmp_path, "64 KiB", mode, 2.0, 0.2, lmtp=True)
         assert row.errors == 0, mode
         assert row.msg_s > 0, mode
         assert row.on_disk == 0  # nothing stored
