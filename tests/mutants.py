@@ -6,7 +6,7 @@ the working tree to a scratch directory per mutant, applies one mutation
 catch it there (``PYTHONPATH`` points at the copy, so helper processes and
 ``serve`` run the mutant too) and reports ``killed`` when they fail. It exits
 non-zero if any mutant survives, does not apply, or if the same tests fail
-without the mutation. CI does not run it: about two minutes on 2 cores.
+without the mutation. CI does not run it: a few minutes on 2 cores.
 
 Options: ``-k TEXT`` runs the mutants whose name contains TEXT; ``-j N`` runs N
 at once; ``--list`` prints them.
