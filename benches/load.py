@@ -75,6 +75,8 @@ MODES: dict[str, list[str]] = {
     "executor-bare": ["--line-endings", "crlf", "--no-size-names"],
     "executor-logged": ["--log-level", "INFO", "--log-file", "{root}.log"],
     "executor-userdb": ["--userdb", "passwd-file:{root}.users", "--quota-rule", "*:storage=10G"],
+    # A 20-rule Sieve script that the load's messages never match (issue 21's row).
+    "executor-sieve20": ["--sieve-before", str(_REPO / "benches" / "sieve20.sieve")],
     "dovecot": [],
 }
 _EXTERNAL = ("noop-stock", "noop", "dovecot", "target")  # no executor summary, no disk check

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -266,3 +267,16 @@ def test_any_message_and_envelope_evaluate_without_raising(raw: bytes, snd: str,
     """Arbitrary bytes as a message, arbitrary envelope: a result, never an exception."""
     res = evaluate([_ROBUST], MessageView.parse(raw), Envelope(snd, rcpt))
     assert res.deliveries or not res.implicit_keep
+
+
+def test_bench_script_compiles_and_keeps_load_messages() -> None:
+    """benches/sieve20.sieve (the load table's Sieve row) has 20 rules and files nothing away."""
+    script = compile_script(
+        (Path(__file__).parent.parent / "benches" / "sieve20.sieve").read_bytes()
+    )
+    assert len(script.body) == 20
+    load_like = (
+        b"From: <s@example.net>\r\nTo: <a@example.org>\r\nSubject: load\r\n\r\n" + b"x" * 400
+    )
+    res = evaluate([script], MessageView.parse(load_like), ENV)
+    assert res.deliveries == (Delivery("INBOX"),) and res.implicit_keep
