@@ -40,6 +40,19 @@ def test_ten_recipient_cell_counts_copies(tmp_path: Path) -> None:
     assert row.on_disk == row.acked
 
 
+@pytest.mark.parametrize("mode", ["executor-userdb", "executor-sieve20"])
+def test_userdb_and_sieve_cells_deliver_where_the_plain_one_does(tmp_path: Path, mode: str) -> None:
+    """The userdb+quota and Sieve modes deliver every acked copy into <root>/<domain>/<user>."""
+    row = run_cell(tmp_path, "32 conns/1000 boxes", mode, 1.0, 0.2, lmtp=True)
+    assert row.errors == 0
+    assert row.acked > 0 and row.on_disk == row.acked
+    (cell,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    users = [p for p in (cell / "example.org").iterdir() if (p / "new").is_dir()]
+    assert users and all(p.name.startswith("user") for p in users)
+    if mode == "executor-userdb":  # quota on: each mailbox keeps its maildirsize
+        assert all((p / "maildirsize").read_text().startswith("10737418240S") for p in users)
+
+
 def test_stock_noop_and_ours_both_serve(tmp_path: Path) -> None:
     """noop-stock (aiosmtpd's classes) and noop (ours) answer the same load without errors."""
     for mode in ("noop-stock", "noop"):
