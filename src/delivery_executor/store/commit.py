@@ -359,17 +359,19 @@ def _write_records(
     for g in work:
         if g.error is not None or not g.names:
             continue
+        where = records_dir(str(g.md.path))  # a cached answer: no syscall, as a rule
+        if where is None:
+            continue
         if moved:
             todo = [
                 (parts, mid.name)
                 for parts, name, mid in zip(g.messages, g.names, g.ids, strict=True)
                 if mid.name != name
             ]
+            if not todo:
+                continue
         else:
             todo = list(zip(g.messages, g.names, strict=True))
-        where = records_dir(str(g.md.path)) if todo else None
-        if where is None:
-            continue
         portable = g.md.dev not in syncfs_devs
         if portable:
             dirs.append(where)
