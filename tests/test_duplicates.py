@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir, commit_batch
+from delivery_executor import DeliveryExecutor, FsOps, MailboxResolver, Maildir, commit_batch
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.store import seen
 from delivery_executor.testing import ServerProcess, SMTPClientError, send_message
@@ -69,10 +69,10 @@ def test_commit_writes_a_record_only_where_records_are_kept(tmp_path: Path, sync
 
 
 @pytest.mark.parametrize("sync", ["fsync", "syncfs"])
-def test_records_are_durable_in_the_messages_commit_and_never_before_its_move(
+def test_records_are_durable_in_the_messages_commit_and_precede_its_move(
     tmp_path: Path, sync: str
 ) -> None:
-    """Records follow their message's move, precede the commit's last sync; mail stays whole."""
+    """A record follows its message's data sync, precedes its move and the last sync; mail whole."""
     md = Maildir.create(tmp_path / "box")
     where = md.path / seen.SEEN_DIR
     where.mkdir()
@@ -89,15 +89,19 @@ def test_records_are_durable_in_the_messages_commit_and_never_before_its_move(
     assert [p for p in violations(ops.log) if not any(k in p for k in keys)] == []
     log = ops.log
     first_ack = next(i for i, op in enumerate(log) if op.kind == "ack")
-    for mid, body in zip(res, (MSG, OTHER), strict=True):
-        record = str(where / (seen.message_key((body,)) or ""))
+    for mid, key in zip(res, keys, strict=True):
+        record = str(where / key)
         (put,) = [i for i, op in enumerate(log) if op.kind == "rename" and op.path2 == record]
         (moved,) = [i for i, op in enumerate(log) if op.path2.endswith("/new/" + mid.name)]
-        assert moved < put < first_ack
+        data_synced = [
+            i for i, op in enumerate(log)
+            if op.kind == "syncfs" or (op.kind == "fdatasync" and op.path.endswith(mid.name))
+        ]  # fmt: skip
+        assert data_synced[0] < put < moved < first_ack
         (wrote,) = [op for op in log if op.kind == "write" and op.path == log[put].path]
         assert wrote.data == mid.name.encode() + b"\n"
         if sync == "syncfs":
-            assert any(op.kind == "syncfs" for op in log[put:first_ack])
+            assert any(op.kind == "syncfs" for op in log[moved:first_ack])
         else:
             synced = [
                 i for i, op in enumerate(log) if op.kind == "fdatasync" and op.path == log[put].path
@@ -106,6 +110,36 @@ def test_records_are_durable_in_the_messages_commit_and_never_before_its_move(
             assert any(
                 op.kind == "fsync_dir" and op.path == str(where) for op in log[put:first_ack]
             )
+
+
+def test_a_record_naming_another_message_or_a_collision_never_suppresses(tmp_path: Path) -> None:
+    """A record whose file holds another Message-ID is ignored; a name taken in new/ re-records."""
+    md = Maildir.create(tmp_path / "box")
+    (md.path / seen.SEEN_DIR).mkdir()
+    seen.forget(str(md.path))
+    (res,) = commit_batch([(md, [OTHER])])
+    assert isinstance(res, list)
+    key = seen.message_key((MSG,)) or ""
+    (md.path / seen.SEEN_DIR / key).write_bytes(res[0].name.encode() + b"\n")
+    assert seen.find(str(md.path), key, 60) is None  # names OTHER's file, not MSG's
+
+    class TakenOnce(FsOps):
+        """The first move into new/ finds its name taken, as a collision would."""
+
+        __slots__ = ("taken",)
+
+        def __init__(self) -> None:
+            self.taken = False
+
+        def rename_noreplace(self, src: str, dst: str) -> None:
+            if not self.taken:
+                self.taken = True
+                raise FileExistsError(17, "taken", dst)
+            super().rename_noreplace(src, dst)
+
+    (moved,) = commit_batch([(md, [MSG])], ops=TakenOnce())
+    assert isinstance(moved, list)
+    assert seen.find(str(md.path), key, 60) == moved[0].name  # recorded again, under its name
 
 
 def test_a_record_counts_only_while_its_file_is_there_and_young(tmp_path: Path) -> None:

@@ -54,6 +54,28 @@ class DuplicateFilter:
         """The record key of a message (its Message-ID's hash), or ``None`` without one."""
         return seen.message_key((body,))
 
+    def prepare(self, path: str) -> bool:
+        """Make ``path`` keep records (once per Maildir and process); ``False`` if it cannot.
+
+        Called for every message, with a Message-ID or not, so that the writer
+        never caches "no records here" just before a message that needs one.
+        """
+        if path in self._ready:
+            return True
+        try:
+            Maildir.cached(path)  # a new mailbox: created as a delivery would
+            os.mkdir(os.path.join(path, seen.SEEN_DIR), 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            _log.warning("duplicate records unavailable in %s: %s", path, exc)
+            return False
+        seen.forget(path)
+        if len(self._ready) >= _MEMORY:
+            self._ready.clear()
+        self._ready.add(path)
+        return True
+
     async def find(self, path: str, key: str) -> str | None:
         """The name under which ``path`` already holds message ``key``, else ``None``.
 
@@ -63,19 +85,8 @@ class DuplicateFilter:
         records cannot be set up, or whose copy cannot be synced, gets the
         message again (at most a duplicate).
         """
-        if path not in self._ready:
-            try:
-                Maildir.cached(path)  # a new mailbox: created as a delivery would
-                os.mkdir(os.path.join(path, seen.SEEN_DIR), 0o700)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                _log.warning("duplicate records unavailable in %s: %s", path, exc)
-                return None
-            seen.forget(path)
-            if len(self._ready) >= _MEMORY:
-                self._ready.clear()
-            self._ready.add(path)
+        if not self.prepare(path):
+            return None
         self._sweep(path)
         name = seen.find(path, key, self.window)
         if name is None or not await asyncio.to_thread(seen.make_durable, path, name):

@@ -429,7 +429,9 @@ class DeliveryHandler:
                 at = first[path] = len(paths)
                 paths.append(path)
                 owners.append(rcpt)
-                if key is not None and dups is not None and (name := await dups.find(path, key)):
+                if dups is not None and key is None:
+                    dups.prepare(path)
+                elif dups is not None and key is not None and (name := await dups.find(path, key)):
                     found[at] = name
                 if not self.add_headers:
                     copies.append(body)

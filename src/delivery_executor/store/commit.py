@@ -325,6 +325,12 @@ def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitStep
         for dev, handle in handles.items():
             yield from _sync_dev(work, dev, handle, ops)
 
+        # 2b. Duplicate records (store/seen.py), before the moves: a message
+        # in new/ always has its record, even if the process dies right after
+        # the move; the sync below covers both. A record whose move never
+        # happened is ignored (seen.find checks the file and its Message-ID).
+        record_dirs = yield from _write_records(work, syncfs_devs, ops, moved=False)
+
         # 3. Move into new/, never over an existing name.
         for g in work:
             if g.error is not None:
@@ -334,11 +340,9 @@ def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitStep
                     g.ids.append(_move_new(g.md, name, suffix, ops))
             except OSError as exc:
                 g.fail(exc, ops)
-
-        # 3b. Duplicate records (store/seen.py), after the moves, so that the
-        # sync below covers them too; a record never outlives the chance that
-        # its message is on disk unnoticed (seen.find checks the file).
-        record_dirs = yield from _write_records(work, syncfs_devs, ops)
+        # A name taken in new/ (next to never) moved a message under another:
+        # its record is written again, naming that one.
+        yield from _write_records(work, syncfs_devs, ops, moved=True)
 
         # 4. Make the moves durable.
         for dev, handle in handles.items():
@@ -365,37 +369,50 @@ def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitStep
 
 
 def _write_records(
-    work: list[_Group], syncfs_devs: set[int], ops: FsOps
+    work: list[_Group], syncfs_devs: set[int], ops: FsOps, *, moved: bool
 ) -> Generator[SyncCall, OSError | None, list[str]]:
-    """Record each moved message that has a Message-ID, in Maildirs that keep records.
+    """Record each message that has a Message-ID, in Maildirs that keep records.
 
-    Each record is written under a name of its own and renamed over
-    ``<key>``, so a reader sees a whole record or the one before. The portable
-    form syncs each record's data here; the caller fsyncs the returned
-    directories. Errors are ignored: a missing record costs a duplicate at most.
+    Before the moves (``moved=False``) a record names the message's intended
+    name in ``new/`` (its name in ``tmp/``); after them (``moved=True``) only
+    messages moved under another name are recorded again. Each record is
+    written under a name of its own and renamed over ``<key>``, so a reader
+    sees a whole record or the one before. The portable form syncs each
+    record's data here; the caller fsyncs the returned directories. Errors are
+    ignored: a missing record costs a duplicate at most.
     """
     dirs: list[str] = []
     for g in work:
-        if g.error is not None or not g.ids:
+        if g.error is not None or not g.names:
             continue
-        where = records_dir(str(g.md.path))
+        where = records_dir(str(g.md.path))  # a cached answer: no syscall, as a rule
         if where is None:
             continue
+        if moved:
+            todo = [
+                (parts, mid.name)
+                for parts, name, mid in zip(g.messages, g.names, g.ids, strict=True)
+                if mid.name != name
+            ]
+            if not todo:
+                continue
+        else:
+            todo = list(zip(g.messages, g.names, strict=True))
         portable = g.md.dev not in syncfs_devs
         if portable:
             dirs.append(where)
-        for parts, mid in zip(g.messages, g.ids, strict=True):
+        for parts, final in todo:
             key = message_key(parts)
             if key is None:
                 continue
-            tmp = f"{where}tmp.{mid.name}"
+            tmp = f"{where}tmp.{final}"
             try:
                 fd = ops.create(tmp)
             except OSError:
                 continue
             err: OSError | None = None
             try:
-                ops.write_all(fd, (memoryview(mid.name.encode() + b"\n"),), tmp)
+                ops.write_all(fd, (memoryview(final.encode() + b"\n"),), tmp)
                 if portable:
                     err = yield ("fdatasync", fd, tmp)
             except OSError as exc:

@@ -5,16 +5,18 @@ handler when ``--duplicate-window`` is on; a name Dovecot's Maildir++ layout
 never takes for a folder, which starts with a dot) gets one small record file
 per delivered message that has a ``Message-ID``: named by a hash of the
 Message-ID, holding the message's file name in ``new/``. The commit protocol
-writes it after moving the message into ``new/`` and before the sync that
-makes the move durable (:func:`~delivery_executor.store.commit.commit_steps`),
-so one commit covers both: ``syncfs`` covers it as it covers everything; the
-portable form adds an ``fdatasync`` of each record and an ``fsync`` of the
-record directory. Every writer (workers, hosts on a shared root) writes and
-reads the same files, so the records are shared without a lock.
+writes it once the message's data is durable and before moving it into
+``new/`` (:func:`~delivery_executor.store.commit.commit_steps`): a message
+that reached ``new/`` has its record even if the process dies right after
+the move, and the sync that makes the move durable covers the record too
+(``syncfs`` covers everything; the portable form adds an ``fdatasync`` of
+each record and an ``fsync`` of the record directory). Every writer (workers,
+hosts on a shared root) writes and reads the same files, so the records are
+shared without a lock.
 
 A record counts only while the file it names is still in ``new/`` or ``cur/``
-(:func:`find`): a record that outlived its message (a crash persisted the
-record but not the move, a user deleted the message), a corrupt or missing
+and holds that Message-ID (:func:`find`): a record without its message (a
+crash before the move, a user deleted the message), a corrupt or missing
 record, all cost at most a second copy, never a lost message. Records older
 than the window are ignored and removed by :func:`sweep`.
 """
@@ -96,10 +98,12 @@ def forget(maildir: str) -> None:
 
 def find(maildir: str, key: str, window: float, *, now: float | None = None) -> str | None:
     """The file name of the copy of message ``key`` that ``maildir`` holds, if recorded
-    within the last ``window`` seconds and still in ``new/`` or ``cur/``; else ``None``.
+    within the last ``window`` seconds, still in ``new/`` or ``cur/``, and holding
+    that Message-ID; else ``None``.
 
-    Costs one failed ``open`` when there is no record; a record whose file
-    has moved to ``cur/`` costs a listing of ``cur/``. Never raises ``OSError``.
+    Costs one failed ``open`` when there is no record; a hit reads the file's
+    first 16 KiB, and one whose file has moved to ``cur/`` lists ``cur/``.
+    Never raises ``OSError``.
     """
     path = os.path.join(maildir, SEEN_DIR, key)
     try:
@@ -116,17 +120,29 @@ def find(maildir: str, key: str, window: float, *, now: float | None = None) -> 
         return None
     if not name or "/" in name or name.startswith("."):
         return None
+    found = None
     if os.path.exists(os.path.join(maildir, "new", name)):
-        return name
-    base = name.split(":", 1)[0]
+        found = os.path.join("new", name)
+    else:
+        base = name.split(":", 1)[0]
+        try:
+            with os.scandir(os.path.join(maildir, "cur")) as entries:
+                for entry in entries:
+                    if entry.name.split(":", 1)[0] == base:
+                        found = os.path.join("cur", entry.name)
+                        break
+        except OSError:
+            return None
+    if found is None:
+        return None
+    # The file must hold this message: a record written before its move names
+    # a file that may, after a crash, never have got there.
     try:
-        with os.scandir(os.path.join(maildir, "cur")) as entries:
-            for entry in entries:
-                if entry.name.split(":", 1)[0] == base:
-                    return entry.name
+        with open(os.path.join(maildir, found), "rb") as f:
+            head = f.read(_SCAN)
     except OSError:
-        pass
-    return None
+        return None
+    return os.path.basename(found) if message_key((head,)) == key else None
 
 
 def make_durable(maildir: str, name: str) -> bool:
