@@ -30,7 +30,7 @@ from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.testing import send_message
 from delivery_executor.userdb import PasswdFile, UserdbResolver, quota_for
 
-from .helpers import files_in
+from .helpers import files_in, listening
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -165,20 +165,15 @@ async def test_concurrent_writer_drift_is_repaired_by_recalculation(tmp_path: Pa
 
 @contextlib.asynccontextmanager
 async def lmtp_server(config: ServerConfig, resolver: UserdbResolver) -> AsyncIterator[int]:
-    loop = asyncio.get_running_loop()
     ex = DeliveryExecutor()
     deliverer = quota_for(config, ex, resolver)
     assert deliverer is not None
     handler = DeliveryHandler(deliverer, resolver)
+    loop = asyncio.get_running_loop()
     factory = SessionFactory(handler, lmtp=True, max_connections=8, loop=loop)
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        yield srv.sockets[0].getsockname()[1]
-    finally:
-        srv.close()
-        await srv.wait_closed()
-        await ex.aclose()
-        assert handler.quota_rejected >= 1
+    async with listening(factory, ex) as port:
+        yield port
+    assert handler.quota_rejected >= 1
 
 
 @pytest.mark.asyncio
@@ -375,19 +370,14 @@ def test_dovecot_reports_what_we_account_and_we_see_its_expunges(
 
 @contextlib.asynccontextmanager
 async def lmtp_server_quiet(config: ServerConfig, resolver: UserdbResolver) -> AsyncIterator[int]:
-    loop = asyncio.get_running_loop()
     ex = DeliveryExecutor()
     deliverer = quota_for(config, ex, resolver)
     assert deliverer is not None
+    loop = asyncio.get_running_loop()
     factory = SessionFactory(DeliveryHandler(deliverer, resolver), lmtp=True, max_connections=8,
                              loop=loop)  # fmt: skip
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        yield srv.sockets[0].getsockname()[1]
-    finally:
-        srv.close()
-        await srv.wait_closed()
-        await ex.aclose()
+    async with listening(factory, ex) as port:
+        yield port
 
 
 @pytest.mark.asyncio

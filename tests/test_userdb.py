@@ -28,7 +28,7 @@ from delivery_executor.userdb import (
     reload_all,
 )
 
-from .helpers import files_in
+from .helpers import files_in, listening
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -238,18 +238,12 @@ async def test_resolver_cache_failures_and_chain(tmp_path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def lmtp_server(resolver: UserdbResolver) -> AsyncIterator[int]:
-    loop = asyncio.get_running_loop()
     ex = DeliveryExecutor()
-    handler = DeliveryHandler(ex, resolver)
-    factory = SessionFactory(handler, lmtp=True, max_connections=8, loop=loop)
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        yield srv.sockets[0].getsockname()[1]
-    finally:
-        srv.close()
-        await srv.wait_closed()
-        await ex.aclose()
-        await resolver.aclose()
+    loop = asyncio.get_running_loop()
+    factory = SessionFactory(DeliveryHandler(ex, resolver), lmtp=True, max_connections=8, loop=loop)
+    async with listening(factory, ex) as port:
+        yield port
+    await resolver.aclose()
 
 
 async def send(port: int, rcpts: list[str]) -> list[Reply]:

@@ -24,7 +24,7 @@ from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.testing import send_message
 from delivery_executor.userdb import PostgresUserdb, UserdbResolver, UserKey, UserRecord
 
-from .helpers import files_in
+from .helpers import files_in, listening
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -109,17 +109,12 @@ def cluster() -> Iterator[Cluster]:
 
 @contextlib.asynccontextmanager
 async def lmtp(resolver: UserdbResolver) -> AsyncIterator[int]:
-    loop = asyncio.get_running_loop()
     ex = DeliveryExecutor()
+    loop = asyncio.get_running_loop()
     factory = SessionFactory(DeliveryHandler(ex, resolver), lmtp=True, max_connections=8, loop=loop)
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        yield srv.sockets[0].getsockname()[1]
-    finally:
-        srv.close()
-        await srv.wait_closed()
-        await ex.aclose()
-        await resolver.aclose()
+    async with listening(factory, ex) as port:
+        yield port
+    await resolver.aclose()
 
 
 async def codes(port: int, rcpts: list[str]) -> list[str]:
