@@ -18,7 +18,8 @@ import pytest
 
 from delivery_executor import DeliveryExecutor
 from delivery_executor.fsops import FsOps
-from delivery_executor.smtp import SessionFactory
+from delivery_executor.smtp import DeliveryHandler, SessionFactory
+from delivery_executor.userdb import UserdbResolver
 
 
 async def until(cond: Callable[[], object], what: str, limit: float = 10.0) -> None:
@@ -151,3 +152,15 @@ async def listening(factory: SessionFactory, executor: DeliveryExecutor) -> Asyn
             guard.close("421 4.3.2 Test over")
         await srv.wait_closed()
         await executor.aclose()
+
+
+@contextlib.asynccontextmanager
+async def userdb_lmtp(resolver: UserdbResolver) -> AsyncIterator[int]:
+    """An LMTP server on 127.0.0.1 resolving through ``resolver``; yields the port, then
+    closes it, its executor and the resolver's user databases."""
+    ex = DeliveryExecutor()
+    loop = asyncio.get_running_loop()
+    factory = SessionFactory(DeliveryHandler(ex, resolver), lmtp=True, max_connections=8, loop=loop)
+    async with listening(factory, ex) as port:
+        yield port
+    await resolver.aclose()

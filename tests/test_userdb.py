@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from delivery_executor import DeliveryExecutor
 from delivery_executor.errors import RecipientRejected, UserdbUnavailable
-from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.testing import Reply, send_message
 from delivery_executor.userdb import (
     LmdbMap,
@@ -28,7 +24,7 @@ from delivery_executor.userdb import (
     reload_all,
 )
 
-from .helpers import files_in, listening
+from .helpers import files_in, userdb_lmtp
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -236,16 +232,6 @@ async def test_resolver_cache_failures_and_chain(tmp_path: Path) -> None:
     assert await r.aresolve("b@x.org") == f"{tmp_path}/x.org/b"
 
 
-@contextlib.asynccontextmanager
-async def lmtp_server(resolver: UserdbResolver) -> AsyncIterator[int]:
-    ex = DeliveryExecutor()
-    loop = asyncio.get_running_loop()
-    factory = SessionFactory(DeliveryHandler(ex, resolver), lmtp=True, max_connections=8, loop=loop)
-    async with listening(factory, ex) as port:
-        yield port
-    await resolver.aclose()
-
-
 async def send(port: int, rcpts: list[str]) -> list[Reply]:
     return await send_message(
         "127.0.0.1", port, mail_from="s@example.net", rcpts=rcpts, body=BODY, lmtp=True
@@ -257,7 +243,7 @@ async def test_lmtp_rcpt_replies_unknown_and_failing_userdb(tmp_path: Path) -> N
     root = tmp_path / "mail"
     p = passwd(tmp_path, f"a@x.org:::::{root}/u/a::\n")
     resolver = UserdbResolver(root, userdbs=[PasswdFile(str(p))], cache_ttl=0)
-    async with lmtp_server(resolver) as port:
+    async with userdb_lmtp(resolver) as port:
         replies = await send(port, ["a@x.org", "nobody@x.org"])
         assert [r.code for r in replies] == [250, 550]
         assert replies[1].text.startswith("5.1.1")

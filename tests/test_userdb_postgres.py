@@ -14,17 +14,15 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from delivery_executor import DeliveryExecutor
-from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.testing import send_message
 from delivery_executor.userdb import PostgresUserdb, UserdbResolver, UserKey, UserRecord
 
-from .helpers import files_in, listening
+from .helpers import files_in, userdb_lmtp
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -107,16 +105,6 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@contextlib.asynccontextmanager
-async def lmtp(resolver: UserdbResolver) -> AsyncIterator[int]:
-    ex = DeliveryExecutor()
-    loop = asyncio.get_running_loop()
-    factory = SessionFactory(DeliveryHandler(ex, resolver), lmtp=True, max_connections=8, loop=loop)
-    async with listening(factory, ex) as port:
-        yield port
-    await resolver.aclose()
-
-
 async def codes(port: int, rcpts: list[str]) -> list[str]:
     replies = await send_message(
         "127.0.0.1", port, mail_from="s@example.net", rcpts=rcpts, body=BODY, lmtp=True
@@ -133,7 +121,7 @@ async def test_postgres_userdb_serves_rcpt_and_a_stopped_db_defers(
     assert await db.lookup(UserKey("alice", "example.org")) == UserRecord(quota_rule="*:storage=1M")
     resolver = UserdbResolver(tmp_path, userdbs=[db], cache_ttl=0)
     inbox = tmp_path / "example.org" / "alice" / "new"
-    async with lmtp(resolver) as port:
+    async with userdb_lmtp(resolver) as port:
         assert await codes(port, ["alice@example.org", "bob@example.org"]) == [
             "250 2.0.0",
             "550 5.1.1",
