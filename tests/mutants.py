@@ -219,9 +219,9 @@ MUTANTS = [
     ),
     Mutant(
         "max-message-size-exclusive",
-        PKG + "executor.py",
-        "        if size > self.max_message_size:",
-        "        if size >= self.max_message_size:",
+        PKG + "executor/core.py",
+        "        if size > self._max_size:",
+        "        if size >= self._max_size:",
         ("tests/test_executor.py", "-k", "inclusive"),
         "a message of exactly max_message_size bytes is refused",
     ),
@@ -243,7 +243,7 @@ MUTANTS = [
     ),
     Mutant(
         "process-max-parts-unchecked",
-        PKG + "executor.py",
+        PKG + "executor/core.py",
         "        if self._max_parts is not None and len(parts) > self._max_parts:",
         "        if False:",
         ("tests/test_process_writer.py", "-k", "too_many_parts"),
@@ -259,7 +259,7 @@ MUTANTS = [
     ),
     Mutant(
         "deliver-sync-start-race",
-        PKG + "executor.py",
+        PKG + "executor/core.py",
         "            self._start_thread(exist_ok=True)  # racing first calls: one starts it",
         "            self.start_thread()",
         ("tests/test_embedding.py", "-k", "at_once"),

@@ -34,7 +34,7 @@ from delivery_executor import (
     WriterName,
 )
 from delivery_executor.budget import Budget
-from delivery_executor.executor import _Request
+from delivery_executor.executor.handoff import Request as _Request
 from delivery_executor.writers import BatchResult, Group, write_batch
 from delivery_executor.writers import local as writers_local
 
@@ -611,7 +611,7 @@ async def test_collector_crash_fails_waiters_fast_and_later_calls(
     def broken() -> list[object]:
         raise RuntimeError("collector bug")
 
-    monkeypatch.setattr(ex, "_take", broken)
+    monkeypatch.setattr(ex._collector, "_take", broken)
     with caplog.at_level(logging.ERROR, logger="delivery_executor"):
         gate.set()  # frees a slot: the collector wakes, drains, and dies
         results = await asyncio.gather(*queued, return_exceptions=True)
@@ -872,14 +872,14 @@ async def test_a_flush_cancelled_before_it_begins_still_answers_its_callers() ->
     writer = FakeWriter()
     ex = DeliveryExecutor(writer=ThreadWriter(writer), max_concurrent_flushes=1)
     await ex.start()
-    launch = ex._launch
+    launch = ex._collector._launch
 
     def launch_then_cancel(batch: list[Any]) -> None:
         launch(batch)
-        for task in list(ex._flushes):
+        for task in list(ex._collector.flushes):
             task.cancel()  # before the loop ever runs it
 
-    ex._launch = launch_then_cancel  # type: ignore[method-assign]
+    ex._collector._launch = launch_then_cancel  # type: ignore[method-assign]
     results = await asyncio.wait_for(
         asyncio.gather(*(ex.deliver("p", b"%d" % i) for i in range(3)), return_exceptions=True),
         10,
@@ -887,7 +887,7 @@ async def test_a_flush_cancelled_before_it_begins_still_answers_its_callers() ->
     assert all(isinstance(r, ExecutorClosed) for r in results), results
     assert "nothing was written" in str(results[0])
     assert writer.calls == []
-    ex._launch = launch  # type: ignore[method-assign]
+    ex._collector._launch = launch  # type: ignore[method-assign]
     assert (await ex.deliver("p", b"after")).name  # the slot was released
     await ex.aclose()
     assert ex.stats().failed == 3
