@@ -328,16 +328,7 @@ class DeliveryExecutor:
         if home is loop:
             await self._collector.aclose_home(timeout)
             return
-        closing = self._collector.aclose_home(timeout)
-        try:
-            done = asyncio.run_coroutine_threadsafe(closing, home)
-        except RuntimeError:  # the home loop is already closed
-            closing.close()  # never to run: no "never awaited" warning
-            handoff.closing(Lifecycle.CLOSING)
-            return
-        # Stopped by the close itself, whether or not this caller still waits.
-        done.add_done_callback(lambda _: handoff.stop_thread(join=False))
-        await asyncio.shield(asyncio.wrap_future(done))
+        await handoff.close_from_loop(self._collector.aclose_home(timeout))
 
     def close(self, timeout: float | None = None) -> None:
         """:meth:`aclose` for threads and scripts: blocks until closed.
@@ -352,13 +343,7 @@ class DeliveryExecutor:
             return
         if _running_loop() is home:
             raise RuntimeError("close() would block the executor's own loop; await aclose()")
-        closing = self._collector.aclose_home(timeout)
-        try:
-            asyncio.run_coroutine_threadsafe(closing, home).result()
-        except RuntimeError:  # the home loop is already closed
-            closing.close()  # never to run: no "never awaited" warning
-            handoff.closing(Lifecycle.CLOSING)
-        handoff.stop_thread(join=True)
+        handoff.close_from_thread(self._collector.aclose_home(timeout))
 
     async def __aenter__(self) -> Self:
         self._check_open()

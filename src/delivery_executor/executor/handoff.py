@@ -19,8 +19,8 @@ import collections
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Callable, Iterable
-from typing import TypeAlias
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeAlias
 
 from ..errors import ExecutorClosed
 from ..store import MessageId
@@ -172,6 +172,34 @@ class HandOff:
             home.call_soon_threadsafe(home.stop)
         if join and thread is not threading.current_thread():
             thread.join()
+
+    async def close_from_loop(self, closing: Coroutine[Any, Any, None]) -> None:
+        """Run the close ``closing`` on home from another loop; then stop a private home thread.
+
+        If home is closed already, ``closing`` never runs and this returns at once.
+        """
+        home = self.home
+        assert home is not None
+        try:
+            done = asyncio.run_coroutine_threadsafe(closing, home)
+        except RuntimeError:  # the home loop is already closed
+            closing.close()  # never to run: no "never awaited" warning
+            self.closing(Lifecycle.CLOSING)
+            return
+        # Stopped by the close itself, whether or not this caller still waits.
+        done.add_done_callback(lambda _: self.stop_thread(join=False))
+        await asyncio.shield(asyncio.wrap_future(done))
+
+    def close_from_thread(self, closing: Coroutine[Any, Any, None]) -> None:
+        """:meth:`close_from_loop` for a thread with no running loop: blocks until closed."""
+        home = self.home
+        assert home is not None
+        try:
+            asyncio.run_coroutine_threadsafe(closing, home).result()
+        except RuntimeError:  # the home loop is already closed
+            closing.close()  # never to run: no "never awaited" warning
+            self.closing(Lifecycle.CLOSING)
+        self.stop_thread(join=True)
 
     # -- requests from other loops and threads ----------------------------
 
