@@ -250,6 +250,22 @@ MUTANTS = [
         "a 256-part message reaches a process-writer batch and fails its 10 neighbours",
     ),
     Mutant(
+        "flush-done-keeps-its-slot",
+        PKG + "executor/collector.py",
+        "        self._slots.release()\n",
+        "        pass\n",
+        ("tests/test_executor.py", "-k", "cancelled_before_it_begins"),
+        "a flush's done-callback does not release its slot (the next batch never starts)",
+    ),
+    Mutant(
+        "flush-done-keeps-its-bytes",
+        PKG + "executor/collector.py",
+        "        self._enqueue(self.budget.done(sum(r.size for r in batch)))\n",
+        "        pass\n",
+        ("tests/test_executor.py", "-k", "aborted_flush"),
+        "a flush's done-callback does not give its bytes back to the budget",
+    ),
+    Mutant(
         "add-flag-trusts-its-id",
         PKG + "store/names.py",
         '    if not base or base.startswith(".") or "/" in name or "\\0" in name:',
