@@ -151,10 +151,11 @@ class Collector:
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         handoff, window = self.handoff, self.config.policy == "window"
+        closing_at = Lifecycle.CLOSING
         assert self._slots is not None
         while True:
             if not self.queue:
-                closing = handoff.state >= Lifecycle.CLOSING
+                closing = handoff.state >= closing_at
                 if closing and handoff.inbox:
                     # Posted from a loop that stopped (or stalls) before it woke
                     # home: accepted all the same, so delivered before closing.
@@ -166,9 +167,7 @@ class Collector:
                 continue
             if window:
                 deadline = loop.time() + self.config.max_wait
-                while len(self.queue) < self.config.max_batch and (
-                    handoff.state < Lifecycle.CLOSING
-                ):
+                while len(self.queue) < self.config.max_batch and handoff.state < closing_at:
                     if not await self._wait_for_work(deadline - loop.time()):
                         break
             # Eager: while every slot is busy, requests keep piling up in the queue.

@@ -76,6 +76,8 @@ class DeliveryExecutor:
 
     Raises ``TypeError``/``ValueError`` naming the bad value. Costs nothing
     until started: no loop, thread or process is needed to construct it.
+    The checked settings are ``config`` (an :class:`ExecutorConfig`, frozen);
+    ``max_batch``, ``policy``, ``writer`` and the others read it.
     """
 
     def __init__(
