@@ -260,13 +260,13 @@ async def test_one_wake_of_home_carries_a_whole_iteration_of_callers(tmp_path: P
     """8 callers started together on another loop: home is woken once, with all 8 waiting."""
     async with DeliveryExecutor() as ex:
         at_wake: list[int] = []
-        wake = ex._wake_home
+        wake = ex._handoff.wake
 
         def counting() -> None:
-            at_wake.append(len(ex._inbox))
+            at_wake.append(len(ex._handoff.inbox))
             wake()
 
-        ex._wake_home = counting  # type: ignore[method-assign]
+        ex._handoff.wake = counting  # type: ignore[method-assign]
 
         async def other() -> int:
             calls = [ex.deliver(tmp_path / "m", b"caller %d" % i) for i in range(8)]

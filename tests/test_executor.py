@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import functools
 import itertools
@@ -34,7 +35,8 @@ from delivery_executor import (
     WriterName,
 )
 from delivery_executor.budget import Budget
-from delivery_executor.executor import _Request
+from delivery_executor.executor import ExecutorConfig, Lifecycle
+from delivery_executor.executor.handoff import Request as _Request
 from delivery_executor.writers import BatchResult, Group, write_batch
 from delivery_executor.writers import local as writers_local
 
@@ -611,7 +613,7 @@ async def test_collector_crash_fails_waiters_fast_and_later_calls(
     def broken() -> list[object]:
         raise RuntimeError("collector bug")
 
-    monkeypatch.setattr(ex, "_take", broken)
+    monkeypatch.setattr(ex._collector, "_take", broken)
     with caplog.at_level(logging.ERROR, logger="delivery_executor"):
         gate.set()  # frees a slot: the collector wakes, drains, and dies
         results = await asyncio.gather(*queued, return_exceptions=True)
@@ -872,14 +874,14 @@ async def test_a_flush_cancelled_before_it_begins_still_answers_its_callers() ->
     writer = FakeWriter()
     ex = DeliveryExecutor(writer=ThreadWriter(writer), max_concurrent_flushes=1)
     await ex.start()
-    launch = ex._launch
+    launch = ex._collector._launch
 
     def launch_then_cancel(batch: list[Any]) -> None:
         launch(batch)
-        for task in list(ex._flushes):
+        for task in list(ex._collector.flushes):
             task.cancel()  # before the loop ever runs it
 
-    ex._launch = launch_then_cancel  # type: ignore[method-assign]
+    ex._collector._launch = launch_then_cancel  # type: ignore[method-assign]
     results = await asyncio.wait_for(
         asyncio.gather(*(ex.deliver("p", b"%d" % i) for i in range(3)), return_exceptions=True),
         10,
@@ -887,8 +889,8 @@ async def test_a_flush_cancelled_before_it_begins_still_answers_its_callers() ->
     assert all(isinstance(r, ExecutorClosed) for r in results), results
     assert "nothing was written" in str(results[0])
     assert writer.calls == []
-    ex._launch = launch  # type: ignore[method-assign]
-    assert (await ex.deliver("p", b"after")).name  # the slot was released
+    ex._collector._launch = launch  # type: ignore[method-assign]
+    assert (await asyncio.wait_for(ex.deliver("p", b"after"), 10)).name  # slot released
     await ex.aclose()
     assert ex.stats().failed == 3
 
@@ -921,3 +923,108 @@ def test_keyboard_interrupt_in_a_writer_settles_every_caller_then_propagates() -
     finally:
         loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
+
+
+# -- the subpackage's parts: lifecycle, configuration, the writer's start, the flush's release
+
+
+def test_the_lifecycle_moves_forward_and_a_crash_stays_visible() -> None:
+    """Lifecycle: closing never goes back, a crash wins over a close, closed says if one began."""
+    assert Lifecycle.IDLE.closing(Lifecycle.CLOSED) is Lifecycle.CLOSED
+    assert Lifecycle.CLOSED.closing(Lifecycle.CLOSING) is Lifecycle.CLOSED
+    assert Lifecycle.OPEN.closing(Lifecycle.CLOSING) is Lifecycle.CLOSING
+    assert Lifecycle.OPEN.crashed() is Lifecycle.CRASHED
+    assert not Lifecycle.CRASHED.closed
+    assert Lifecycle.CRASHED.closing(Lifecycle.CLOSING) is Lifecycle.CRASHED_CLOSED
+    assert Lifecycle.CLOSING.crashed() is Lifecycle.CRASHED_CLOSED
+    assert Lifecycle.CRASHED_CLOSED.closed and Lifecycle.CLOSING.closed
+    assert not Lifecycle.OPEN.closed and not Lifecycle.IDLE.closed
+    labels = [s.label for s in Lifecycle]
+    assert labels == ["idle", "open", "closing", "closed", "crashed", "crashed"]
+
+
+@pytest.mark.asyncio
+async def test_a_crashed_executor_is_closed_only_once_a_close_begins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a collector crash: `closed` is False until aclose(), then True; repr says crashed."""
+    ex = DeliveryExecutor(writer=ThreadWriter(FakeWriter()))
+    await ex.start()
+
+    def broken() -> list[object]:
+        raise RuntimeError("collector bug")
+
+    monkeypatch.setattr(ex._collector, "_take", broken)
+    with pytest.raises(ExecutorCrashed):
+        await asyncio.wait_for(ex.deliver("p", b"x"), 10)
+    assert not ex.closed
+    assert "crashed" in repr(ex)
+    await ex.aclose()
+    assert ex.closed
+    assert "crashed" in repr(ex)
+    with pytest.raises(ExecutorCrashed, match="collector bug"):
+        await ex.deliver("p", b"late")
+
+
+def test_the_settings_are_checked_once_and_frozen() -> None:
+    """The executor's settings are an ExecutorConfig: read-only, and the same on the executor."""
+    ex = DeliveryExecutor(max_batch=8, max_wait=timedelta(milliseconds=5), policy="window")
+    assert isinstance(ex.config, ExecutorConfig)
+    assert (ex.max_batch, ex.max_wait, ex.policy, ex.max_queued) == (8, 0.005, "window", 128)
+    assert ex.writer is ex.config.writer
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ex.config.max_batch = 9  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        ex.max_batch = 9  # type: ignore[misc]
+
+
+class StartingWriter(FakeWriter):
+    """A writer with the optional async start(): records that it ran, or fails."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.started = 0
+
+    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+        return self(groups)
+
+    async def aclose(self) -> None:
+        pass
+
+    async def start(self) -> None:
+        self.started += 1
+        if self.fail:
+            raise OSError(errno.ECHILD, "the helper did not start")
+
+
+@pytest.mark.asyncio
+async def test_start_awaits_a_writers_optional_start() -> None:
+    """executor.start() awaits writer.start() when the writer has one; its failure shows there."""
+    writer = StartingWriter()
+    async with DeliveryExecutor(writer=writer) as ex:
+        assert writer.started == 1
+        assert (await ex.deliver("p", b"x")).name
+    broken = DeliveryExecutor(writer=StartingWriter(fail=True))
+    with pytest.raises(OSError, match="did not start"):
+        await broken.start()
+    await broken.aclose()
+
+
+@pytest.mark.asyncio
+async def test_an_aborted_flush_releases_its_slot_bytes_and_count() -> None:
+    """aclose(timeout) cancels a write mid-flush: its callers are answered, nothing stays held."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    ex = DeliveryExecutor(max_batch=2, max_concurrent_flushes=1, writer=ThreadWriter(writer))
+    tasks = [asyncio.ensure_future(ex.deliver("p", b"12345")) for _ in range(2)]
+    await until(lambda: writer.active == 1, "one batch stuck in the writer")
+    assert ex.stats().queued_bytes == 10 and ex.stats().in_flight == 1
+    try:
+        await ex.aclose(timeout=0.05)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        gate.set()
+    assert all(isinstance(r, ExecutorCrashed) for r in results), results
+    stats = ex.stats()
+    assert (stats.in_flight, stats.queued_bytes, stats.failed) == (0, 0, 2)

@@ -60,7 +60,7 @@ def test_systemexit_from_a_writer_settles_every_caller_then_propagates(
     for out in outcomes:
         assert isinstance(out, ExecutorCrashed), out
         assert isinstance(out.__cause__, SystemExit)
-    home = ex._thread  # the private home loop's thread: SystemExit went on and ended it
+    home = ex._handoff.thread  # the private home loop's thread: SystemExit went on and ended it
     assert home is not None
     home.join(10)
     assert not home.is_alive()

@@ -50,6 +50,11 @@ class BatchWriter(Protocol):
     an int attribute ``max_parts`` (optional, as :class:`ProcessWriter` does):
     the executor then refuses a message with more parts at ``deliver()``,
     before it can share a batch with other callers' mail.
+
+    A writer that has work to do before its first batch may also define
+    ``async start()`` (optional, as :class:`ProcessWriter` does: it starts its
+    helper): the executor's ``start()`` awaits it, so that a failure to start
+    shows there rather than in the first delivery.
     """
 
     async def acommit(self, groups: Sequence[Group]) -> BatchResult:
