@@ -18,13 +18,14 @@ import contextlib
 import os
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from delivery_executor.testing import send_message
 
-from .postfix import free_port_on
+from .postfix import PrivatePostfix, free_port_on, need, read_maildirs, run_tool, wait_for
 from .servehost import ServeHost, require_unshare
 
 pytestmark = [pytest.mark.timeout(170), pytest.mark.root]
@@ -111,3 +112,61 @@ async def test_two_hosts_over_deliver_without_affinity_and_never_with_it(
     )
     assert pinned == [0] * USERS
     assert all(n >= 0 for n in spread)
+
+
+def affinity_map(path: Path, port: int) -> str:
+    """The README's regexp transport map: local parts a-m to mx-a first, the rest to mx-b
+    first, each with the other host as failover."""
+    a, b = HOSTS["mx-a"], HOSTS["mx-b"]
+    path.write_text(
+        f"/^[a-m]/ lmtp:[{a}]:{port}, [{b}]:{port}\n/./ lmtp:[{b}]:{port}, [{a}]:{port}\n"
+    )
+    return f"regexp:{path}"
+
+
+def test_postfix_transport_map_affinity_gives_exact_quota(
+    hosts: tuple[Path, int], tmp_path: Path
+) -> None:
+    """A real Postfix with the README's per-user transport map: every copy of a user is
+    written by its host, exactly LIMIT are delivered per user, the rest bounce 552."""
+    root, port = hosts
+    tool = need("smtp-source")
+    users = {"alice": "mx-a", "mike": "mx-a", "nina": "mx-b", "zoe": "mx-b"}
+    per_user = 2 * LIMIT  # two smtp-source runs of LIMIT messages each, at once
+    with PrivatePostfix(
+        virtual_transport="error:5.3.0 transport_maps did not route this",
+        domains=(DOMAIN,),
+        settings={
+            "transport_maps": affinity_map(tmp_path / "lmtp_affinity", port),
+            "lmtp_destination_concurrency_limit": "8",
+        },
+    ) as pf:
+
+        def one(user: str) -> object:
+            # Null sender: a 552 becomes status=bounced, with no bounce message to route.
+            return run_tool(
+                [tool, "-s", "2", "-m", str(LIMIT), "-l", "300", "-f", "",
+                 "-t", f"{user}@{DOMAIN}", f"{pf.address}:{pf.smtp_port}"],
+                timeout=60,
+            )  # fmt: skip
+
+        with ThreadPoolExecutor(8) as pool:
+            for fut in [pool.submit(one, u) for u in users for _ in range(2)]:
+                fut.result()
+        total = per_user * len(users)
+        wait_for(
+            lambda: pf.count_status("sent") + pf.count_status("bounced") >= total,
+            90,
+            f"{total} final statuses",
+        )
+        deliveries = pf.deliveries()
+    sent = Counter(d.recipient.partition("@")[0] for d in deliveries if d.status == "sent")
+    bounced = [d for d in deliveries if d.status == "bounced"]
+    assert all(d.dsn == "5.2.2" for d in bounced), bounced[:3]
+    assert len(bounced) == total - LIMIT * len(users)
+    print(f"\naffinity through Postfix: delivered {dict(sent)}, bounced 552: {len(bounced)}")
+    files = read_maildirs(root)
+    assert Counter(f.mailbox.partition("@")[0] for f in files) == {u: LIMIT for u in users}
+    assert sent == {u: LIMIT for u in users}
+    for f in files:
+        assert f.host == users[f.mailbox.partition("@")[0]], f.name  # affinity held
