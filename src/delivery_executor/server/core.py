@@ -44,7 +44,7 @@ from ..smtp.sessions import (
 )
 from ..store import SyncMode
 from ..userdb import UserdbResolver, quota_for, resolver_for
-from .checks import StartupError
+from .checks import StartupError, check_scripts
 from .identity import banner, default_hostname
 from .listeners import (
     DEFAULT_LISTEN,
@@ -264,9 +264,9 @@ def _sieve(config: ServerConfig, resolver: MailboxResolver | None = None) -> Sie
     """
     if not (config.sieve or config.sieve_before or config.sieve_after or config.sieve_default):
         return None
-    for p in (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default])):
-        if not os.path.isfile(p):
-            raise StartupError(f"Sieve script {str(p)!r} does not exist or is not a file")
+    check_scripts(
+        (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default]))
+    )
     sieve = SieveFilter(
         before=config.sieve_before,
         after=config.sieve_after,
