@@ -265,8 +265,11 @@ class DeliveryHandler:
         self._paths: weakref.WeakKeyDictionary[Envelope, list[tuple[str, str]]] = (
             weakref.WeakKeyDictionary()
         )
+        # Each envelope's RCPT answers, (accepted, path or reply) by (address, smtputf8).
+        # Replies are kept as text: an exception's traceback would hold the
+        # envelope and keep this weak-keyed entry alive for ever.
         self._resolved: weakref.WeakKeyDictionary[
-            Envelope, dict[tuple[str, bool], str | RecipientRejected]
+            Envelope, dict[tuple[str, bool], tuple[bool, str]]
         ] = weakref.WeakKeyDictionary()
         self._date = (0, "")
         self.accepted = 0
@@ -350,14 +353,14 @@ class DeliveryHandler:
         answer = memo.get((address, envelope.smtp_utf8))
         if answer is None:
             try:
-                answer = await self.resolver.aresolve(address, smtputf8=envelope.smtp_utf8)
+                answer = (True, await self.resolver.aresolve(address, smtputf8=envelope.smtp_utf8))
             except RecipientRejected as exc:
-                answer = exc
+                answer = (False, exc.reply)
             memo[(address, envelope.smtp_utf8)] = answer
-        if isinstance(answer, RecipientRejected):
+        accepted, path = answer
+        if not accepted:
             self.rcpt_rejected += 1
-            return answer.reply
-        path = answer
+            return path
         orcpt = ""
         for option in rcpt_options:
             if option[:6].upper() == "ORCPT=":
