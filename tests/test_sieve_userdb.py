@@ -61,6 +61,9 @@ async def test_resolver_names_the_field_script_the_home_script_or_none(tmp_path:
         "f": "/etc/f.sieve",
     }
     assert r.sieve_script(str(tmp_path / "nobody")) is None
+    templates = UserdbResolver(tmp_path, mail_home=str(tmp_path / "h" / "%n"))
+    path = await templates.aresolve("q@x.org")  # no userdb: the --mail-home home counts
+    assert templates.sieve_script(path) == str(tmp_path / "h" / "q" / ".dovecot.sieve")
 
 
 @pytest.mark.asyncio
