@@ -13,6 +13,7 @@ import pytest
 
 from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir
 from delivery_executor.cli import _add_sieve
+from delivery_executor.server.checks import StartupError
 from delivery_executor.server.core import ServerConfig, _sieve
 from delivery_executor.sieve.hook import Route, SieveFilter
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
@@ -127,7 +128,7 @@ def test_serve_config_and_cli_wire_the_filter(
     with caplog.at_level(logging.ERROR, logger="delivery_executor.sieve"):
         assert _sieve(ServerConfig(root=tmp_path, sieve_after=(bad,))) is not None
     assert "bad.sieve: line 2, column 1" in caplog.text
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(StartupError, match="does not exist"):
         _sieve(ServerConfig(root=tmp_path, sieve_after=(tmp_path / "nope.sieve",)))
     p = argparse.ArgumentParser()
     _add_sieve(p)

@@ -292,7 +292,8 @@ async def test_handler_rejects_bad_configuration(tmp_path: Path) -> None:
 
 
 async def test_each_recipient_is_resolved_once(tmp_path: Path) -> None:
-    """The path resolved at RCPT is reused at DATA: the mapper runs once per recipient."""
+    """The path resolved at RCPT is reused at DATA: the mapper runs once per address
+    of the transaction (an address named twice is resolved once)."""
     calls: list[str] = []
 
     def mapper(local: str, domain: str) -> str:
@@ -302,5 +303,5 @@ async def test_each_recipient_is_resolved_once(tmp_path: Path) -> None:
     async with server(tmp_path, resolver_kwargs={"mapper": mapper}) as (port, _, _):
         replies = await send(port, ["a@example.org", "b@example.org", "a@example.org"])
     assert [r.code for r in replies] == [250, 250, 250]
-    assert calls == ["a", "b", "a"]
+    assert calls == ["a", "b"]
     assert len(mailbox(tmp_path, "example.org", "a")) == 1  # one mailbox, one copy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sqlite3
 from pathlib import Path
@@ -297,3 +298,41 @@ async def test_cdb_map_as_postmap_writes_it(tmp_path: Path) -> None:
         assert await db.lookup(UserKey("q", "x.org")) is None
     finally:
         await db.aclose()
+
+
+async def test_one_lookup_per_address_per_transaction_even_without_a_cache(
+    tmp_path: Path,
+) -> None:
+    """--userdb-cache-ttl 0: an address named twice in one transaction (known or unknown)
+    is looked up once; the next transaction looks it up again."""
+    p = passwd(tmp_path, "a@x.org::::::\nb@x.org::::::\n")
+    r = UserdbResolver(tmp_path, userdbs=[PasswdFile(str(p))], cache_ttl=0)
+    async with lmtp_server(r) as port:
+        rcpts = ["a@x.org", "a@x.org", "b@x.org", "nobody@x.org", "nobody@x.org"]
+        replies = await send(port, rcpts)
+        assert [x.code for x in replies] == [250, 250, 250, 550, 550], replies
+        assert r.lookups == 3
+        await send(port, ["a@x.org", "a@x.org"])
+        assert r.lookups == 4
+    assert len(files_in(tmp_path / "x.org" / "a" / "new")) == 2  # one copy per transaction
+
+
+async def test_rcpt_answers_do_not_outlive_their_transaction(tmp_path: Path) -> None:
+    """After transactions with refused and accepted RCPTs, no envelope is kept alive."""
+    p = passwd(tmp_path, "a@x.org::::::\n")
+    r = UserdbResolver(tmp_path, userdbs=[PasswdFile(str(p))], cache_ttl=0)
+    loop = asyncio.get_running_loop()
+    ex = DeliveryExecutor()
+    handler = DeliveryHandler(ex, r)
+    factory = SessionFactory(handler, lmtp=True, max_connections=8, loop=loop)
+    srv = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        for _ in range(3):
+            await send(port, ["a@x.org", "nobody@x.org", "nobody@x.org"])
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        await ex.aclose()
+    gc.collect()
+    assert len(handler._resolved) == 0

@@ -9,9 +9,10 @@ configuration error in the same sense.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["StartupError", "check_root"]
+__all__ = ["StartupError", "check_root", "check_scripts"]
 
 
 class StartupError(Exception):
@@ -46,3 +47,13 @@ def check_root(root: Path) -> None:
         raise StartupError(
             f"--root {root}: not writable by uid {os.geteuid()}: {exc.strerror}"
         ) from exc
+
+
+def check_scripts(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Each admin Sieve script (``--sieve-before`` etc.) must be a file; one ``stat`` each.
+
+    Raises :class:`StartupError` naming the first that is not.
+    """
+    for p in paths:
+        if not os.path.isfile(p):
+            raise StartupError(f"Sieve script {os.fspath(p)!r} does not exist or is not a file")

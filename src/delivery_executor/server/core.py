@@ -44,7 +44,7 @@ from ..smtp.sessions import (
 )
 from ..store import SyncMode
 from ..userdb import UserdbResolver, quota_for, resolver_for
-from .checks import StartupError
+from .checks import StartupError, check_scripts
 from .identity import banner, default_hostname
 from .listeners import (
     DEFAULT_LISTEN,
@@ -250,24 +250,30 @@ def _handler(
         line_endings=config.line_endings,
         duplicate_window=config.duplicate_window,
         watcher=cleaner,
-        sieve=_sieve(config),
+        sieve=_sieve(config, resolver),
     )
     return handler, resolver
 
 
-def _sieve(config: ServerConfig) -> SieveFilter | None:
-    """The Sieve filter ``config`` asks for, or ``None`` (no cost per delivery)."""
+def _sieve(config: ServerConfig, resolver: MailboxResolver | None = None) -> SieveFilter | None:
+    """The Sieve filter ``config`` asks for, or ``None`` (no cost per delivery).
+
+    With a userdb resolver, a user's script is where its record puts it
+    (:meth:`UserdbResolver.sieve_script`). :class:`StartupError` for an admin
+    script that is missing.
+    """
     if not (config.sieve or config.sieve_before or config.sieve_after or config.sieve_default):
         return None
-    for p in (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default])):
-        if not os.path.isfile(p):
-            raise ValueError(f"Sieve script {str(p)!r} does not exist or is not a file")
+    check_scripts(
+        (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default]))
+    )
     sieve = SieveFilter(
         before=config.sieve_before,
         after=config.sieve_after,
         default=config.sieve_default,
         user_scripts=True,
         recipient_delimiter=config.recipient_delimiter or "+",
+        user_script=resolver.sieve_script if isinstance(resolver, UserdbResolver) else None,
     )
     for p in (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default])):
         sieve.cache.get(os.fspath(p))  # compile now: an error is logged at start-up

@@ -36,7 +36,7 @@ from .. import userdb
 from ..logs import logs_to_file
 from ..metrics import WorkerMetrics, start_worker_metrics
 from . import notify, signals
-from .checks import StartupError, check_root
+from .checks import StartupError, check_root, check_scripts
 from .core import ServerConfig, ServerSummary, serve
 from .identity import default_hostname
 from .listeners import (
@@ -216,6 +216,9 @@ def _prepare(config: ServerConfig) -> None:
     if config.workers < 1:
         raise StartupError(f"--workers must be >= 1, not {config.workers}")
     check_root(config.root)
+    check_scripts(
+        (*config.sieve_before, *config.sieve_after, *filter(None, [config.sieve_default]))
+    )
     try:
         loop_factory(config.loop)
     except ValueError as exc:

@@ -2,8 +2,9 @@
 
 :class:`SieveFilter` is what a server calls per recipient. Scripts come from
 where Pigeonhole's settings put them: ``before`` scripts (``sieve_before``),
-the user's own script (``.dovecot.sieve`` in the user's Maildir directory, our
-home), else ``default`` (``sieve_default``), then ``after`` scripts
+the user's own script (the userdb's ``sieve`` field, else ``~/.dovecot.sieve``
+under the user's home, else ``.dovecot.sieve`` in the user's Maildir
+directory), else ``default`` (``sieve_default``), then ``after`` scripts
 (``sieve_after``). Each file is compiled once and recompiled when it changes
 (one ``stat`` per script per delivery); a script that does not compile is
 logged once per version with its line and column, and the message is kept in
@@ -89,7 +90,10 @@ class SieveFilter:
     Parameters:
         before, after: admin scripts run around the user's, in order.
         default: the script for users without their own.
-        user_scripts: look for ``.dovecot.sieve`` in each user's Maildir.
+        user_scripts: run each user's own script.
+        user_script: ``user_script(maildir)`` → that user's script path, or
+            ``None`` for the default place, ``.dovecot.sieve`` in the Maildir
+            (serve passes the userdb's ``sieve`` field or ``~/.dovecot.sieve``).
         limits: per-script and per-message bounds (:class:`Limits`).
         recipient_delimiter: characters that start ``:detail``.
     """
@@ -103,7 +107,7 @@ class SieveFilter:
         user_scripts: bool = True,
         limits: Limits | None = None,
         recipient_delimiter: str = "+",
-        user_script: Callable[[str], str] | None = None,
+        user_script: Callable[[str], str | None] | None = None,
     ) -> None:
         if not isinstance(recipient_delimiter, str) or not recipient_delimiter:
             raise ValueError(
@@ -115,7 +119,7 @@ class SieveFilter:
         self.user_scripts = user_scripts
         self.limits = limits or Limits()
         self.delimiter = recipient_delimiter
-        self._user_script = user_script or (lambda maildir: os.path.join(maildir, USER_SCRIPT))
+        self._user_script = user_script
         self.cache = ScriptCache(self.limits)
 
     def chain(self, maildir: str) -> list[Script] | None:
@@ -123,7 +127,8 @@ class SieveFilter:
         paths = list(self.before)
         personal = None
         if self.user_scripts:
-            personal = self.cache.get(self._user_script(maildir))
+            mine = None if self._user_script is None else self._user_script(maildir)
+            personal = self.cache.get(mine or os.path.join(maildir, USER_SCRIPT))
         if personal is None and self.default is not None:
             personal = self.cache.get(self.default)
         out: list[Script] = []

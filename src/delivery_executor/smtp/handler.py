@@ -265,6 +265,12 @@ class DeliveryHandler:
         self._paths: weakref.WeakKeyDictionary[Envelope, list[tuple[str, str]]] = (
             weakref.WeakKeyDictionary()
         )
+        # Each envelope's RCPT answers, (accepted, path or reply) by (address, smtputf8).
+        # Replies are kept as text: an exception's traceback would hold the
+        # envelope and keep this weak-keyed entry alive for ever.
+        self._resolved: weakref.WeakKeyDictionary[
+            Envelope, dict[tuple[str, bool], tuple[bool, str]]
+        ] = weakref.WeakKeyDictionary()
         self._date = (0, "")
         self.accepted = 0
         self.rejected = 0
@@ -341,11 +347,20 @@ class DeliveryHandler:
         if len(envelope.rcpt_tos) >= self.max_recipients:
             self.rcpt_rejected += 1
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients})"
-        try:
-            path = await self.resolver.aresolve(address, smtputf8=envelope.smtp_utf8)
-        except RecipientRejected as exc:
+        # Looked up once per transaction whatever the resolver caches
+        # (--userdb-cache-ttl 0 too): an address named twice costs one lookup.
+        memo = self._resolved.setdefault(envelope, {})
+        answer = memo.get((address, envelope.smtp_utf8))
+        if answer is None:
+            try:
+                answer = (True, await self.resolver.aresolve(address, smtputf8=envelope.smtp_utf8))
+            except RecipientRejected as exc:
+                answer = (False, exc.reply)
+            memo[(address, envelope.smtp_utf8)] = answer
+        accepted, path = answer
+        if not accepted:
             self.rcpt_rejected += 1
-            return exc.reply
+            return path
         orcpt = ""
         for option in rcpt_options:
             if option[:6].upper() == "ORCPT=":

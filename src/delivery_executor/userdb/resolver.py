@@ -68,7 +68,7 @@ class UserdbResolver(MailboxResolver):
 
     Use :meth:`aresolve` (the handler does); :meth:`resolve` works only
     without userdbs. :meth:`record` gives the record a path was resolved
-    with (for quota).
+    with (for quota), :meth:`sieve_script` that user's Sieve script.
     """
 
     def __init__(
@@ -120,6 +120,44 @@ class UserdbResolver(MailboxResolver):
     def record(self, path: str) -> UserRecord | None:
         """The record of the last address resolved to ``path`` (or its Maildir)."""
         return self._records.get(path)
+
+    def sieve_script(self, path: str) -> str | None:
+        """The user's own Sieve script for Maildir ``path``, where Pigeonhole looks.
+
+        The record's ``sieve`` (a path, or Pigeonhole's ``file:DIR;active=PATH``
+        location, whose active script counts; ``~`` and relative paths are
+        under the home), else ``~/.dovecot.sieve`` when the record has a home.
+        ``None`` when no record is known for ``path`` (or, for a ``.folder``,
+        for its Maildir) or it gives neither: the caller's default applies.
+        A dict lookup; no disk access.
+        """
+        record = self._records.get(path)
+        if record is None:
+            head, tail = os.path.split(path.rstrip(os.sep))
+            if tail.startswith("."):
+                record = self._records.get(head)
+        if record is None:
+            return None
+        home = record.home
+        if not record.sieve:
+            return None if home is None else os.path.join(home, ".dovecot.sieve")
+        location = record.sieve.removeprefix("file:")
+        script, _, options = location.partition(";")
+        for option in options.split(";"):
+            name, _, value = option.partition("=")
+            if name == "active" and value:
+                script = value
+        if script == "~" or script.startswith("~/"):
+            if home is None:
+                _log.error("sieve location %r uses ~ but the user has no home", record.sieve)
+                return None
+            script = home + script[1:]
+        if not os.path.isabs(script):
+            if home is None:
+                _log.error("sieve location %r is relative but the user has no home", record.sieve)
+                return None
+            script = os.path.join(home, script)
+        return script
 
     def resolve(self, address: str, *, smtputf8: bool = False, check_exists: bool = True) -> str:
         """As :meth:`MailboxResolver.resolve`, for templates only (no userdbs)."""
