@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -11,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from delivery_executor import DeliveryExecutor
 from delivery_executor.errors import RecipientRejected, UserdbUnavailable
+from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.testing import Reply, send_message
 from delivery_executor.userdb import (
     LmdbMap,
@@ -25,7 +28,7 @@ from delivery_executor.userdb import (
     reload_all,
 )
 
-from .helpers import files_in, userdb_lmtp
+from .helpers import files_in, listening, userdb_lmtp
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -307,7 +310,7 @@ async def test_one_lookup_per_address_per_transaction_even_without_a_cache(
     is looked up once; the next transaction looks it up again."""
     p = passwd(tmp_path, "a@x.org::::::\nb@x.org::::::\n")
     r = UserdbResolver(tmp_path, userdbs=[PasswdFile(str(p))], cache_ttl=0)
-    async with lmtp_server(r) as port:
+    async with userdb_lmtp(r) as port:
         rcpts = ["a@x.org", "a@x.org", "b@x.org", "nobody@x.org", "nobody@x.org"]
         replies = await send(port, rcpts)
         assert [x.code for x in replies] == [250, 250, 250, 550, 550], replies
@@ -321,18 +324,11 @@ async def test_rcpt_answers_do_not_outlive_their_transaction(tmp_path: Path) -> 
     """After transactions with refused and accepted RCPTs, no envelope is kept alive."""
     p = passwd(tmp_path, "a@x.org::::::\n")
     r = UserdbResolver(tmp_path, userdbs=[PasswdFile(str(p))], cache_ttl=0)
-    loop = asyncio.get_running_loop()
     ex = DeliveryExecutor()
     handler = DeliveryHandler(ex, r)
-    factory = SessionFactory(handler, lmtp=True, max_connections=8, loop=loop)
-    srv = await loop.create_server(factory, "127.0.0.1", 0)
-    try:
-        port = srv.sockets[0].getsockname()[1]
+    factory = SessionFactory(handler, lmtp=True, max_connections=8, loop=asyncio.get_running_loop())
+    async with listening(factory, ex) as port:
         for _ in range(3):
             await send(port, ["a@x.org", "nobody@x.org", "nobody@x.org"])
-    finally:
-        srv.close()
-        await srv.wait_closed()
-        await ex.aclose()
     gc.collect()
     assert len(handler._resolved) == 0
