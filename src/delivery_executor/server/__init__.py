@@ -2,7 +2,9 @@
 
 One module per concern:
 
-- :mod:`.core`: :class:`ServerConfig` and the async :func:`serve`;
+- :mod:`.config`: :class:`ServerConfig`, whose fields are the ``serve`` flags;
+- :mod:`.options`: how a field declares its flag, and the flags' value parsers;
+- :mod:`.core`: the async :func:`serve`;
 - :mod:`.run`: :func:`run_server`, the command (start-up checks, workers);
 - :mod:`.listeners`: TCP, IPv6, UNIX, inherited and systemd sockets;
 - :mod:`.tls`: STARTTLS, implicit TLS, certificate reload;
@@ -13,9 +15,8 @@ One module per concern:
 """
 
 from .checks import StartupError
+from .config import DEFAULT_MAX_CONNECTIONS, ServerConfig
 from .core import (
-    DEFAULT_MAX_CONNECTIONS,
-    ServerConfig,
     ServerSummary,
     load_handler_factory,
     serve,
