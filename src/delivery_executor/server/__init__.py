@@ -11,6 +11,7 @@ One module per concern:
 - :mod:`.identity`: host name and banner;
 - :mod:`.signals`: TERM/INT drain, HUP reload, USR1 stats;
 - :mod:`.loops`: uvloop or asyncio;
+- :mod:`.metrics`: ``--metrics``, Prometheus metrics;
 - :mod:`.checks`: :class:`StartupError` and the ``--root`` check.
 """
 

@@ -26,7 +26,6 @@ from ..executor import (
     BatchPolicy,
     WriterName,
 )
-from ..metrics import parse_address
 from ..smtp import DEFAULT_MAX_MESSAGE_SIZE, LINE_ENDINGS, LineEndings
 from ..smtp.sessions import (
     DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -40,6 +39,7 @@ from ..userdb.options import fraction, non_negative_float, quota_rule
 from .identity import check_hostname
 from .listeners import ListenSpec
 from .loops import LOOPS, default_loop
+from .metrics import parse_address
 from .options import (
     Flag,
     Option,
@@ -52,7 +52,13 @@ from .options import (
     seconds,
 )
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "ServerConfig", "add_arguments", "from_args"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "ServerConfig",
+    "add_arguments",
+    "from_args",
+    "metric_labels",
+]
 
 DEFAULT_MAX_CONNECTIONS = 256
 
@@ -655,3 +661,20 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         opt: Option = f.metadata["cli"]
         values[f.name] = opt.to_config(*(getattr(args, dest) for dest in opt.dests))
     return ServerConfig(**values)
+
+
+_LABELLED = (
+    "lmtp", "line_endings", "size_in_names", "detail_to_folder", "recipient_delimiter",
+    "workers", "writer", "sync", "policy", "max_batch", "max_concurrent_flushes",
+    "max_message_size", "max_connections", "add_headers", "existing_only",
+)  # fmt: skip
+
+
+def metric_labels(config: ServerConfig) -> dict[str, str]:
+    """The settings an admin asks about, as labels of the metrics' info line."""
+    out = {}
+    for name in _LABELLED:
+        value = getattr(config, name)
+        out[name] = "" if value is None else str(value).lower()
+    out["protocol"] = "lmtp" if out.pop("lmtp") == "true" else "smtp"
+    return out

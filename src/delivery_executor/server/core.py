@@ -25,14 +25,13 @@ from ..executor import (
     DEFAULT_MAX_QUEUED_BYTES,
     DeliveryExecutor,
 )
-from ..metrics import failed_copies, start_metrics
 from ..recipients import MailboxResolver
 from ..sieve.hook import SieveFilter
 from ..smtp import DeliveryHandler, SessionFactory
 from ..smtp.handler import SHUTTING_DOWN
 from ..userdb import UserdbResolver, quota_for, resolver_for
 from .checks import StartupError
-from .config import DEFAULT_MAX_CONNECTIONS, ServerConfig
+from .config import DEFAULT_MAX_CONNECTIONS, ServerConfig, metric_labels
 from .identity import banner, default_hostname
 from .listeners import (
     DEFAULT_LISTEN,
@@ -42,6 +41,7 @@ from .listeners import (
     release,
     start_serving,
 )
+from .metrics import failed_copies, start_metrics
 from .signals import Running
 from .tls import TlsManager, tls_for
 from .tmp_cleanup import TmpCleaner
@@ -273,7 +273,9 @@ async def _serve(
         await executor.aclose()
         raise StartupError(str(exc)) from exc
     async with executor:
-        metrics = await start_metrics(config, executor, handler, factory)
+        metrics = await start_metrics(
+            config.metrics, metric_labels(config), executor, handler, factory
+        )
         servers: list[asyncio.AbstractServer] = []
         try:
             for b in bound:

@@ -61,7 +61,7 @@ from .dsn import MAIL_PARAMS, RCPT_PARAMS, DsnSyntaxError, take_params
 from .reader import BulkDataMixin
 
 if TYPE_CHECKING:
-    from .sessions import SessionGuard
+    from .guard import Guard
 
 __all__ = ["EXTENSIONS", "DeliveryLMTP", "DeliverySMTP", "with_enhanced_code"]
 
@@ -185,7 +185,7 @@ class _DeliveryProtocol:
     data_size_limit: int | None
     _per_recipient = False
     on_close: Callable[[], None] | None = None
-    guard: SessionGuard | None = None
+    guard: Guard | None = None
     _greeted = False
     _hello: list[str] | None = None  # EHLO/LHLO keywords seen while answering it
     _helo = False  # answering plain HELO: no extensions, no codes on its 250
