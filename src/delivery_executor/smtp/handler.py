@@ -53,6 +53,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from .. import validate
 from ..errors import (
     DeliveryError,
     ExecutorClosed,
@@ -234,12 +235,8 @@ class DeliveryHandler:
             )
         if not isinstance(resolver, MailboxResolver):
             raise TypeError(f"resolver must be a MailboxResolver, not {type(resolver).__name__}")
-        for name, value in (
-            ("max_message_size", max_message_size),
-            ("max_recipients", max_recipients),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        validate.count("max_message_size", max_message_size)
+        validate.count("max_recipients", max_recipients)
         if line_endings not in LINE_ENDINGS:
             raise ValueError(f"line_endings must be one of {LINE_ENDINGS}, not {line_endings!r}")
         self.executor = executor

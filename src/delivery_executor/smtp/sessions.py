@@ -51,6 +51,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from .. import validate
 from .data_budget import DataBudget, DataHold
 from .protocol import DeliveryLMTP, DeliverySMTP
 
@@ -473,29 +474,30 @@ class SessionFactory:
         trusted_networks: Iterable[str | _Network] = DEFAULT_TRUSTED_NETWORKS,
         **smtp_kwargs: Any,
     ) -> None:
-        _count("max_connections", max_connections, minimum=1)
-        _count("max_connections_per_ip", max_connections_per_ip, minimum=0)
-        _count("min_rate", min_rate, minimum=0)
-        for name, value in (
-            ("session_timeout", session_timeout),
-            ("rate_grace", rate_grace),
-            ("evict_idle", evict_idle),
-            ("data_wait", data_wait),
-            ("write_stall", write_stall),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+        validate.count("max_connections", max_connections)
+        validate.count("max_connections_per_ip", max_connections_per_ip, minimum=0)
+        validate.count("min_rate", min_rate, minimum=0)
+        limits = {
+            name: validate.seconds(name, value, positive=True, infinite=True)  # inf: no limit
+            for name, value in (
+                ("session_timeout", session_timeout),
+                ("rate_grace", rate_grace),
+                ("evict_idle", evict_idle),
+                ("data_wait", data_wait),
+                ("write_stall", write_stall),
+            )
+        }
         self.trusted_networks = parse_networks(trusted_networks)
         self.handler = handler
         self.cls = DeliveryLMTP if lmtp else DeliverySMTP
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
-        self.session_timeout = float(session_timeout)
+        self.session_timeout = limits["session_timeout"]
         self.min_rate = min_rate
-        self.rate_grace = float(rate_grace)
-        self.evict_idle = float(evict_idle)
-        self.data_wait = float(data_wait)
-        self.write_stall = float(write_stall)
+        self.rate_grace = limits["rate_grace"]
+        self.evict_idle = limits["evict_idle"]
+        self.data_wait = limits["data_wait"]
+        self.write_stall = limits["write_stall"]
         self.tick = max(
             0.05, min(1.0, self.rate_grace / 4, self.session_timeout / 4, self.write_stall / 4)
         )
@@ -505,7 +507,7 @@ class SessionFactory:
         if max_pending_bytes is None:
             max_pending_bytes = 4 * limit
         # Smaller, and one message of the allowed size could hold more than is counted.
-        _count("max_pending_bytes", max_pending_bytes, minimum=limit)
+        validate.count("max_pending_bytes", max_pending_bytes, minimum=limit)
         self.budget = DataBudget(max_pending_bytes)
         self.sessions: set[SessionGuard] = set()
         self.per_peer: dict[str, int] = {}
@@ -583,10 +585,3 @@ class SessionFactory:
                 del self.per_peer[guard.key]
         if not self.sessions:
             self.idle.set()
-
-
-def _count(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, not {value}")
