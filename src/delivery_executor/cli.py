@@ -112,8 +112,10 @@ def _serve(args: argparse.Namespace, check: _Parser | None = None) -> int:
             return _check_config(check, args)
         return run_server(config)
     except (StartupError, ValueError, TypeError) as exc:
-        # Start-up only: once serving, run_server returns a status. Exit 2, as
-        # for a bad option value: the configuration needs fixing (README).
+        # The whole run is inside this try: start-up checks raise these, and so
+        # would a ValueError or TypeError escaping serve() later (one process;
+        # workers report their own). Either way exit 2, as for a bad option
+        # value: most likely the configuration needs fixing (README).
         command = "serve" if check is None else "check-config"
         print(f"delivery-executor {command}: {exc}", file=sys.stderr)
         return 2

@@ -21,9 +21,9 @@ more when it stops); the parent sums them when scraped. Counters and
 histograms add up over every worker that ever ran, so they never go back when
 one exits; gauges add up over the live workers only (prometheus_client's
 ``livesum``). This is what prometheus_client's multiprocess mode does, without
-its per-event cost (about 1.2 µs per counter increment and 2.4 µs per
-histogram observation, written to mmap files) and with the same output
-whether one process runs or several.
+its per-event cost (each counter increment and histogram observation written
+to mmap files; figures in BUDGETS.md) and with the same output whether one
+process runs or several.
 
 ``prometheus_client`` is needed only to serve (the ``metrics`` extra:
 ``pip install '/path/to/checkout[metrics]'``); workers write plain JSON.

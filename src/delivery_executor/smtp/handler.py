@@ -165,7 +165,7 @@ def message_id(body: bytes) -> str:
     """The first ``Message-ID`` header's value (cleaned), or ``"unspecified"`` as Dovecot says.
 
     Looks only at the header block, at most its first 16 KiB: a lower-cased copy
-    of it and three ``find`` calls, about 2 µs for a typical header.
+    of it and three ``find`` calls, a few microseconds for a typical header.
     """
     # An LF-only body (line_endings="lf") has no CR at the end of its first line.
     nl = body.find(b"\n", 0, _HEADER_SCAN)
