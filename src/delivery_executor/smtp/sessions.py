@@ -49,7 +49,7 @@ import functools
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from .. import validate
 from .data_budget import DataBudget, DataHold
@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_MIN_RATE",
     "DEFAULT_SESSION_TIMEOUT",
     "DEFAULT_TRUSTED_NETWORKS",
+    "Clock",
     "SessionFactory",
     "SessionGuard",
     "TooManyConnections",
@@ -99,6 +100,24 @@ _EVICTED = "421 4.3.2 Server full, closing an idle or slow connection"
 _SLOW = "421 4.4.2 Connection too slow, closing"
 _DEADLINE = "421 4.4.2 Session time limit exceeded, closing"
 _STALLED = "421 4.4.2 Replies not read, closing"  # logged: it could not reach the client
+
+
+class Timer(Protocol):
+    """A scheduled call (:class:`asyncio.TimerHandle`)."""
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """What the session limits read the time from and schedule their checks on.
+
+    The event loop by default; a test passes a clock it advances by hand, so
+    that deadlines and rates are checked without waiting for real time.
+    """
+
+    def time(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer: ...
 
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -222,7 +241,7 @@ class SessionGuard:
     def __init__(
         self, factory: SessionFactory, proto: Any, key: str | None, trusted: bool = False
     ) -> None:
-        now = factory.loop.time()
+        now = factory.clock.time()
         self.factory = factory
         self.proto = proto
         self.key = key  # counted under it; None: not counted (Unix socket, trusted network)
@@ -242,7 +261,7 @@ class SessionGuard:
         self.waiting: asyncio.Task[None] | None = None
         self.kept: list[bytes] = []  # received, waiting for room in the DATA budget
         self.closed = False
-        self._timer: asyncio.TimerHandle | None = factory.loop.call_later(factory.tick, self._tick)
+        self._timer: Timer | None = factory.clock.call_later(factory.tick, self._tick)
 
     # -- events from the protocol
 
@@ -293,7 +312,7 @@ class SessionGuard:
         stay under the transport's high-water mark plus one reply.
         """
         self.write_paused = paused
-        self.paused_since = self.factory.loop.time() if paused else None
+        self.paused_since = self.factory.clock.time() if paused else None
         self._update()
         if paused:
             self._pause()
@@ -318,7 +337,7 @@ class SessionGuard:
     # -- clocks
 
     def _update(self) -> None:
-        now = self.factory.loop.time()
+        now = self.factory.clock.time()
         if self.busy_since is not None:
             self.busy += now - self.busy_since
         if self.idle_since is not None:
@@ -344,7 +363,7 @@ class SessionGuard:
             return
         self._update()
         f = self.factory
-        now = f.loop.time()
+        now = f.clock.time()
         if not self.hooks:  # never cut a message being delivered
             if now - self.started >= f.session_timeout:
                 f.timed_out += 1
@@ -358,7 +377,7 @@ class SessionGuard:
                 f.write_stalled += 1
                 self.close(_STALLED)
                 return
-        self._timer = f.loop.call_later(f.tick, self._tick)
+        self._timer = f.clock.call_later(f.tick, self._tick)
 
     def eviction_score(self) -> float:
         """How much this session deserves to make room (0: it does not).
@@ -450,6 +469,8 @@ class SessionFactory:
         trusted_networks: peers exempt from ``max_connections_per_ip`` and
             ``min_rate`` (CIDR strings or ``ipaddress`` networks; default
             loopback). Unix-socket peers always are.
+        clock: the time and timers of the rules above (default: ``loop``);
+            the DATA budget's ``data_wait`` always runs on the loop.
         **smtp_kwargs: passed to every protocol (``data_size_limit``, ...).
 
     ``live`` counts open sessions; ``refused``, ``evicted``, ``timed_out``,
@@ -472,6 +493,7 @@ class SessionFactory:
         data_wait: float = DATA_WAIT,
         write_stall: float = WRITE_STALL,
         trusted_networks: Iterable[str | _Network] = DEFAULT_TRUSTED_NETWORKS,
+        clock: Clock | None = None,
         **smtp_kwargs: Any,
     ) -> None:
         validate.count("max_connections", max_connections)
@@ -502,6 +524,7 @@ class SessionFactory:
             0.05, min(1.0, self.rate_grace / 4, self.session_timeout / 4, self.write_stall / 4)
         )
         self.loop = loop
+        self.clock: Clock = loop if clock is None else clock
         self.smtp_kwargs = smtp_kwargs
         limit = smtp_kwargs.get("data_size_limit") or 33554432  # aiosmtpd's default
         if max_pending_bytes is None:
