@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .. import validate
+
 __all__ = ["fraction", "non_negative_float", "quota_rule"]
 
 
@@ -14,9 +16,10 @@ def non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text!r}")
-    return value
+    try:
+        return validate.seconds("value", value, infinite=True)  # inf: no limit, as before
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text!r}") from None
 
 
 def fraction(text: str) -> float:
