@@ -78,7 +78,7 @@ class PerMessageHandler:
         replies = []
         for rcpt in envelope.rcpt_tos:
             try:
-                await self._deliver(self.resolver.resolve(rcpt, check_exists=False), body)
+                await self._deliver(self.resolver.resolve(rcpt), body)
                 self.accepted += 1
                 replies.append("250 2.0.0 Ok")
             except OSError as exc:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,11 @@ import pytest
 
 from delivery_executor import DeliveryExecutor, MailboxResolver, ThreadWriter, write_batch
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
-from delivery_executor.smtp.sessions import DEFAULT_MAX_CONNECTIONS_PER_IP, peer_key
+from delivery_executor.smtp.sessions import (
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    SessionGuard,
+    peer_key,
+)
 from delivery_executor.testing import ServerProcess, SMTPClientError, send_message
 from delivery_executor.writers import BatchResult, Group
 
@@ -44,6 +50,54 @@ async def server(
     factory = SessionFactory(handler, lmtp=True, loop=loop, **kwargs)
     async with listening(factory, ex) as port:
         yield port, factory
+
+
+class _FakeTimer:
+    def __init__(self, callback: Callable[[], object]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """A session clock that moves only when :meth:`advance` says: no real waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._due: list[tuple[float, int, _FakeTimer]] = []
+        self._order = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> _FakeTimer:
+        timer = _FakeTimer(callback)
+        heapq.heappush(self._due, (self.now + delay, next(self._order), timer))
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        """Move ``seconds`` on, running every timer due on the way, in order."""
+        end = self.now + seconds
+        while self._due and self._due[0][0] <= end:
+            when, _, timer = heapq.heappop(self._due)
+            self.now = max(self.now, when)
+            if not timer.cancelled:
+                timer.callback()
+        self.now = end
+
+
+async def until(check: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll a server-side condition (the server runs on this loop) for ``limit`` real s."""
+    async with asyncio.timeout(limit):
+        while not check():  # noqa: ASYNC110 - server-side state, no event to wait on
+            await asyncio.sleep(0.005)
+
+
+def only_guard(factory: SessionFactory) -> SessionGuard:
+    (guard,) = factory.sessions
+    return guard
 
 
 async def connect(port: int, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, Any]:
@@ -103,30 +157,27 @@ async def test_per_peer_cap_refuses_past_it_and_only_that_peer(tmp_path: Path) -
 async def test_a_trickling_client_is_closed_but_an_idle_one_between_commands_is_not(
     tmp_path: Path,
 ) -> None:
-    """4 bytes/s mid-command against min_rate 100: 421 4.4.2 once 1 s of waiting is spent."""
-    async with server(tmp_path, min_rate=100, rate_grace=1.0) as (port, factory):
+    """4 bytes mid-command against min_rate 100: 421 4.4.2 once 1 s of waiting is spent."""
+    clock = FakeClock()
+    async with server(tmp_path, min_rate=100, rate_grace=1.0, clock=clock) as (port, factory):
         slow_r, slow_w = await connect(port)
-        idle_r, idle_w = await connect(port)
         assert (await slow_r.readline()).startswith(b"220")
+        slow = only_guard(factory)
+        idle_r, idle_w = await connect(port)
         assert (await idle_r.readline()).startswith(b"220")
         idle_w.write(b"LHLO idle.example\r\n")
-        started = time.monotonic()
-
-        async def trickle() -> None:
-            for byte in b"NOOP NOOP NOOP NOOP\r\n":  # bounded: 21 bytes at 4 per second
-                slow_w.write(bytes([byte]))
-                await asyncio.sleep(0.25)
-
-        task = asyncio.create_task(trickle())
-        last = await closed_with(slow_r, 10)
-        task.cancel()
-        assert last == b"421 4.4.2 Connection too slow, closing\r\n"
-        assert time.monotonic() - started < 5
-        assert factory.too_slow == 1
-        # The idle client waited just as long, between commands, and is still served.
         async with asyncio.timeout(5):
             while not (await idle_r.readline()).startswith(b"250 "):  # the LHLO reply
                 pass
+        slow_w.write(b"NOOP")  # and then nothing: the server waits on it mid-command
+        await until(lambda: slow.bytes_in == 4)
+        clock.advance(0.75)  # not yet past rate_grace
+        assert factory.too_slow == 0 and factory.live == 2
+        clock.advance(0.5)
+        last = await closed_with(slow_r, 10)
+        assert last == b"421 4.4.2 Connection too slow, closing\r\n"
+        assert factory.too_slow == 1
+        # The idle client waited just as long, between commands, and is still served.
         assert (await send_via(idle_r, idle_w, b"NOOP\r\n")).startswith(b"250")
         assert factory.live == 1
         slow_w.close()
@@ -140,10 +191,14 @@ async def send_via(reader: asyncio.StreamReader, writer: Any, line: bytes) -> by
 
 
 async def test_the_session_deadline_closes_with_421_4_4_2(tmp_path: Path) -> None:
-    """An idle session past session_timeout gets 421 4.4.2 and is closed."""
-    async with server(tmp_path, session_timeout=0.5) as (port, factory):
+    """An idle session past session_timeout gets 421 4.4.2 and is closed, not before."""
+    clock = FakeClock()
+    async with server(tmp_path, session_timeout=0.5, clock=clock) as (port, factory):
         reader, writer = await connect(port)
         assert (await reader.readline()).startswith(b"220")
+        clock.advance(0.4)
+        assert factory.timed_out == 0 and factory.live == 1
+        clock.advance(0.2)
         assert await closed_with(reader, 5) == b"421 4.4.2 Session time limit exceeded, closing\r\n"
         assert factory.timed_out == 1 and factory.live == 0
         writer.close()
@@ -158,15 +213,24 @@ async def test_the_deadline_never_cuts_a_message_being_delivered(tmp_path: Path)
         return write_batch(groups)
 
     ex = DeliveryExecutor(writer=ThreadWriter(slow))
-    async with server(tmp_path, ex, session_timeout=0.3) as (port, _):
+    clock = FakeClock()
+    async with server(tmp_path, ex, session_timeout=0.3, clock=clock) as (port, factory):
         reader, writer = await connect(port)
         for line in (b"LHLO c\r\n", b"MAIL FROM:<s@x.net>\r\n", b"RCPT TO:<a@example.org>\r\n",
                      b"DATA\r\n", b"Subject: s\r\n\r\nbody\r\n.\r\n"):  # fmt: skip
             writer.write(line)
-        await asyncio.sleep(0.8)  # well past the deadline, the write is still held
+        guard = only_guard(factory)
+        await until(lambda: guard.hooks > 0)  # the handler is delivering
+        clock.advance(0.8)  # well past the deadline, the write is still held
+        assert factory.timed_out == 0
         gate.set()
         lines = []
         async with asyncio.timeout(10):
+            while not (line := await reader.readline()).startswith(b"250 2.0.0"):
+                lines.append(line)
+            lines.append(line)
+            await until(lambda: guard.hooks == 0)
+            clock.advance(0.2)  # the next check: the deadline has passed
             while line := await reader.readline():
                 lines.append(line)
         writer.close()
@@ -178,7 +242,9 @@ async def test_the_deadline_never_cuts_a_message_being_delivered(tmp_path: Path)
 async def test_a_client_that_does_not_read_its_replies_is_closed(tmp_path: Path) -> None:
     """Pipelined NOOPs with our replies left unread: blocked writes count against min_rate."""
     # A high rate: the 100 KB or so it sends before our writes block buy it 1 s.
-    async with server(tmp_path, min_rate=100_000, rate_grace=0.5) as (port, factory):
+    clock = FakeClock()
+    limits: dict[str, Any] = {"min_rate": 100_000, "rate_grace": 0.5, "write_stall": 1e6}
+    async with server(tmp_path, clock=clock, **limits) as (port, factory):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
@@ -189,10 +255,13 @@ async def test_a_client_that_does_not_read_its_replies_is_closed(tmp_path: Path)
         theirs = guard.proto.transport.get_extra_info("socket")
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         writer.write(b"LHLO c\r\n" + b"NOOP\r\n" * 200_000)  # and never read a reply
-        async with asyncio.timeout(15):
-            while factory.too_slow == 0:  # noqa: ASYNC110 - a server-side counter
-                await asyncio.sleep(0.05)
-        assert factory.live == 0
+        await until(lambda: guard.write_paused, 15)
+        assert factory.too_slow == 0
+        for _ in range(120):  # bounded: 60 s of server time, in half seconds
+            clock.advance(0.5)
+            if factory.too_slow:
+                break
+        assert factory.too_slow == 1 and factory.live == 0
         assert guard.bytes_in < 1_200_000  # it stopped reading them: the server was blocked
         writer.transport.abort()
 

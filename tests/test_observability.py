@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from delivery_executor import DeliveryExecutor, Maildir
-from delivery_executor.metrics import BATCH_BOUNDS, DeliveryCollector, Snapshot, _bucketize
+from delivery_executor.server.metrics import BATCH_BOUNDS, DeliveryCollector, Snapshot, _bucketize
 from delivery_executor.stats import Buckets, HistogramCounts
 from delivery_executor.testing import ServerProcess, free_port, send_message
 

@@ -28,7 +28,7 @@ def _heavy(modules: set[str]) -> set[str]:
         for m in modules
         if m.split(".")[0] == "aiosmtpd"
         or m.startswith(("delivery_executor.server", "delivery_executor.smtp"))
-        or m in ("delivery_executor.metrics", "delivery_executor.cli", "delivery_executor.logs")
+        or m in ("delivery_executor.cli", "delivery_executor.logs")
     }
 
 

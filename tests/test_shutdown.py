@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir, errors
-from delivery_executor.metrics import start_metrics, take_snapshot
 from delivery_executor.server import ServerConfig
 from delivery_executor.server import core as server_core
 from delivery_executor.server.core import serve
 from delivery_executor.server.listeners import ListenSpec
+from delivery_executor.server.metrics import start_metrics, take_snapshot
 from delivery_executor.server.signals import Running
 from delivery_executor.smtp import DeliveryHandler
 from delivery_executor.testing import ServerProcess, free_port

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir
-from delivery_executor.cli import _add_sieve
 from delivery_executor.server.checks import StartupError
+from delivery_executor.server.config import add_arguments
 from delivery_executor.server.core import ServerConfig, _sieve
 from delivery_executor.sieve.hook import Route, SieveFilter
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
@@ -131,7 +131,7 @@ def test_serve_config_and_cli_wire_the_filter(
     with pytest.raises(StartupError, match="does not exist"):
         _sieve(ServerConfig(root=tmp_path, sieve_after=(tmp_path / "nope.sieve",)))
     p = argparse.ArgumentParser()
-    _add_sieve(p)
+    add_arguments(p)
     args = p.parse_args(["--sieve-before", "a", "--sieve-before", "b", "--sieve-default", "d"])
     assert args.sieve_before == [Path("a"), Path("b")] and args.sieve_default == Path("d")
 

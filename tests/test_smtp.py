@@ -18,6 +18,7 @@ from delivery_executor import (
     write_batch,
 )
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
+from delivery_executor.smtp.data_budget import DataBudget
 from delivery_executor.testing import Reply, send_message
 from delivery_executor.writers import BatchResult, Group
 
@@ -285,10 +286,33 @@ async def test_handler_rejects_bad_configuration(tmp_path: Path) -> None:
         DeliveryHandler(object(), res)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="resolver must be a MailboxResolver"):
         DeliveryHandler(ex, "root")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_message_size must be a positive int, not 0"):
+    with pytest.raises(ValueError, match="max_message_size must be >= 1, not 0"):
         DeliveryHandler(ex, res, max_message_size=0)
     with pytest.raises(ValueError, match="max_connections must be >= 1"):
         SessionFactory(DeliveryHandler(ex, res), lmtp=True, max_connections=0, loop=None)  # type: ignore[arg-type]
+
+
+async def test_smtp_limits_refuse_bools_and_strings_with_type_error(tmp_path: Path) -> None:
+    """Handler, sessions and DATA budget check numbers as validate does: bool is a TypeError."""
+    handler = DeliveryHandler(DeliveryExecutor(), MailboxResolver(tmp_path))
+    loop = asyncio.get_running_loop()
+    with pytest.raises(TypeError, match="max_recipients must be an int, not bool"):
+        DeliveryHandler(DeliveryExecutor(), MailboxResolver(tmp_path), max_recipients=True)
+    with pytest.raises(TypeError, match="min_rate must be an int, not bool"):
+        SessionFactory(handler, lmtp=True, max_connections=1, loop=loop, min_rate=True)
+    for name in ("session_timeout", "rate_grace", "evict_idle", "data_wait", "write_stall"):
+        for bad, exc, says in (
+            (True, TypeError, ""),
+            ("5", TypeError, ""),
+            (0, ValueError, " > 0"),
+        ):
+            kwargs: dict[str, Any] = {name: bad}
+            with pytest.raises(exc, match=f"{name} must be seconds{says}"):
+                SessionFactory(handler, lmtp=True, max_connections=1, loop=loop, **kwargs)
+    with pytest.raises(TypeError, match="max_bytes must be an int, not bool"):
+        DataBudget(True)
+    with pytest.raises(ValueError, match="cap must be >= 0, not -1"):
+        DataBudget(10).hold(-1)
 
 
 async def test_each_recipient_is_resolved_once(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from delivery_executor import Maildir
-from delivery_executor.metrics import DeliveryCollector, Snapshot, take_snapshot
 from delivery_executor.server import ServerConfig
 from delivery_executor.server.core import serve
 from delivery_executor.server.listeners import ListenSpec
+from delivery_executor.server.metrics import DeliveryCollector, Snapshot, take_snapshot
 from delivery_executor.server.signals import Running
 from delivery_executor.server.tmp_cleanup import CLEAN_INTERVAL, TmpCleaner
 from delivery_executor.store import names

@@ -56,3 +56,19 @@ def test_seconds_allows_infinity_only_when_asked() -> None:
     assert seconds("t", math.inf, infinite=True) == math.inf
     with pytest.raises(ValueError, match=r"t must be seconds >= 0, not nan"):
         seconds("t", math.nan, infinite=True)
+
+
+def test_sieve_limits_check_as_validate_does() -> None:
+    """Sieve Limits: a bool is a TypeError, a count < 1 or 0 s a ValueError; a timedelta: s."""
+    from delivery_executor.sieve.limits import Limits
+
+    with pytest.raises(TypeError, match=r"Limits\.max_steps must be an int, not bool"):
+        Limits(max_steps=True)
+    with pytest.raises(ValueError, match=r"Limits\.max_steps must be >= 1, not 0"):
+        Limits(max_steps=0)
+    with pytest.raises(TypeError, match=r"Limits\.max_cpu_seconds must be seconds"):
+        Limits(max_cpu_seconds=True)
+    with pytest.raises(ValueError, match=r"Limits\.max_cpu_seconds must be seconds > 0, not 0"):
+        Limits(max_cpu_seconds=0)
+    two = timedelta(seconds=2)
+    assert Limits(max_cpu_seconds=two).max_cpu_seconds == 2.0  # type: ignore[arg-type]

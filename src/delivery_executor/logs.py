@@ -101,8 +101,8 @@ class BlockFileHandler(logging.FileHandler):
 
     A ``write(2)`` per delivered copy to a file on the mail's own file system
     costs more than the line: every ``syncfs`` of a commit then also writes
-    out the log's inode and pages (measured: 4-7 % of ``serve``'s throughput
-    with a write per line, nothing measurable in blocks; BUDGETS.md). The timed
+    out the log's inode and pages: a measurable share of ``serve``'s throughput
+    with a write per line, nothing measurable in blocks (BUDGETS.md). The timed
     write is a ``call_later`` on the event loop running in the logging thread;
     a record logged outside any running loop is written at once. The cost is
     the crash window: a SIGKILL or power loss loses up to ``interval`` seconds

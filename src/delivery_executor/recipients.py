@@ -133,12 +133,11 @@ class MailboxResolver:
             f" existing_only={self.existing_only}, detail_to_folder={self.detail_to_folder})"
         )
 
-    def resolve(self, address: str, *, smtputf8: bool = False, check_exists: bool = True) -> str:
+    def resolve(self, address: str, *, smtputf8: bool = False) -> str:
         """The Maildir path for ``address``; raise :class:`RecipientRejected` if none.
 
-        Pure string work, plus one ``stat`` when ``existing_only`` and
-        ``check_exists`` are set, and one when ``detail_to_folder`` is on and
-        the address has a detail.
+        Pure string work, plus one ``stat`` when ``existing_only`` is set, and
+        one when ``detail_to_folder`` is on and the address has a detail.
         """
         if not isinstance(address, str):
             raise RecipientRejected(_BAD_SYNTAX, "address is not text")
@@ -152,7 +151,7 @@ class MailboxResolver:
             path = self._inside_root(os.fspath(mapped))
         else:
             path = self._inside_root(os.path.join(domain, local))
-        if self.existing_only and check_exists and not os.path.isdir(os.path.join(path, "new")):
+        if self.existing_only and not os.path.isdir(os.path.join(path, "new")):
             raise RecipientRejected(_UNKNOWN_USER, f"no such mailbox: {local}@{domain}")
         if detail:
             folder = os.path.join(path, "." + detail)

@@ -2,20 +2,22 @@
 
 One module per concern:
 
-- :mod:`.core`: :class:`ServerConfig` and the async :func:`serve`;
+- :mod:`.config`: :class:`ServerConfig`, whose fields are the ``serve`` flags;
+- :mod:`.options`: how a field declares its flag, and the flags' value parsers;
+- :mod:`.core`: the async :func:`serve`;
 - :mod:`.run`: :func:`run_server`, the command (start-up checks, workers);
 - :mod:`.listeners`: TCP, IPv6, UNIX, inherited and systemd sockets;
 - :mod:`.tls`: STARTTLS, implicit TLS, certificate reload;
 - :mod:`.identity`: host name and banner;
 - :mod:`.signals`: TERM/INT drain, HUP reload, USR1 stats;
 - :mod:`.loops`: uvloop or asyncio;
+- :mod:`.metrics`: ``--metrics``, Prometheus metrics;
 - :mod:`.checks`: :class:`StartupError` and the ``--root`` check.
 """
 
 from .checks import StartupError
+from .config import DEFAULT_MAX_CONNECTIONS, ServerConfig
 from .core import (
-    DEFAULT_MAX_CONNECTIONS,
-    ServerConfig,
     ServerSummary,
     load_handler_factory,
     serve,

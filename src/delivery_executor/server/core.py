@@ -1,4 +1,4 @@
-"""The server's core: :class:`ServerConfig` and :func:`serve`, the async server.
+"""The server's core: :func:`serve`, the async server (:class:`ServerConfig`: :mod:`.config`).
 
 One process runs one event loop holding the executor and its listening
 sockets, so no request crosses threads. ``workers > 1`` (see :mod:`.run`)
@@ -19,32 +19,19 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from ..executor import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_CONCURRENT_FLUSHES,
     DEFAULT_MAX_QUEUED_BYTES,
-    DEFAULT_MAX_WAIT,
-    BatchPolicy,
     DeliveryExecutor,
-    WriterName,
 )
-from ..metrics import failed_copies, start_metrics
 from ..recipients import MailboxResolver
 from ..sieve.hook import SieveFilter
-from ..smtp import DEFAULT_MAX_MESSAGE_SIZE, DeliveryHandler, LineEndings, SessionFactory
+from ..smtp import DeliveryHandler, SessionFactory
 from ..smtp.handler import SHUTTING_DOWN
-from ..smtp.sessions import (
-    DEFAULT_MAX_CONNECTIONS_PER_IP,
-    DEFAULT_MIN_RATE,
-    DEFAULT_SESSION_TIMEOUT,
-    DEFAULT_TRUSTED_NETWORKS,
-)
-from ..store import SyncMode
 from ..userdb import UserdbResolver, quota_for, resolver_for
 from .checks import StartupError, check_scripts
+from .config import DEFAULT_MAX_CONNECTIONS, ServerConfig, metric_labels
 from .identity import banner, default_hostname
 from .listeners import (
     DEFAULT_LISTEN,
@@ -54,7 +41,7 @@ from .listeners import (
     release,
     start_serving,
 )
-from .loops import default_loop
+from .metrics import failed_copies, start_metrics
 from .signals import Running
 from .tls import TlsManager, tls_for
 from .tmp_cleanup import TmpCleaner
@@ -69,114 +56,11 @@ __all__ = [
     "serve",
 ]
 
-DEFAULT_MAX_CONNECTIONS = 256
 REPLY_WAIT = 5.0
 """Seconds past ``--grace`` that a session whose copy is being delivered gets for its reply."""
 
 _log = logging.getLogger("delivery_executor.server")
 _HEADER_SLACK = 64 * 1024  # our prepended headers, on top of the message size
-
-
-@dataclass
-class ServerConfig:
-    """Everything ``serve`` needs; the CLI flags map one to one."""
-
-    root: Path
-    lmtp: bool = True
-    domains: Sequence[str] | None = None
-    recipient_delimiter: str | None = None
-    existing_only: bool = False
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    max_batch: int = DEFAULT_MAX_BATCH
-    max_wait: float = DEFAULT_MAX_WAIT
-    max_concurrent_flushes: int = DEFAULT_MAX_CONCURRENT_FLUSHES
-    policy: BatchPolicy = "eager"
-    sync: SyncMode = "auto"
-    add_headers: bool = True
-    reuse_port: bool = False
-    grace: float = 10.0
-    """Seconds to let open sessions finish after a stop signal."""
-    workers: int = 1
-    writer: WriterName = "process"
-    """Where batches are written: ``"process"`` (a helper process, the default:
-    the loop keeps its core), ``"loop"`` (on the loop, syncs in a thread) or
-    ``"thread"``."""
-    handler: str | None = None
-    """``"module:factory"``: ``factory(executor, resolver, config)`` returns the
-    aiosmtpd handler to use instead of :class:`DeliveryHandler`."""
-    # -- deployment: listeners, TLS, identity, event loop
-    listen: Sequence[ListenSpec] = ()
-    """Listeners (``--listen``, ``--tls-listen``); with none, and no systemd
-    socket, ``127.0.0.1:2525``."""
-    socket_mode: int = 0o660
-    """Permissions of the UNIX socket files ``serve`` creates."""
-    socket_gid: int | None = None
-    """Group to give those files (e.g. Postfix's), or keep the process's."""
-    tls_cert: Path | None = None
-    """PEM certificate chain: with ``tls_key``, turns STARTTLS on."""
-    tls_key: Path | None = None
-    require_starttls: bool = False
-    """Refuse MAIL (``530``) on a connection that has not done STARTTLS."""
-    hostname: str | None = None
-    """Name in the banner, LHLO/EHLO and ``Received: by``; default: the FQDN."""
-    banner_version: bool = False
-    """Name the software and its version in the banner."""
-    loop: str = field(default_factory=default_loop)
-    """``"uvloop"`` (default when installed) or ``"asyncio"``."""
-    # -- Dovecot's on-disk conventions and watching it run
-    line_endings: LineEndings = "lf"
-    """``"lf"``: store CRLF as LF, as Dovecot and Postfix's local delivery do."""
-    size_in_names: bool = True
-    """End file names with ``,S=<size>,W=<size with CRLF>`` as Dovecot does."""
-    detail_to_folder: bool = False
-    """``user+box@d`` into the Maildir++ folder ``.box`` when it exists."""
-    duplicate_window: float = 0.0
-    """Seconds during which a Message-ID already in a mailbox is not stored again; 0: off."""
-    metrics: tuple[str, int] | None = None
-    """``(host, port)`` to serve Prometheus metrics on (see :mod:`..metrics`)."""
-    # -- hostile load (SessionFactory; see delivery_executor.smtp.sessions)
-    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
-    """Sessions per peer (IPv4 address or IPv6 /64); 0: no cap."""
-    session_timeout: float = DEFAULT_SESSION_TIMEOUT
-    """Seconds a session may last."""
-    min_rate: int = DEFAULT_MIN_RATE
-    """Bytes/s a client must average while the server waits on it; 0: no rule."""
-    max_pending_bytes: int | None = None
-    """Bytes held in DATA across sessions; ``None``: 4 × ``max_message_size``."""
-    trusted_networks: tuple[str, ...] = DEFAULT_TRUSTED_NETWORKS
-    """Peers (CIDRs) exempt from the per-peer cap and ``min_rate``; Unix sockets always are."""
-    # -- user database and quota (see delivery_executor.userdb, .quota)
-    userdb: Sequence[str] = ()
-    """``passwd-file:PATH``, ``texthash:PATH``, ``lmdb:PATH``, ``sql:URL``: tried in order."""
-    userdb_default_fields: str = ""
-    """``"uid=vmail home=/var/mail/%d/%n"``: fields a passwd-file line leaves out."""
-    user_query: str | None = None
-    """SQL for ``sql:`` userdbs, with ``$1`` for the address."""
-    mail_location: str | None = None
-    """Dovecot's ``mail_location`` (``%d/%n/Maildir``, ``maildir:~/Maildir``)."""
-    mail_home: str | None = None
-    """Home template (``/var/mail/%d/%n``) for users the userdb gives none."""
-    userdb_cache_ttl: float = 5.0
-    """Seconds a lookup's answer is reused server-wide (0: never)."""
-    quota_rule: str | None = None
-    """Default Dovecot quota rule (``*:storage=1G``) for users whose record has none."""
-    quota_grace: float = 0.10
-    """Fraction of the storage limit one delivery may go past (Dovecot 2.3's 10 %)."""
-    quota_full_tempfail: bool = False
-    """Answer a full mailbox with ``452 4.2.2`` instead of ``552 5.2.2``."""
-    quota_check_at_rcpt: bool = False
-    """Refuse a full mailbox already at RCPT (with ``SIZE=`` from MAIL FROM)."""
-    # -- Sieve filtering (delivery_executor.sieve)
-    sieve: bool = False
-    """Run each user's ``.dovecot.sieve`` (in their Maildir directory) at delivery;
-    implied by the three options below."""
-    sieve_before: Sequence[Path] = ()
-    """Admin scripts run before the user's (Pigeonhole's ``sieve_before``)."""
-    sieve_after: Sequence[Path] = ()
-    """Admin scripts run after the user's (``sieve_after``)."""
-    sieve_default: Path | None = None
-    """The script for users without their own (``sieve_default``)."""
 
 
 @dataclass(frozen=True)
@@ -395,7 +279,9 @@ async def _serve(
         await executor.aclose()
         raise StartupError(str(exc)) from exc
     async with executor:
-        metrics = await start_metrics(config, executor, handler, factory)
+        metrics = await start_metrics(
+            config.metrics, metric_labels(config), executor, handler, factory
+        )
         servers: list[asyncio.AbstractServer] = []
         try:
             for b in bound:

@@ -34,9 +34,9 @@ from typing import NoReturn
 
 from .. import userdb
 from ..logs import logs_to_file
-from ..metrics import WorkerMetrics, start_worker_metrics
 from . import notify, signals
 from .checks import StartupError, check_root, check_scripts
+from .config import metric_labels
 from .core import ServerConfig, ServerSummary, serve
 from .identity import default_hostname
 from .listeners import (
@@ -48,6 +48,7 @@ from .listeners import (
     systemd_listeners,
 )
 from .loops import loop_factory, run
+from .metrics import WorkerMetrics, start_worker_metrics
 from .signals import Running
 from .tls import tls_for
 
@@ -194,7 +195,9 @@ def _supervise(pids: list[int], metrics: WorkerMetrics | None) -> int:
 def _run_workers(config: ServerConfig, per_worker: list[list[BoundListener]]) -> int:
     """Fork one worker per socket list; this process only supervises them."""
     every = [b for lst in per_worker for b in lst]
-    metrics = start_worker_metrics(config)  # before the fork: workers inherit where to report
+    metrics = start_worker_metrics(
+        config.metrics, metric_labels(config)
+    )  # before the fork: workers inherit where to report
     signals.block()  # until forward() is installed; each worker unblocks in take_over()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import validate
+
 __all__ = ["Limits"]
 
 
@@ -43,8 +45,8 @@ class Limits:
             "max_steps",
             "max_variable_bytes",
         ):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Limits.{field} must be a positive int, got {v!r}")
-        if not isinstance(self.max_cpu_seconds, (int, float)) or not self.max_cpu_seconds > 0:
-            raise ValueError(f"Limits.max_cpu_seconds must be > 0, got {self.max_cpu_seconds!r}")
+            validate.count(f"Limits.{field}", getattr(self, field))
+        cpu = validate.seconds(  # infinity: no CPU limit
+            "Limits.max_cpu_seconds", self.max_cpu_seconds, positive=True, infinite=True
+        )
+        object.__setattr__(self, "max_cpu_seconds", cpu)  # a timedelta becomes seconds

@@ -47,6 +47,8 @@ import heapq
 import itertools
 from types import TracebackType
 
+from .. import validate
+
 __all__ = ["GROW_AHEAD", "DataBudget", "DataHold"]
 
 GROW_AHEAD = 64 * 1024
@@ -151,9 +153,7 @@ class DataBudget:
     __slots__ = ("_active", "_line", "_order", "held", "max_bytes", "peak")
 
     def __init__(self, max_bytes: int) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ValueError(f"max_bytes must be a positive int, not {max_bytes!r}")
-        self.max_bytes = max_bytes
+        self.max_bytes = validate.count("max_bytes", max_bytes)
         self.held = 0
         self.peak = 0
         self._order = itertools.count()
@@ -175,15 +175,13 @@ class DataBudget:
 
     def hold(self, cap: int) -> DataHold:
         """A new transfer that will hold at most ``cap`` bytes (clamped to the budget)."""
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            raise ValueError(f"cap must be an int >= 0, not {cap!r}")
+        validate.count("cap", cap, minimum=0)
         return DataHold(self, min(cap, self.max_bytes), next(self._order))
 
     # -- the rules
 
     def _check(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"a reservation must be an int >= 0, not {n!r}")
+        validate.count("a reservation", n, minimum=0)
         if n > self.max_bytes:
             raise ValueError(f"cannot reserve {n} bytes of a {self.max_bytes}-byte budget")
 

@@ -49,8 +49,9 @@ import functools
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
+from .. import validate
 from .data_budget import DataBudget, DataHold
 from .protocol import DeliveryLMTP, DeliverySMTP
 
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_MIN_RATE",
     "DEFAULT_SESSION_TIMEOUT",
     "DEFAULT_TRUSTED_NETWORKS",
+    "Clock",
     "SessionFactory",
     "SessionGuard",
     "TooManyConnections",
@@ -98,6 +100,24 @@ _EVICTED = "421 4.3.2 Server full, closing an idle or slow connection"
 _SLOW = "421 4.4.2 Connection too slow, closing"
 _DEADLINE = "421 4.4.2 Session time limit exceeded, closing"
 _STALLED = "421 4.4.2 Replies not read, closing"  # logged: it could not reach the client
+
+
+class Timer(Protocol):
+    """A scheduled call (:class:`asyncio.TimerHandle`)."""
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """What the session limits read the time from and schedule their checks on.
+
+    The event loop by default; a test passes a clock it advances by hand, so
+    that deadlines and rates are checked without waiting for real time.
+    """
+
+    def time(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer: ...
 
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -221,7 +241,7 @@ class SessionGuard:
     def __init__(
         self, factory: SessionFactory, proto: Any, key: str | None, trusted: bool = False
     ) -> None:
-        now = factory.loop.time()
+        now = factory.clock.time()
         self.factory = factory
         self.proto = proto
         self.key = key  # counted under it; None: not counted (Unix socket, trusted network)
@@ -241,7 +261,7 @@ class SessionGuard:
         self.waiting: asyncio.Task[None] | None = None
         self.kept: list[bytes] = []  # received, waiting for room in the DATA budget
         self.closed = False
-        self._timer: asyncio.TimerHandle | None = factory.loop.call_later(factory.tick, self._tick)
+        self._timer: Timer | None = factory.clock.call_later(factory.tick, self._tick)
 
     # -- events from the protocol
 
@@ -292,7 +312,7 @@ class SessionGuard:
         stay under the transport's high-water mark plus one reply.
         """
         self.write_paused = paused
-        self.paused_since = self.factory.loop.time() if paused else None
+        self.paused_since = self.factory.clock.time() if paused else None
         self._update()
         if paused:
             self._pause()
@@ -317,7 +337,7 @@ class SessionGuard:
     # -- clocks
 
     def _update(self) -> None:
-        now = self.factory.loop.time()
+        now = self.factory.clock.time()
         if self.busy_since is not None:
             self.busy += now - self.busy_since
         if self.idle_since is not None:
@@ -343,7 +363,7 @@ class SessionGuard:
             return
         self._update()
         f = self.factory
-        now = f.loop.time()
+        now = f.clock.time()
         if not self.hooks:  # never cut a message being delivered
             if now - self.started >= f.session_timeout:
                 f.timed_out += 1
@@ -357,7 +377,7 @@ class SessionGuard:
                 f.write_stalled += 1
                 self.close(_STALLED)
                 return
-        self._timer = f.loop.call_later(f.tick, self._tick)
+        self._timer = f.clock.call_later(f.tick, self._tick)
 
     def eviction_score(self) -> float:
         """How much this session deserves to make room (0: it does not).
@@ -449,6 +469,8 @@ class SessionFactory:
         trusted_networks: peers exempt from ``max_connections_per_ip`` and
             ``min_rate`` (CIDR strings or ``ipaddress`` networks; default
             loopback). Unix-socket peers always are.
+        clock: the time and timers of the rules above (default: ``loop``);
+            the DATA budget's ``data_wait`` always runs on the loop.
         **smtp_kwargs: passed to every protocol (``data_size_limit``, ...).
 
     ``live`` counts open sessions; ``refused``, ``evicted``, ``timed_out``,
@@ -471,41 +493,44 @@ class SessionFactory:
         data_wait: float = DATA_WAIT,
         write_stall: float = WRITE_STALL,
         trusted_networks: Iterable[str | _Network] = DEFAULT_TRUSTED_NETWORKS,
+        clock: Clock | None = None,
         **smtp_kwargs: Any,
     ) -> None:
-        _count("max_connections", max_connections, minimum=1)
-        _count("max_connections_per_ip", max_connections_per_ip, minimum=0)
-        _count("min_rate", min_rate, minimum=0)
-        for name, value in (
-            ("session_timeout", session_timeout),
-            ("rate_grace", rate_grace),
-            ("evict_idle", evict_idle),
-            ("data_wait", data_wait),
-            ("write_stall", write_stall),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+        validate.count("max_connections", max_connections)
+        validate.count("max_connections_per_ip", max_connections_per_ip, minimum=0)
+        validate.count("min_rate", min_rate, minimum=0)
+        limits = {
+            name: validate.seconds(name, value, positive=True, infinite=True)  # inf: no limit
+            for name, value in (
+                ("session_timeout", session_timeout),
+                ("rate_grace", rate_grace),
+                ("evict_idle", evict_idle),
+                ("data_wait", data_wait),
+                ("write_stall", write_stall),
+            )
+        }
         self.trusted_networks = parse_networks(trusted_networks)
         self.handler = handler
         self.cls = DeliveryLMTP if lmtp else DeliverySMTP
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
-        self.session_timeout = float(session_timeout)
+        self.session_timeout = limits["session_timeout"]
         self.min_rate = min_rate
-        self.rate_grace = float(rate_grace)
-        self.evict_idle = float(evict_idle)
-        self.data_wait = float(data_wait)
-        self.write_stall = float(write_stall)
+        self.rate_grace = limits["rate_grace"]
+        self.evict_idle = limits["evict_idle"]
+        self.data_wait = limits["data_wait"]
+        self.write_stall = limits["write_stall"]
         self.tick = max(
             0.05, min(1.0, self.rate_grace / 4, self.session_timeout / 4, self.write_stall / 4)
         )
         self.loop = loop
+        self.clock: Clock = loop if clock is None else clock
         self.smtp_kwargs = smtp_kwargs
         limit = smtp_kwargs.get("data_size_limit") or 33554432  # aiosmtpd's default
         if max_pending_bytes is None:
             max_pending_bytes = 4 * limit
         # Smaller, and one message of the allowed size could hold more than is counted.
-        _count("max_pending_bytes", max_pending_bytes, minimum=limit)
+        validate.count("max_pending_bytes", max_pending_bytes, minimum=limit)
         self.budget = DataBudget(max_pending_bytes)
         self.sessions: set[SessionGuard] = set()
         self.per_peer: dict[str, int] = {}
@@ -583,10 +608,3 @@ class SessionFactory:
                 del self.per_peer[guard.key]
         if not self.sessions:
             self.idle.set()
-
-
-def _count(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, not {value}")

@@ -32,14 +32,13 @@ new name), 4) make the moves durable. Steps 2 and 4 take one of two forms (see
 
 ``"auto"`` (the default)
     Per file system: ``"syncfs"`` when a batch puts at least
-    :data:`AUTO_SYNCFS_MIN_FILES` files on it, else ``"fsync"``. Measured here
-    (journaled ext4, virtio disk) one message costs about 0.8-0.9 ms with
-    fdatasync + fsync against 1.1-1.4 ms with two syncfs, and from two
-    messages on syncfs wins (BUDGETS.md).
+    :data:`AUTO_SYNCFS_MIN_FILES` files on it, else ``"fsync"``: one message
+    is cheaper with fdatasync + fsync than with two syncfs, and from two
+    messages on syncfs wins (figures in BUDGETS.md).
 
 A directory fsync alone does **not** persist the data of new files on ext4
-(delayed allocation) or XFS; that is why the original's batch protocol (no
-file sync, ``fsync(tmp/)``, rename, ``fsync(new/)``) is not used here.
+(delayed allocation) or XFS; that is why a batch protocol of no file sync,
+``fsync(tmp/)``, rename, ``fsync(new/)`` is not used here.
 """
 
 from __future__ import annotations

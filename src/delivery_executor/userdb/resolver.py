@@ -159,13 +159,13 @@ class UserdbResolver(MailboxResolver):
             script = os.path.join(home, script)
         return script
 
-    def resolve(self, address: str, *, smtputf8: bool = False, check_exists: bool = True) -> str:
+    def resolve(self, address: str, *, smtputf8: bool = False) -> str:
         """As :meth:`MailboxResolver.resolve`, for templates only (no userdbs)."""
         if self.userdbs:
             raise RuntimeError("a resolver with user databases resolves with aresolve()")
         key, detail = self._key(address, smtputf8)
         home = None if self.mail_home is None else expand(self.mail_home, key)
-        return self._finish(key, detail, UserRecord(home=home), check_exists)
+        return self._finish(key, detail, UserRecord(home=home))
 
     async def aresolve(self, address: str, *, smtputf8: bool = False) -> str:
         """The Maildir path for ``address``; :class:`RecipientRejected` if none.
@@ -190,7 +190,7 @@ class UserdbResolver(MailboxResolver):
         if self._as_root and answer not in self._owned:
             await self._give(answer)
         # Only the folder check and existing_only touch the disk here.
-        return self._with_detail(key, detail, answer, check_exists=True)
+        return self._with_detail(key, detail, answer)
 
     # -- internals ---------------------------------------------------------
 
@@ -252,11 +252,11 @@ class UserdbResolver(MailboxResolver):
             self._records.popitem(last=False)
         return path
 
-    def _finish(self, key: UserKey, detail: str, record: UserRecord, check_exists: bool) -> str:
-        return self._with_detail(key, detail, self._maildir(key, record), check_exists)
+    def _finish(self, key: UserKey, detail: str, record: UserRecord) -> str:
+        return self._with_detail(key, detail, self._maildir(key, record))
 
-    def _with_detail(self, key: UserKey, detail: str, path: str, check_exists: bool) -> str:
-        if self.existing_only and check_exists and not os.path.isdir(os.path.join(path, "new")):
+    def _with_detail(self, key: UserKey, detail: str, path: str) -> str:
+        if self.existing_only and not os.path.isdir(os.path.join(path, "new")):
             raise RecipientRejected(_UNKNOWN, f"no such mailbox: {key.user}")
         if detail:
             folder = os.path.join(path, "." + detail)

@@ -21,9 +21,9 @@ more when it stops); the parent sums them when scraped. Counters and
 histograms add up over every worker that ever ran, so they never go back when
 one exits; gauges add up over the live workers only (prometheus_client's
 ``livesum``). This is what prometheus_client's multiprocess mode does, without
-its per-event cost (about 1.2 µs per counter increment and 2.4 µs per
-histogram observation, written to mmap files) and with the same output
-whether one process runs or several.
+its per-event cost (each counter increment and histogram observation written
+to mmap files; figures in BUDGETS.md) and with the same output whether one
+process runs or several.
 
 ``prometheus_client`` is needed only to serve (the ``metrics`` extra:
 ``pip install '/path/to/checkout[metrics]'``); workers write plain JSON.
@@ -40,20 +40,19 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ._version import __version__
-from .stats import LATENCY_BOUNDS, HistogramCounts
+from .._version import __version__
+from ..stats import LATENCY_BOUNDS, HistogramCounts
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
 
-    from .executor import DeliveryExecutor
-    from .server import ServerConfig
+    from ..executor import DeliveryExecutor
 
 __all__ = [
     "BATCH_BOUNDS",
@@ -209,21 +208,6 @@ def _add(a: HistogramCounts, b: HistogramCounts) -> HistogramCounts:
         raise ValueError("cannot add histograms with different buckets")
     counts = tuple(x + y for x, y in zip(a.counts, b.counts, strict=True))
     return HistogramCounts(a.bounds, counts, a.sum + b.sum)
-
-
-def settings_of(config: ServerConfig, version: str) -> dict[str, str]:
-    """The labels of the info metric: the version and the settings an admin asks about."""
-    fields = (
-        "lmtp", "line_endings", "size_in_names", "detail_to_folder", "recipient_delimiter",
-        "workers", "writer", "sync", "policy", "max_batch", "max_concurrent_flushes",
-        "max_message_size", "max_connections", "add_headers", "existing_only",
-    )  # fmt: skip
-    out = {"version": version}
-    for name in fields:
-        value = getattr(config, name, None)
-        out[name] = "" if value is None else str(value).lower()
-    out["protocol"] = "lmtp" if out.pop("lmtp") == "true" else "smtp"
-    return out
 
 
 class DeliveryCollector:
@@ -391,14 +375,19 @@ class ServerMetrics:
 
 
 async def start_metrics(
-    config: ServerConfig, executor: DeliveryExecutor, handler: object, factory: object
+    address: tuple[str, int] | None,
+    settings: Mapping[str, str],
+    executor: DeliveryExecutor,
+    handler: object,
+    factory: object,
 ) -> ServerMetrics | None:
-    """What ``serve`` calls: ``None`` without ``config.metrics``.
+    """What ``serve`` calls: ``None`` without an ``address`` (``--metrics``) to serve on.
 
+    ``settings`` become labels of the info metric, after the version.
     A worker of ``--workers N`` (``$DELIVERY_EXECUTOR_WORKER_METRICS_DIR`` set)
     publishes snapshots for its parent; a lone server serves the endpoint.
     """
-    if config.metrics is None:
+    if address is None:
         return None
     metrics = ServerMetrics(
         lambda: take_snapshot(executor, handler, factory), asyncio.get_running_loop()
@@ -408,7 +397,7 @@ async def start_metrics(
         metrics.publish(Path(directory))
     else:
         _check_prometheus()
-        metrics.serve(settings_of(config, __version__), *config.metrics)
+        metrics.serve(_labels(settings), *address)
     return metrics
 
 
@@ -423,10 +412,10 @@ class WorkerMetrics:
     when they have exited.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
-        assert config.metrics is not None
+    def __init__(self, address: tuple[str, int], settings: Mapping[str, str]) -> None:
         _check_prometheus()
-        self._config = config
+        self._address = address
+        self._settings = _labels(settings)
         self._http: tuple[Any, threading.Thread] | None = None
         self._live: Collection[int] = ()
         self.directory = Path(tempfile.mkdtemp(prefix="delivery-executor-metrics-"))
@@ -438,11 +427,10 @@ class WorkerMetrics:
         Called after the workers are forked, so that they inherit no thread
         and no listening socket of ours.
         """
-        assert self._config.metrics is not None
         self._live = live
-        collector = DeliveryCollector(self._snapshots, settings_of(self._config, __version__))
+        collector = DeliveryCollector(self._snapshots, self._settings)
         try:
-            self._http = _serve_http(collector, *self._config.metrics)
+            self._http = _serve_http(collector, *self._address)
         except BaseException:
             self.close()
             raise
@@ -468,6 +456,13 @@ class WorkerMetrics:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_worker_metrics(config: ServerConfig) -> WorkerMetrics | None:
+def start_worker_metrics(
+    address: tuple[str, int] | None, settings: Mapping[str, str]
+) -> WorkerMetrics | None:
     """What the parent of ``--workers N`` calls before starting them; ``None`` without metrics."""
-    return None if config.metrics is None else WorkerMetrics(config)
+    return None if address is None else WorkerMetrics(address, settings)
+
+
+def _labels(settings: Mapping[str, str]) -> dict[str, str]:
+    """The info metric's labels: the version, then ``settings``."""
+    return {"version": __version__, **settings}
