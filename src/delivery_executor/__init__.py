@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
 from .errors import (
     DeliveryError,
     ExecutorClosed,
@@ -63,12 +62,14 @@ from .writers import (
 )
 
 if TYPE_CHECKING:
+    from ._version import __version__
     from .recipients import MailboxResolver
     from .server import ServerConfig, ServerSummary, StartupError, run_server, serve
     from .smtp import BulkDataMixin, DeliveryHandler, DeliveryLMTP, DeliverySMTP, SessionFactory
 
 # name -> the module that defines it, imported on first access.
 _LAZY = {
+    "__version__": "._version",  # importlib.metadata costs more than the rest together
     "MailboxResolver": ".recipients",
     "ServerConfig": ".server",
     "ServerSummary": ".server",
