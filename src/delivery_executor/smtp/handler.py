@@ -70,6 +70,7 @@ from ..store import Message
 from ..store.names import known_line_ends
 from .dsn import DsnSyntaxError, original_recipient
 from .duplicates import DuplicateFilter
+from .reader import has_no_bare_cr
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -167,14 +168,15 @@ def to_lf(body: bytes) -> bytes:
     return body.replace(b"\r\n", b"\n")
 
 
-def to_lf_counted(body: bytes) -> tuple[bytes, int]:
+def to_lf_counted(body: bytes, no_bare_cr: bool = False) -> tuple[bytes, int]:
     """``(to_lf(body), its LF count minus its CRLF count)``: the stored body and its ``W - S``.
 
     The count :func:`~delivery_executor.store.names.size_suffix` would make,
-    taken here in one scan (a body without a bare CR has no CR left, so it is
-    the LF count) so that the store need not make two.
+    taken here in one scan (without a bare CR no CR is left, so it is the LF
+    count) so that the store need not make two. ``no_bare_cr``: the caller
+    knows ``body`` has none (the bulk reader saw), so the check is skipped.
     """
-    if not _has_bare_cr(body):
+    if no_bare_cr or not _has_bare_cr(body):
         lf = body.translate(None, b"\r")
         return lf, lf.count(b"\n")
     lf = body.replace(b"\r\n", b"\n")
@@ -428,7 +430,7 @@ class DeliveryHandler:
             return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
         if self._lf:
             # Once per message: every copy shares it, and the store takes ,W= from us.
-            body, extra = to_lf_counted(body)
+            body, extra = to_lf_counted(body, has_no_bare_cr(envelope, body))
             with known_line_ends(body, extra):
                 return await self._deliver_body(
                     server, session, envelope, rcpts, lmtp, body, started

@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 from warnings import warn
 
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
 else:
     _MixinBase = object
 
-__all__ = ["BulkDataMixin"]
+__all__ = ["NO_BARE_CR", "BulkDataMixin", "has_no_bare_cr"]
 
 # aiosmtpd's logger, so existing logging configuration covers us too.
 _log = logging.getLogger("mail.log")
@@ -81,7 +82,11 @@ _TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 _TOO_MUCH = "552 Error: Too much mail data"
 
 
-_DOT_LINE = b"\r\n."
+_DOT_LINE = re.compile(rb"\r\n\.")
+_DOT_LINE_OR_BARE_CR = re.compile(rb"\r(?:[^\n]|\n\.)")
+NO_BARE_CR = "delivery_executor_no_bare_cr"
+"""The envelope attribute that holds ``original_content`` when the reader saw
+no bare CR in it (:func:`has_no_bare_cr`)."""
 _MAX_DOTS = 256  # stuffed lines remembered by position; past that, one replace() at the end
 
 
@@ -100,7 +105,7 @@ class _Body:
     only and unstuffing is one ``replace`` at the end).
     """
 
-    __slots__ = ("buf", "done", "dots", "limit", "line_max", "pos", "scanned", "verdict")
+    __slots__ = ("bare_cr", "buf", "done", "dots", "limit", "line_max", "pos", "scanned", "verdict")
 
     def __init__(self, limit: int | None, line_max: int) -> None:
         self.buf = bytearray(b"\r\n")
@@ -109,6 +114,7 @@ class _Body:
         self.scanned = 2
         self.pos = 0
         self.dots: list[int] | None = []
+        self.bare_cr: bool | None = False  # None: not looked for
         self.done = False
         self.verdict: str | None = None
 
@@ -142,9 +148,11 @@ class _Body:
     def _find(self) -> int:
         """The terminator's offset in ``buf`` (``-1`` if not there yet); notes dots on the way.
 
-        One C search over each byte for the lines that start with a dot: each
-        is a stuffed line or the terminator. The bytes just consumed may end
-        in a partial match; ``pos`` then stays before it.
+        One regex pass finds every line that starts with a dot (a stuffed line
+        or the terminator) and the first bare CR: the engine scans for CR
+        bytes in C, faster here than ``bytes.find`` on ``\\r\\n.`` alone. The
+        bytes just consumed may end in a partial match; ``pos`` then stays
+        before it.
         """
         buf, pos, dots = self.buf, self.pos, self.dots
         if dots is None:
@@ -152,12 +160,18 @@ class _Body:
             if i < 0:
                 self.pos = max(pos, len(buf) - 4)
             return i
-        find = buf.find
+        search = (_DOT_LINE if self.bare_cr else _DOT_LINE_OR_BARE_CR).search
         while True:
-            i = find(_DOT_LINE, pos)
-            if i < 0:
+            m = search(buf, pos)
+            if m is None:
                 self.pos = max(pos, len(buf) - 2)
                 return -1
+            i = m.start()
+            if buf[i + 1] != 10:  # a bare CR: the first is all the handler needs to know
+                self.bare_cr = True
+                search = _DOT_LINE.search
+                pos = i + 1  # the byte after it may be the CR of a CRLF
+                continue
             if len(buf) < i + 5:  # too soon to tell a stuffed line from the end
                 self.pos = i
                 return -1
@@ -168,6 +182,8 @@ class _Body:
                 dots.append(i + 2)
                 if len(dots) > _MAX_DOTS:
                     self.dots = None
+                    if not self.bare_cr:
+                        self.bare_cr = None  # no longer looked for
                     self.pos = pos
                     return self._find()
 
@@ -245,6 +261,15 @@ class _Body:
             # else: too few bytes yet to know which; at most w + 1 past s.
 
 
+def has_no_bare_cr(envelope: object, content: bytes) -> bool:
+    """True if our reader read ``content`` as this envelope's body and saw no bare CR in it.
+
+    Lets the handler convert line ends without looking for one again; false
+    for any other content (a handler that replaced it, aiosmtpd's reader).
+    """
+    return getattr(envelope, NO_BARE_CR, None) is content
+
+
 class BulkDataMixin(_MixinBase):
     """aiosmtpd ``SMTP``/``LMTP`` mixin: DATA read in bulk, same replies and state.
 
@@ -300,6 +325,8 @@ class BulkDataMixin(_MixinBase):
             content = original_content
         self.envelope.content = content
         self.envelope.original_content = original_content
+        if body.bare_cr is False:
+            setattr(self.envelope, NO_BARE_CR, original_content)
 
         status: Any
         if "DATA" in self._handle_hooks:
