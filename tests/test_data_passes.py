@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from delivery_executor import DeliveryExecutor, MailboxResolver
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
-from delivery_executor.smtp.handler import to_lf, to_lf_counted
+from delivery_executor.smtp.handler import LineEndings, to_lf, to_lf_counted
 from delivery_executor.store import names
 from delivery_executor.store.names import known_line_ends, size_suffix
 from delivery_executor.testing import send_message
@@ -126,8 +126,11 @@ async def test_stored_names_carry_the_sizes_of_their_bytes(
 
 
 @pytest.mark.asyncio
-async def test_handler_hands_its_count_to_the_store(tmp_path: Path) -> None:
-    """With line_endings="lf" the body's count is known to the store while it is delivered."""
+@pytest.mark.parametrize("line_endings", ["lf", "crlf"])
+async def test_handler_hands_its_count_to_the_store(
+    tmp_path: Path, line_endings: LineEndings
+) -> None:
+    """In either mode the body's right count is known to the store while it is delivered."""
     seen: list[bool] = []
 
     class Spy:
@@ -136,16 +139,17 @@ async def test_handler_hands_its_count_to_the_store(tmp_path: Path) -> None:
         async def deliver(self, path: str, message: object) -> object:
             assert isinstance(message, tuple)
             body = message[-1]
-            seen.append(names._KNOWN.get(id(body), (None, 0))[0] is body)
+            known = names._KNOWN.get(id(body))
+            seen.append(known is not None and known == (body, counted(body)))
             return "id"
 
-    handler = DeliveryHandler(Spy(), MailboxResolver(tmp_path))
+    handler = DeliveryHandler(Spy(), MailboxResolver(tmp_path), line_endings=line_endings)
     loop = asyncio.get_running_loop()
     factory = SessionFactory(handler, lmtp=True, loop=loop, max_connections=16)
     srv = await loop.create_server(factory, "127.0.0.1", 0)
     try:
         port = srv.sockets[0].getsockname()[1]
-        body = b"Subject: s\r\n\r\n" + b"text\r\n" * 300
+        body = b"Subject: s\r\n\r\n" + b"text\r\n" * 300 + b"bare\nLF\r\n"
         replies = await send_message(
             "127.0.0.1", port, mail_from="s@example.net", rcpts=["a@example.org"], body=body
         )

@@ -431,11 +431,14 @@ class DeliveryHandler:
         if self._lf:
             # Once per message: every copy shares it, and the store takes ,W= from us.
             body, extra = to_lf_counted(body, has_no_bare_cr(envelope, body))
-            with known_line_ends(body, extra):
-                return await self._deliver_body(
-                    server, session, envelope, rcpts, lmtp, body, started
-                )
-        return await self._deliver_body(server, session, envelope, rcpts, lmtp, body, started)
+        elif has_no_bare_cr(envelope, body):
+            # Every CR is in a CRLF: two one-byte counts give what the store's
+            # LF and CRLF counts would, its CRLF search being the slower one.
+            extra = body.count(b"\n") - body.count(b"\r")
+        else:
+            return await self._deliver_body(server, session, envelope, rcpts, lmtp, body, started)
+        with known_line_ends(body, extra):
+            return await self._deliver_body(server, session, envelope, rcpts, lmtp, body, started)
 
     async def _deliver_body(
         self,
