@@ -25,30 +25,36 @@ How aiosmtpd decides, reproduced exactly (its reader has ``limit`` =
   matter for finding the end.
 - Unstuffing removes the first byte of every line that starts with ``.``.
 
-Reading: large chunks from the StreamReader (``readuntil`` on the
-terminator, which with the small limit raises ``LimitOverrunError`` and
-tells how much can be consumed safely; never past the terminator, so
-pipelined commands stay in the reader). What is consumed goes into one
-``bytearray``; line lengths are checked with one ``bytes.rfind`` per L bytes,
-unstuffing is one ``bytes.replace``.
+Reading: once ``354`` is sent, what aiosmtpd's StreamReader already holds
+is taken from it, and every later transport read goes straight to the body
+(``data_received``) until the terminator; the bytes after it (pipelined
+commands) go back to the reader. The StreamReader sees none of the body, so
+the transport is never paused by it; the DATA budget still sees every read
+first (the protocol's ``data_received``). Each read is appended to one
+``bytearray`` and searched once by a regex for CR followed by a non-LF or
+by LF ``.``: every line that starts with a dot (the terminator or a stuffed
+line, its position noted) and the first bare CR (so the handler need not
+look for one: :func:`has_no_bare_cr`). Line lengths are checked with one
+``bytes.rfind`` per L bytes, which touches only each window's last line.
+Unstuffing joins the slices between the noted dots into the ``bytes`` the
+handler gets; past 256 stuffed lines the reader stops noting them, searches
+for the terminator only and unstuffs with one ``bytes.replace``.
 
-Memory: one ``bytearray`` of the raw body (up to 1/8 growth slack) plus one
-transport read (<= 256 KiB with asyncio's transports, plus the reader's
-2 x L pause threshold); at the end the body is copied once into ``bytes``
-(twice if it has stuffed dots, the first copy freed before the second is
-made): peak about 2 x the body, at most 2.25 x. Once a ``552`` or ``500`` is
-certain the buffer is dropped: with a ``data_size_limit`` it never holds more
-than limit + 2 L bytes plus one read. aiosmtpd keeps one ``bytearray`` object
-(about 60 bytes of overhead) per line, e.g. 2.6 GiB for 30 MiB of empty lines.
+Memory: one ``bytearray`` of the raw body (up to 1/8 growth slack) plus the
+transport read being appended; at the end the body is copied once into
+``bytes`` (the slices between dots joined; twice past 256 dots, the first
+copy freed before the second is made): peak about 2 x the body, at most
+2.25 x. Once a ``552`` or ``500`` is certain the buffer is dropped (only the
+last 4 bytes are kept, for a terminator split across reads): with a
+``data_size_limit`` it never holds more than limit + 2 L bytes plus one read.
+aiosmtpd keeps one ``bytearray`` object (about 60 bytes of overhead) per
+line, e.g. 2.6 GiB for 30 MiB of empty lines.
 
-Cost: per transport read about 3 StreamReader calls (a ``readuntil`` that
-overruns, the ``readexactly`` it allows, sometimes a byte to settle a
-partial terminator), whatever the line lengths; each byte is copied 3 times
-(reader -> chunk -> buffer -> ``bytes``) and scanned 3 times (the reader's
-``find``, our ``rfind``, ``replace``). Only ``\n.\r\n`` (a bare LF before a
-lone-dot line) costs extra calls: a body made of it forces about one call
-per 2 bytes, about twice aiosmtpd's CPU on that same body, still less than
-aiosmtpd spends on a body of empty lines, and still one buffer.
+Cost: per transport read one append, one regex search (plus one Python step
+per stuffed line, at most 256 of them) and about read/L ``rfind`` calls,
+whatever the line lengths; each byte is copied twice (read -> buffer ->
+``bytes``) and scanned once in full (the regex) plus each window's last line
+(``rfind``).
 
 A client that disconnects mid-body: aiosmtpd's ``eof_received``/
 ``connection_lost`` cancel the session task; as in aiosmtpd we log, close
