@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import re
 import shutil
 import socket
 import ssl
@@ -32,7 +33,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from delivery_executor.smtp.reader import BulkDataMixin
+from delivery_executor.smtp.handler import to_lf, to_lf_counted
+from delivery_executor.smtp.reader import BulkDataMixin, has_no_bare_cr
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -472,6 +474,12 @@ CORPUS: list[tuple[str, list[bytes], int | None, bytes, bytes | None]] = [
     ("long line split", [line(1500)[:700], line(1500)[700:], b".\r\n"], None, b"500", None),
     ("dot tail of a long line", [b"x" * 1500 + b".\r\n", TERM], None, b"500", None),
     ("pipelined after the end", [b"a\r\n.\r\nNOOP\r\n"], None, b"250 Accepted", b"a\r\n"),
+    ("bare CR before the end", [b"a\r\r\n.\r\n"], None, b"250 Accepted", b"a\r\r\n"),
+    ("bare CR then a dot line", [b"a\r\r\n.b\r\n.\r\n"], None, b"250 Accepted", b"a\r\r\nb\r\n"),
+    # Past 256 stuffed lines the reader stops noting them: unstuffing by replace().
+    ("many stuffed lines", [b".x\r\n" * 300 + b"a\rb\r\n.\r\n"], None, b"250 Accepted", None),
+    ("many stuffed lines, split", [b"..\r\n" * 150, b"..\r\n" * 150, b".\r\n"], None, b"250", None),
+    ("many stuffed lines, too much", [b"..\r\n" * 300, b".\r\n"], 1000, b"552", None),
 ]
 
 
@@ -524,6 +532,39 @@ async def test_terminator_split_at_every_position() -> None:
         result = await differential_pipe("smtp", cut(stream, points))
         assert result.delivered[0][0] == b"hello\r\n.world\r\n", points
         assert result.data_reply() == b"250 Accepted"
+
+
+class FlagBulk(BulkSMTP):
+    """Ours, recording for each delivered body whether the reader vouched it has no bare CR."""
+
+    flags: list[tuple[bytes, bool]] = []  # noqa: RUF012 (appended by the sessions)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        env = self.envelope
+        if command == "DATA" and env is not None and isinstance(env.original_content, bytes):
+            self.flags.append((env.original_content, has_no_bare_cr(env, env.original_content)))
+        return await super()._call_handler_hook(command, *args)
+
+
+@pytest.mark.asyncio
+@DIFF_SETTINGS
+@given(case=cases("smtp"), many_dots=st.booleans())
+async def test_reader_vouches_only_for_bodies_without_bare_cr(case: Case, many_dots: bool) -> None:
+    """The reader's no-bare-CR mark is never wrong, and the LF conversion it allows is to_lf's."""
+    chunks = case.chunks
+    if many_dots:  # past the stuffed lines the reader notes: the mark is not given
+        head, sep, tail = b"".join(chunks).partition(b"DATA\r\n")
+        chunks = cut(head + sep + b".x\r\n" * 300 + tail, range(0, 10**6, 997))
+    FlagBulk.flags.clear()
+    await run_pipe(FlagBulk, chunks, eof=case.eof, data_size_limit=case.limit)
+    for body, vouched in FlagBulk.flags:
+        if vouched:
+            assert not many_dots
+            assert not re.search(rb"\r(?!\n)", body), body
+            assert to_lf_counted(body, True) == to_lf_counted(body)
+            assert to_lf_counted(body, True)[0] == to_lf(body)
+        elif not many_dots:
+            assert re.search(rb"\r(?!\n)", body), body
 
 
 @pytest.mark.asyncio

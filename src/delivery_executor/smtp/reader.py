@@ -25,30 +25,36 @@ How aiosmtpd decides, reproduced exactly (its reader has ``limit`` =
   matter for finding the end.
 - Unstuffing removes the first byte of every line that starts with ``.``.
 
-Reading: large chunks from the StreamReader (``readuntil`` on the
-terminator, which with the small limit raises ``LimitOverrunError`` and
-tells how much can be consumed safely; never past the terminator, so
-pipelined commands stay in the reader). What is consumed goes into one
-``bytearray``; line lengths are checked with one ``bytes.rfind`` per L bytes,
-unstuffing is one ``bytes.replace``.
+Reading: once ``354`` is sent, what aiosmtpd's StreamReader already holds
+is taken from it, and every later transport read goes straight to the body
+(``data_received``) until the terminator; the bytes after it (pipelined
+commands) go back to the reader. The StreamReader sees none of the body, so
+the transport is never paused by it; the DATA budget still sees every read
+first (the protocol's ``data_received``). Each read is appended to one
+``bytearray`` and searched once by a regex for CR followed by a non-LF or
+by LF ``.``: every line that starts with a dot (the terminator or a stuffed
+line, its position noted) and the first bare CR (so the handler need not
+look for one: :func:`has_no_bare_cr`). Line lengths are checked with one
+``bytes.rfind`` per L bytes, which touches only each window's last line.
+Unstuffing joins the slices between the noted dots into the ``bytes`` the
+handler gets; past 256 stuffed lines the reader stops noting them, searches
+for the terminator only and unstuffs with one ``bytes.replace``.
 
-Memory: one ``bytearray`` of the raw body (up to 1/8 growth slack) plus one
-transport read (<= 256 KiB with asyncio's transports, plus the reader's
-2 x L pause threshold); at the end the body is copied once into ``bytes``
-(twice if it has stuffed dots, the first copy freed before the second is
-made): peak about 2 x the body, at most 2.25 x. Once a ``552`` or ``500`` is
-certain the buffer is dropped: with a ``data_size_limit`` it never holds more
-than limit + 2 L bytes plus one read. aiosmtpd keeps one ``bytearray`` object
-(about 60 bytes of overhead) per line, e.g. 2.6 GiB for 30 MiB of empty lines.
+Memory: one ``bytearray`` of the raw body (up to 1/8 growth slack) plus the
+transport read being appended; at the end the body is copied once into
+``bytes`` (the slices between dots joined; twice past 256 dots, the first
+copy freed before the second is made): peak about 2 x the body, at most
+2.25 x. Once a ``552`` or ``500`` is certain the buffer is dropped (only the
+last 4 bytes are kept, for a terminator split across reads): with a
+``data_size_limit`` it never holds more than limit + 2 L bytes plus one read.
+aiosmtpd keeps one ``bytearray`` object (about 60 bytes of overhead) per
+line, e.g. 2.6 GiB for 30 MiB of empty lines.
 
-Cost: per transport read about 3 StreamReader calls (a ``readuntil`` that
-overruns, the ``readexactly`` it allows, sometimes a byte to settle a
-partial terminator), whatever the line lengths; each byte is copied 3 times
-(reader -> chunk -> buffer -> ``bytes``) and scanned 3 times (the reader's
-``find``, our ``rfind``, ``replace``). Only ``\n.\r\n`` (a bare LF before a
-lone-dot line) costs extra calls: a body made of it forces about one call
-per 2 bytes, about twice aiosmtpd's CPU on that same body, still less than
-aiosmtpd spends on a body of empty lines, and still one buffer.
+Cost: per transport read one append, one regex search (plus one Python step
+per stuffed line, at most 256 of them) and about read/L ``rfind`` calls,
+whatever the line lengths; each byte is copied twice (read -> buffer ->
+``bytes``) and scanned once in full (the regex) plus each window's last line
+(``rfind``).
 
 A client that disconnects mid-body: aiosmtpd's ``eof_received``/
 ``connection_lost`` cancel the session task; as in aiosmtpd we log, close
@@ -61,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 from warnings import warn
 
@@ -71,7 +78,7 @@ if TYPE_CHECKING:
 else:
     _MixinBase = object
 
-__all__ = ["BulkDataMixin"]
+__all__ = ["NO_BARE_CR", "BulkDataMixin", "has_no_bare_cr"]
 
 # aiosmtpd's logger, so existing logging configuration covers us too.
 _log = logging.getLogger("mail.log")
@@ -81,74 +88,148 @@ _TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 _TOO_MUCH = "552 Error: Too much mail data"
 
 
-async def _read_upto(reader: asyncio.StreamReader, sep: bytes) -> bytes:
-    """Through the first ``sep`` if the reader's limit allows, else as much as holds none."""
-    try:
-        return await reader.readuntil(sep)
-    except asyncio.LimitOverrunError as exc:
-        # exc.consumed: where sep starts, or all but the last len(sep) - 1
-        # bytes when there is none. The bytes are still buffered: no wait.
-        return await reader.readexactly(exc.consumed)
+_DOT_LINE = re.compile(rb"\r\n\.")
+_DOT_LINE_OR_BARE_CR = re.compile(rb"\r(?:[^\n]|\n\.)")
+NO_BARE_CR = "delivery_executor_no_bare_cr"
+"""The envelope attribute that holds ``original_content`` when the reader saw
+no bare CR in it (:func:`has_no_bare_cr`)."""
+_MAX_DOTS = 256  # stuffed lines remembered by position; past that, one replace() at the end
 
 
 class _Body:
-    """The DATA bytes consumed so far and aiosmtpd's verdict on them.
+    """The DATA bytes consumed so far, where the body ends, and aiosmtpd's verdict on them.
 
-    ``buf`` holds the raw (still dot-stuffed) bytes while no verdict is
-    certain; ``verdict`` becomes a reply string once one is, and ``buf`` is
-    dropped. ``scanned`` is the start of the first line not yet known to be
-    at most ``line_max`` bytes long; every line before it is.
+    ``buf`` holds the raw (still dot-stuffed) bytes after a ``\\r\\n`` that
+    stands for the end of the DATA command, so that a first line ``.`` or
+    ``.x`` is the same case as any other; ``verdict`` becomes a reply string
+    once one is certain, and then ``buf`` keeps only the few bytes a
+    terminator split across reads needs. ``scanned`` is the start of the
+    first line not yet known to be at most ``line_max`` bytes long; every line
+    before it is. ``pos`` is where the search for the next line that starts
+    with a dot resumes; ``dots`` the offsets of the stuffing dots found (None
+    once there are too many to keep: then the search is for the terminator
+    only and unstuffing is one ``replace`` at the end).
     """
 
-    __slots__ = ("buf", "limit", "line_max", "scanned", "verdict")
+    __slots__ = ("bare_cr", "buf", "done", "dots", "limit", "line_max", "pos", "scanned", "verdict")
 
     def __init__(self, limit: int | None, line_max: int) -> None:
-        self.buf = bytearray()
+        self.buf = bytearray(b"\r\n")
         self.limit = limit or 0  # aiosmtpd: a falsy limit means none
         self.line_max = line_max
-        self.scanned = 0
+        self.scanned = 2
+        self.pos = 0
+        self.dots: list[int] | None = []
+        self.bare_cr: bool | None = False  # None: not looked for
+        self.done = False
         self.verdict: str | None = None
 
-    def feed(self, chunk: bytes) -> None:
-        """Append consumed bytes that do not complete the terminator, and judge them.
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        """Consume ``data`` up to and including the terminator; return the bytes consumed.
 
-        A partial terminator at the end (``.`` or ``.\\r`` after a CRLF) is
-        harmless: only whole lines and over-long windows are judged.
+        That is ``len(data)`` until the terminator arrives (then ``done`` is
+        set); the bytes after it are not the body's (pipelined commands).
         """
-        if self.verdict is None:
-            self.buf += chunk
-            # Judge once a whole window is unjudged: the small reads that
-            # partial terminators cause skip the scan, and the verdict comes
-            # at most line_max bytes late.
-            if len(self.buf) - self.scanned >= self.line_max:
+        buf = self.buf
+        start = len(buf)
+        buf += data
+        i = self._find()
+        if i < 0:
+            # Judge once a whole window is unjudged: small reads skip the scan,
+            # and the verdict comes at most line_max bytes late.
+            if self.verdict is None and len(buf) - self.scanned >= self.line_max:
                 self._scan()
-
-    def finish(self, chunk: bytes) -> None:
-        """Append the bytes that complete the terminator, drop its ``.\\r\\n``, judge the rest.
-
-        The terminator is not a body line: fed to :meth:`_scan` it would count
-        3 bytes towards ``data_size_limit``.
-        """
+            if self.verdict is not None:
+                self._trim()
+            return len(data)
+        # "\r\n.\r\n" at i: the body's last line ends at i + 2. The ".\r\n" is
+        # not a body line: judged, it would count 3 bytes towards the limit.
+        self.done = True
+        del buf[i + 2 :]
         if self.verdict is None:
-            self.buf += chunk
-            del self.buf[-3:]
             self._scan()
-            assert self.verdict is not None or self.scanned == len(self.buf)
+            assert self.verdict is not None or self.scanned == len(buf)
+        return i + 5 - start
+
+    def _find(self) -> int:
+        """The terminator's offset in ``buf`` (``-1`` if not there yet); notes dots on the way.
+
+        One regex pass finds every line that starts with a dot (a stuffed line
+        or the terminator) and the first bare CR: the engine scans for CR
+        bytes in C, faster here than ``bytes.find`` on ``\\r\\n.`` alone. The
+        bytes just consumed may end in a partial match; ``pos`` then stays
+        before it.
+        """
+        buf, pos, dots = self.buf, self.pos, self.dots
+        if dots is None:
+            i = buf.find(_TERM, pos)
+            if i < 0:
+                self.pos = max(pos, len(buf) - 4)
+            return i
+        search = (_DOT_LINE if self.bare_cr else _DOT_LINE_OR_BARE_CR).search
+        while True:
+            m = search(buf, pos)
+            if m is None:
+                self.pos = max(pos, len(buf) - 2)
+                return -1
+            i = m.start()
+            if buf[i + 1] != 10:  # a bare CR: the first is all the handler needs to know
+                self.bare_cr = True
+                search = _DOT_LINE.search
+                pos = i + 1  # the byte after it may be the CR of a CRLF
+                continue
+            if len(buf) < i + 5:  # too soon to tell a stuffed line from the end
+                self.pos = i
+                return -1
+            if buf[i + 3] == 13 and buf[i + 4] == 10:
+                return i
+            pos = i + 3
+            if self.verdict is None:
+                dots.append(i + 2)
+                if len(dots) > _MAX_DOTS:
+                    self.dots = None
+                    if not self.bare_cr:
+                        self.bare_cr = None  # no longer looked for
+                    self.pos = pos
+                    return self._find()
 
     def content(self) -> bytes:
-        """The unstuffed body (call once, after :meth:`finish` left no verdict)."""
+        """The unstuffed body (call once, after the terminator, when there is no verdict)."""
         buf, self.buf = self.buf, bytearray()
-        if buf.startswith(b"."):
-            del buf[0]  # O(1): a bytearray drops leading bytes by moving its start
-        data = bytes(buf)
-        del buf  # free the raw buffer before replace() makes its copy
-        # No line is "." (that would have ended the body), so the matches never
-        # overlap; replace() returns `data` itself when there is nothing to do.
-        return data.replace(b"\r\n.", b"\r\n")
+        dots = self.dots
+        if dots is None:
+            del buf[:2]  # O(1): a bytearray drops leading bytes by moving its start
+            if buf.startswith(b"."):
+                del buf[0]
+            data = bytes(buf)
+            del buf  # free the raw buffer before replace() makes its copy
+            # No line is "." (that would have ended the body), so the matches
+            # never overlap.
+            return data.replace(b"\r\n.", b"\r\n")
+        with memoryview(buf) as view:
+            if not dots:
+                return bytes(view[2:])
+            pieces = []
+            at = 2
+            for dot in dots:
+                pieces.append(view[at:dot])
+                at = dot + 1
+            pieces.append(view[at:])
+            data = b"".join(pieces)
+            del pieces
+            return data
 
     def _decide(self, verdict: str) -> None:
         self.verdict = verdict
-        self.buf = bytearray()  # discard at once, as aiosmtpd does
+        self._trim()  # discard at once, as aiosmtpd does
+
+    def _trim(self) -> None:
+        """Keep only what the terminator search still needs (at most 4 bytes)."""
+        buf = self.buf
+        keep = max(0, min(self.pos, len(buf) - 4))
+        self.buf = buf[keep:]
+        self.pos -= keep
+        self.scanned = 0
 
     def _scan(self) -> None:
         buf, s, w, end = self.buf, self.scanned, self.line_max, len(self.buf)
@@ -169,7 +250,8 @@ class _Body:
                 s = i + 2
         self.scanned = s
         limit = self.limit
-        if limit and s > max(limit, 0):
+        # Offsets in buf are 2 past the body's: its first 2 bytes stand for DATA's CRLF.
+        if limit and s - 2 > max(limit, 0):
             # The first line ending past the limit is before s, so it is short.
             # (max: with a negative limit aiosmtpd still needs a line to count.)
             self._decide(_TOO_MUCH)
@@ -179,10 +261,19 @@ class _Body:
             # longer and its first fragment overruns: too long, not counted.
             j = buf.find(b"\r\n", s + w - 1, s + w + 2)
             if j >= 0:
-                self._decide(_TOO_MUCH if limit and j + 2 > limit else _TOO_LONG)
+                self._decide(_TOO_MUCH if limit and j > limit else _TOO_LONG)
             elif end >= s + w + 2:
                 self._decide(_TOO_LONG)
             # else: too few bytes yet to know which; at most w + 1 past s.
+
+
+def has_no_bare_cr(envelope: object, content: bytes) -> bool:
+    """True if our reader read ``content`` as this envelope's body and saw no bare CR in it.
+
+    Lets the handler convert line ends without looking for one again; false
+    for any other content (a handler that replaced it, aiosmtpd's reader).
+    """
+    return getattr(envelope, NO_BARE_CR, None) is content
 
 
 class BulkDataMixin(_MixinBase):
@@ -240,6 +331,8 @@ class BulkDataMixin(_MixinBase):
             content = original_content
         self.envelope.content = content
         self.envelope.original_content = original_content
+        if body.bare_cr is False:
+            setattr(self.envelope, NO_BARE_CR, original_content)
 
         status: Any
         if "DATA" in self._handle_hooks:
@@ -252,36 +345,46 @@ class BulkDataMixin(_MixinBase):
     async def _read_data_body(self, body: _Body) -> None:
         """Consume the stream up to and including the terminator, feeding ``body``.
 
-        ``tail`` is the last 5 bytes consumed, starting with the CRLF that
-        ended the DATA command, so an empty message (``.`` CRLF first) is the
-        same case as any other. The terminator is searched for inside the
-        reader's buffer, so one that began in ``tail`` (a partial match of k
-        bytes) must be finished first; it ends 5 - k bytes ahead at the
-        earliest, so consuming up to that much is safe.
+        First what aiosmtpd's StreamReader already holds (read along with the
+        DATA command, or while it ran), then, straight from the transport,
+        every read that arrives (:meth:`data_received`) until the terminator:
+        the reader sees none of the body, and gets back what follows it.
         """
         reader = self._reader
-        tail = b"\r\n"
-        while True:
-            if tail.endswith(b"\r"):
-                if tail.endswith(b"\r\n.\r"):
-                    chunk = await reader.readexactly(1)
-                else:
-                    # Search for the rest, LF "." CRLF: rare in mail, so a body
-                    # of empty lines stays in bulk.
-                    chunk = await _read_upto(reader, b"\n.\r\n")
-            elif tail.endswith(b"\r\n"):
-                # One byte: reading 3 (all that is safe) would keep a body of
-                # 1-byte lines in this state for ever.
-                chunk = await reader.readexactly(1)
-            elif tail.endswith(b"\r\n."):
-                chunk = await reader.readexactly(2)
-            else:
-                chunk = await _read_upto(reader, _TERM)
-            tail = chunk[-5:] if len(chunk) >= 5 else (tail + chunk)[-5:]
-            if tail == _TERM:
-                body.finish(chunk)
+        pending: bytearray = reader._buffer  # type: ignore[attr-defined]
+        if pending:
+            with memoryview(pending) as view:
+                n = body.feed(view)
+            del pending[:n]
+            # The reader may have paused the transport when its buffer filled.
+            reader._maybe_resume_transport()  # type: ignore[attr-defined]
+            if body.done:
                 return
-            body.feed(chunk)
+        self._data_done = done = self.loop.create_future()
+        self._data_body = body
+        try:
+            await done
+        finally:
+            self._data_body = None
+            self._data_done = None
+
+    _data_body: _Body | None = None
+    _data_done: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        """A transport read: the DATA body's while one is being read, else the reader's."""
+        body = self._data_body
+        if body is None:
+            super().data_received(data)
+            return
+        n = body.feed(data)
+        if body.done:
+            self._data_body = None
+            done = self._data_done
+            if done is not None and not done.done():
+                done.set_result(None)
+            if n < len(data):
+                super().data_received(data[n:])  # pipelined commands: the reader's
 
     async def _process_message_compat(self) -> Any:
         """aiosmtpd's fallback for handlers with only the deprecated ``process_message``."""

@@ -12,13 +12,14 @@ they are.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidMessageId
@@ -29,6 +30,7 @@ __all__ = [
     "add_flag",
     "check_message_id",
     "host_of",
+    "known_line_ends",
     "parse_flags",
     "sanitize_host",
     "serialize_flags",
@@ -169,21 +171,51 @@ def size_suffix(parts: Sequence[memoryview]) -> str:
     ``S`` is the file's size; ``W`` is the RFC 822 size IMAP reports, which
     Dovecot reads from the name instead of counting. Cost: two C scans of the
     bytes (``bytes.count``), about 10 µs per 64 KiB, plus a copy of any part
-    that is not a whole ``bytes`` object.
+    that is not a whole ``bytes`` object; none for a part whose count a caller
+    already knows (:func:`known_line_ends`).
     """
-    size = lf = crlf = 0
+    size = extra = 0  # extra: W - S, the line ends that lack a CR
     prev_cr = False
     for part in parts:
         if not part.nbytes:
             continue
-        data = _whole_bytes(part)
+        known = _KNOWN.get(id(part.obj))
+        if known is not None and known[0] is part.obj and len(known[0]) == part.nbytes:
+            data = known[0]
+            extra += known[1]
+        else:
+            data = _whole_bytes(part)
+            extra += data.count(b"\n") - data.count(b"\r\n")
         size += len(data)
-        lf += data.count(b"\n")
-        crlf += data.count(b"\r\n")
         if prev_cr and data[0] == 10:  # a CRLF split between two parts
-            crlf += 1
+            extra -= 1
         prev_cr = data[-1] == 13
-    return f",S={size},W={size + lf - crlf}"
+    return f",S={size},W={size + extra}"
+
+
+# id(data) -> (data, its count of LF minus its count of CRLF). The entry holds
+# `data`, so its id cannot be reused while it is here. Read from writer threads:
+# a dict lookup is atomic.
+_KNOWN: dict[int, tuple[bytes, int]] = {}
+
+
+@contextlib.contextmanager
+def known_line_ends(data: bytes, extra: int) -> Iterator[None]:
+    """Within the block, :func:`size_suffix` takes a part that is all of ``data`` as having
+    ``extra`` = ``data.count(b"\\n") - data.count(b"\\r\\n")``, instead of counting.
+
+    For a caller that learnt the count while producing ``data`` (the SMTP
+    handler, converting CRLF to LF); a wrong ``extra`` gives a wrong ``,W=``.
+    Only in this process (a helper process counts as before). Nesting with the
+    same object is harmless: the value is a function of the bytes, and a part
+    no longer known is counted.
+    """
+    key = id(data)
+    _KNOWN[key] = (data, extra)
+    try:
+        yield
+    finally:
+        _KNOWN.pop(key, None)
 
 
 def _whole_bytes(part: memoryview) -> bytes:

@@ -1,0 +1,161 @@
+"""The DATA path's fewer passes: LF conversion with its count, sizes the store takes from it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from delivery_executor import DeliveryExecutor, MailboxResolver
+from delivery_executor.smtp import DeliveryHandler, SessionFactory
+from delivery_executor.smtp.handler import LineEndings, to_lf, to_lf_counted
+from delivery_executor.store import names
+from delivery_executor.store.names import known_line_ends, size_suffix
+from delivery_executor.testing import send_message
+
+from .helpers import files_in
+
+pytestmark = pytest.mark.timeout(60)
+
+# Bodies rich in the bytes that matter: CR, LF, CRLF, dots at line starts.
+nasty = st.binary(max_size=80) | st.lists(
+    st.sampled_from([b"\r", b"\n", b"x", b".", b"\r\n", b"\r\n.", b"\r\r\n"]), max_size=60
+).map(b"".join)
+
+
+def counted(data: bytes) -> int:
+    """W - S as size_suffix has always counted it: LFs minus CRLFs."""
+    return data.count(b"\n") - data.count(b"\r\n")
+
+
+@given(nasty)
+@example(b"\r\r\n")
+@example(b"a\r")
+@example(b"\r")
+@example(b"x\rx\n")  # as many bare CRs as bare LFs
+def test_to_lf_counted_is_to_lf_and_its_count(body: bytes) -> None:
+    """The conversion is to_lf's byte for byte, and its count is the one size_suffix makes."""
+    lf, extra = to_lf_counted(body)
+    assert lf == to_lf(body) == body.replace(b"\r\n", b"\n")
+    assert extra == counted(lf)
+
+
+@given(nasty, nasty, st.integers(0, 3))
+@example(b"h\r", b"\nbody\r\n", 0)  # a CRLF split between head and body
+def test_known_line_ends_give_the_counted_suffix(head: bytes, body: bytes, cut: int) -> None:
+    """With the body's count known, the suffix is the one counting gives, for any split of parts."""
+    lf, extra = to_lf_counted(body)
+    parts: tuple[memoryview, ...] = (memoryview(head), memoryview(lf))
+    if cut:  # the head split too: known and counted parts mixed
+        parts = (memoryview(head)[:cut], memoryview(head)[cut:], memoryview(lf))
+    expected = size_suffix(parts)
+    assert expected == size_suffix((memoryview(head + lf),))
+    with known_line_ends(lf, extra):
+        assert size_suffix(parts) == expected
+
+
+def test_known_count_is_used_and_then_forgotten() -> None:
+    """Inside the block the given count is taken (not recounted); after it, counting resumes."""
+    data = b"a\nb\nc\n" * 1000
+    view = (memoryview(data),)
+    with known_line_ends(data, 7):
+        assert size_suffix(view) == f",S={len(data)},W={len(data) + 7}"
+        # A view of part of the object is not the whole object: counted.
+        assert (
+            size_suffix((memoryview(data)[1:],)) == f",S={len(data) - 1},W={len(data) - 1 + 3000}"
+        )
+    assert size_suffix(view) == f",S={len(data)},W={len(data) + 3000}"
+    assert not names._KNOWN
+
+
+@contextlib.asynccontextmanager
+async def serving(root: Path, **kwargs: Any) -> AsyncIterator[tuple[int, DeliveryHandler]]:
+    """An LMTP server on 127.0.0.1:<ephemeral> delivering under ``root``."""
+    loop = asyncio.get_running_loop()
+    writer = kwargs.pop("writer", "loop")
+    ex = DeliveryExecutor(writer=writer)
+    handler = DeliveryHandler(ex, MailboxResolver(root), **kwargs)
+    factory = SessionFactory(
+        handler, lmtp=True, loop=loop, max_connections=16, data_size_limit=handler.max_message_size
+    )
+    srv = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1], handler
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        await ex.aclose()
+
+
+BODIES = [
+    b"Subject: odd\r\n\r\na\rb\r\nc\nd\r\n\r\r\n",
+    b"Subject: dots\r\n\r\n.x\r\n..\r\nend\r\n",
+    b"Subject: big\r\n\r\n" + b"line of text\r\n" * 5000 + b"bare\nlf\r\n",
+    b"x\r\n",
+    b"",
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("writer", ["loop", "thread", "process"])
+@pytest.mark.parametrize("line_endings", ["lf", "crlf"])
+async def test_stored_names_carry_the_sizes_of_their_bytes(
+    tmp_path: Path, writer: str, line_endings: str
+) -> None:
+    """Every writer and line-ending mode names each file with the ,S=,W= of the bytes it holds."""
+    async with serving(tmp_path, writer=writer, line_endings=line_endings) as (port, _):
+        for body in BODIES:
+            replies = await send_message(
+                "127.0.0.1", port, mail_from="s@example.net",
+                rcpts=["a@example.org", "b@example.org"], body=body, lmtp=True,
+            )  # fmt: skip
+            assert all(r.code == 250 for r in replies), replies
+    assert not names._KNOWN
+    for who in ("a", "b"):
+        d = tmp_path / "example.org" / who / "new"
+        assert len(files_in(d)) == len(BODIES)
+        for n in files_in(d):
+            data = (d / n).read_bytes()
+            assert n.endswith(size_suffix((memoryview(data),))), n
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("line_endings", ["lf", "crlf"])
+async def test_handler_hands_its_count_to_the_store(
+    tmp_path: Path, line_endings: LineEndings
+) -> None:
+    """In either mode the body's right count is known to the store while it is delivered."""
+    seen: list[bool] = []
+
+    class Spy:
+        takes_parts = True
+
+        async def deliver(self, path: str, message: object) -> object:
+            assert isinstance(message, tuple)
+            body = message[-1]
+            known = names._KNOWN.get(id(body))
+            seen.append(known is not None and known == (body, counted(body)))
+            return "id"
+
+    handler = DeliveryHandler(Spy(), MailboxResolver(tmp_path), line_endings=line_endings)
+    loop = asyncio.get_running_loop()
+    factory = SessionFactory(handler, lmtp=True, loop=loop, max_connections=16)
+    srv = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        body = b"Subject: s\r\n\r\n" + b"text\r\n" * 300 + b"bare\nLF\r\n"
+        replies = await send_message(
+            "127.0.0.1", port, mail_from="s@example.net", rcpts=["a@example.org"], body=body
+        )
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    assert [r.code for r in replies] == [250]
+    assert seen == [True]
+    assert not names._KNOWN
