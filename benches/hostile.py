@@ -21,19 +21,27 @@ A. **Slow DATA clients.** ``serve --max-size 1048576 --trusted-networks ''``:
    (seconds after it connected).
 B. **Clients that pipeline and never read.** ``serve`` at its defaults.
    Each client (small socket buffers, as an attacker who wants the server to
-   hold the replies would choose) sends LHLO and then NOOP lines in 64 KiB
-   chunks until a send has not gone through for a while (the server stopped
-   reading it) or a byte cap, and never reads. Reported: the server
-   process's VmRSS before, at its peak (sampled, and VmHWM), and after the
-   clients are gone; a normal client's message latency meanwhile; when each
-   client's connection was aborted (TCP state read with ``TCP_INFO``, no
-   read). The unread-reply stall (30 s) is a ``SessionFactory`` argument,
-   not a ``serve`` option, so the full run waits for the default 30 s;
-   ``--quick`` does not wait and closes the clients itself.
+   hold the replies would choose) sends LHLO and then HELP lines (79 bytes of
+   reply for 6 sent) in 64 KiB chunks, never reading, until a send has not
+   gone through for a while or it has sent enough for replies that fill
+   twice what the kernel buffers for the server (tcp_wmem's maximum: the
+   server's send buffer grows to it before its own 64 KiB high-water mark
+   is reached). Meanwhile a normal client sends a 500-byte message on a new
+   connection every second (every half second with ``--quick``). Reported:
+   the server process's VmRSS before, at its peak (sampled every 0.2 s, and
+   VmHWM) and after the clients are gone, its CPU time, the normal messages'
+   latency (DATA end to ``250``, and connect to ``250``), and when each
+   pipelining client's connection was reset (``TCP_INFO``'s state, no read),
+   counted from its connect. The unread-reply stall (30 s) is a
+   ``SessionFactory`` argument, not a ``serve`` option: the full run waits
+   up to 100 s for every reset; ``--quick`` does not wait and closes the
+   clients itself.
 
-Every loop is bounded in count and time: the full run takes about a minute
-and a half, ``--quick`` about 25 s. Exit status 1 if a good message was not
-answered ``250`` or a slow client was not closed by the server.
+Every loop is bounded in count and time: the full run takes about one to
+two and a half minutes (B waits for the resets), ``--quick`` about 20 s.
+Exit status 1 if a good or normal message was not answered ``250``, a slow
+client was not closed by the server, or (full run) a pipelining client was
+not reset in time.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import struct
 import sys
@@ -71,7 +80,6 @@ class Plan:
     good_clients: int
     good_messages: int  # in all, split over the good clients
     pipeliners: int
-    pipeline_cap: int  # bytes of commands a pipeliner sends at most
     blocked_after: float  # a send that has not gone through in this long: it stopped
     fill_limit: float  # seconds the pipeliners may send in all
     wait_abort: float  # seconds to wait for the server to abort them (0: do not)
@@ -80,8 +88,8 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(50, 3, 40.0, 8, 80, 16, 8 << 20, 2.0, 40.0, _WRITE_STALL + 12, 1.0, 80),
-    "quick": Plan(10, 3, 20.0, 4, 16, 2, 4 << 20, 1.0, 8.0, 0.0, 0.5, 10),
+    "full": Plan(50, 3, 40.0, 8, 80, 16, 2.0, 40.0, 100.0, 1.0, 120),
+    "quick": Plan(10, 3, 20.0, 4, 16, 2, 1.0, 8.0, 0.0, 0.5, 10),
 }
 
 
@@ -246,6 +254,12 @@ def _status_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tcp_state(sock: socket.socket) -> int:
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
     return int(struct.unpack("B", info[:1])[0])
@@ -255,11 +269,27 @@ def _tcp_state(sock: socket.socket) -> int:
 class _Pipe:
     sock: socket.socket
     sent: int = 0
+    connected_at: float = 0.0
     blocked_at: float | None = None  # when its sends stopped going through
     aborted_at: float | None = None
 
 
-async def _pipeliner(port: int, plan: Plan, pipes: list[_Pipe]) -> None:
+def _help_cap() -> int:
+    """Bytes of HELP lines whose replies fill twice what the kernel may buffer for us.
+
+    The server's send buffer grows up to tcp_wmem's maximum (4 MiB by
+    default) before its own 64 KiB high-water mark is reached; more input
+    than this would only wait unread in its receive buffer.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            wmem = int(f.read().split()[2])
+    except (OSError, IndexError, ValueError):
+        wmem = 4 << 20
+    return 2 * (wmem + (128 << 10)) * 6 // 79
+
+
+async def _pipeliner(port: int, plan: Plan, pipes: list[_Pipe], cap: int) -> None:
     """LHLO, then HELP lines (79 bytes of reply for 6 sent) until blocked or the cap."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -269,9 +299,10 @@ async def _pipeliner(port: int, plan: Plan, pipes: list[_Pipe]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     sock.setblocking(False)
     await asyncio.wait_for(loop.sock_connect(sock, (_HOST, port)), _STEP)
+    pipe.connected_at = time.monotonic()
     chunk = b"HELP\r\n" * (64 * 1024 // 6)
     first = b"LHLO pipeliner.invalid\r\n"
-    while pipe.sent < plan.pipeline_cap:
+    while pipe.sent < cap:
         try:
             await asyncio.wait_for(loop.sock_sendall(sock, first + chunk), plan.blocked_after)
         except TimeoutError:
@@ -339,6 +370,8 @@ async def _watch(
 async def _scenario_b(port: int, pid: int, plan: Plan) -> dict[str, Any]:
     await _normal_message(port, 0)  # the delivery path is loaded before the baseline
     before = _status_kib(pid)
+    cpu0 = _cpu_seconds(pid)
+    cap = _help_cap()
     peak = [before["VmRSS"]]
     pipes: list[_Pipe] = []
     normal: list[tuple[int, float, float]] = []
@@ -349,7 +382,7 @@ async def _scenario_b(port: int, pid: int, plan: Plan) -> dict[str, Any]:
     normals = asyncio.create_task(_normal_loop(port, plan, stop, normal))
     try:
         senders = [
-            asyncio.create_task(_pipeliner(port, plan, pipes)) for _ in range(plan.pipeliners)
+            asyncio.create_task(_pipeliner(port, plan, pipes, cap)) for _ in range(plan.pipeliners)
         ]
         _, late = await asyncio.wait(senders, timeout=plan.fill_limit)
         for task in late:  # still sending at the limit: they stop here, unread
@@ -379,11 +412,14 @@ async def _scenario_b(port: int, pid: int, plan: Plan) -> dict[str, Any]:
     after = _status_kib(pid)
     data_ms = sorted(n[1] for n in normal)
     total_ms = sorted(n[2] for n in normal)
-    stalls = [p.aborted_at - p.blocked_at for p in pipes if p.aborted_at and p.blocked_at]
+    stalls = [p.aborted_at - p.connected_at for p in pipes if p.aborted_at]
+    cpu = _cpu_seconds(pid) - cpu0
     return {
         "pipeliners": plan.pipeliners,
         "bytes_sent_per_client_max": max(p.sent for p in pipes),
+        "bytes_cap_per_client": cap,
         "blocked": sum(p.blocked_at is not None for p in pipes),
+        "server_cpu_s": round(cpu, 1),
         "fill_seconds": round(filled, 2),
         "rss_before_mib": round(before["VmRSS"] / 1024, 1),
         "rss_peak_mib": round(peak[0] / 1024, 1),
@@ -398,8 +434,8 @@ async def _scenario_b(port: int, pid: int, plan: Plan) -> dict[str, Any]:
         "waited_for_abort": bool(plan.wait_abort),
         "write_stall_s": _WRITE_STALL,
         "aborted": sum(p.aborted_at is not None for p in pipes),
-        # From when the client's sends stopped going through (the server had
-        # stopped reading a little before): an upper bound of write_stall + a tick.
+        # From the client's connect; write_stall counts from when the server
+        # stopped reading it, which the client cannot see.
         "aborted_after_min_s": round(min(stalls), 1) if stalls else None,
         "aborted_after_max_s": round(max(stalls), 1) if stalls else None,
     }
@@ -449,7 +485,7 @@ def format_report(r: dict[str, Any]) -> str:
     rows += [(f"     {n} x", reply) for reply, n in sorted(a["slow_replies"].items())]
     stall = (
         f"{b['aborted']} / {b['pipeliners']}, {b['aborted_after_min_s']}-"
-        f"{b['aborted_after_max_s']} s after their sends stopped (write_stall"
+        f"{b['aborted_after_max_s']} s after connecting (write_stall"
         f" {b['write_stall_s']:g} s, SessionFactory's default)"
         if b["waited_for_abort"]
         else "not waited for (--quick; write_stall is 30 s): closed by the bench"
@@ -461,7 +497,11 @@ def format_report(r: dict[str, Any]) -> str:
             "",
         ),
         ("   serve", f"{b['serve_args'] or '(defaults)'}"),
-        ("   clients the server stopped reading", f"{b['blocked']} / {b['pipeliners']}"),
+        (
+            "   clients whose sends blocked (server busy or not reading)",
+            f"{b['blocked']} / {b['pipeliners']}",
+        ),
+        ("   server CPU meanwhile", f"{b['server_cpu_s']} s"),
         (
             "   server VmRSS before / peak / after",
             f"{b['rss_before_mib']} / {b['rss_peak_mib']} / {b['rss_after_mib']} MiB"
