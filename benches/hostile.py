@@ -53,6 +53,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -254,6 +255,37 @@ def _status_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def _since(t: float | None, t0: float) -> float | None:
+    return None if t is None else round(t - t0, 1)
+
+
+def _local_port(sock: socket.socket) -> int | None:
+    try:
+        return int(sock.getsockname()[1])
+    except OSError:
+        return None
+
+
+def _server_queues(port: int) -> dict[int, tuple[int, int]]:
+    """Peer port → (Recv-Q, Send-Q) of the server's established sockets, from ``ss``; {} if none."""
+    try:
+        out = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    queues = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[3].rpartition(":")[2].isdigit():
+            queues[int(fields[3].rpartition(":")[2])] = (int(fields[0]), int(fields[1]))
+    return queues
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
@@ -400,6 +432,17 @@ async def _scenario_b(port: int, pid: int, plan: Plan) -> dict[str, Any]:
         await asyncio.wait_for(normals, _STEP * 2)
         await watcher
         at_peak = _status_kib(pid)
+        queues = _server_queues(port)
+        clients = [
+            {
+                "sent": p.sent,
+                "blocked_after_s": _since(p.blocked_at, p.connected_at),
+                "reset_after_s": _since(p.aborted_at, p.connected_at),
+                # The server's kernel queues for it when the wait ended (gone if reset).
+                "server_recv_q_send_q": queues.get(_local_port(p.sock) or 0),
+            }
+            for p in pipes
+        ]
     finally:
         stop.set()
         for p in pipes:
@@ -438,6 +481,7 @@ async def _scenario_b(port: int, pid: int, plan: Plan) -> dict[str, Any]:
         # stopped reading it, which the client cannot see.
         "aborted_after_min_s": round(min(stalls), 1) if stalls else None,
         "aborted_after_max_s": round(max(stalls), 1) if stalls else None,
+        "clients": clients,
     }
 
 
