@@ -573,7 +573,8 @@ def format_report(r: dict[str, Any]) -> str:
         ("   aborted by the server", stall),
         (
             "   not reset: replies in the server's kernel",
-            f"{b['pipeliners'] - b['aborted']}, Send-Q up to {b['not_reset_send_q_max']} B",
+            f"{b['pipeliners'] - b['aborted']}"
+            + (f", Send-Q up to {q} B" if (q := b["not_reset_send_q_max"]) else ""),
         ),
     ]
     width = max(len(k) for k, v in rows if v)
