@@ -41,6 +41,7 @@ from typing import BinaryIO
 
 from ..fsops import OS_OPS, FsOps
 from ..store import MessageId, SyncMode, check_sync
+from ..validate import count
 from .base import BatchResult, Group, GroupResult, ThreadPool, write_batch
 
 __all__ = [
@@ -405,8 +406,7 @@ class ProcessWriter:
         thread_above: int | None = THREAD_ABOVE,
     ) -> None:
         check_sync(sync)
-        if isinstance(helpers, bool) or not isinstance(helpers, int) or helpers < 1:
-            raise ValueError(f"helpers must be an int >= 1, not {helpers!r}")
+        helpers = count("helpers", helpers)
         self.sync: SyncMode = sync
         self.size_in_names = size_in_names
         self.thread_above = thread_above
