@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeAlias, TypeVar
 
 from ..fsops import OS_OPS, FsOps
-from ..store import Maildir, MessageId, StepDriver, SyncMode, commit_steps
+from ..store import Maildir, MessageId, StepDriver, StoreOptions, SyncMode, commit_steps
 from ..store.commit import Parts
 
 __all__ = [
@@ -86,16 +86,19 @@ def write_batch(
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
     size_in_names: bool = True,
+    options: StoreOptions | None = None,
 ) -> BatchResult:
     """The blocking writer: :meth:`Maildir.cached` + :func:`commit_batch`, in this thread.
 
-    A path that cannot be opened or created fails only its own group. A group
-    that fails with ``ENOENT`` or ``ENOTDIR`` drops its path from the Maildir
-    cache, so a Maildir removed at run time is created again next time.
+    ``options`` (a :class:`~delivery_executor.store.StoreOptions`) may stand
+    for the three keywords. A path that cannot be opened or created fails only
+    its own group. A group that fails with ``ENOENT`` or ``ENOTDIR`` drops its
+    path from the Maildir cache, so a Maildir removed at run time is created
+    again next time.
     """
-    opened = open_maildirs(groups, lambda path: Maildir.cached(path, ops=ops))
-    steps = commit_steps(opened.live, sync=sync, ops=ops, size_in_names=size_in_names)
-    driver = StepDriver(steps).run_here(ops)
+    opts = StoreOptions.of(options, sync, ops, size_in_names)
+    opened = open_maildirs(groups, lambda path: Maildir.cached(path, ops=opts.ops))
+    driver = StepDriver(commit_steps(opened.live, options=opts)).run_here(opts.ops)
     return opened.merge(driver.results), driver.syncs
 
 

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Sequence
 
 from ..fsops import OS_OPS, FsOps
-from ..store import Maildir, StepDriver, SyncMode, check_sync, commit_steps, run_sync_call
+from ..store import Maildir, StepDriver, StoreOptions, SyncMode, commit_steps, run_sync_call
 from .base import BatchResult, BlockingWriter, Group, ThreadPool, open_maildirs, write_batch
 
 __all__ = ["INLINE_WRITE_LIMIT", "LoopWriter", "ThreadWriter", "write_batch"]
@@ -42,7 +42,7 @@ class ThreadWriter:
     """Writes each batch in a thread with a blocking writer (see the module doc).
 
     ``ThreadWriter()`` uses :func:`write_batch` with ``sync``, ``ops`` and
-    ``size_in_names``;
+    ``size_in_names`` (or one ``options`` value standing for them);
     ``ThreadWriter(fn)`` runs any :class:`BlockingWriter` instead (tests use
     slow or failing fakes this way).
     """
@@ -56,10 +56,11 @@ class ThreadWriter:
         sync: SyncMode = "auto",
         ops: FsOps = OS_OPS,
         size_in_names: bool = True,
+        options: StoreOptions | None = None,
     ) -> None:
         if write is None:
-            check_sync(sync)
-            write = functools.partial(write_batch, sync=sync, ops=ops, size_in_names=size_in_names)
+            opts = StoreOptions.of(options, sync, ops, size_in_names)
+            write = functools.partial(write_batch, options=opts)
         elif not callable(write):
             raise TypeError(f"write must be callable, not {type(write).__name__}")
         self.write: BlockingWriter = write
@@ -78,9 +79,13 @@ class ThreadWriter:
 
 
 class LoopWriter:
-    """Writes on the loop, syncs in a thread (see the module doc). Costs nothing idle."""
+    """Writes on the loop, syncs in a thread (see the module doc). Costs nothing idle.
 
-    __slots__ = ("_threads", "inline_limit", "ops", "size_in_names", "sync")
+    ``options`` (a :class:`~delivery_executor.store.StoreOptions`) may stand
+    for ``sync``, ``ops`` and ``size_in_names``.
+    """
+
+    __slots__ = ("_threads", "inline_limit", "options")
 
     def __init__(
         self,
@@ -89,13 +94,26 @@ class LoopWriter:
         *,
         inline_limit: int = INLINE_WRITE_LIMIT,
         size_in_names: bool = True,
+        options: StoreOptions | None = None,
     ) -> None:
-        check_sync(sync)
-        self.sync: SyncMode = sync
-        self.ops = ops
+        self.options = StoreOptions.of(options, sync, ops, size_in_names)
         self.inline_limit = inline_limit
-        self.size_in_names = size_in_names
         self._threads = ThreadPool(_THREADS, "delivery-sync")
+
+    @property
+    def sync(self) -> SyncMode:
+        """The sync form (``options.sync``)."""
+        return self.options.sync
+
+    @property
+    def ops(self) -> FsOps:
+        """The file-system calls (``options.ops``)."""
+        return self.options.ops
+
+    @property
+    def size_in_names(self) -> bool:
+        """Whether names carry ``,S=``/``,W=`` (``options.size_in_names``)."""
+        return self.options.size_in_names
 
     def __repr__(self) -> str:
         return f"LoopWriter(sync={self.sync!r})"
@@ -103,9 +121,7 @@ class LoopWriter:
     async def acommit(self, groups: Sequence[Group]) -> BatchResult:
         """Write ``groups``: page-cache work here, syncs and Maildir creation in a thread."""
         if _nbytes(groups) > self.inline_limit:
-            whole = functools.partial(
-                write_batch, sync=self.sync, ops=self.ops, size_in_names=self.size_in_names
-            )
+            whole = functools.partial(write_batch, options=self.options)
             return await self._threads.run(whole, groups)
         created: dict[str, Maildir | OSError] = {}
         for path, _ in groups:
@@ -122,10 +138,7 @@ class LoopWriter:
             return md
 
         opened = open_maildirs(groups, lookup)
-        steps = commit_steps(
-            opened.live, sync=self.sync, ops=self.ops, size_in_names=self.size_in_names
-        )
-        driver = StepDriver(steps)
+        driver = StepDriver(commit_steps(opened.live, options=self.options))
         err: OSError | None = None
         while (call := driver.next_call(err)) is not None:
             err = await self._threads.run(run_sync_call, self.ops, call)

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from ..fsops import OS_OPS, FsOps
-from ..store import MessageId, SyncMode, check_sync
+from ..store import MessageId, StoreOptions, SyncMode
 from ..validate import count
 from .base import BatchResult, Group, GroupResult, ThreadPool, write_batch
 
@@ -275,11 +275,11 @@ def serve_batches(
     Tests run it in-process with a tracing ``ops`` to check the helper's own
     path (frame decoding, :func:`write_batch`, reply) for crash safety.
     """
-    check_sync(sync)
+    options = StoreOptions(sync, size_in_names, ops)
     while (request := read_request(stdin)) is not None:
         batch, groups = request
         try:
-            results, syncs = write_batch(groups, sync=sync, ops=ops, size_in_names=size_in_names)
+            results, syncs = write_batch(groups, options=options)
         except Exception as exc:  # a bug: report it to the batch, keep serving
             results, syncs = [exc] * len(groups), 0
         stdout.write(encode_reply(batch, results, syncs))
@@ -404,18 +404,32 @@ class ProcessWriter:
         size_in_names: bool = True,
         helpers: int = 1,
         thread_above: int | None = THREAD_ABOVE,
+        options: StoreOptions | None = None,
     ) -> None:
-        check_sync(sync)
+        opts = StoreOptions.of(options, sync, size_in_names=size_in_names)
+        if opts.ops is not OS_OPS:
+            raise ValueError(
+                "ProcessWriter writes with the os module's calls: options.ops must be OS_OPS"
+            )
         helpers = count("helpers", helpers)
-        self.sync: SyncMode = sync
-        self.size_in_names = size_in_names
+        self.options = opts
         self.thread_above = thread_above
         self._threads = ThreadPool(4, "delivery-write")
         self.python = python or sys.executable
-        names = [] if size_in_names else ["--plain-names"]
-        argv = [self.python, "-m", "delivery_executor.writers._helper", "--sync", sync, *names]
+        names = [] if opts.size_in_names else ["--plain-names"]
+        argv = [self.python, "-m", "delivery_executor.writers._helper", "--sync", opts.sync, *names]
         self._helpers = [_Helper(argv) for _ in range(helpers)]
         self._next = 0
+
+    @property
+    def sync(self) -> SyncMode:
+        """The sync form (``options.sync``)."""
+        return self.options.sync
+
+    @property
+    def size_in_names(self) -> bool:
+        """Whether names carry ``,S=``/``,W=`` (``options.size_in_names``)."""
+        return self.options.size_in_names
 
     def __repr__(self) -> str:
         pids = [h.proc.pid if h.proc is not None else None for h in self._helpers]
@@ -460,7 +474,7 @@ class ProcessWriter:
         """
         blobs, tail, widest = _index(groups)
         if self.thread_above is not None and sum(b.nbytes for b in blobs) > self.thread_above:
-            whole = functools.partial(write_batch, sync=self.sync, size_in_names=self.size_in_names)
+            whole = functools.partial(write_batch, options=self.options)
             return await self._threads.run(whole, groups)
         batch = (self._next + 1) & 0xFFFFFFFF
         frame = _frame(batch, blobs, tail, widest)  # ValueError before any state changes
