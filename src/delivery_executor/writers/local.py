@@ -1,9 +1,9 @@
 """Writers that run in the executor's own process: on the loop, or in a thread.
 
 :class:`LoopWriter` (``writer="loop"``, the library's default)
-    The page-cache work of a batch (open, write, close, rename: microseconds
-    each) runs on the event loop; each sync, and the first creation of a
-    Maildir, runs in a thread. A batch with more than ``thread_above``
+    The page-cache work of a batch (open, write, close, rename: none of them
+    waits for the disk) runs on the event loop; each sync, and the first
+    creation of a Maildir, runs in a thread. A batch with more than ``thread_above``
     (:data:`~delivery_executor.writers.base.LOOP_THREAD_ABOVE`) body bytes is
     written whole in a thread instead: copying megabytes on the loop would
     stall every other session.

@@ -390,7 +390,7 @@ class ProcessWriter:
 
     Use it as ``DeliveryExecutor(writer="process")`` or
     ``DeliveryExecutor(writer=ProcessWriter(sync))``. ``helpers`` processes
-    (about 20 MB each) write batches side by side, each batch going to the one
+    (an interpreter's memory each) write batches side by side, each batch going to the one
     holding the fewest; started by :meth:`start` or at the first batch. Costs
     one copy of each batch through a pipe, and one pipe write and read on the
     loop per batch.
