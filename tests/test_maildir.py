@@ -769,6 +769,9 @@ def test_store_options_is_one_value_for_the_three_store_flags(tmp_path: Path) ->
     assert LoopWriter("fsync", ops, size_in_names=False).options == opts
     assert LoopWriter(options=opts).sync == "fsync"
     assert LoopWriter().options is DEFAULT_STORE_OPTIONS
+    assert StoreOptions.of(None, "fsync") is StoreOptions.of(None, "fsync")  # no per-call value
+    with pytest.raises(ValueError, match="sync must be one of"):
+        LoopWriter("sometimes")  # type: ignore[arg-type]
     assert ProcessWriter(size_in_names=False).options == StoreOptions(size_in_names=False)
     with pytest.raises(TypeError, match="not both"):
         commit_batch([(md, [b"x"])], sync="fsync", options=opts)

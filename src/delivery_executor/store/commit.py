@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,8 +185,8 @@ class StoreOptions:
     ) -> StoreOptions:
         """``options``, or the value the three keywords make; ``TypeError`` if given both."""
         if options is None:
-            if sync == "auto" and ops is OS_OPS and size_in_names:
-                return DEFAULT_STORE_OPTIONS
+            if ops is OS_OPS and sync in SYNC_MODES and isinstance(size_in_names, bool):
+                return _plain_options(sync, size_in_names)  # shared: no allocation per call
             return StoreOptions(sync, size_in_names, ops)
         if not isinstance(options, StoreOptions):
             raise TypeError(f"options must be a StoreOptions, not {type(options).__name__}")
@@ -195,6 +196,13 @@ class StoreOptions:
 
 
 DEFAULT_STORE_OPTIONS = StoreOptions()
+
+
+@functools.lru_cache(maxsize=len(SYNC_MODES) * 2)
+def _plain_options(sync: SyncMode, size_in_names: bool) -> StoreOptions:
+    if sync == "auto" and size_in_names:
+        return DEFAULT_STORE_OPTIONS
+    return StoreOptions(sync, size_in_names)  # ValueError (not cached) for an unusable sync
 
 
 # --------------------------------------------------------------------------
