@@ -235,7 +235,7 @@ MUTANTS = [
     ),
     Mutant(
         "process-slices-one-blob",
-        PKG + "writers/process.py",
+        PKG + "writers/base.py",
         "    return id(part.obj) if whole else id(part)",
         "    return id(part.obj)",
         ("tests/test_process_writer.py", "-k", "slices"),

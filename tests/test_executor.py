@@ -220,6 +220,68 @@ async def test_big_batches_are_written_in_a_thread_not_on_the_loop(
     assert (tmp_path / "m" / "new" / big.name).read_bytes() == big_body
 
 
+@pytest.mark.asyncio
+async def test_loop_writer_counts_a_shared_body_once_towards_thread_above(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 copies of one 100 KiB body (2 MB of copies, 100 KiB distinct) stay on the loop."""
+    from delivery_executor.writers import LoopWriter
+
+    threads: list[str] = []
+    real_write_batch = writers_local.write_batch
+
+    def watching(groups: Sequence[Group], **kwargs: Any) -> BatchResult:
+        threads.append(threading.current_thread().name)
+        return real_write_batch(groups, **kwargs)
+
+    monkeypatch.setattr(writers_local, "write_batch", watching)
+    body = os.urandom(100 * 1024)
+    boxes = [str(tmp_path / f"u{i}") for i in range(20)]
+    writer = LoopWriter()
+    try:
+        results, _ = await writer.acommit([(box, [(memoryview(body),)]) for box in boxes])
+        assert threads == []  # the loop path: 100 KiB distinct is under 256 KiB
+        copies = [(box, [(memoryview(bytes(bytearray(body))),)]) for box in boxes[:3]]  # 3 bodies
+        more, _ = await writer.acommit(copies)
+        assert len(threads) == 1  # 300 KiB distinct: written whole in a thread
+    finally:
+        await writer.aclose()
+    for box, ids in zip(boxes + boxes[:3], results + more, strict=True):
+        assert not isinstance(ids, BaseException), ids
+        assert (Path(box) / "new" / ids[0].name).read_bytes() == body
+
+
+def test_thread_above_is_one_concept_for_both_writers() -> None:
+    """Both writers take thread_above (None: never), checked alike; inline_limit is an alias."""
+    from delivery_executor.writers import LoopWriter, ProcessWriter
+    from delivery_executor.writers.base import (
+        LOOP_THREAD_ABOVE,
+        PROCESS_THREAD_ABOVE,
+        goes_to_thread,
+    )
+
+    assert INLINE_WRITE_LIMIT == LOOP_THREAD_ABOVE == LoopWriter().thread_above
+    assert ProcessWriter().thread_above == PROCESS_THREAD_ABOVE
+    assert (
+        LoopWriter(inline_limit=10).thread_above == 10 == LoopWriter(inline_limit=10).inline_limit
+    )
+    assert LoopWriter(thread_above=None).thread_above is None
+    for make in (LoopWriter, ProcessWriter):
+        with pytest.raises(TypeError, match="thread_above must be an int, not bool"):
+            make(thread_above=True)
+        with pytest.raises(ValueError, match="thread_above must be >= 0, not -1"):
+            make(thread_above=-1)
+    with pytest.raises(TypeError, match="not both"):
+        LoopWriter(thread_above=5, inline_limit=10)
+    body = memoryview(b"x" * 10)
+    shared = [("a", [(body,)]), ("b", [(body,)])]
+    assert not goes_to_thread(shared, 10)  # one body, counted once
+    assert goes_to_thread(shared, 9)
+    two = [("a", [(memoryview(bytes(bytearray(10))),), (memoryview(bytes(bytearray(10))),)])]
+    assert goes_to_thread(two, 19)  # two bodies of equal bytes: two bodies
+    assert not goes_to_thread(shared, None)
+
+
 class LimitedWriter(ThreadWriter):
     """A ThreadWriter that declares a max_parts, as any custom writer may."""
 

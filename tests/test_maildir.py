@@ -747,3 +747,39 @@ def test_eacces_on_an_unwritable_directory(tmp_path: Path) -> None:
         assert os.waitstatus_to_exitcode(status) == errno.EACCES
     assert files_in(md.path / "new") == []
     assert files_in(md.path / "tmp") == []
+
+
+def test_store_options_is_one_value_for_the_three_store_flags(tmp_path: Path) -> None:
+    """StoreOptions stands for sync/ops/size_in_names in commit_batch and the writers."""
+    from delivery_executor.store import StoreOptions, commit_batch
+    from delivery_executor.store.commit import DEFAULT_STORE_OPTIONS
+    from delivery_executor.writers import LoopWriter, ProcessWriter, ThreadWriter, write_batch
+
+    ops = RecordingOps()
+    opts = StoreOptions(sync="fsync", size_in_names=False, ops=ops)
+    md = Maildir.create(tmp_path / "m")
+    [ids] = commit_batch([(md, [b"one\n"])], options=opts)
+    assert isinstance(ids, list)
+    assert "," not in ids[0].name  # size_in_names=False: no ,S=/,W=
+    assert (md.path / "new" / ids[0].name).read_bytes() == b"one\n"
+    assert any(call[0] == "fdatasync" for call in ops.calls)  # the given ops and sync
+    ([ids2], _) = write_batch([(str(md.path), [(memoryview(b"two\n"),)])], options=opts)
+    assert isinstance(ids2, list) and "," not in ids2[0].name
+    # The keywords build the same value; the defaults are one shared value.
+    assert LoopWriter("fsync", ops, size_in_names=False).options == opts
+    assert LoopWriter(options=opts).sync == "fsync"
+    assert LoopWriter().options is DEFAULT_STORE_OPTIONS
+    assert StoreOptions.of(None, "fsync") is StoreOptions.of(None, "fsync")  # no per-call value
+    with pytest.raises(ValueError, match="sync must be one of"):
+        LoopWriter("sometimes")  # type: ignore[arg-type]
+    assert ProcessWriter(size_in_names=False).options == StoreOptions(size_in_names=False)
+    with pytest.raises(TypeError, match="not both"):
+        commit_batch([(md, [b"x"])], sync="fsync", options=opts)
+    with pytest.raises(TypeError, match="not both"):
+        ThreadWriter(size_in_names=False, options=opts)
+    with pytest.raises(TypeError, match="must be a StoreOptions"):
+        LoopWriter(options="fsync")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sync must be one of"):
+        StoreOptions(sync="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be OS_OPS"):
+        ProcessWriter(options=opts)  # the helper process cannot use a tracing ops

@@ -237,8 +237,10 @@ async def test_two_helpers_share_the_batches_and_both_stop(tmp_path: Path) -> No
     for mid, (path, body) in zip(ids, jobs, strict=True):
         assert (path / "new" / mid.name).read_bytes() == body
     assert all(p is not None and p.returncode == 0 for p in procs)
-    with pytest.raises(ValueError, match="helpers must be an int >= 1"):
+    with pytest.raises(ValueError, match="helpers must be >= 1, not 0"):
         ProcessWriter(helpers=0)
+    with pytest.raises(TypeError, match="helpers must be an int, not bool"):
+        ProcessWriter(helpers=True)  # a bool is not a count, as everywhere else
 
 
 @pytest.mark.asyncio

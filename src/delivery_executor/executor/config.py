@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, TypeAlias
 
-from ..store import SyncMode, check_sync
+from ..store import StoreOptions, SyncMode
 from ..validate import count, seconds
 from ..writers import BatchWriter, LoopWriter, ProcessWriter, ThreadWriter
 
@@ -86,22 +86,21 @@ class ExecutorConfig:
             raise ValueError(
                 f"max_message_size ({size}) must not exceed max_queued_bytes ({max_queued_bytes})"
             )
-        made = _make_writer(writer, sync, size_in_names)
+        made = _make_writer(writer, StoreOptions.of(None, sync, size_in_names=size_in_names))
         # The writer's own limit, checked at deliver(): in a batch it would fail everyone.
         limit = getattr(made, "max_parts", None)
         parts = None if limit is None else count("writer.max_parts", limit)
         return cls(batch, wait, flushes, policy, queued, queued_bytes, message_size, made, parts)
 
 
-def _make_writer(writer: BatchWriter | WriterName, sync: SyncMode, sizes: bool) -> BatchWriter:
-    check_sync(sync)
+def _make_writer(writer: BatchWriter | WriterName, options: StoreOptions) -> BatchWriter:
     if isinstance(writer, str):
         if writer == "loop":
-            return LoopWriter(sync, size_in_names=sizes)
+            return LoopWriter(options=options)
         if writer == "thread":
-            return ThreadWriter(sync=sync, size_in_names=sizes)
+            return ThreadWriter(options=options)
         if writer == "process":
-            return ProcessWriter(sync, size_in_names=sizes)
+            return ProcessWriter(options=options)
         raise ValueError(f"writer must be one of {WRITERS} or a BatchWriter, not {writer!r}")
     if not callable(getattr(writer, "acommit", None)) or not callable(
         getattr(writer, "aclose", None)

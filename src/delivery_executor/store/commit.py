@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, TypeAlias
 
@@ -87,6 +89,7 @@ __all__ = [
     "MaildirTarget",
     "Message",
     "StepDriver",
+    "StoreOptions",
     "SyncCall",
     "SyncMode",
     "check_message",
@@ -155,6 +158,53 @@ def check_sync(sync: str) -> None:
         raise ValueError("sync='syncfs' is not available on this platform")
 
 
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """How the store writes a batch: one value instead of three threaded flags.
+
+    ``sync`` picks the sync form (:data:`SyncMode`, checked here: ``ValueError``);
+    ``size_in_names`` puts ``,S=``/``,W=`` in each name; ``ops`` makes the
+    file-system calls (tests pass a tracing or failing one). Built once, at a
+    public boundary (a writer's or the executor's constructor), and passed down
+    as is: nothing is allocated per batch or per message.
+    """
+
+    sync: SyncMode = "auto"
+    size_in_names: bool = True
+    ops: FsOps = OS_OPS
+
+    def __post_init__(self) -> None:
+        check_sync(self.sync)
+
+    @staticmethod
+    def of(
+        options: StoreOptions | None,
+        sync: SyncMode = "auto",
+        ops: FsOps = OS_OPS,
+        size_in_names: bool = True,
+    ) -> StoreOptions:
+        """``options``, or the value the three keywords make; ``TypeError`` if given both."""
+        if options is None:
+            if ops is OS_OPS and sync in SYNC_MODES and isinstance(size_in_names, bool):
+                return _plain_options(sync, size_in_names)  # shared: no allocation per call
+            return StoreOptions(sync, size_in_names, ops)
+        if not isinstance(options, StoreOptions):
+            raise TypeError(f"options must be a StoreOptions, not {type(options).__name__}")
+        if sync != "auto" or ops is not OS_OPS or not size_in_names:
+            raise TypeError("pass options= or sync/ops/size_in_names, not both")
+        return options
+
+
+DEFAULT_STORE_OPTIONS = StoreOptions()
+
+
+@functools.lru_cache(maxsize=len(SYNC_MODES) * 2)
+def _plain_options(sync: SyncMode, size_in_names: bool) -> StoreOptions:
+    if sync == "auto" and size_in_names:
+        return DEFAULT_STORE_OPTIONS
+    return StoreOptions(sync, size_in_names)  # ValueError (not cached) for an unusable sync
+
+
 # --------------------------------------------------------------------------
 # The protocol
 
@@ -188,6 +238,7 @@ def commit_batch(
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
     size_in_names: bool = True,
+    options: StoreOptions | None = None,
 ) -> list[list[MessageId] | OSError]:
     """Durably deliver several Maildirs' messages with shared sync steps, in this thread.
 
@@ -210,11 +261,12 @@ def commit_batch(
     with CRLF line ends>``, the Maildir++ sizes Dovecot and quota tools read
     without a ``stat`` (see :func:`~delivery_executor.store.names.size_suffix`).
 
+    ``options`` (a :class:`StoreOptions`) may stand for the three keywords.
     Raises ``TypeError``/``ValueError`` for bad bodies or ``sync`` before any
     file is touched. Cost: see the module docstring for the syscalls.
     """
-    steps = commit_steps(groups, sync=sync, ops=ops, size_in_names=size_in_names)
-    return StepDriver(steps).run_here(ops).results
+    opts = StoreOptions.of(options, sync, ops, size_in_names)
+    return StepDriver(commit_steps(groups, options=opts)).run_here(opts.ops).results
 
 
 def commit_steps(
@@ -223,6 +275,7 @@ def commit_steps(
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
     size_in_names: bool = True,
+    options: StoreOptions | None = None,
 ) -> CommitSteps:
     """:func:`commit_batch` as a generator that hands each sync to its driver.
 
@@ -230,11 +283,12 @@ def commit_steps(
     and yields a :data:`SyncCall` wherever the protocol must wait for the disk;
     the driver makes that call (:func:`run_sync_call`) and sends back ``None``
     or the ``OSError`` it raised. Its return value is :func:`commit_batch`'s.
-    Messages and ``sync`` are checked here, before the generator exists.
+    Messages and ``sync`` are checked here, before the generator exists;
+    ``options`` may stand for the three keywords, as in :func:`commit_batch`.
     """
-    check_sync(sync)
+    opts = StoreOptions.of(options, sync, ops, size_in_names)
     work = [_Group(md, [check_message(m) for m in messages]) for md, messages in groups]
-    return _steps(work, sync, ops, size_in_names)
+    return _steps(work, opts)
 
 
 class StepDriver:
@@ -302,8 +356,9 @@ def _syncfs_devices(work: list[_Group], sync: str) -> set[int]:
     return set(per_dev) if sync == "syncfs" else set()
 
 
-def _steps(work: list[_Group], sync: str, ops: FsOps, sizes: bool) -> CommitSteps:
-    syncfs_devs = _syncfs_devices(work, sync)
+def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
+    ops, sizes = options.ops, options.size_in_names
+    syncfs_devs = _syncfs_devices(work, options.sync)
     # Per syncfs file system, the first file written there stays open: syncfs
     # runs on it. Opening a directory instead could fail for one broken Maildir
     # (gone, unreadable) and so fail every group on the file system; and an fd

@@ -23,15 +23,21 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeAlias, TypeVar
 
 from ..fsops import OS_OPS, FsOps
-from ..store import Maildir, MessageId, StepDriver, SyncMode, commit_steps
+from ..store import Maildir, MessageId, StepDriver, StoreOptions, SyncMode, commit_steps
 from ..store.commit import Parts
+from ..validate import count
 
 __all__ = [
+    "LOOP_THREAD_ABOVE",
+    "PROCESS_THREAD_ABOVE",
     "BatchResult",
     "BatchWriter",
     "BlockingWriter",
     "Group",
     "GroupResult",
+    "body_key",
+    "check_thread_above",
+    "goes_to_thread",
     "write_batch",
 ]
 
@@ -86,17 +92,77 @@ def write_batch(
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
     size_in_names: bool = True,
+    options: StoreOptions | None = None,
 ) -> BatchResult:
     """The blocking writer: :meth:`Maildir.cached` + :func:`commit_batch`, in this thread.
 
-    A path that cannot be opened or created fails only its own group. A group
-    that fails with ``ENOENT`` or ``ENOTDIR`` drops its path from the Maildir
-    cache, so a Maildir removed at run time is created again next time.
+    ``options`` (a :class:`~delivery_executor.store.StoreOptions`) may stand
+    for the three keywords. A path that cannot be opened or created fails only
+    its own group. A group that fails with ``ENOENT`` or ``ENOTDIR`` drops its
+    path from the Maildir cache, so a Maildir removed at run time is created
+    again next time.
     """
-    opened = open_maildirs(groups, lambda path: Maildir.cached(path, ops=ops))
-    steps = commit_steps(opened.live, sync=sync, ops=ops, size_in_names=size_in_names)
-    driver = StepDriver(steps).run_here(ops)
+    opts = StoreOptions.of(options, sync, ops, size_in_names)
+    opened = open_maildirs(groups, lambda path: Maildir.cached(path, ops=opts.ops))
+    driver = StepDriver(commit_steps(opened.live, options=opts)).run_here(opts.ops)
     return opened.merge(driver.results), driver.syncs
+
+
+# --------------------------------------------------------------------------
+# A big batch is written whole in a thread of this process
+
+
+LOOP_THREAD_ABOVE = 256 * 1024
+""":class:`~delivery_executor.writers.LoopWriter`'s ``thread_above``: past it a
+batch is written in a thread rather than on the loop, so that copying its
+bodies into the page cache never holds the loop for long. A bound on the loop's
+stall, not a measured optimum (BUDGETS.md)."""
+PROCESS_THREAD_ABOVE = 1 << 20
+""":class:`~delivery_executor.writers.ProcessWriter`'s ``thread_above``: past
+it a batch is written in a thread rather than sent through the helper's pipe:
+big bodies are mostly syscalls that release the GIL, and the pipe copy cost
+more than it saved (the A/B is in BUDGETS.md). Higher than the loop writer's
+because its alternative (the helper) costs the loop almost nothing."""
+
+
+def body_key(part: memoryview) -> int:
+    """The identity of a part's bytes: one key per body, however many copies carry it.
+
+    A view of a whole ``bytes`` object is keyed by that object, so the
+    recipients' copies of one body share a key; any other view (a slice) is
+    its own.
+    """
+    whole = isinstance(part.obj, bytes) and len(part.obj) == part.nbytes
+    return id(part.obj) if whole else id(part)
+
+
+def check_thread_above(value: int | None) -> int | None:
+    """A writer's ``thread_above``: ``None`` (never) or an int ``>= 0`` (:func:`count`)."""
+    return None if value is None else count("thread_above", value, minimum=0)
+
+
+def goes_to_thread(groups: Sequence[Group], thread_above: int | None) -> bool:
+    """Whether the batch has more than ``thread_above`` body bytes (``None``: never).
+
+    The one counting rule of both writers: a body shared by several copies
+    counts once (by :func:`body_key`), as it crosses the helper's pipe. A
+    batch whose plain total is within the limit is decided without a set.
+    """
+    if thread_above is None:
+        return False
+    total = sum(part.nbytes for _, messages in groups for parts in messages for part in parts)
+    if total <= thread_above:
+        return False
+    seen: set[int] = set()
+    distinct = 0
+    for _, messages in groups:
+        for parts in messages:
+            for part in parts:
+                key = body_key(part)
+                if key not in seen:
+                    seen.add(key)
+                    distinct += part.nbytes
+    return distinct > thread_above
 
 
 class OpenedGroups:

@@ -1,19 +1,20 @@
 """Writers that run in the executor's own process: on the loop, or in a thread.
 
 :class:`LoopWriter` (``writer="loop"``, the library's default)
-    The page-cache work of a batch (open, write, close, rename: microseconds
-    each) runs on the event loop; each sync, and the first creation of a
-    Maildir, runs in a thread. A batch with more than
-    :data:`INLINE_WRITE_LIMIT` body bytes is written whole in a thread instead:
-    copying megabytes on the loop would stall every other session.
+    The page-cache work of a batch (open, write, close, rename: none of them
+    waits for the disk) runs on the event loop; each sync, and the first
+    creation of a Maildir, runs in a thread. A batch with more than ``thread_above``
+    (:data:`~delivery_executor.writers.base.LOOP_THREAD_ABOVE`) body bytes is
+    written whole in a thread instead: copying megabytes on the loop would
+    stall every other session.
 :class:`ThreadWriter` (``writer="thread"``)
     The whole batch in a thread, by a :class:`BlockingWriter` (default
     :func:`write_batch`).
 
 Why the loop: a thread that makes a syscall must win the GIL back from the
 busy loop thread when it returns, so a flush thread costs the loop a GIL
-hand-off per syscall; on the loop the syscalls cost it their own time, which
-measured less (BUDGETS.md). :class:`~delivery_executor.writers.ProcessWriter`
+hand-off per syscall; on the loop the syscalls cost it only their own time,
+which is less (BUDGETS.md). :class:`~delivery_executor.writers.ProcessWriter`
 avoids both.
 """
 
@@ -23,26 +24,32 @@ import functools
 from collections.abc import Sequence
 
 from ..fsops import OS_OPS, FsOps
-from ..store import Maildir, StepDriver, SyncMode, check_sync, commit_steps, run_sync_call
-from .base import BatchResult, BlockingWriter, Group, ThreadPool, open_maildirs, write_batch
+from ..store import Maildir, StepDriver, StoreOptions, SyncMode, commit_steps, run_sync_call
+from .base import (
+    LOOP_THREAD_ABOVE,
+    BatchResult,
+    BlockingWriter,
+    Group,
+    ThreadPool,
+    check_thread_above,
+    goes_to_thread,
+    open_maildirs,
+    write_batch,
+)
 
 __all__ = ["INLINE_WRITE_LIMIT", "LoopWriter", "ThreadWriter", "write_batch"]
 
-INLINE_WRITE_LIMIT = 256 * 1024
-"""Body bytes above which :class:`LoopWriter` writes a batch in a thread instead."""
+INLINE_WRITE_LIMIT = LOOP_THREAD_ABOVE
+"""The former name of :data:`~delivery_executor.writers.base.LOOP_THREAD_ABOVE`."""
 
 _THREADS = 8  # upper bound; threads start only as concurrent flushes need them
-
-
-def _nbytes(groups: Sequence[Group]) -> int:
-    return sum(part.nbytes for _, messages in groups for parts in messages for part in parts)
 
 
 class ThreadWriter:
     """Writes each batch in a thread with a blocking writer (see the module doc).
 
     ``ThreadWriter()`` uses :func:`write_batch` with ``sync``, ``ops`` and
-    ``size_in_names``;
+    ``size_in_names`` (or one ``options`` value standing for them);
     ``ThreadWriter(fn)`` runs any :class:`BlockingWriter` instead (tests use
     slow or failing fakes this way).
     """
@@ -56,10 +63,11 @@ class ThreadWriter:
         sync: SyncMode = "auto",
         ops: FsOps = OS_OPS,
         size_in_names: bool = True,
+        options: StoreOptions | None = None,
     ) -> None:
         if write is None:
-            check_sync(sync)
-            write = functools.partial(write_batch, sync=sync, ops=ops, size_in_names=size_in_names)
+            opts = StoreOptions.of(options, sync, ops, size_in_names)
+            write = functools.partial(write_batch, options=opts)
         elif not callable(write):
             raise TypeError(f"write must be callable, not {type(write).__name__}")
         self.write: BlockingWriter = write
@@ -78,34 +86,62 @@ class ThreadWriter:
 
 
 class LoopWriter:
-    """Writes on the loop, syncs in a thread (see the module doc). Costs nothing idle."""
+    """Writes on the loop, syncs in a thread (see the module doc). Costs nothing idle.
 
-    __slots__ = ("_threads", "inline_limit", "ops", "size_in_names", "sync")
+    ``options`` (a :class:`~delivery_executor.store.StoreOptions`) may stand
+    for ``sync``, ``ops`` and ``size_in_names``. A batch of more than
+    ``thread_above`` body bytes (counted as
+    :func:`~delivery_executor.writers.base.goes_to_thread` does, ``None`` for
+    never) is written whole in a thread; ``inline_limit`` is its former name.
+    """
+
+    __slots__ = ("_threads", "options", "thread_above")
 
     def __init__(
         self,
         sync: SyncMode = "auto",
         ops: FsOps = OS_OPS,
         *,
-        inline_limit: int = INLINE_WRITE_LIMIT,
+        thread_above: int | None = LOOP_THREAD_ABOVE,
+        inline_limit: int | None = None,
         size_in_names: bool = True,
+        options: StoreOptions | None = None,
     ) -> None:
-        check_sync(sync)
-        self.sync: SyncMode = sync
-        self.ops = ops
-        self.inline_limit = inline_limit
-        self.size_in_names = size_in_names
+        self.options = StoreOptions.of(options, sync, ops, size_in_names)
+        if inline_limit is not None:
+            if thread_above != LOOP_THREAD_ABOVE:
+                raise TypeError("pass thread_above= or its former name inline_limit=, not both")
+            thread_above = inline_limit
+        self.thread_above = check_thread_above(thread_above)
         self._threads = ThreadPool(_THREADS, "delivery-sync")
+
+    @property
+    def inline_limit(self) -> int | None:
+        """The former name of :attr:`thread_above`."""
+        return self.thread_above
+
+    @property
+    def sync(self) -> SyncMode:
+        """The sync form (``options.sync``)."""
+        return self.options.sync
+
+    @property
+    def ops(self) -> FsOps:
+        """The file-system calls (``options.ops``)."""
+        return self.options.ops
+
+    @property
+    def size_in_names(self) -> bool:
+        """Whether names carry ``,S=``/``,W=`` (``options.size_in_names``)."""
+        return self.options.size_in_names
 
     def __repr__(self) -> str:
         return f"LoopWriter(sync={self.sync!r})"
 
     async def acommit(self, groups: Sequence[Group]) -> BatchResult:
         """Write ``groups``: page-cache work here, syncs and Maildir creation in a thread."""
-        if _nbytes(groups) > self.inline_limit:
-            whole = functools.partial(
-                write_batch, sync=self.sync, ops=self.ops, size_in_names=self.size_in_names
-            )
+        if goes_to_thread(groups, self.thread_above):
+            whole = functools.partial(write_batch, options=self.options)
             return await self._threads.run(whole, groups)
         created: dict[str, Maildir | OSError] = {}
         for path, _ in groups:
@@ -122,10 +158,7 @@ class LoopWriter:
             return md
 
         opened = open_maildirs(groups, lookup)
-        steps = commit_steps(
-            opened.live, sync=self.sync, ops=self.ops, size_in_names=self.size_in_names
-        )
-        driver = StepDriver(steps)
+        driver = StepDriver(commit_steps(opened.live, options=self.options))
         err: OSError | None = None
         while (call := driver.next_call(err)) is not None:
             err = await self._threads.run(run_sync_call, self.ops, call)

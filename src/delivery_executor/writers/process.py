@@ -40,8 +40,19 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from ..fsops import OS_OPS, FsOps
-from ..store import MessageId, SyncMode, check_sync
-from .base import BatchResult, Group, GroupResult, ThreadPool, write_batch
+from ..store import MessageId, StoreOptions, SyncMode
+from ..validate import count
+from .base import (
+    PROCESS_THREAD_ABOVE,
+    BatchResult,
+    Group,
+    GroupResult,
+    ThreadPool,
+    body_key,
+    check_thread_above,
+    goes_to_thread,
+    write_batch,
+)
 
 __all__ = [
     "ProcessWriter",
@@ -73,13 +84,6 @@ def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryvi
     return _frame(batch, *_index(groups))
 
 
-def _blob_key(part: memoryview) -> int:
-    # A view of a whole bytes object is shared by identity: one blob per body,
-    # however many recipients' copies carry it.
-    whole = isinstance(part.obj, bytes) and len(part.obj) == part.nbytes
-    return id(part.obj) if whole else id(part)
-
-
 def _index(groups: Sequence[Group]) -> tuple[list[memoryview], bytes, int]:
     """The batch's bodies for the wire, each shared body once; the references that
     place them in the groups; and the most parts any one message has."""
@@ -94,7 +98,7 @@ def _index(groups: Sequence[Group]) -> tuple[list[memoryview], bytes, int]:
             widest = max(widest, len(parts))
             refs.append(_U8.pack(len(parts) & 0xFF))  # over 255: refused by _frame
             for part in parts:
-                key = _blob_key(part)
+                key = body_key(part)  # one blob per body, however many copies carry it
                 i = index.get(key)
                 if i is None:
                     i = index[key] = len(blobs)
@@ -274,11 +278,11 @@ def serve_batches(
     Tests run it in-process with a tracing ``ops`` to check the helper's own
     path (frame decoding, :func:`write_batch`, reply) for crash safety.
     """
-    check_sync(sync)
+    options = StoreOptions(sync, size_in_names, ops)
     while (request := read_request(stdin)) is not None:
         batch, groups = request
         try:
-            results, syncs = write_batch(groups, sync=sync, ops=ops, size_in_names=size_in_names)
+            results, syncs = write_batch(groups, options=options)
         except Exception as exc:  # a bug: report it to the batch, keep serving
             results, syncs = [exc] * len(groups), 0
         stdout.write(encode_reply(batch, results, syncs))
@@ -287,8 +291,8 @@ def serve_batches(
 
 
 _PIPE_SIZE = 1 << 20
-THREAD_ABOVE = 1 << 20
-"""Body bytes above which :class:`ProcessWriter` writes a batch in a thread, not the helper."""
+THREAD_ABOVE = PROCESS_THREAD_ABOVE
+"""The former name of :data:`~delivery_executor.writers.base.PROCESS_THREAD_ABOVE`."""
 
 
 def _widen_pipe(stdin: asyncio.StreamWriter | None) -> None:
@@ -386,7 +390,7 @@ class ProcessWriter:
 
     Use it as ``DeliveryExecutor(writer="process")`` or
     ``DeliveryExecutor(writer=ProcessWriter(sync))``. ``helpers`` processes
-    (about 20 MB each) write batches side by side, each batch going to the one
+    (an interpreter's memory each) write batches side by side, each batch going to the one
     holding the fewest; started by :meth:`start` or at the first batch. Costs
     one copy of each batch through a pipe, and one pipe write and read on the
     loop per batch.
@@ -402,20 +406,33 @@ class ProcessWriter:
         python: str | None = None,
         size_in_names: bool = True,
         helpers: int = 1,
-        thread_above: int | None = THREAD_ABOVE,
+        thread_above: int | None = PROCESS_THREAD_ABOVE,
+        options: StoreOptions | None = None,
     ) -> None:
-        check_sync(sync)
-        if isinstance(helpers, bool) or not isinstance(helpers, int) or helpers < 1:
-            raise ValueError(f"helpers must be an int >= 1, not {helpers!r}")
-        self.sync: SyncMode = sync
-        self.size_in_names = size_in_names
-        self.thread_above = thread_above
+        opts = StoreOptions.of(options, sync, size_in_names=size_in_names)
+        if opts.ops is not OS_OPS:
+            raise ValueError(
+                "ProcessWriter writes with the os module's calls: options.ops must be OS_OPS"
+            )
+        helpers = count("helpers", helpers)
+        self.options = opts
+        self.thread_above = check_thread_above(thread_above)
         self._threads = ThreadPool(4, "delivery-write")
         self.python = python or sys.executable
-        names = [] if size_in_names else ["--plain-names"]
-        argv = [self.python, "-m", "delivery_executor.writers._helper", "--sync", sync, *names]
+        names = [] if opts.size_in_names else ["--plain-names"]
+        argv = [self.python, "-m", "delivery_executor.writers._helper", "--sync", opts.sync, *names]
         self._helpers = [_Helper(argv) for _ in range(helpers)]
         self._next = 0
+
+    @property
+    def sync(self) -> SyncMode:
+        """The sync form (``options.sync``)."""
+        return self.options.sync
+
+    @property
+    def size_in_names(self) -> bool:
+        """Whether names carry ``,S=``/``,W=`` (``options.size_in_names``)."""
+        return self.options.size_in_names
 
     def __repr__(self) -> str:
         pids = [h.proc.pid if h.proc is not None else None for h in self._helpers]
@@ -451,17 +468,18 @@ class ProcessWriter:
     async def acommit(self, groups: Sequence[Group]) -> BatchResult:
         """Send the batch to the least busy helper and await its results.
 
-        A batch of more than ``thread_above`` body bytes (a body shared by
-        several copies counted once, as it crosses the pipe) is written in a thread
-        of this process instead: big bodies are mostly syscalls that release
-        the GIL, copying them through the pipe costs more than it saves, and
-        big batches then reach the disk side by side rather than one after
-        another behind one helper.
+        A batch of more than ``thread_above`` body bytes (counted as
+        :func:`~delivery_executor.writers.base.goes_to_thread` does: a body
+        shared by several copies once, as it crosses the pipe; ``None`` for
+        never) is written in a thread of this process instead: big bodies are
+        mostly syscalls that release the GIL, copying them through the pipe
+        costs more than it saves, and big batches then reach the disk side by
+        side rather than one after another behind one helper.
         """
-        blobs, tail, widest = _index(groups)
-        if self.thread_above is not None and sum(b.nbytes for b in blobs) > self.thread_above:
-            whole = functools.partial(write_batch, sync=self.sync, size_in_names=self.size_in_names)
+        if goes_to_thread(groups, self.thread_above):
+            whole = functools.partial(write_batch, options=self.options)
             return await self._threads.run(whole, groups)
+        blobs, tail, widest = _index(groups)
         batch = (self._next + 1) & 0xFFFFFFFF
         frame = _frame(batch, blobs, tail, widest)  # ValueError before any state changes
         self._next = batch
