@@ -88,3 +88,43 @@ def test_a_short_dir_keeps_every_command_and_auth_mechanism(
         assert all(name.startswith(("smtp_", "auth_")) for name in dir(ours))
     finally:
         loop.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("base", [DeliveryLMTP, DeliverySMTP])
+async def test_a_pipelining_client_lets_other_sessions_run(base: type[SMTP]) -> None:
+    """4,000 NOOPs in one write are answered with the loop given to others every 64 replies."""
+    loop = asyncio.get_running_loop()
+    pushed = [0]
+
+    class Counting(base):  # type: ignore[valid-type, misc]
+        async def push(self, status: str) -> None:
+            await super().push(status)
+            pushed[0] += 1
+
+    srv = await loop.create_server(
+        lambda: Counting(_Handler(), loop=loop, hostname="h"), "127.0.0.1", 0
+    )
+    seen: list[int] = []  # replies pushed so far, at each turn another task got
+
+    async def other_session() -> None:
+        while True:
+            seen.append(pushed[0])
+            await asyncio.sleep(0)
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+    try:
+        await reader.readline()  # the greeting
+        ticker = asyncio.create_task(other_session())
+        writer.write(b"NOOP\r\n" * 4000)  # 56 kB of replies: under the write high-water mark
+        async with asyncio.timeout(30):
+            for _ in range(4000):
+                await reader.readline()
+        ticker.cancel()
+        # Turns inside the burst, one at least every 64 replies (not one after 4,000).
+        inside = sorted({n for n in seen if 1 < n < 4001})
+        assert len(inside) >= 4000 // 64 - 1, inside[:10]
+    finally:
+        writer.close()
+        srv.close()
+        await srv.wait_closed()

@@ -69,6 +69,9 @@ _SLICE = 8 * 1024  # reserved before the 354; more only as bytes arrive
 _LINE_SLACK = 4 * 1024  # a reader stores at most one line past data_size_limit
 
 
+YIELD_EVERY = 64
+"""A session gives the event loop to the others after this many replies in a row."""
+
 EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
 """What we add to aiosmtpd's EHLO/LHLO reply."""
 
@@ -187,6 +190,7 @@ class _DeliveryProtocol:
     on_close: Callable[[], None] | None = None
     guard: Guard | None = None
     _greeted = False
+    _replies = 0  # replies pushed: every YIELD_EVERY-th lets the other sessions run
     _hello: list[str] | None = None  # EHLO/LHLO keywords seen while answering it
     _helo = False  # answering plain HELO: no extensions, no codes on its 250
 
@@ -204,6 +208,12 @@ class _DeliveryProtocol:
         ):
             status = self._fix(status)
         await super().push(status)  # type: ignore[misc]
+        self._replies += 1
+        if not self._replies % YIELD_EVERY:
+            # aiosmtpd answers commands already buffered without awaiting anything
+            # that yields (readline from its buffer, drain below the high-water
+            # mark): a client pipelining thousands would hold the loop meanwhile.
+            await asyncio.sleep(0)
 
     def _fix(self, status: str) -> str:
         if status[:1] == "3":  # 354, 334: intermediate, no code (RFC 2034)
