@@ -146,6 +146,9 @@ def trusted_networks_option(value: str) -> tuple[str, ...]:
     return tuple(str(net) for net in parse_networks(items))
 
 
+_PEER_CACHE = 4096  # hosts remembered by SessionFactory._classify (then it starts again)
+
+
 def _peer_ip(peer: object) -> _Address | str | None:
     """The peer's address (IPv4-mapped IPv6 as IPv4), its host string if not an IP; None: Unix."""
     if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
@@ -510,6 +513,9 @@ class SessionFactory:
             )
         }
         self.trusted_networks = parse_networks(trusted_networks)
+        # host string -> (trusted, the key it is counted under): an MTA opens
+        # many sessions from one address, parsed and matched once, not per session.
+        self._peers: dict[str, tuple[bool, str | None]] = {}
         self.handler = handler
         self.cls = DeliveryLMTP if lmtp else DeliverySMTP
         self.max_connections = max_connections
@@ -562,11 +568,7 @@ class SessionFactory:
 
     def _admit(self, transport: asyncio.BaseTransport, overrides: dict[str, Any]) -> Any:
         """The session for a new connection, or ``None`` after answering it 421."""
-        ip = _peer_ip(transport.get_extra_info("peername"))
-        trusted = ip is None or (
-            not isinstance(ip, str) and any(ip in net for net in self.trusted_networks)
-        )
-        key = None if trusted else _key(ip)
+        trusted, key = self._classify(transport.get_extra_info("peername"))
         refusal = None
         cap = self.max_connections_per_ip
         if key is not None and cap and self.per_peer.get(key, 0) >= cap:
@@ -586,6 +588,23 @@ class SessionFactory:
             self.per_peer[key] = self.per_peer.get(key, 0) + 1
         self.idle.clear()
         return proto
+
+    def _classify(self, peer: object) -> tuple[bool, str | None]:
+        """(trusted, key counted under) for a peer; Unix sockets are trusted. Cached per host."""
+        host = peer[0] if isinstance(peer, tuple) and peer and isinstance(peer[0], str) else None
+        if host is None:
+            return True, None
+        got = self._peers.get(host)
+        if got is None:
+            ip = _peer_ip(peer)
+            trusted = ip is None or (
+                not isinstance(ip, str) and any(ip in net for net in self.trusted_networks)
+            )
+            got = (trusted, None if trusted else _key(ip))
+            if len(self._peers) >= _PEER_CACHE:
+                self._peers.clear()
+            self._peers[host] = got
+        return got
 
     def _evict(self) -> bool:
         scores = [(g.eviction_score(), g) for g in self.sessions]
