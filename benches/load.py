@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     if a.plot:
         _plot(rows, a.plot)
-    lost = [r for r in rows if r.mode not in _EXTERNAL and r.on_disk < r.acked]
+    lost = [r for r in rows if r.mode.partition("@")[0] not in _EXTERNAL and r.on_disk < r.acked]
     return 1 if lost else 0
 
 
