@@ -14,12 +14,12 @@ The parsers turn option text into a value and check it with
 from __future__ import annotations
 
 import argparse
-import grp
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import validate
+from ..userdb.base import group_id as userdb_group_id
 
 __all__ = [
     "Flag",
@@ -138,10 +138,8 @@ def octal_mode(value: str) -> int:
 
 
 def group_id(value: str) -> int:
-    """A group name or number → its id."""
-    if value.isdigit():
-        return int(value)
+    """A group name or number → its id (the userdb's rule, as an option error)."""
     try:
-        return grp.getgrnam(value).gr_gid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such group: {value!r}") from None
+        return userdb_group_id(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
