@@ -123,8 +123,8 @@ MUTANTS = [
     Mutant(
         "rename-replaces",
         PKG + "store/commit.py",
-        "            ops.rename_noreplace(src, md.new_prefix + final)",
-        "            ops.rename(src, md.new_prefix + final)",
+        "            ops.rename_noreplace(src, md.new_prefix + final + md.info)",
+        "            ops.rename(src, md.new_prefix + final + md.info)",
         ("tests/test_store_hardening.py", "-k", "collision"),
         "the move into new/ replaces a message already there",
     ),
@@ -317,8 +317,8 @@ MUTANTS = [
     Mutant(
         "header-text-uncapped",
         PKG + "smtp/handler.py",
-        "    text = text[:limit]\n",
-        "    pass\n",
+        "    text = text[:limit]\n    if text.isascii()",
+        "    pass\n    if text.isascii()",
         ("tests/test_header_sanitising.py",),
         "client text in our trace headers is no longer capped (lines over 998 octets)",
     ),
