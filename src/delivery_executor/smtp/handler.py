@@ -206,6 +206,22 @@ def message_id(body: bytes) -> str:
     return _clean(value.decode("ascii", "replace"), "unspecified", 250)
 
 
+class _Recipients:
+    """One transaction's recipients as resolved at RCPT.
+
+    ``answers``: (accepted, path or reply) by (address, smtputf8), so an
+    address named twice is looked up once; replies are kept as text, since an
+    exception's traceback would hold the envelope that keys this state.
+    ``entries``: (path, ORCPT address or ""), in the order RCPTs were accepted.
+    """
+
+    __slots__ = ("answers", "entries")
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, bool], tuple[bool, str]] = {}
+        self.entries: list[tuple[str, str]] = []
+
+
 class DeliveryHandler:
     """aiosmtpd handler: RCPT checks through a resolver, DATA through the executor.
 
@@ -280,17 +296,10 @@ class DeliveryHandler:
         check = getattr(executor, "check", None) if getattr(executor, "check_at_rcpt", 0) else None
         self._rcpt_quota: Callable[[str, int], Awaitable[str | None]] | None = check
         self._ids = itertools.count()
-        # Each envelope's (resolved path, ORCPT address or ""), in RCPT order:
-        # resolved once, at RCPT.
-        self._paths: weakref.WeakKeyDictionary[Envelope, list[tuple[str, str]]] = (
+        # Each transaction's recipients, resolved once at RCPT (_Recipients).
+        self._resolved: weakref.WeakKeyDictionary[Envelope, _Recipients] = (
             weakref.WeakKeyDictionary()
         )
-        # Each envelope's RCPT answers, (accepted, path or reply) by (address, smtputf8).
-        # Replies are kept as text: an exception's traceback would hold the
-        # envelope and keep this weak-keyed entry alive for ever.
-        self._resolved: weakref.WeakKeyDictionary[
-            Envelope, dict[tuple[str, bool], tuple[bool, str]]
-        ] = weakref.WeakKeyDictionary()
         self._date = (0, "")
         self.accepted = 0
         self.rejected = 0
@@ -369,14 +378,16 @@ class DeliveryHandler:
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients})"
         # Looked up once per transaction whatever the resolver caches
         # (--userdb-cache-ttl 0 too): an address named twice costs one lookup.
-        memo = self._resolved.setdefault(envelope, {})
-        answer = memo.get((address, envelope.smtp_utf8))
+        state = self._resolved.get(envelope)
+        if state is None:
+            state = self._resolved[envelope] = _Recipients()
+        answer = state.answers.get((address, envelope.smtp_utf8))
         if answer is None:
             try:
                 answer = (True, await self.resolver.aresolve(address, smtputf8=envelope.smtp_utf8))
             except RecipientRejected as exc:
                 answer = (False, exc.reply)
-            memo[(address, envelope.smtp_utf8)] = answer
+            state.answers[(address, envelope.smtp_utf8)] = answer
         accepted, path = answer
         if not accepted:
             self.rcpt_rejected += 1
@@ -400,7 +411,7 @@ class DeliveryHandler:
             self.watcher.note(path)
         envelope.rcpt_tos.append(address)  # aiosmtpd leaves this to the handler
         envelope.rcpt_options.extend(rcpt_options)
-        self._paths.setdefault(envelope, []).append((path, orcpt))
+        state.entries.append((path, orcpt))
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -462,7 +473,7 @@ class DeliveryHandler:
         body: bytes,
         started: float,
     ) -> list[str]:
-        entries = self._paths.pop(envelope)
+        entries = self._resolved.pop(envelope).entries
         utf8 = bool(envelope.smtp_utf8)
         clean = _clean_utf8 if utf8 else _clean
         # aiosmtpd keeps the null sender as "<>": a bounce's Return-Path is "<>".
