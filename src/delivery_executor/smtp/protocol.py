@@ -276,6 +276,11 @@ class _DeliveryProtocol:
         session, env = self.session, self.envelope
         if arg is None or session is None or env is None or not session.extended_smtp:
             return arg
+        # Most commands carry no DSN parameter: skip parsing the path twice
+        # (aiosmtpd parses it again) unless one of their names is there at all.
+        upper = arg.upper()
+        if not any(name in upper for name in known):
+            return arg
         if bool(env.mail_from) != (keyword == "TO:"):  # MAIL twice, RCPT before MAIL: 503
             return arg
         stripped = arg[len(keyword) :].strip() if arg[: len(keyword)].upper() == keyword else None
