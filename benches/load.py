@@ -201,8 +201,11 @@ def _server_args(
 
 
 @contextlib.contextmanager
-def _dovecot(root: Path) -> Iterator[int]:
-    """Dovecot's LMTP (benches/dovecot-lmtp.conf) on a free port, mail under ``root``."""
+def _dovecot(root: Path) -> Iterator[tuple[int, int]]:
+    """Dovecot's LMTP (benches/dovecot-lmtp.conf) on a free port, mail under ``root``.
+
+    Yields the port and the master's pid (its children are the LMTP processes).
+    """
     binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
     port = free_port()
     for sub in ("mail", "run", "state"):
@@ -221,7 +224,7 @@ def _dovecot(root: Path) -> Iterator[int]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"dovecot did not start: {(root / 'dovecot.log').read_text()}")
             time.sleep(0.1)
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -243,7 +246,7 @@ def run_cell(
     wl = WORKLOADS[workload]
     root = base / f"{mode.replace('@', '-')}-{len(os.listdir(base))}"
     if mode == "dovecot":
-        with _dovecot(root) as port:
+        with _dovecot(root) as (port, _):
             res = _load(port, wl, duration, warmup, lmtp)
         return _row(wl, mode, res, [], _count_files(root / "mail"), 0.0)
     if mode.partition("@")[0] == "executor-userdb":
