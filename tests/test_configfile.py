@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -151,3 +152,17 @@ def test_serve_refuses_a_bad_userdb_before_starting_workers(
         assert code == 2
         assert len(err.strip().splitlines()) == 1 and err.startswith("delivery-executor serve:")
     assert not (tmp_path / "m").exists()
+
+
+def test_workers_auto_is_one_per_usable_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """workers = "auto" (file or flag) becomes the number of CPUs the process may run on."""
+    cpus = len(os.sched_getaffinity(0))
+    conf = tmp_path / "de.toml"
+    conf.write_text('workers = "auto"\n')
+    for argv in (["--config", str(conf)], ["--workers", "AUTO"]):
+        code, lines, err = check(capsys, "--root", str(tmp_path / "m"), *argv)
+        assert (code, err) == (0, "")
+        # check-config prints settings that differ from the default (1), as postconf -n.
+        assert lines == ([f"workers = {cpus}"] if cpus > 1 else [])

@@ -50,6 +50,7 @@ from .options import (
     option,
     positive_int,
     seconds,
+    worker_count,
 )
 
 __all__ = [
@@ -252,7 +253,11 @@ class ServerConfig:
     workers: int = field(
         default=1,
         metadata=option(
-            "--workers", "workers", type=positive_int, help="server processes sharing the listeners"
+            "--workers",
+            "workers",
+            type=worker_count,
+            metavar="N|auto",
+            help="server processes sharing the listeners; auto: one per usable CPU",
         ),
     )
     reuse_port: bool = field(

@@ -14,6 +14,7 @@ The parsers turn option text into a value and check it with
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -111,6 +112,26 @@ def _whole(value: str, minimum: int) -> int:
 def positive_int(value: str) -> int:
     """A whole number >= 1."""
     return _whole(value, 1)
+
+
+def usable_cpus() -> int:
+    """The number of CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_count(value: str) -> int:
+    """``auto`` (one worker per usable CPU, see :func:`usable_cpus`) or a whole number >= 1."""
+    if value.strip().lower() == "auto":
+        return usable_cpus()
+    try:
+        return _whole(value, 1)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a whole number >= 1, got {value!r}"
+        ) from None
 
 
 def non_negative_int(value: str) -> int:
