@@ -108,6 +108,29 @@ async def test_dsn_is_advertised_and_its_parameters_accepted(tmp_path: Path, lmt
     assert b"\nX-Original-To: b+x@example.org\nDelivered-To: b@example.org\n" in b
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("lmtp", [True, False])
+async def test_no_dsn_leaves_dsn_unadvertised_and_refuses_its_parameters(
+    tmp_path: Path, lmtp: bool
+) -> None:
+    """dsn=False: no 250-DSN, DSN parameters get 555, plain mail is delivered as before."""
+    async with server(tmp_path, lmtp=lmtp, dsn=False) as port, Client.connect(port) as c:
+        await c.reply()
+        hello = await c.command(f"{'LHLO' if lmtp else 'EHLO'} client.example")
+        assert not any("DSN" in line for line in hello), hello
+        assert any(line.startswith("250-PIPELINING") for line in hello), hello
+        assert (await c.command("MAIL FROM:<s@example.net> RET=HDRS"))[0].startswith("555")
+        assert (await c.command("MAIL FROM:<s@example.net>"))[0].startswith("250")
+        refused = await c.command("RCPT TO:<a@example.org> NOTIFY=SUCCESS")
+        accepted = await c.command("RCPT TO:<a@example.org>")
+        assert refused[0].startswith("555") and accepted[0].startswith("250 2.1.5")
+        assert (await c.command("DATA"))[0].startswith("354")
+        await c.send("Subject: t\r\n\r\nhi\r\n.\r\n")
+        assert (await c.reply())[0].startswith("250 2.0.0")
+    (a,) = stored(tmp_path, "example.org", "a")
+    assert b"\nX-Original-To: a@example.org\nDelivered-To: a@example.org\n" in a
+
+
 BAD_PARAMS = [
     "MAIL FROM:<s@example.net> RET=BODY",
     "MAIL FROM:<s@example.net> RET=",

@@ -250,6 +250,20 @@ class ServerConfig:
             to_config=_not,
         ),
     )
+    dsn: bool = field(
+        default=True,
+        metadata=option(
+            "--no-dsn",
+            "no_dsn",
+            action="store_true",
+            help="do not advertise DSN (Postfix then sends success notices itself)",
+            to_cli=_not,
+            to_config=_not,
+        ),
+    )
+    """Advertise DSN (RFC 3461). With it, Postfix passes ``NOTIFY=SUCCESS`` on
+    and leaves the success notice to us, and ``serve`` sends none; without it,
+    Postfix sends the notice itself (as "relayed", RFC 3461 section 4.1)."""
     workers: int = field(
         default=1,
         metadata=option(

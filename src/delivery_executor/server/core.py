@@ -223,6 +223,7 @@ def _sessions(
         min_rate=config.min_rate,
         max_pending_bytes=config.max_pending_bytes,
         trusted_networks=config.trusted_networks,
+        dsn=config.dsn,
     )
 
 

@@ -73,6 +73,7 @@ YIELD_EVERY = 64
 """A session gives the event loop to the others after this many replies in a row."""
 
 EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
+_WITHOUT_DSN = tuple(ext for ext in EXTENSIONS if ext != "DSN")
 """What we add to aiosmtpd's EHLO/LHLO reply."""
 
 _CODED = ("2.", "4.", "5.")  # what follows "NNN " when a reply has an enhanced code
@@ -152,6 +153,16 @@ class _DeliveryProtocol:
     and the session guard's hooks (fairness and the DATA budget)."""
 
     local_part_limit: int
+    dsn = True
+    """Advertise DSN and take its parameters (RFC 3461). ``dsn=False`` (a
+    keyword of the constructor) leaves DSN out of the EHLO/LHLO reply, so the
+    client (Postfix) keeps success notices to itself, and its parameters are
+    refused as aiosmtpd refuses any unknown one (``555``)."""
+
+    def __init__(self, *args: Any, dsn: bool = True, **kwargs: Any) -> None:
+        if not dsn:
+            self.dsn = False  # before aiosmtpd's __init__, which may answer at once
+        super().__init__(*args, **kwargs)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's ``SMTP._getaddr`` (same results), with a fast path for plain paths."""
@@ -229,7 +240,8 @@ class _DeliveryProtocol:
                 hello.append(status)
                 return status
             # The last line: our extensions go before it, in the same write.
-            extra = [f"250-{ext}\r\n" for ext in EXTENSIONS if f"250-{ext}" not in hello]
+            exts = EXTENSIONS if self.dsn else _WITHOUT_DSN
+            extra = [f"250-{ext}\r\n" for ext in exts if f"250-{ext}" not in hello]
             return "".join(extra) + status
         if self._helo and status.startswith("250"):
             return status
@@ -273,6 +285,8 @@ class _DeliveryProtocol:
         (unchanged) whenever it would refuse the command for another reason.
         """
         self._dsn = None
+        if not self.dsn:
+            return arg
         session, env = self.session, self.envelope
         if arg is None or session is None or env is None or not session.extended_smtp:
             return arg
