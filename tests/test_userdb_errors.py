@@ -284,13 +284,14 @@ def test_give_maildir_owns_the_path_from_home_down(tmp_path: Path) -> None:
         pytest.skip("needs root to give files away")
     import pwd
 
+    uid = next(u for u in range(4321, 5000) if u not in {p.pw_uid for p in pwd.getpwall()})
     home = tmp_path / "home"
     path = home / "a" / "b" / "Maildir"
-    assert give_maildir(str(path), 4321, None, str(home))  # no such uid: its gid is the uid
+    assert give_maildir(str(path), uid, None, str(home))  # no such user: its gid is the uid
     for d in (home, home / "a", home / "a" / "b", path, path / "tmp", path / "new", path / "cur"):
         st = os.lstat(d)
-        assert (st.st_uid, st.st_gid) == (4321, 4321), d
-    assert not give_maildir(str(path), 4321, None, str(home))  # already theirs: nothing changes
+        assert (st.st_uid, st.st_gid) == (uid, uid), d
+    assert not give_maildir(str(path), uid, None, str(home))  # already theirs: nothing changes
     nobody = pwd.getpwnam("nobody")
     other = tmp_path / "other" / "Maildir"
     assert give_maildir(str(other), nobody.pw_uid, None, None)
