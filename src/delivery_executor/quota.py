@@ -29,6 +29,7 @@ are not supported and rejected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -170,13 +171,18 @@ def recalculate(maildir: str, limits: QuotaLimits) -> Usage:
     tmp = os.path.join(tmp_dir, f"{time.time():.0f}.P{os.getpid()}.{socket.gethostname()}.size")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        st = os.stat(tmp_dir)
-        if st.st_uid != 0 and os.geteuid() == 0:  # the Maildir's owner may append too
-            os.fchown(fd, st.st_uid, st.st_gid)
-        os.write(fd, f"{limits.header()}\n{usage.bytes} {usage.messages}\n".encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(maildir, "maildirsize"))
+        try:
+            st = os.stat(tmp_dir)
+            if st.st_uid != 0 and os.geteuid() == 0:  # the Maildir's owner may append too
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.write(fd, f"{limits.header()}\n{usage.bytes} {usage.messages}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(maildir, "maildirsize"))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # else every failed recount leaves a file in tmp/
+        raise
     return usage
 
 

@@ -19,6 +19,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from .. import validate
 from ..errors import RecipientRejected, UserdbUnavailable
 from ..recipients import MailboxResolver
 from .base import UserDB, UserKey, UserRecord, expand
@@ -88,8 +89,8 @@ class UserdbResolver(MailboxResolver):
                 raise TypeError(f"userdbs must implement UserDB, not {type(db).__name__}")
         if mail_location is not None:
             _location(mail_location)  # ValueError now, not at the first RCPT
-        if cache_ttl < 0 or cache_size < 1:
-            raise ValueError("cache_ttl must be >= 0 and cache_size >= 1")
+        cache_ttl = validate.seconds("cache_ttl", cache_ttl, infinite=True)  # inf: keep
+        validate.count("cache_size", cache_size)
         self.userdbs = list(userdbs)
         self.mail_location = mail_location
         self.mail_home = mail_home

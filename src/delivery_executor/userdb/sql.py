@@ -48,13 +48,16 @@ class SqliteUserdb:
     """``sql:sqlite:///PATH``: one read-only connection, queried in a worker thread.
 
     As in SQLAlchemy URLs, ``sqlite:///users.db`` is relative and
-    ``sqlite:////var/lib/users.db`` absolute."""
+    ``sqlite:////var/lib/users.db`` absolute. The file is ``stat``-ed on every
+    lookup, as the other file databases are: one renamed over it (a rebuild)
+    is opened afresh, where the old connection would keep reading the old file."""
 
     def __init__(self, path: str, query: str) -> None:
         self.path = path
         # sqlite3 numbers parameters ?1; $1 would be a *named* one.
         self.query = _PARAM.sub("?1", _check_query(query))
         self._conn: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) that _conn reads
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -74,13 +77,18 @@ class SqliteUserdb:
         """Run the query for ``key.user`` off the loop."""
         try:
             row = await asyncio.to_thread(self._query, key.user)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise UserdbUnavailable(f"sql:sqlite {self.path}: {exc}") from exc
         return _record(row, key)
 
     def _query(self, user: str) -> dict[str, Any] | None:
         with self._lock:
+            st = os.stat(self.path)
+            if self._conn is not None and self._file != (st.st_dev, st.st_ino):
+                self._conn.close()  # replaced: the connection still reads the old file
+                self._conn = None
             if self._conn is None:
+                self._file = (st.st_dev, st.st_ino)
                 uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=ro"
                 self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
                 self._conn.row_factory = sqlite3.Row
