@@ -551,3 +551,29 @@ async def test_a_new_mailbox_is_counted_without_a_thread(
     assert read_usage(str(tmp_path / "old-user"), QuotaLimits(10 << 20)) == Usage(
         100 + len(BODY), 2
     )
+
+
+@pytest.mark.asyncio
+async def test_a_line_appended_between_our_check_and_our_append_is_counted(
+    tmp_path: Path,
+) -> None:
+    """Another writer's line that lands between our check and our own append is not lost."""
+    md = str(tmp_path / "u")
+
+    def other_writer(path: str) -> None:
+        with open(os.path.join(path, "maildirsize"), "a") as f:
+            f.write("1000 1\n")
+
+    class Racing:
+        """Writes nothing; another writer appends while our copy is being written."""
+
+        async def deliver(self, path: str, message: bytes) -> str:
+            other_writer(path)
+            return "name"
+
+    limits = QuotaLimits(None, 100)
+    q = QuotaDeliverer(Racing(), lambda m: limits)
+    for _ in range(3):
+        await q.deliver(md, b"abc\n")
+        await asyncio.sleep(0)  # our append
+    assert await q.usage(md, limits) == Usage(3 * 1004, 6) == read_usage(md, limits)

@@ -16,7 +16,7 @@ recalculation repairs the count.
 checks with one ``stat``: the same inode and size (and mtime) need no read,
 lines appended by anyone are read from where it stopped, anything else (a
 rebuild renamed over it, other limits, a shrink) and every 30 s a full read.
-Its own append keeps the totals when ``fstat`` shows no one else wrote.
+Its own append keeps the totals when its offset shows no one else wrote.
 Other writers are thus seen at the next check, as with a read each time.
 
 :class:`QuotaDeliverer` wraps the executor: before a copy is written it checks
@@ -236,6 +236,9 @@ def read_usage(maildir: str, limits: QuotaLimits) -> Usage | None:
     return Usage(*summed)
 
 
+_OWN = -1  # _Known.mtime_ns after our own append: the next stat's mtime is taken
+
+
 class _Known:
     """What one ``maildirsize`` said when last read: its identity, how far it was
     read (up to its last newline), and the totals up to there."""
@@ -271,8 +274,9 @@ def _read_known(maildir: str, limits: QuotaLimits, known: _Known | None) -> _Kno
         and st.st_size >= known.end
         and now - known.read_at < REREAD
     ):
-        if st.st_size == known.end and st.st_mtime_ns == known.mtime_ns:
-            return known  # unchanged: the common case
+        if st.st_size == known.end and known.mtime_ns in (st.st_mtime_ns, _OWN):
+            known.mtime_ns = st.st_mtime_ns
+            return known  # unchanged (or as our own append left it): the common case
         if st.st_size > known.end:  # appended to (by us or another writer): add the new lines
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -334,9 +338,9 @@ class QuotaDeliverer:
             :func:`maildir_of`, the parent of a ``.folder``).
 
     Cost per copy to a limited mailbox: one ``stat`` of ``maildirsize`` on the
-    loop (a read only of what others appended), plus one append and ``fstat``
-    per mailbox per batch; a recalculation walks the Maildir in a thread
-    (on the loop for a Maildir that does not exist yet: nothing to walk).
+    loop (a read only of what others appended), plus one append (open, write,
+    lseek, close) per mailbox per batch; a recalculation walks the Maildir in
+    a thread (on the loop for a Maildir that does not exist yet: nothing to walk).
     """
 
     takes_parts = True  # the handler may give us (headers, body) tuples
@@ -487,10 +491,12 @@ class QuotaDeliverer:
         known = self._known.get(maildir)
         if known is None:
             return
-        st = os.fstat(fd)
-        if st.st_ino == known.ino and st.st_size == known.end + length:
-            known.end = st.st_size
-            known.mtime_ns = st.st_mtime_ns
+        # O_APPEND: the offset is the end of our line, so no one wrote between what
+        # we read and it. (A file renamed over it meanwhile has another inode: the
+        # next check's stat sees that.) Cheaper than fstat.
+        if os.lseek(fd, 0, os.SEEK_CUR) == known.end + length:
+            known.end += length
+            known.mtime_ns = _OWN
             known.bytes += size
             known.messages += n
         else:  # another writer appended or rebuilt it: the next check reads it
