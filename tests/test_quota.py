@@ -577,3 +577,49 @@ async def test_a_line_appended_between_our_check_and_our_append_is_counted(
         await q.deliver(md, b"abc\n")
         await asyncio.sleep(0)  # our append
     assert await q.usage(md, limits) == Usage(3 * 1004, 6) == read_usage(md, limits)
+
+
+def test_remembered_usage_follows_dovecot_expunge_and_save_both_ways(
+    dovecot_quota: tuple[Path, Path, Path],
+) -> None:
+    """One long-lived QuotaDeliverer sees Dovecot's expunge and save; Dovecot counts ours."""
+    conf, _, mail = dovecot_quota
+    maildir = mail / "example.org" / "alice" / "Maildir"
+    md = str(maildir)
+    limits = QuotaLimits(100 * 1024)
+
+    def sizes() -> int:
+        return sum(int(n.split(",S=")[1].split(",")[0]) for n in files_in(maildir / "new"))
+
+    def dovecot_save() -> None:
+        subprocess.run(
+            ["doveadm", "-c", str(conf), "save", "-u", "alice@example.org", "-m", "INBOX"],
+            input=b"Subject: from dovecot\n\nhello\n", check=True, capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+
+    async def scenario() -> None:
+        async with DeliveryExecutor() as ex:
+            q = QuotaDeliverer(ex, lambda m: limits)
+            for _ in range(3):
+                await q.deliver(md, BODY)
+                await asyncio.sleep(0)  # our line
+            assert await q.usage(md, limits) == Usage(sizes(), 3) == read_usage(md, limits)
+            await asyncio.to_thread(_chown_to_mail, mail)
+            await asyncio.to_thread(
+                _doveadm, conf, "expunge", "-u", "alice@example.org", "mailbox", "INBOX", "all"
+            )
+            assert await q.usage(md, limits) == Usage(0, 0)
+            await asyncio.to_thread(dovecot_save)
+            theirs = await q.usage(md, limits)
+            assert theirs.messages == 1 and theirs == read_usage(md, limits)
+            await q.deliver(md, BODY)
+            await asyncio.sleep(0)
+            both = await q.usage(md, limits)
+            assert both == read_usage(md, limits)
+            assert both.messages == 2 and both.bytes == theirs.bytes + len(BODY)
+
+    asyncio.run(scenario())
+    _chown_to_mail(mail)
+    got = _quota_get(conf)
+    assert got["MESSAGE"] == 2
