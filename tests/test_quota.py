@@ -453,3 +453,173 @@ async def test_a_bad_quota_rule_in_the_userdb_defers_only_that_user(tmp_path: Pa
     assert not (root / "x.org" / "bad" / "new").exists() or not files_in(
         root / "x.org" / "bad" / "new"
     )
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every read-only open of a ``maildirsize`` (the quota module's reads)."""
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: str, flags: int, *args: int) -> int:
+        if str(path).endswith("maildirsize") and not flags & (os.O_WRONLY | os.O_RDWR):
+            opened.append(str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    return opened
+
+
+@pytest.mark.asyncio
+async def test_unchanged_maildirsize_is_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first read, our own appends keep the totals: later checks only stat the file."""
+    md = str(tmp_path / "u")
+    q, ex = await _deliverer(tmp_path, "*:storage=10M")
+    async with ex:
+        await q.deliver(md, b"first\n")  # recounted, then appended
+        opened = _count_reads(monkeypatch)
+        for _ in range(5):
+            await q.deliver(md, BODY)
+        assert opened == [str(tmp_path / "u" / "maildirsize")]  # read once, never again
+    assert q.appends == 6
+    assert read_usage(md, QuotaLimits(10 << 20)) == recalculate(md, QuotaLimits(10 << 20))
+    assert recalculate(md, QuotaLimits(10 << 20)) == Usage(6 + 5 * len(BODY), 6)
+
+
+@pytest.mark.asyncio
+async def test_remembered_usage_sees_other_writers_lines_and_rebuilds(tmp_path: Path) -> None:
+    """Lines another writer appends (even torn) and a rebuild renamed over it are counted."""
+    md = tmp_path / "u"
+    q, ex = await _deliverer(tmp_path, "*:messages=5")
+    async with ex:
+        await q.deliver(str(md), b"m\n")  # 1
+        await asyncio.sleep(0)  # its line is appended one loop turn later
+        limits = QuotaLimits(None, 5)
+        with (md / "maildirsize").open("a") as f:
+            f.write("100 2\n50")  # another writer: 3, plus a torn line still being written
+        assert await q.usage(str(md), limits) == Usage(102, 3)  # the torn line: not yet
+        with (md / "maildirsize").open("a") as f:
+            f.write(" 1\n")  # finished: 4
+        assert await q.usage(str(md), limits) == Usage(152, 4)
+        await q.deliver(str(md), b"m\n")  # 5
+        with pytest.raises(QuotaExceeded):
+            await q.deliver(str(md), b"m\n")
+        # Another writer rebuilds the file (tmp + rename) after an expunge: 2 messages left.
+        tmp = md / "tmp" / "rebuild"
+        tmp.write_text("5S\n0 0\n")  # other limits: we recount
+        os.rename(tmp, md / "maildirsize")
+        for name in files_in(md / "new")[1:]:
+            (md / "new" / name).unlink()
+        await q.deliver(str(md), b"m\n")  # recounted: 1 + 1
+        await asyncio.sleep(0)
+        tmp.write_text("5C\n2 2\n")  # same limits, our view of the totals
+        os.rename(tmp, md / "maildirsize")
+        await q.deliver(str(md), b"m\n")  # 3
+        await asyncio.sleep(0)
+        with (md / "maildirsize").open("a") as f:
+            f.write("-2 -2\n")  # an expunge elsewhere: 1
+        for _ in range(4):
+            await q.deliver(str(md), b"m\n")  # 5
+        with pytest.raises(QuotaExceeded):
+            await q.deliver(str(md), b"m\n")
+    assert q.rejections == 2
+    assert read_usage(str(md), QuotaLimits(None, 5)) == Usage(2 + 2 - 2 + 4 * 2, 5)
+
+
+@pytest.mark.asyncio
+async def test_a_new_mailbox_is_counted_without_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Maildir that does not exist yet gets its maildirsize on the loop, no thread hop."""
+    hops: list[object] = []
+    real = asyncio.to_thread
+
+    async def no_thread(func: object, /, *args: object) -> object:
+        hops.append(func)
+        return await real(func, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    q, ex = await _deliverer(tmp_path, "*:storage=10M")
+    async with ex:
+        await q.deliver(str(tmp_path / "new-user"), BODY)
+        assert hops == []
+        _fill(tmp_path / "old-user", [100])  # exists without maildirsize: walked in a thread
+        await q.deliver(str(tmp_path / "old-user"), BODY)
+        assert hops == [recalculate]
+    assert read_usage(str(tmp_path / "new-user"), QuotaLimits(10 << 20)) == Usage(len(BODY), 1)
+    assert read_usage(str(tmp_path / "old-user"), QuotaLimits(10 << 20)) == Usage(
+        100 + len(BODY), 2
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_line_appended_between_our_check_and_our_append_is_counted(
+    tmp_path: Path,
+) -> None:
+    """Another writer's line that lands between our check and our own append is not lost."""
+    md = str(tmp_path / "u")
+
+    def other_writer(path: str) -> None:
+        with open(os.path.join(path, "maildirsize"), "a") as f:
+            f.write("1000 1\n")
+
+    class Racing:
+        """Writes nothing; another writer appends while our copy is being written."""
+
+        async def deliver(self, path: str, message: bytes) -> str:
+            other_writer(path)
+            return "name"
+
+    limits = QuotaLimits(None, 100)
+    q = QuotaDeliverer(Racing(), lambda m: limits)
+    for _ in range(3):
+        await q.deliver(md, b"abc\n")
+        await asyncio.sleep(0)  # our append
+    assert await q.usage(md, limits) == Usage(3 * 1004, 6) == read_usage(md, limits)
+
+
+def test_remembered_usage_follows_dovecot_expunge_and_save_both_ways(
+    dovecot_quota: tuple[Path, Path, Path],
+) -> None:
+    """One long-lived QuotaDeliverer sees Dovecot's expunge and save; Dovecot counts ours."""
+    conf, _, mail = dovecot_quota
+    maildir = mail / "example.org" / "alice" / "Maildir"
+    md = str(maildir)
+    limits = QuotaLimits(100 * 1024)
+
+    def sizes() -> int:
+        return sum(int(n.split(",S=")[1].split(",")[0]) for n in files_in(maildir / "new"))
+
+    def dovecot_save() -> None:
+        subprocess.run(
+            ["doveadm", "-c", str(conf), "save", "-u", "alice@example.org", "-m", "INBOX"],
+            input=b"Subject: from dovecot\n\nhello\n", check=True, capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+
+    async def scenario() -> None:
+        async with DeliveryExecutor() as ex:
+            q = QuotaDeliverer(ex, lambda m: limits)
+            for _ in range(3):
+                await q.deliver(md, BODY)
+                await asyncio.sleep(0)  # our line
+            assert await q.usage(md, limits) == Usage(sizes(), 3) == read_usage(md, limits)
+            await asyncio.to_thread(_chown_to_mail, mail)
+            await asyncio.to_thread(
+                _doveadm, conf, "expunge", "-u", "alice@example.org", "mailbox", "INBOX", "all"
+            )
+            assert await q.usage(md, limits) == Usage(0, 0)
+            await asyncio.to_thread(dovecot_save)
+            theirs = await q.usage(md, limits)
+            assert theirs.messages == 1 and theirs == read_usage(md, limits)
+            await q.deliver(md, BODY)
+            await asyncio.sleep(0)
+            both = await q.usage(md, limits)
+            assert both == read_usage(md, limits)
+            assert both.messages == 2 and both.bytes == theirs.bytes + len(BODY)
+
+    asyncio.run(scenario())
+    _chown_to_mail(mail)
+    got = _quota_get(conf)
+    assert got["MESSAGE"] == 2

@@ -91,6 +91,25 @@ async def test_passwd_file_reloaded_when_it_changes(tmp_path: Path) -> None:
     assert db.loads == 3
 
 
+async def test_passwd_file_records_made_once_per_file_version(tmp_path: Path) -> None:
+    """A user's record is built once per version of the file; a change or reload rebuilds it."""
+    p = passwd(tmp_path, "a@x.org:::::/home/a::userdb_quota_rule=*:storage=1M\n")
+    db = PasswdFile(str(p))
+    first = await db.lookup(UserKey("a", "x.org"))
+    assert first is not None and first.home == "/home/a"
+    assert await db.lookup(UserKey("a", "x.org", "ext")) is first  # a dict lookup, same record
+    p.write_text("a@x.org:::::/home/a2::userdb_quota_rule=*:storage=2M\n")
+    changed = await db.lookup(UserKey("a", "x.org"))
+    assert changed is not None and (changed.home, changed.quota_rule) == (
+        "/home/a2",
+        "*:storage=2M",
+    )
+    db.reload()
+    again = await db.lookup(UserKey("a", "x.org"))
+    assert again == changed and again is not changed
+    assert db.loads == 3
+
+
 async def test_passwd_file_missing_is_a_failure_per_domain_file_is_unknown(tmp_path: Path) -> None:
     """A missing fixed file cannot answer (UserdbUnavailable); a missing %d file means unknown."""
     with pytest.raises(UserdbUnavailable, match="no such file"):

@@ -11,6 +11,14 @@ limits than ours, or says over quota and is older than 15 minutes, as Dovecot
 does; concurrent writers may race as they do for Dovecot, and the next
 recalculation repairs the count.
 
+:class:`QuotaDeliverer` remembers each file's totals and how far it read it
+(up to the last newline; an unfinished line counts once it is finished), and
+checks with one ``stat``: the same inode and size (and mtime) need no read,
+lines appended by anyone are read from where it stopped, anything else (a
+rebuild renamed over it, other limits, a shrink) and every 30 s a full read.
+Its own append keeps the totals when its offset shows no one else wrote.
+Other writers are thus seen at the next check, as with a read each time.
+
 :class:`QuotaDeliverer` wraps the executor: before a copy is written it checks
 the mailbox's usage (what the file says plus copies in flight) against the
 limits with the grace (Dovecot 2.3: 10 % of the storage limit, for deliveries
@@ -55,6 +63,8 @@ __all__ = [
 _log = logging.getLogger("delivery_executor.quota")
 MAX_FILE = 5120  # bytes of maildirsize past which it is rewritten (Courier, Dovecot)
 STALE = 15 * 60  # seconds: an over-quota maildirsize older than this is recounted
+REREAD = 30.0  # seconds: a remembered maildirsize is read whole again after this
+KNOWN = 10_000  # mailboxes whose maildirsize totals are remembered
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _AMOUNT = re.compile(r"(\d+)\s*([bkmgt]?)", re.IGNORECASE)
 _SIZE = re.compile(r",S=(\d+)")
@@ -186,6 +196,27 @@ def recalculate(maildir: str, limits: QuotaLimits) -> Usage:
     return usage
 
 
+def _sum_lines(text: str) -> tuple[int, int] | None:
+    """The summed ``bytes count`` lines of ``text``; ``None`` for a line that is no numbers."""
+    size = n = 0
+    for line in text.split("\n"):
+        parts = line.split()
+        if not parts:
+            continue  # a blank or torn line from a concurrent writer
+        try:
+            size += int(parts[0])
+            n += int(parts[1]) if len(parts) > 1 else 0
+        except ValueError:
+            return None
+    return size, n
+
+
+def _over(limits: QuotaLimits, size: int, n: int) -> bool:
+    return (limits.storage is not None and size > limits.storage) or (
+        limits.messages is not None and n > limits.messages
+    )
+
+
 def read_usage(maildir: str, limits: QuotaLimits) -> Usage | None:
     """``maildirsize``'s totals, or ``None`` when it must be recalculated. One read."""
     path = os.path.join(maildir, "maildirsize")
@@ -200,26 +231,95 @@ def read_usage(maildir: str, limits: QuotaLimits) -> Usage | None:
         data = os.read(fd, MAX_FILE + 1).decode("ascii", "replace")
     finally:
         os.close(fd)
-    lines = data.split("\n")
-    if _parse_header(lines[0]) != limits:
+    header, _, rest = data.partition("\n")
+    if _parse_header(header) != limits:
         return None
-    size = n = 0
-    for line in lines[1:]:
-        parts = line.split()
-        if not parts:
-            continue  # a torn last line from a concurrent writer
-        try:
-            size += int(parts[0])
-            n += int(parts[1]) if len(parts) > 1 else 0
-        except ValueError:
-            return None
-    usage = Usage(size, n)
-    over = (limits.storage is not None and size > limits.storage) or (
-        limits.messages is not None and n > limits.messages
-    )
-    if over and time.time() - st.st_mtime > STALE:
+    summed = _sum_lines(rest)
+    if summed is None:
         return None
-    return usage
+    if _over(limits, *summed) and time.time() - st.st_mtime > STALE:
+        return None
+    return Usage(*summed)
+
+
+_OWN = -1  # _Known.mtime_ns after our own append: the next stat's mtime is taken
+
+
+class _Known:
+    """What one ``maildirsize`` said when last read: its identity, how far it was
+    read (up to its last newline), and the totals up to there."""
+
+    __slots__ = ("bytes", "end", "ino", "limits", "messages", "mtime_ns", "read_at")
+
+    def __init__(self, ino: int, end: int, mtime_ns: int, limits: QuotaLimits, size: int,
+                 n: int, read_at: float) -> None:  # fmt: skip
+        self.ino, self.end, self.mtime_ns, self.limits = ino, end, mtime_ns, limits
+        self.bytes, self.messages, self.read_at = size, n, read_at
+
+
+def _read_known(maildir: str, limits: QuotaLimits, known: _Known | None) -> _Known | None:
+    """``maildirsize`` of ``maildir`` as a :class:`_Known`, reading as little as it can.
+
+    One ``stat``; no read when the file is as ``known`` left it; only the appended
+    lines when it grew (same inode, same limits, last full read under
+    :data:`REREAD` seconds ago); else a full read. ``None`` when it must be
+    recalculated (as :func:`read_usage`).
+    """
+    path = maildir + "/maildirsize"  # os.path.join, for the hot path
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if st.st_size > MAX_FILE:
+        return None
+    now = time.monotonic()
+    if (
+        known is not None
+        and known.ino == st.st_ino
+        and known.limits == limits
+        and st.st_size >= known.end
+        and now - known.read_at < REREAD
+    ):
+        if st.st_size == known.end and known.mtime_ns in (st.st_mtime_ns, _OWN):
+            known.mtime_ns = st.st_mtime_ns
+            return known  # unchanged (or as our own append left it): the common case
+        if st.st_size > known.end:  # appended to (by us or another writer): add the new lines
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                tail = os.pread(fd, st.st_size - known.end, known.end)
+            finally:
+                os.close(fd)
+            cut = tail.rfind(b"\n") + 1  # an unfinished last line counts once finished
+            summed = _sum_lines(tail[:cut].decode("ascii", "replace"))
+            if summed is not None:
+                return _Known(st.st_ino, known.end + cut, st.st_mtime_ns, limits,
+                              known.bytes + summed[0], known.messages + summed[1],
+                              known.read_at)  # fmt: skip
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        data = os.read(fd, MAX_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE:
+        return None
+    first = data.find(b"\n") + 1
+    cut = data.rfind(b"\n") + 1
+    if not first or _parse_header(data[:first].decode("ascii", "replace")) != limits:
+        return None
+    summed = _sum_lines(data[first:cut].decode("ascii", "replace"))
+    if summed is None:
+        return None
+    return _Known(st.st_ino, cut, st.st_mtime_ns, limits, *summed, now)
+
+
+def _absent(path: str) -> bool:
+    """True if nothing is at ``path`` (one ``lstat``)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def maildir_of(path: str) -> str:
@@ -243,9 +343,10 @@ class QuotaDeliverer:
         maildir_for: the Maildir that a delivery path belongs to (default:
             :func:`maildir_of`, the parent of a ``.folder``).
 
-    Cost per copy to a limited mailbox: one small read of ``maildirsize`` on
-    the loop, plus one append per mailbox per batch; a recalculation walks the
-    Maildir in a thread.
+    Cost per copy to a limited mailbox: one ``stat`` of ``maildirsize`` on the
+    loop (a read only of what others appended), plus one append (open, write,
+    lseek, close) per mailbox per batch; a recalculation walks the Maildir in
+    a thread (on the loop for a Maildir that does not exist yet: nothing to walk).
     """
 
     takes_parts = True  # the handler may give us (headers, body) tuples
@@ -282,6 +383,8 @@ class QuotaDeliverer:
         self._pending: dict[str, list[int]] = {}  # durable, not yet appended
         self._flush_scheduled = False
         self._recounting: dict[str, asyncio.Future[Usage]] = {}
+        # maildir -> its maildirsize as last read (validated by one stat per check)
+        self._known: dict[str, _Known] = {}
 
     async def usage(self, maildir: str, limits: QuotaLimits) -> Usage:
         """The mailbox's usage as ``maildirsize`` says, recalculating it when due.
@@ -292,12 +395,22 @@ class QuotaDeliverer:
         running = self._recounting.get(maildir)
         if running is not None:
             return await asyncio.shield(running)
+        known = self._known.pop(maildir, None)
         try:
-            usage = read_usage(maildir, limits)
+            known = _read_known(maildir, limits, known)
         except OSError:
-            usage = None
-        if usage is not None:
-            return usage
+            known = None
+        if known is not None and not (
+            _over(limits, known.bytes, known.messages)
+            and time.time() - known.mtime_ns / 1e9 > STALE
+        ):
+            self._known[maildir] = known  # re-inserted: the oldest go first
+            if len(self._known) > KNOWN:
+                del self._known[next(iter(self._known))]
+            return Usage(known.bytes, known.messages)
+        if _absent(maildir):
+            # A new mailbox: nothing to walk, so no thread hop (a few mkdirs and one rename).
+            return recalculate(maildir, limits)
         fut: asyncio.Future[Usage] = asyncio.get_running_loop().create_future()
         self._recounting[maildir] = fut
         try:
@@ -378,20 +491,39 @@ class QuotaDeliverer:
         if held[1] <= 0:
             del self._reserved[maildir]
 
+    def _appended(self, maildir: str, fd: int, length: int, size: int, n: int) -> None:
+        """Keep the remembered totals of ``maildir`` in step with our own append of
+        ``length`` bytes through ``fd``; forget them if anyone else wrote meanwhile."""
+        known = self._known.get(maildir)
+        if known is None:
+            return
+        # O_APPEND: the offset is the end of our line, so no one wrote between what
+        # we read and it. (A file renamed over it meanwhile has another inode: the
+        # next check's stat sees that.) Cheaper than fstat.
+        if os.lseek(fd, 0, os.SEEK_CUR) == known.end + length:
+            known.end += length
+            known.mtime_ns = _OWN
+            known.bytes += size
+            known.messages += n
+        else:  # another writer appended or rebuilt it: the next check reads it
+            del self._known[maildir]
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         for maildir, (size, n) in pending.items():
             try:
-                fd = os.open(os.path.join(maildir, "maildirsize"), os.O_WRONLY | os.O_APPEND, 0o600)
+                fd = os.open(maildir + "/maildirsize", os.O_WRONLY | os.O_APPEND, 0o600)
             except FileNotFoundError:
                 pass  # recalculated at the next check: our files are counted then
             except OSError as exc:
                 _log.warning("cannot update %s/maildirsize: %s", maildir, exc.strerror)
             else:
                 try:
-                    os.write(fd, f"{size} {n}\n".encode())
+                    line = f"{size} {n}\n".encode()
+                    os.write(fd, line)
                     self.appends += 1
+                    self._appended(maildir, fd, len(line), size, n)
                 except OSError as exc:
                     _log.warning("cannot update %s/maildirsize: %s", maildir, exc.strerror)
                 finally:

@@ -71,6 +71,8 @@ class PasswdFile:
         self.path = path
         self.default_fields = parse_fields(default_fields)
         self._files: dict[str, tuple[tuple[int, int, int], _Entries]] = {}
+        # path -> user -> the record made from its line; emptied when the file changes
+        self._made: dict[str, dict[str, UserRecord]] = {}
         self.loads = 0
         """How many times a file was (re)read: for tests and curious admins."""
 
@@ -80,12 +82,16 @@ class PasswdFile:
     def reload(self) -> None:
         """Forget every file read, so the next lookup reads them again."""
         self._files.clear()
+        self._made.clear()
 
     async def aclose(self) -> None:
         """Nothing to close."""
 
     async def lookup(self, key: UserKey, /) -> UserRecord | None:
-        """The record of ``key``, ``None`` if not in the file; one ``stat`` per call."""
+        """The record of ``key``, ``None`` if not in the file; one ``stat`` per call.
+
+        Records are made once per user and file version (a dict lookup after that).
+        """
         per_domain = "%" in self.path
         path = expand(self.path, key) if per_domain else self.path
         try:
@@ -96,15 +102,23 @@ class PasswdFile:
             raise UserdbUnavailable(f"passwd-file {path}: no such file") from None
         except OSError as exc:
             raise UserdbUnavailable(f"passwd-file {path}: {exc.strerror or exc}") from exc
+        made = self._made.setdefault(path, {})
+        record = made.get(key.user)
+        if record is not None:
+            return record
         fields = entries.get(key.user)
         if fields is None:
             fields = entries.get(key.local)
         if fields is None:
             return None
         try:
-            return UserRecord().merged({**self.default_fields, **fields}, key)
+            record = UserRecord().merged({**self.default_fields, **fields}, key)
         except ValueError as exc:
             raise UserdbUnavailable(f"passwd-file {path}: user {key.user}: {exc}") from exc
+        if len(made) >= 2 * len(entries) + 1024:  # bare-local-part matches under many domains
+            made.clear()
+        made[key.user] = record
+        return record
 
     async def _entries(self, path: str) -> _Entries:
         st = os.stat(path)  # cheap, and Dovecot does the same per lookup
@@ -114,6 +128,7 @@ class PasswdFile:
             return cached[1]
         entries = await asyncio.to_thread(self._read, path)
         self._files[path] = (sig, entries)
+        self._made.pop(path, None)
         self.loads += 1
         return entries
 
