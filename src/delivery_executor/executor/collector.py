@@ -130,10 +130,13 @@ class Collector:
 
     async def _wait_for_work(self, within: float | None = None) -> bool:
         """Sleep until a request or close arrives; False if ``within`` seconds passed first."""
-        self._wakeup = asyncio.get_running_loop().create_future()
+        self._wakeup = wakeup = asyncio.get_running_loop().create_future()
         try:
+            if within is None:  # eager policy: no timer to arm and cancel per wait
+                await wakeup
+                return True
             async with asyncio.timeout(within):
-                await self._wakeup
+                await wakeup
         except TimeoutError:
             return False
         finally:
