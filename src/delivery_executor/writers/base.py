@@ -151,7 +151,7 @@ def goes_to_thread(groups: Sequence[Group], thread_above: int | None) -> bool:
     """
     if thread_above is None:
         return False
-    total = sum(part.nbytes for _, messages in groups for parts in messages for part in parts)
+    total = sum([part.nbytes for _, messages in groups for parts in messages for part in parts])
     if total <= thread_above:
         return False
     seen: set[int] = set()
