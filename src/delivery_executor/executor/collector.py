@@ -228,7 +228,7 @@ class Collector:
         self.flushes.discard(task)
         self.in_flight -= 1
         self._slots.release()
-        self._enqueue(self.budget.done(sum([r.size for r in batch])))
+        self._enqueue(self.budget.done(sum(r.size for r in batch)))
         if task.cancelled():
             # Cancelled before its first step (aclose(timeout) right after the
             # launch; _flush answers a cancellation once it has begun).
