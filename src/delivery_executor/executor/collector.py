@@ -19,10 +19,13 @@ import functools
 import logging
 import time
 from collections.abc import Iterable
+from typing import TypeAlias
 
 from ..budget import Budget
 from ..errors import ExecutorClosed, ExecutorCrashed
 from ..stats import ExecutorStats, StatsRecorder
+from ..store import MessageId
+from ..store.commit import Parts
 from .config import ExecutorConfig
 from .handoff import HandOff, Outcome, Request, settle
 from .lifecycle import Lifecycle
@@ -30,6 +33,9 @@ from .lifecycle import Lifecycle
 __all__ = ["Collector"]
 
 _log = logging.getLogger("delivery_executor")
+
+Settled: TypeAlias = "list[tuple[list[Request], list[MessageId] | BaseException]]"
+"""A flush's outcome: per group, its requests and their ids (in order) or their error."""
 
 
 class Collector:
@@ -43,7 +49,7 @@ class Collector:
         self.queue: collections.deque[Request] = collections.deque()
         self.stats = StatsRecorder()
         self.task: asyncio.Task[None] | None = None
-        self.flushes: set[asyncio.Task[list[tuple[Request, Outcome]]]] = set()
+        self.flushes: set[asyncio.Task[Settled]] = set()
         self.in_flight = 0
         self.crash: BaseException | None = None
         self.closed: asyncio.Future[None] | None = None  # the close, once begun
@@ -94,7 +100,22 @@ class Collector:
             self.settle_counted(
                 [(req, self.handoff.ended or ExecutorClosed("the executor is closed"))]
             )
-        elif self.budget.offer(req):
+            return
+        budget = self.budget
+        size = req.size
+        # Budget.offer inlined (one call per request): room for it and nobody waiting.
+        if (
+            not budget.room
+            and budget.count < budget.max_count
+            and (budget.nbytes + size <= budget.max_bytes)
+        ):
+            budget.count += 1
+            budget.nbytes += size
+            self.queue.append(req)
+            w = self._wakeup  # woken once per wait: later requests find it done
+            if w is not None and not w.done():
+                w.set_result(None)
+        elif budget.offer(req):
             self.queue.append(req)
             self._notify()
 
@@ -109,10 +130,13 @@ class Collector:
 
     async def _wait_for_work(self, within: float | None = None) -> bool:
         """Sleep until a request or close arrives; False if ``within`` seconds passed first."""
-        self._wakeup = asyncio.get_running_loop().create_future()
+        self._wakeup = wakeup = asyncio.get_running_loop().create_future()
         try:
+            if within is None:  # eager policy: no timer to arm and cancel per wait
+                await wakeup
+                return True
             async with asyncio.timeout(within):
-                await self._wakeup
+                await wakeup
         except TimeoutError:
             return False
         finally:
@@ -178,8 +202,15 @@ class Collector:
     def _take(self) -> list[Request]:
         """Move up to max_batch requests from the queue into a batch."""
         queue = self.queue
-        n = min(len(queue), self.config.max_batch)
-        batch = [queue.popleft() for _ in range(n)]
+        n = len(queue)
+        if n <= self.config.max_batch:
+            batch = list(queue)
+            queue.clear()
+        else:
+            n = self.config.max_batch
+            batch = [queue.popleft() for _ in range(n)]
+        # Per batch, not per request; also wakes a closing collector once
+        # abandoned waiters left the room.
         self._enqueue(self.budget.taken(n))
         return batch
 
@@ -191,9 +222,7 @@ class Collector:
         self.flushes.add(task)
         task.add_done_callback(functools.partial(self._flush_done, batch))
 
-    def _flush_done(
-        self, batch: list[Request], task: asyncio.Task[list[tuple[Request, Outcome]]]
-    ) -> None:
+    def _flush_done(self, batch: list[Request], task: asyncio.Task[Settled]) -> None:
         """The one place a flush ends: release its slot, bytes and count; settle its callers."""
         assert self._slots is not None
         self.flushes.discard(task)
@@ -206,51 +235,82 @@ class Collector:
             err = ExecutorClosed("the flush was cancelled before it began; nothing was written")
             self.settle_counted([(r, err) for r in batch])
         elif task.exception() is None:  # else fatal: _flush settled before raising
-            self.settle_counted(task.result())
+            self._settle_groups(task.result())
 
-    async def _flush(self, batch: list[Request]) -> list[tuple[Request, Outcome]]:
-        """Write one batch through the writer; return each caller's outcome."""
-        groups: dict[str, list[Request]] = {}
+    async def _flush(self, batch: list[Request]) -> Settled:
+        """Write one batch through the writer; return each path's callers and their outcome."""
+        # Per path: its requests and their parts, built in one pass over the batch.
+        groups: dict[str, tuple[list[Request], list[Parts]]] = {}
         for req in batch:
-            groups.setdefault(req.path, []).append(req)
-        payload = [(path, [r.parts for r in reqs]) for path, reqs in groups.items()]
-        self.stats.batch(len(batch))
+            group = groups.get(req.path)
+            if group is None:
+                groups[req.path] = group = ([], [])
+            group[0].append(req)
+            group[1].append(req.parts)
+        payload = [(path, group[1]) for path, group in groups.items()]
+        stats = self.stats
+        stats.batch(len(batch))
         started = time.perf_counter()
-        outcomes: list[tuple[Request, Outcome]] = []
         try:
             results, syncs = await self.writer.acommit(payload)
-            self.stats.syncs += syncs
+            stats.syncs += syncs
             if len(results) != len(payload):
                 raise RuntimeError(
                     f"batch writer returned {len(results)} results for {len(payload)} groups"
                 )
-            for reqs, result in zip(groups.values(), results, strict=True):
-                if isinstance(result, BaseException):
-                    outcomes.extend((r, result) for r in reqs)
-                elif len(result) != len(reqs):
+            settled: Settled = []
+            for (reqs, _), result in zip(groups.values(), results, strict=True):
+                if not isinstance(result, BaseException) and len(result) != len(reqs):
                     raise RuntimeError(
                         f"batch writer returned {len(result)} ids for {len(reqs)} messages"
                     )
-                else:
-                    outcomes.extend(zip(reqs, result, strict=True))
+                settled.append((reqs, result))
         except asyncio.CancelledError:
             # Only aclose(timeout) or loop teardown cancels a flush; the write may
             # finish. Answered, not re-raised: a cancelled flush task is then one
             # that never began, which _flush_done tells its callers.
             return [
-                (r, ExecutorCrashed("flush cancelled; the write may or may not be durable"))
+                ([r], ExecutorCrashed("flush cancelled; the write may or may not be durable"))
                 for r in batch
             ]
         except Exception as exc:
-            outcomes = [(r, exc) for r in batch]
+            return [(batch, exc)]
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: settle, then re-raise
             err = ExecutorCrashed(f"the batch writer raised {type(exc).__name__}")
             err.__cause__ = exc
             self.settle_counted([(r, err) for r in batch])  # the loop may stop with it
             raise
         finally:
-            self.stats.flushed(time.perf_counter() - started)
-        return outcomes
+            stats.flushed(time.perf_counter() - started)
+        return settled
+
+    def _settle_groups(self, settled: Settled) -> None:
+        """Count and resolve a flush's outcomes in one pass: per group its ids or its error.
+
+        Callers on home are resolved here; the others (another loop, a thread)
+        through :func:`settle`, one hand-off per loop.
+        """
+        stats = self.stats
+        remote: list[tuple[Request, Outcome]] = []
+        for reqs, result in settled:
+            if isinstance(result, BaseException):
+                stats.failed += len(reqs)
+                for r in reqs:
+                    fut = r.future
+                    if r.loop is not None:
+                        remote.append((r, result))
+                    elif not fut.done():
+                        fut.set_exception(result)
+            else:
+                stats.delivered += len(reqs)
+                for r, mid in zip(reqs, result, strict=True):
+                    fut = r.future
+                    if r.loop is not None:
+                        remote.append((r, mid))
+                    elif not fut.done():
+                        fut.set_result(mid)
+        if remote:
+            settle(remote)
 
     def settle_counted(self, outcomes: list[tuple[Request, Outcome]]) -> None:
         """Count each outcome as delivered or failed, then resolve its future."""

@@ -37,6 +37,7 @@ from .lifecycle import Lifecycle
 __all__ = ["DeliveryExecutor"]
 
 _CLOSING = Lifecycle.CLOSING
+_PATHS_KEPT = 4096  # checked Maildir paths remembered (then forgotten all at once)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -111,6 +112,9 @@ class DeliveryExecutor:
         self._collector = Collector(self.config)
         self._handoff = self._collector.handoff
         self._admit = self._collector.admit
+        # Paths that check_maildir_path returned unchanged: the same str again
+        # needs no check. Shared by every caller thread (set ops are atomic).
+        self._paths: set[str] = set()
 
     # -- the settings (read-only; see the class doc) ---------------------------
 
@@ -249,9 +253,23 @@ class DeliveryExecutor:
         return future.result(timeout)
 
     def _check(self, path: str | os.PathLike[str], body: Message) -> tuple[str, Parts, int]:
-        p = check_maildir_path(path)
-        parts = check_message(body)
-        size = parts[0].nbytes if len(parts) == 1 else sum(v.nbytes for v in parts)
+        # The common case checked with a set lookup and two type tests: a path
+        # already seen in its final (absolute, normal) form, and a bytes body.
+        seen = self._paths
+        if type(path) is str and path in seen:
+            p = path
+        else:
+            p = check_maildir_path(path)
+            if p == path:  # a relative path is resolved per call (against the cwd of then)
+                if len(seen) >= _PATHS_KEPT:
+                    seen.clear()
+                seen.add(p)
+        if type(body) is bytes:
+            parts: Parts = (memoryview(body),)
+            size = len(body)
+        else:
+            parts = check_message(body)
+            size = parts[0].nbytes if len(parts) == 1 else sum(v.nbytes for v in parts)
         if size > self._max_size:
             raise MessageTooLarge(
                 f"message of {size} bytes exceeds max_message_size={self._max_size}"

@@ -127,6 +127,8 @@ CommitSteps: TypeAlias = Generator[SyncCall, "OSError | None", "list[list[Messag
 
 
 def _view(body: object) -> memoryview:
+    if type(body) is memoryview and body.ndim == 1 and body.format == "B" and body.c_contiguous:
+        return body  # already a flat byte view (the executor's parts): nothing to make
     if not isinstance(body, (bytes, bytearray, memoryview)):
         raise TypeError(
             f"message body must be bytes, bytearray or memoryview, not {type(body).__name__}"
@@ -146,6 +148,8 @@ def check_message(message: object) -> Parts:
     The bytes are not copied.
     """
     if isinstance(message, tuple):
+        if len(message) == 1:  # the executor's usual form: no generator for one part
+            return (_view(message[0]),)
         return tuple(_view(part) for part in message)
     return (_view(message),)
 

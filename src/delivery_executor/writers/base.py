@@ -17,10 +17,11 @@ Two forms:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from ..fsops import OS_OPS, FsOps
 from ..store import Maildir, MessageId, StepDriver, StoreOptions, SyncMode, commit_steps
@@ -150,7 +151,7 @@ def goes_to_thread(groups: Sequence[Group], thread_above: int | None) -> bool:
     """
     if thread_above is None:
         return False
-    total = sum(part.nbytes for _, messages in groups for parts in messages for part in parts)
+    total = sum([part.nbytes for _, messages in groups for parts in messages for part in parts])
     if total <= thread_above:
         return False
     seen: set[int] = set()
@@ -197,26 +198,94 @@ def open_maildirs(groups: Sequence[Group], lookup: Callable[[str], Maildir]) -> 
     return opened
 
 
-class ThreadPool:
-    """A lazily started thread pool whose calls are awaited from the running loop."""
+class _Workers:
+    """One generation of a :class:`ThreadPool`'s threads, their queue and their count."""
 
-    __slots__ = ("_name", "_pool", "_size")
+    __slots__ = ("busy", "name", "queue", "threads")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self.threads = 0
+        self.busy = 0  # calls handed over and not yet answered; changed on the loop only
+
+    def start(self) -> None:
+        self.threads += 1
+        threading.Thread(
+            target=_work, args=(self,), name=f"{self.name}_{self.threads - 1}", daemon=True
+        ).start()
+
+    def answer(
+        self, future: asyncio.Future[Any], result: object, exc: BaseException | None
+    ) -> None:
+        """On the caller's loop: one call came back; resolve its future unless cancelled."""
+        self.busy -= 1
+        if future.done():
+            return
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+
+_Call: TypeAlias = (
+    "tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]"
+)
+
+
+def _work(workers: _Workers) -> None:
+    get = workers.queue.get
+    while (call := get()) is not None:
+        loop, future, fn, args = call
+        del call
+        if future.cancelled():  # its caller stopped waiting before it began: skip it
+            result: object = None
+            exc: BaseException | None = None
+        else:
+            try:
+                result, exc = fn(*args), None
+            except BaseException as e:  # returned to the caller, as run_in_executor does
+                result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(workers.answer, future, result, exc)
+        except RuntimeError:  # that loop is closed: nobody waits
+            pass
+        del loop, future, fn, args, result, exc
+
+
+class ThreadPool:
+    """A lazily started pool of threads whose calls are awaited from the running loop.
+
+    Lighter than ``run_in_executor``: a call is one ``SimpleQueue.put`` and its
+    answer one ``call_soon_threadsafe``, without a ``concurrent.futures.Future``
+    chained to the loop's (the instruction counts are in BUDGETS.md). A thread
+    (a daemon) starts when every running one is busy, up to ``size``. A call
+    whose future is cancelled before a thread takes it is skipped.
+    """
+
+    __slots__ = ("_name", "_size", "_workers")
 
     def __init__(self, size: int, name: str) -> None:
         self._size = size
         self._name = name
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._workers: _Workers | None = None
 
     def run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """``fn(*args)`` in a pool thread, as a future of the running loop."""
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self._size, thread_name_prefix=self._name
-            )
-        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        workers = self._workers
+        if workers is None:
+            workers = self._workers = _Workers(self._name)
+        if workers.busy >= workers.threads < self._size:
+            workers.start()
+        workers.busy += 1
+        workers.queue.put((loop, future, fn, args))
+        return future
 
     def close(self) -> None:
-        """Stop the threads once their current calls return; the pool can start again."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
+        """Stop the threads once their queued calls return; the pool can start again."""
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            for _ in range(workers.threads):
+                workers.queue.put(None)

@@ -1,0 +1,189 @@
+"""The executor's two target ratios in one run, with CPU per message beside them.
+
+32 callers deliver 500-byte messages to one Maildir. Three contenders, all
+durable, on the same file system, interleaved round by round (medians kept):
+
+  per-message  each caller awaits ``asyncio.to_thread(Maildir.deliver)``
+  executor     ``DeliveryExecutor()`` defaults (eager batching, loop writer)
+  batch(32)    the store alone: ``Maildir.deliver_batch`` of 32 bodies, back
+               to back, in one thread (the rate the executor's batches can reach)
+
+It prints msg/s, ``executor / per-message`` (issue 23's target: >= 4) and
+``executor / batch(32)`` (target: >= 0.9), and each contender's CPU seconds per
+message (user and system, the whole process, threads included).
+
+    .venv/bin/python -m benches.bench_executor_ratio [--messages 6400] [--rounds 5]
+        [--tmpfs] [--json out.json]
+
+On a shared machine msg/s mean little: compare the CPU columns. ``--tmpfs``
+runs on /dev/shm, where the syncs cost next to nothing, so the CPU columns are
+the Python path alone (what the executor adds is ``executor - batch(32)``).
+``--only executor-null`` measures the executor with a writer that touches no
+file. For instruction counts, run one contender under callgrind at two message
+counts and divide the difference (BUDGETS.md has the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from delivery_executor import DeliveryExecutor, Maildir, MessageId
+from delivery_executor.writers import BatchResult, Group
+
+from .benchfs import bench_filesystem
+
+BODY = (b"From: bench@example.org\r\nSubject: x\r\n\r\n" + b"x" * 500)[:500]
+CALLERS = 32
+CONTENDERS = ("per-message", "executor", "batch(32)")
+EXTRA = ("executor-null",)  # the executor alone: a writer that touches no file (--only)
+
+
+class _NullWriter:
+    """Answers every batch with made-up ids at once: what is left is the executor's own path."""
+
+    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+        return [[MessageId(f"n{i}") for i in range(len(m))] for _, m in groups], 0
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _cpu() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+    return r.ru_utime, r.ru_stime
+
+
+async def _per_message(md: Maildir, messages: int) -> int:
+    per = messages // CALLERS
+
+    async def caller() -> None:
+        for _ in range(per):
+            await asyncio.to_thread(md.deliver, BODY)
+
+    await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    return per * CALLERS
+
+
+async def _executor(md: Maildir, messages: int, *, null: bool = False) -> int:
+    per = messages // CALLERS
+    path = str(md.path)
+    async with DeliveryExecutor(writer=_NullWriter() if null else "loop") as ex:
+
+        async def caller() -> None:
+            for _ in range(per):
+                await ex.deliver(path, BODY)
+
+        await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    return per * CALLERS
+
+
+def _batches(md: Maildir, messages: int) -> int:
+    bodies = [BODY] * CALLERS
+    for _ in range(messages // CALLERS):
+        md.deliver_batch(bodies)
+    return messages // CALLERS * CALLERS
+
+
+def run_one(contender: str, where: Path, messages: int) -> dict[str, float]:
+    """One measurement: msg/s and CPU microseconds per message (user, system)."""
+    md = Maildir.cached(where)  # created up front, and found by the executor's writer
+    os.sync()  # its metadata flushed, so the first batch does not pay for it
+    u0, s0 = _cpu()
+    t0 = time.perf_counter()
+    if contender == "per-message":
+        n = asyncio.run(_per_message(md, messages))
+    elif contender == "executor":
+        n = asyncio.run(_executor(md, messages))
+    elif contender == "executor-null":
+        n = asyncio.run(_executor(md, messages, null=True))
+    else:
+        n = _batches(md, messages)
+    elapsed = time.perf_counter() - t0
+    u1, s1 = _cpu()
+    return {"msg_s": n / elapsed, "user_us": (u1 - u0) / n * 1e6, "sys_us": (s1 - s0) / n * 1e6}
+
+
+def run_all(
+    root: Path, messages: int, rounds: int, contenders: Sequence[str] = CONTENDERS
+) -> dict[str, Any]:
+    """Each contender ``rounds`` times, interleaved; medians, and the two ratios if all ran."""
+    samples: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
+    for r in range(rounds):
+        for c in contenders:
+            samples[c].append(run_one(c, root / f"{c}-{r}", messages))
+    rows = {
+        c: {k: statistics.median(s[k] for s in samples[c]) for k in samples[c][0]}
+        for c in contenders
+    }
+    out: dict[str, Any] = {"rows": rows, "messages": messages, "rounds": rounds}
+    if all(c in rows for c in CONTENDERS):
+        ex = rows["executor"]["msg_s"]
+        out["executor_over_per_message"] = ex / rows["per-message"]["msg_s"]
+        out["executor_over_batch32"] = ex / rows["batch(32)"]["msg_s"]
+    return out
+
+
+def format_result(result: dict[str, Any]) -> str:
+    out = [f"{'contender':<13} {'msg/s':>8} {'user us/msg':>11} {'sys us/msg':>10}"]
+    for c, row in result["rows"].items():
+        out.append(f"{c:<13} {row['msg_s']:>8.0f} {row['user_us']:>11.1f} {row['sys_us']:>10.1f}")
+    if "executor_over_batch32" in result:
+        per, b32 = result["executor_over_per_message"], result["executor_over_batch32"]
+        out.append(f"executor / per-message: {per:.2f}  (target >= 4)")
+        out.append(f"executor / batch(32):   {b32:.2f}  (target >= 0.9)")
+    return "\n".join(out)
+
+
+@contextmanager
+def _tmpfs() -> Iterator[tuple[Path, str]]:
+    with tempfile.TemporaryDirectory(prefix="de-ratio-", dir="/dev/shm") as where:
+        yield Path(where), "tmpfs (/dev/shm): syncs cost next to nothing; compare CPU columns"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=6400, help="messages per contender run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tmpfs", action="store_true", help="on /dev/shm (CPU cost only)")
+    parser.add_argument(
+        "--only",
+        choices=CONTENDERS + EXTRA,
+        action="append",
+        help="run only this contender (repeatable); e.g. one per run under callgrind",
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    with _tmpfs() if args.tmpfs else bench_filesystem() as (root, description):
+        print(f"file system: {description}", flush=True)
+        result = run_all(root, args.messages, args.rounds, args.only or CONTENDERS)
+    print(format_result(result))
+    if args.json:
+        args.json.write_text(json.dumps({"filesystem": description, **result}, indent=2))
+    return 0
+
+
+def test_executor_ratios(bench_root: Path) -> None:
+    """One short round of the three contenders; prints the two ratios."""
+    where = bench_root / "ratios"
+    where.mkdir()
+    result = run_all(where, 1280, 1)
+    print("\n" + format_result(result))
+    assert all(row["msg_s"] > 0 for row in result["rows"].values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
