@@ -43,7 +43,6 @@ import inspect
 import itertools
 import logging
 import os
-import re
 import socket
 import time
 import weakref
@@ -71,7 +70,7 @@ from ..store import Message
 from ..store.names import known_line_ends
 from .dsn import DsnSyntaxError, original_recipient
 from .duplicates import DuplicateFilter
-from .reader import has_no_bare_cr
+from .reader import has_no_bare_lf
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -147,40 +146,26 @@ def _mail_size(mail_options: list[str]) -> int:
     return 0
 
 
-# A CR followed by anything but LF. "\r[^\n]" (plus a look at the last byte)
-# rather than "\r(?!\n)": the regex engine scans for its first byte either
-# way, but a class match costs it half what a lookahead does.
-_CR_NOT_LF = re.compile(rb"\r[^\n]")
-
-
-def _has_bare_cr(body: bytes) -> bool:
-    return _CR_NOT_LF.search(body) is not None or body.endswith(b"\r")
-
-
 def to_lf(body: bytes) -> bytes:
-    """``body`` with every CRLF turned into LF; a bare CR stays.
-
-    The same bytes as ``body.replace(b"\\r\\n", b"\\n")`` at about half its
-    cost: without a bare CR, deleting every CR is the same edit, and
-    ``translate`` plus one regex scan beat ``replace``.
-    """
-    if not _has_bare_cr(body):
-        return body.translate(None, b"\r")
+    """``body`` with every CRLF turned into LF; a bare CR stays (one ``bytes.replace``)."""
     return body.replace(b"\r\n", b"\n")
 
 
-def to_lf_counted(body: bytes, no_bare_cr: bool = False) -> tuple[bytes, int]:
+def to_lf_counted(body: bytes, no_bare_lf: bool = False) -> tuple[bytes, int]:
     """``(to_lf(body), its LF count minus its CRLF count)``: the stored body and its ``W - S``.
 
     The count :func:`~delivery_executor.store.names.size_suffix` would make,
-    taken here in one scan (without a bare CR no CR is left, so it is the LF
-    count) so that the store need not make two. ``no_bare_cr``: the caller
-    knows ``body`` has none (the bulk reader saw), so the check is skipped.
+    so that the store need not make it. ``no_bare_lf``: the caller knows every
+    LF of ``body`` ends a CRLF (the bulk reader saw), so the LFs are the CRLFs
+    replaced, ``len(body) - len(lf)``: no pass over the bytes but a ``memchr``
+    for a CR left over (a bare CR; only then one count).
     """
-    if no_bare_cr or not _has_bare_cr(body):
-        lf = body.translate(None, b"\r")
-        return lf, lf.count(b"\n")
     lf = body.replace(b"\r\n", b"\n")
+    if no_bare_lf:
+        extra = len(body) - len(lf)
+        if lf.find(b"\r") >= 0:  # "\r\r\n" stored as "\r\n": that line end has its CR
+            extra -= lf.count(b"\r\n")
+        return lf, extra
     return lf, lf.count(b"\n") - lf.count(b"\r\n")
 
 
@@ -453,13 +438,11 @@ class DeliveryHandler:
             return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
         if self._lf:
             # Once per message: every copy shares it, and the store takes ,W= from us.
-            body, extra = to_lf_counted(body, has_no_bare_cr(envelope, body))
-        elif has_no_bare_cr(envelope, body):
-            # Every CR is in a CRLF: two one-byte counts give what the store's
-            # LF and CRLF counts would, its CRLF search being the slower one.
-            extra = body.count(b"\n") - body.count(b"\r")
-        else:
-            return await self._deliver_body(server, session, envelope, rcpts, lmtp, body, started)
+            body, extra = to_lf_counted(body, has_no_bare_lf(envelope, body))
+        elif has_no_bare_lf(envelope, body):
+            extra = 0  # every LF ends a CRLF: W = S, nothing to count
+        else:  # counted here once, rather than by each writer (a helper process too)
+            extra = body.count(b"\n") - body.count(b"\r\n")
         with known_line_ends(body, extra):
             return await self._deliver_body(server, session, envelope, rcpts, lmtp, body, started)
 
