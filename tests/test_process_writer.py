@@ -63,7 +63,7 @@ def test_helper_takes_the_known_line_end_count_from_the_frame(tmp_path: Path) ->
         frame = _frame(1, groups)
     counted = _frame(2, groups)  # the same batch with nothing known
     out = io.BytesIO()
-    assert serve_batches(io.BytesIO(frame + counted), out, "fsync") == 0  # type: ignore[arg-type]
+    assert serve_batches(io.BytesIO(frame + counted), out, "fsync") == 0
     assert not names._KNOWN
     size = len(head) + len(body)
     got = sorted(n for n in files_in(tmp_path / "m" / "new"))
