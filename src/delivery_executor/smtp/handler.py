@@ -43,6 +43,7 @@ import inspect
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 import weakref
@@ -146,8 +147,25 @@ def _mail_size(mail_options: list[str]) -> int:
     return 0
 
 
+# A CR followed by anything but LF. "\r[^\n]" (plus a look at the last byte)
+# rather than "\r(?!\n)": the regex engine scans for its first byte either
+# way, but a class match costs it half what a lookahead does.
+_CR_NOT_LF = re.compile(rb"\r[^\n]")
+
+
+def _has_bare_cr(body: bytes) -> bool:
+    return _CR_NOT_LF.search(body) is not None or body.endswith(b"\r")
+
+
 def to_lf(body: bytes) -> bytes:
-    """``body`` with every CRLF turned into LF; a bare CR stays (one ``bytes.replace``)."""
+    """``body`` with every CRLF turned into LF; a bare CR stays.
+
+    The same bytes as ``body.replace(b"\\r\\n", b"\\n")`` at about half its
+    cost: without a bare CR, deleting every CR is the same edit, and
+    ``translate`` plus one regex scan beat ``replace``.
+    """
+    if not _has_bare_cr(body):
+        return body.translate(None, b"\r")
     return body.replace(b"\r\n", b"\n")
 
 
@@ -155,17 +173,20 @@ def to_lf_counted(body: bytes, no_bare_lf: bool = False) -> tuple[bytes, int]:
     """``(to_lf(body), its LF count minus its CRLF count)``: the stored body and its ``W - S``.
 
     The count :func:`~delivery_executor.store.names.size_suffix` would make,
-    so that the store need not make it. ``no_bare_lf``: the caller knows every
-    LF of ``body`` ends a CRLF (the bulk reader saw), so the LFs are the CRLFs
-    replaced, ``len(body) - len(lf)``: no pass over the bytes but a ``memchr``
-    for a CR left over (a bare CR; only then one count).
+    taken here so that the store need not make it. ``no_bare_lf``: the caller
+    knows every LF of ``body`` ends a CRLF (the bulk reader saw); then one
+    ``translate`` and one count do: as many CRs deleted as LFs counted means
+    no bare CR (each LF had its CR), so deleting every CR was the right edit.
     """
-    lf = body.replace(b"\r\n", b"\n")
     if no_bare_lf:
-        extra = len(body) - len(lf)
-        if lf.find(b"\r") >= 0:  # "\r\r\n" stored as "\r\n": that line end has its CR
-            extra -= lf.count(b"\r\n")
-        return lf, extra
+        lf = body.translate(None, b"\r")
+        n = lf.count(b"\n")
+        if n == len(body) - len(lf):
+            return lf, n
+    elif not _has_bare_cr(body):
+        lf = body.translate(None, b"\r")
+        return lf, lf.count(b"\n")
+    lf = body.replace(b"\r\n", b"\n")
     return lf, lf.count(b"\n") - lf.count(b"\r\n")
 
 
