@@ -30,9 +30,9 @@ _TICK = os.sysconf("SC_CLK_TCK")
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
 
-def session_cpu(sid: int) -> tuple[float, float]:
-    """User and system CPU seconds of the live processes of session ``sid``."""
-    user = system = 0
+def session_cpu(sid: int) -> tuple[float, float, int]:
+    """User and system CPU seconds and minor faults of the live processes of session ``sid``."""
+    user = system = faults = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -44,9 +44,10 @@ def session_cpu(sid: int) -> tuple[float, float]:
         fields = stat[stat.rindex(")") + 2 :].split()
         # fields[0] is field 3 (state): session is field 6, utime 14, stime 15.
         if int(fields[3]) == sid:
+            faults += int(fields[7])
             user += int(fields[11])
             system += int(fields[12])
-    return user / _TICK, system / _TICK
+    return user / _TICK, system / _TICK, faults
 
 
 def _source(port: int, size: int, count: int) -> None:
@@ -55,8 +56,10 @@ def _source(port: int, size: int, count: int) -> None:
     subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.DEVNULL)
 
 
-def measure(src: Path | None, size: int, count: int, extra: list[str]) -> tuple[float, float]:
-    """(user ms, system ms) per message of one run of ``count`` messages of ``size`` bytes."""
+def measure(
+    src: Path | None, size: int, count: int, extra: list[str]
+) -> tuple[float, float, float]:
+    """(user ms, system ms, minor faults) per message of ``count`` messages of ``size`` bytes."""
     env = dict(os.environ)
     paths = [str(src)] if src else []
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(_REPO), env.get("PYTHONPATH", "")])
@@ -65,11 +68,11 @@ def measure(src: Path | None, size: int, count: int, extra: list[str]) -> tuple[
         args = ["--log-level", "WARNING", "--max-connections-per-ip", "0", *extra]
         with ServerProcess(root, *args, env=env, start_timeout=30) as s:
             _source(s.port, size, max(8, count // 10))
-            u0, s0 = session_cpu(s.proc.pid)
+            u0, s0, f0 = session_cpu(s.proc.pid)
             _source(s.port, size, count)
-            u1, s1 = session_cpu(s.proc.pid)
+            u1, s1, f1 = session_cpu(s.proc.pid)
             s.stop()
-    return (u1 - u0) * 1000 / count, (s1 - s0) * 1000 / count
+    return (u1 - u0) * 1000 / count, (s1 - s0) * 1000 / count, (f1 - f0) / count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,17 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     srcs: list[Path | None] = list(a.src) or [None]
     for size in (int(x) for x in a.sizes.split(",")):
-        got: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(srcs))}
+        got: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(srcs))}
         for _ in range(a.runs):  # interleaved: A, B, A, B...
             for i, src in enumerate(srcs):
                 got[i].append(measure(src, size, a.messages, a.extra))
         for i, src in enumerate(srcs):
-            us = [u for u, _ in got[i]]
-            ss = [s for _, s in got[i]]
+            us = [u for u, _, _ in got[i]]
+            ss = [s for _, s, _ in got[i]]
+            fs = [f for _, _, f in got[i]]
             print(
                 f"{size:>8} B  {src or 'this checkout'}: user {statistics.median(us):.2f} ms"
-                f"  sys {statistics.median(ss):.2f} ms per message (median of {a.runs};"
-                f" user {', '.join(f'{u:.2f}' for u in us)})",
+                f"  sys {statistics.median(ss):.2f} ms  faults {statistics.median(fs):.0f}"
+                f" per message (median of {a.runs}; user {', '.join(f'{u:.2f}' for u in us)};"
+                f" sys {', '.join(f'{x:.2f}' for x in ss)})",
                 flush=True,
             )
     return 0

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from typing import BinaryIO, TypeAlias
 
 from ..fsops import OS_OPS, FsOps
+from ..heap import keep_heap
 from ..store import MessageId, StoreOptions, SyncMode
 from ..store.names import known_extra, known_line_ends_of
 from ..validate import count
@@ -283,6 +284,7 @@ def child_main(sync: SyncMode, *, size_in_names: bool = True) -> int:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    keep_heap()  # each batch's blobs reuse the last one's memory (heap.py)
     return serve_batches(sys.stdin.buffer, sys.stdout.buffer, sync, size_in_names=size_in_names)
 
 
