@@ -168,3 +168,12 @@ async def test_handler_hands_its_count_to_the_store(
     assert [r.code for r in replies] == [250]
     assert seen == [True]
     assert not names._KNOWN
+
+
+def test_big_body_takes_the_plain_translate_with_the_same_result() -> None:
+    """Past 4 MiB the CR deletion skips the bytearray copies; bytes and count are the same."""
+    body = b"line of text\r\n" * (5 * 1024 * 1024 // 14)
+    lf, extra = to_lf_counted(body, True)
+    assert lf == body.replace(b"\r\n", b"\n")
+    assert extra == body.count(b"\r\n")
+    assert to_lf(body) == lf
