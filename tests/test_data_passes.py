@@ -46,6 +46,15 @@ def test_to_lf_counted_is_to_lf_and_its_count(body: bytes) -> None:
     assert extra == counted(lf)
 
 
+@given(nasty.map(lambda b: b.replace(b"\r\n", b"\0").replace(b"\n", b"").replace(b"\0", b"\r\n")))
+@example(b"a\r\r\nb\r\n")  # a bare CR before a line end
+@example(b"x\r\n\ry")
+@example(b"\r")
+def test_to_lf_counted_without_bare_lf_matches_the_general_path(body: bytes) -> None:
+    """Told there is no bare LF, the one-translate path gives the general path's bytes and count."""
+    assert to_lf_counted(body, True) == to_lf_counted(body)
+
+
 @given(nasty, nasty, st.integers(0, 3))
 @example(b"h\r", b"\nbody\r\n", 0)  # a CRLF split between head and body
 def test_known_line_ends_give_the_counted_suffix(head: bytes, body: bytes, cut: int) -> None:
@@ -159,3 +168,12 @@ async def test_handler_hands_its_count_to_the_store(
     assert [r.code for r in replies] == [250]
     assert seen == [True]
     assert not names._KNOWN
+
+
+def test_big_body_takes_the_plain_translate_with_the_same_result() -> None:
+    """Past 4 MiB the CR deletion skips the bytearray copies; bytes and count are the same."""
+    body = b"line of text\r\n" * (5 * 1024 * 1024 // 14)
+    lf, extra = to_lf_counted(body, True)
+    assert lf == body.replace(b"\r\n", b"\n")
+    assert extra == body.count(b"\r\n")
+    assert to_lf(body) == lf

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from delivery_executor.smtp.handler import to_lf, to_lf_counted
-from delivery_executor.smtp.reader import BulkDataMixin, has_no_bare_cr
+from delivery_executor.smtp.reader import BulkDataMixin, has_no_bare_lf
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -535,22 +535,22 @@ async def test_terminator_split_at_every_position() -> None:
 
 
 class FlagBulk(BulkSMTP):
-    """Ours, recording for each delivered body whether the reader vouched it has no bare CR."""
+    """Ours, recording for each delivered body whether the reader vouched it has no bare LF."""
 
     flags: list[tuple[bytes, bool]] = []  # noqa: RUF012 (appended by the sessions)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         env = self.envelope
         if command == "DATA" and env is not None and isinstance(env.original_content, bytes):
-            self.flags.append((env.original_content, has_no_bare_cr(env, env.original_content)))
+            self.flags.append((env.original_content, has_no_bare_lf(env, env.original_content)))
         return await super()._call_handler_hook(command, *args)
 
 
 @pytest.mark.asyncio
 @DIFF_SETTINGS
 @given(case=cases("smtp"), many_dots=st.booleans())
-async def test_reader_vouches_only_for_bodies_without_bare_cr(case: Case, many_dots: bool) -> None:
-    """The reader's no-bare-CR mark is never wrong, and the LF conversion it allows is to_lf's."""
+async def test_reader_vouches_only_for_bodies_without_bare_lf(case: Case, many_dots: bool) -> None:
+    """The reader's no-bare-LF mark is never wrong, and the count it allows is the counted one."""
     chunks = case.chunks
     if many_dots:  # past the stuffed lines the reader notes: the mark is not given
         head, sep, tail = b"".join(chunks).partition(b"DATA\r\n")
@@ -560,11 +560,33 @@ async def test_reader_vouches_only_for_bodies_without_bare_cr(case: Case, many_d
     for body, vouched in FlagBulk.flags:
         if vouched:
             assert not many_dots
-            assert not re.search(rb"\r(?!\n)", body), body
+            assert not re.search(rb"(?<!\r)\n", body), body
             assert to_lf_counted(body, True) == to_lf_counted(body)
             assert to_lf_counted(body, True)[0] == to_lf(body)
         elif not many_dots:
-            assert re.search(rb"\r(?!\n)", body), body
+            assert re.search(rb"(?<!\r)\n", body), body
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "vouched"),
+    [
+        (b"a\r\n.b\r\nc\r\n", True),
+        (b"a\r\r\nb\rc\r\n", True),  # bare CRs: every LF still ends a CRLF
+        (b"a\nb\r\n", False),
+        (b"a\r\n\n.b\r\n", False),  # a bare LF right after a line end
+        (b"\n.x\r\n", False),  # the very first byte
+        (b"a\r\n..\r\nb\nc\r\n", False),  # after a stuffed line
+    ],
+)
+async def test_no_bare_lf_mark_at_every_split(body: bytes, vouched: bool) -> None:
+    """Read in two pieces cut anywhere (a CRLF or a dot line split too), the mark is the same."""
+    stream = pre() + body + b".\r\nQUIT\r\n"
+    at = len(pre())
+    for point in range(at - 1, at + len(body) + 3):
+        FlagBulk.flags.clear()
+        await run_pipe(FlagBulk, cut(stream, [point]), data_size_limit=None)
+        assert FlagBulk.flags == [(unstuff(body), vouched)], point
 
 
 @pytest.mark.asyncio

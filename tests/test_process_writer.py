@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 import signal
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from delivery_executor import DeliveryExecutor, Maildir, MessageId, TooManyParts
+from delivery_executor.store import names
 from delivery_executor.writers import Group
 from delivery_executor.writers.process import (
     ProcessWriter,
@@ -18,6 +20,7 @@ from delivery_executor.writers.process import (
     decode_request,
     encode_reply,
     encode_request,
+    serve_batches,
 )
 
 from .helpers import files_in
@@ -49,6 +52,24 @@ def test_request_round_trip() -> None:
     assert [(p, [[bytes(v) for v in m] for m in ms]) for p, ms in decoded] == [
         (p, [[bytes(v) for v in m] for m in ms]) for p, ms in groups
     ]
+
+
+def test_helper_takes_the_known_line_end_count_from_the_frame(tmp_path: Path) -> None:
+    """A body whose count the sender knows is not counted again in the helper: ,W= is the sent."""
+    body = b"a\nb\nc\n" * 100  # 300 LFs: counting gives W = S + 300
+    head = b"H: x\n"
+    groups: list[Group] = [(str(tmp_path / "m"), [(memoryview(head), memoryview(body))])]
+    with names.known_line_ends(body, 7):  # deliberately wrong: only a taken count gives 7
+        frame = _frame(1, groups)
+    counted = _frame(2, groups)  # the same batch with nothing known
+    out = io.BytesIO()
+    assert serve_batches(io.BytesIO(frame + counted), out, "fsync") == 0
+    assert not names._KNOWN
+    size = len(head) + len(body)
+    got = sorted(n for n in files_in(tmp_path / "m" / "new"))
+    assert sorted(n.partition(",")[2] for n in got) == sorted(
+        [f"S={size},W={size + 1 + 7}", f"S={size},W={size + 1 + 300}"]
+    )
 
 
 def test_more_than_65535_groups_and_a_too_many_parts_message() -> None:

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import userdb
+from ..heap import keep_heap
 from ..logs import logs_to_file
 from . import notify, signals
 from .checks import StartupError, check_root, check_scripts
@@ -236,6 +237,7 @@ def run_server(config: ServerConfig) -> int:
     Raises :class:`StartupError` when it cannot start (see :mod:`.checks`).
     """
     _prepare(config)
+    keep_heap()  # big buffers reused, not mapped and faulted in per message (heap.py)
     inherited = systemd_listeners()
     if config.tls_cert is None and any(b.implicit_tls for b in inherited):
         release(inherited)

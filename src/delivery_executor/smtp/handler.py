@@ -71,7 +71,7 @@ from ..store import Message
 from ..store.names import known_line_ends
 from .dsn import DsnSyntaxError, original_recipient
 from .duplicates import DuplicateFilter
-from .reader import has_no_bare_cr
+from .reader import has_no_bare_lf
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -157,6 +157,19 @@ def _has_bare_cr(body: bytes) -> bool:
     return _CR_NOT_LF.search(body) is not None or body.endswith(b"\r")
 
 
+_FAST_DELETE_MAX = 4 << 20  # above it, memory comes first: no two extra transient copies
+
+
+def _without_cr(body: bytes) -> bytes:
+    # bytearray.translate's deleting loop is about twice as fast as bytes.translate's
+    # (which also tracks whether anything changed): with the two copies, the
+    # whole is still about 40 % cheaper per MiB, and no dearer at 64 KiB. The
+    # copies hold 2 x body more for a moment, so big bodies take the plain way.
+    if len(body) > _FAST_DELETE_MAX:
+        return body.translate(None, b"\r")
+    return bytes(bytearray(body).translate(None, b"\r"))
+
+
 def to_lf(body: bytes) -> bytes:
     """``body`` with every CRLF turned into LF; a bare CR stays.
 
@@ -165,20 +178,26 @@ def to_lf(body: bytes) -> bytes:
     ``translate`` plus one regex scan beat ``replace``.
     """
     if not _has_bare_cr(body):
-        return body.translate(None, b"\r")
+        return _without_cr(body)
     return body.replace(b"\r\n", b"\n")
 
 
-def to_lf_counted(body: bytes, no_bare_cr: bool = False) -> tuple[bytes, int]:
+def to_lf_counted(body: bytes, no_bare_lf: bool = False) -> tuple[bytes, int]:
     """``(to_lf(body), its LF count minus its CRLF count)``: the stored body and its ``W - S``.
 
     The count :func:`~delivery_executor.store.names.size_suffix` would make,
-    taken here in one scan (without a bare CR no CR is left, so it is the LF
-    count) so that the store need not make two. ``no_bare_cr``: the caller
-    knows ``body`` has none (the bulk reader saw), so the check is skipped.
+    taken here so that the store need not make it. ``no_bare_lf``: the caller
+    knows every LF of ``body`` ends a CRLF (the bulk reader saw); then one
+    ``translate`` and one count do: as many CRs deleted as LFs counted means
+    no bare CR (each LF had its CR), so deleting every CR was the right edit.
     """
-    if no_bare_cr or not _has_bare_cr(body):
-        lf = body.translate(None, b"\r")
+    if no_bare_lf:
+        lf = _without_cr(body)
+        n = lf.count(b"\n")
+        if n == len(body) - len(lf):
+            return lf, n
+    elif not _has_bare_cr(body):
+        lf = _without_cr(body)
         return lf, lf.count(b"\n")
     lf = body.replace(b"\r\n", b"\n")
     return lf, lf.count(b"\n") - lf.count(b"\r\n")
@@ -453,13 +472,11 @@ class DeliveryHandler:
             return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
         if self._lf:
             # Once per message: every copy shares it, and the store takes ,W= from us.
-            body, extra = to_lf_counted(body, has_no_bare_cr(envelope, body))
-        elif has_no_bare_cr(envelope, body):
-            # Every CR is in a CRLF: two one-byte counts give what the store's
-            # LF and CRLF counts would, its CRLF search being the slower one.
-            extra = body.count(b"\n") - body.count(b"\r")
-        else:
-            return await self._deliver_body(server, session, envelope, rcpts, lmtp, body, started)
+            body, extra = to_lf_counted(body, has_no_bare_lf(envelope, body))
+        elif has_no_bare_lf(envelope, body):
+            extra = 0  # every LF ends a CRLF: W = S, nothing to count
+        else:  # counted here once, rather than by each writer (a helper process too)
+            extra = body.count(b"\n") - body.count(b"\r\n")
         with known_line_ends(body, extra):
             return await self._deliver_body(server, session, envelope, rcpts, lmtp, body, started)
 

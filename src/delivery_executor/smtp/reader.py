@@ -31,10 +31,12 @@ is taken from it, and every later transport read goes straight to the body
 commands) go back to the reader. The StreamReader sees none of the body, so
 the transport is never paused by it; the DATA budget still sees every read
 first (the protocol's ``data_received``). Each read is appended to one
-``bytearray`` and searched once by a regex for CR followed by a non-LF or
-by LF ``.``: every line that starts with a dot (the terminator or a stuffed
-line, its position noted) and the first bare CR (so the handler need not
-look for one: :func:`has_no_bare_cr`). Line lengths are checked with one
+``bytearray`` and searched once by a regex that stops at each LF: every
+line that starts with a dot (the terminator or a stuffed line, its position
+noted) and the first bare LF (LF without its CR). Without one, every line
+end is a CRLF, so the handler converts and counts line ends by lengths alone
+(:func:`has_no_bare_lf`); after one, ``bytes.find`` looks for ``CRLF .``
+only. Line lengths are checked with one
 ``bytes.rfind`` per L bytes, which touches only each window's last line.
 Unstuffing joins the slices between the noted dots into the ``bytes`` the
 handler gets; past 256 stuffed lines the reader stops noting them, searches
@@ -78,7 +80,7 @@ if TYPE_CHECKING:
 else:
     _MixinBase = object
 
-__all__ = ["NO_BARE_CR", "BulkDataMixin", "has_no_bare_cr"]
+__all__ = ["NO_BARE_LF", "BulkDataMixin", "has_no_bare_lf"]
 
 # aiosmtpd's logger, so existing logging configuration covers us too.
 _log = logging.getLogger("mail.log")
@@ -88,11 +90,12 @@ _TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 _TOO_MUCH = "552 Error: Too much mail data"
 
 
-_DOT_LINE = re.compile(rb"\r\n\.")
-_DOT_LINE_OR_BARE_CR = re.compile(rb"\r(?:[^\n]|\n\.)")
-NO_BARE_CR = "delivery_executor_no_bare_cr"
+# An LF that starts a line with a dot, or that lacks its CR (a bare LF). The
+# engine scans for the LF in C; the lookbehind sees before the search start.
+_DOT_LINE_OR_BARE_LF = re.compile(rb"\n(?:\.|(?<!\r\n))")
+NO_BARE_LF = "delivery_executor_no_bare_lf"
 """The envelope attribute that holds ``original_content`` when the reader saw
-no bare CR in it (:func:`has_no_bare_cr`)."""
+no bare LF in it (:func:`has_no_bare_lf`)."""
 _MAX_DOTS = 256  # stuffed lines remembered by position; past that, one replace() at the end
 
 
@@ -111,7 +114,7 @@ class _Body:
     only and unstuffing is one ``replace`` at the end).
     """
 
-    __slots__ = ("bare_cr", "buf", "done", "dots", "limit", "line_max", "pos", "scanned", "verdict")
+    __slots__ = ("bare_lf", "buf", "done", "dots", "limit", "line_max", "pos", "scanned", "verdict")
 
     def __init__(self, limit: int | None, line_max: int) -> None:
         self.buf = bytearray(b"\r\n")
@@ -120,7 +123,7 @@ class _Body:
         self.scanned = 2
         self.pos = 0
         self.dots: list[int] | None = []
-        self.bare_cr: bool | None = False  # None: not looked for
+        self.bare_lf: bool | None = False  # None: not looked for
         self.done = False
         self.verdict: str | None = None
 
@@ -154,44 +157,67 @@ class _Body:
     def _find(self) -> int:
         """The terminator's offset in ``buf`` (``-1`` if not there yet); notes dots on the way.
 
-        One regex pass finds every line that starts with a dot (a stuffed line
-        or the terminator) and the first bare CR: the engine scans for CR
-        bytes in C, faster here than ``bytes.find`` on ``\\r\\n.`` alone. The
-        bytes just consumed may end in a partial match; ``pos`` then stays
-        before it.
+        While no bare LF has been seen, one regex pass stops at every LF and
+        returns those that start a line with a dot (a stuffed line or the
+        terminator) or lack their CR (the first bare LF: then the search is for
+        ``CRLF .`` only, with ``bytes.find``). Once there is a verdict or too
+        many dots, only the terminator is looked for. The bytes just consumed
+        may end in a partial match; ``pos`` then stays before it.
         """
         buf, pos, dots = self.buf, self.pos, self.dots
-        if dots is None:
-            i = buf.find(_TERM, pos)
+        if dots is None or self.verdict is not None:
+            i = buf.find(_TERM, max(pos - 1, 0))
             if i < 0:
                 self.pos = max(pos, len(buf) - 4)
             return i
-        search = (_DOT_LINE if self.bare_cr else _DOT_LINE_OR_BARE_CR).search
+        if self.bare_lf is False:
+            search = _DOT_LINE_OR_BARE_LF.search
+            while True:
+                m = search(buf, pos)
+                if m is None:
+                    self.pos = max(pos, len(buf) - 1)  # an LF at the end may start ".": look again
+                    return -1
+                j = m.start()  # an LF
+                if buf[j - 1] != 13:  # a bare LF: the first is all the handler needs to know
+                    self.bare_lf = True
+                    self.pos = j + 1
+                    return self._find()
+                if len(buf) < j + 4:  # too soon to tell a stuffed line from the end
+                    self.pos = j
+                    return -1
+                if buf[j + 2] == 13 and buf[j + 3] == 10:
+                    return j - 1
+                pos = j + 2
+                if not self._note_dot(j + 1):
+                    self.pos = pos
+                    return self._find()
+        find = buf.find
         while True:
-            m = search(buf, pos)
-            if m is None:
+            i = find(b"\r\n.", pos)
+            if i < 0:
                 self.pos = max(pos, len(buf) - 2)
                 return -1
-            i = m.start()
-            if buf[i + 1] != 10:  # a bare CR: the first is all the handler needs to know
-                self.bare_cr = True
-                search = _DOT_LINE.search
-                pos = i + 1  # the byte after it may be the CR of a CRLF
-                continue
-            if len(buf) < i + 5:  # too soon to tell a stuffed line from the end
+            if len(buf) < i + 5:
                 self.pos = i
                 return -1
             if buf[i + 3] == 13 and buf[i + 4] == 10:
                 return i
             pos = i + 3
-            if self.verdict is None:
-                dots.append(i + 2)
-                if len(dots) > _MAX_DOTS:
-                    self.dots = None
-                    if not self.bare_cr:
-                        self.bare_cr = None  # no longer looked for
-                    self.pos = pos
-                    return self._find()
+            if not self._note_dot(i + 2):
+                self.pos = pos
+                return self._find()
+
+    def _note_dot(self, at: int) -> bool:
+        """Note a stuffing dot at ``at``; False once there are too many to note."""
+        dots = self.dots
+        assert dots is not None
+        dots.append(at)
+        if len(dots) <= _MAX_DOTS:
+            return True
+        self.dots = None
+        if self.bare_lf is False:
+            self.bare_lf = None  # no longer looked for
+        return False
 
     def content(self) -> bytes:
         """The unstuffed body (call once, after the terminator, when there is no verdict)."""
@@ -267,13 +293,14 @@ class _Body:
             # else: too few bytes yet to know which; at most w + 1 past s.
 
 
-def has_no_bare_cr(envelope: object, content: bytes) -> bool:
-    """True if our reader read ``content`` as this envelope's body and saw no bare CR in it.
+def has_no_bare_lf(envelope: object, content: bytes) -> bool:
+    """True if our reader read ``content`` as this envelope's body and saw no bare LF in it.
 
-    Lets the handler convert line ends without looking for one again; false
-    for any other content (a handler that replaced it, aiosmtpd's reader).
+    Then every LF of ``content`` ends a CRLF: its line ends are counted by
+    lengths alone (``,W=``), without a pass over it. False for any other
+    content (a handler that replaced it, aiosmtpd's reader).
     """
-    return getattr(envelope, NO_BARE_CR, None) is content
+    return getattr(envelope, NO_BARE_LF, None) is content
 
 
 class BulkDataMixin(_MixinBase):
@@ -331,8 +358,8 @@ class BulkDataMixin(_MixinBase):
             content = original_content
         self.envelope.content = content
         self.envelope.original_content = original_content
-        if body.bare_cr is False:
-            setattr(self.envelope, NO_BARE_CR, original_content)
+        if body.bare_lf is False:
+            setattr(self.envelope, NO_BARE_LF, original_content)
 
         status: Any
         if "DATA" in self._handle_hooks:

@@ -30,7 +30,9 @@ __all__ = [
     "add_flag",
     "check_message_id",
     "host_of",
+    "known_extra",
     "known_line_ends",
+    "known_line_ends_of",
     "parse_flags",
     "sanitize_host",
     "serialize_flags",
@@ -216,6 +218,26 @@ def known_line_ends(data: bytes, extra: int) -> Iterator[None]:
         yield
     finally:
         _KNOWN.pop(key, None)
+
+
+def known_extra(part: memoryview) -> int | None:
+    """The count :func:`known_line_ends` gave for all of ``part``'s object, or ``None``.
+
+    Lets a writer pass it on with the bytes (the helper process's frame).
+    """
+    known = _KNOWN.get(id(part.obj))
+    if known is not None and known[0] is part.obj and len(known[0]) == part.nbytes:
+        return known[1]
+    return None
+
+
+@contextlib.contextmanager
+def known_line_ends_of(pairs: Sequence[tuple[bytes, int]]) -> Iterator[None]:
+    """:func:`known_line_ends` for each ``(data, extra)`` of ``pairs`` at once."""
+    with contextlib.ExitStack() as stack:
+        for data, extra in pairs:
+            stack.enter_context(known_line_ends(data, extra))
+        yield
 
 
 def _whole_bytes(part: memoryview) -> bytes:

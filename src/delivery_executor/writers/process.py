@@ -13,10 +13,13 @@ messages may or may not be on disk: the caller was not told they are, so a
 retry can duplicate but never lose) and the next batch starts a new helper.
 
 Wire format, integers big-endian, each frame prefixed by its ``u32`` length.
-Request: ``u32 batch``, ``u32 blobs``, per blob ``u32 len`` and its bytes,
-``u32 groups``, per group ``u16 len, path`` (UTF-8, surrogateescape), ``u32
-count``, per message ``u8 parts`` and per part ``u32 blob``. A buffer shared
-by several messages (one body for many recipients) is one blob, sent once.
+Request: ``u32 batch``, ``u32 blobs``, per blob ``u32 len``, ``u32 extra``
+(its LF count minus its CRLF count when the sender knows it, from
+:func:`~delivery_executor.store.names.known_line_ends`, else ``0xFFFFFFFF``:
+the helper then counts for ``,W=``) and its bytes, ``u32 groups``, per group
+``u16 len, path`` (UTF-8, surrogateescape), ``u32 count``, per message ``u8
+parts`` and per part ``u32 blob``. A buffer shared by several messages (one
+body for many recipients) is one blob, sent once.
 Reply: ``u32 batch``, ``u32 syncs``, ``u32 groups``, per group either ``u8 0,
 u32 count`` and per id ``u16 len, name``, or ``u8 1, i32 errno, u16 len,
 strerror, u16 len, filename, u16 len, filename2`` (an ``OSError``; an empty
@@ -37,10 +40,12 @@ import signal
 import struct
 import sys
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import BinaryIO, TypeAlias
 
 from ..fsops import OS_OPS, FsOps
+from ..heap import keep_heap
 from ..store import MessageId, StoreOptions, SyncMode
+from ..store.names import known_extra, known_line_ends_of
 from ..validate import count
 from .base import (
     PROCESS_THREAD_ABOVE,
@@ -67,8 +72,10 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _REPLY_HEAD = struct.Struct(">III")  # batch, syncs, groups
+_BLOB_HEAD = struct.Struct(">II")  # len, extra
 _ERR = struct.Struct(">Bi")
 _FRAME_MAX = 0xFFFFFFFF
+_UNKNOWN = 0xFFFFFFFF  # a blob's extra not known (a real one is below its length)
 MAX_PARTS = 0xFF
 """Parts one message may have in a request frame (a ``u8`` count)."""
 
@@ -114,11 +121,13 @@ def _frame(
     if widest > MAX_PARTS:
         raise ValueError(f"a message has {widest} parts; the helper takes {MAX_PARTS}")
     size = 8 + len(tail) + sum(4 + blob.nbytes for blob in blobs)
+    size += 4 * len(blobs)  # each blob's extra
     if size > _FRAME_MAX:  # checked first: a blob's own u32 length could not even be packed
         raise ValueError(f"batch of {size} bytes is too large for the helper's 4 GiB frame")
     out: list[bytes | memoryview] = [_U32.pack(size), _U32.pack(batch), _U32.pack(len(blobs))]
     for blob in blobs:
-        out.append(_U32.pack(blob.nbytes))
+        extra = known_extra(blob)
+        out.append(_BLOB_HEAD.pack(blob.nbytes, _UNKNOWN if extra is None else extra))
         out.append(blob)
     out.append(tail)
     return out
@@ -178,26 +187,39 @@ class _StreamReader(_Reader):
         return memoryview(self.take(n))
 
 
+Known: TypeAlias = "list[tuple[bytes, int]]"
+"""Blobs whose line-end count came with them, and that count."""
+
+
 def decode_request(payload: bytes | bytearray | memoryview) -> tuple[int, list[Group]]:
     """The batch id and groups of a request payload (without its length prefix)."""
-    return _decode_request(_Reader(payload))
+    batch, groups, _ = _decode_request(_Reader(payload))
+    return batch, groups
 
 
-def _decode_request(r: _Reader) -> tuple[int, list[Group]]:
+def _decode_request(r: _Reader) -> tuple[int, list[Group], Known]:
     batch = r.u32()
-    blobs = [r.blob(r.u32()) for _ in range(r.u32())]
+    blobs: list[memoryview] = []
+    known: Known = []
+    for _ in range(r.u32()):
+        size, extra = r.u32(), r.u32()
+        blob = r.blob(size)
+        blobs.append(blob)
+        if extra != _UNKNOWN:
+            known.append((blob.obj, extra))  # type: ignore[arg-type]  # blob() views a bytes
     groups: list[Group] = []
     for _ in range(r.u32()):
         path = r.text()
         messages = [tuple(blobs[r.u32()] for _ in range(r.u8())) for _ in range(r.u32())]
         groups.append((path, messages))
-    return batch, groups
+    return batch, groups, known
 
 
-def read_request(stream: BinaryIO) -> tuple[int, list[Group]] | None:
+def read_request(stream: BinaryIO) -> tuple[int, list[Group], Known] | None:
     """The next framed request from ``stream``; ``None`` at the end of input.
 
-    ``ValueError`` if a frame's fields do not add up to its length.
+    Also the blobs whose line-end count the frame carries. ``ValueError`` if a
+    frame's fields do not add up to its length.
     """
     head = stream.read(4)
     if len(head) < 4:
@@ -262,6 +284,7 @@ def child_main(sync: SyncMode, *, size_in_names: bool = True) -> int:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    keep_heap()  # each batch's blobs reuse the last one's memory (heap.py)
     return serve_batches(sys.stdin.buffer, sys.stdout.buffer, sync, size_in_names=size_in_names)
 
 
@@ -280,9 +303,11 @@ def serve_batches(
     """
     options = StoreOptions(sync, size_in_names, ops)
     while (request := read_request(stdin)) is not None:
-        batch, groups = request
+        batch, groups, known = request
         try:
-            results, syncs = write_batch(groups, options=options)
+            # The sender's line-end counts: ,W= without a pass over the bytes here.
+            with known_line_ends_of(known):
+                results, syncs = write_batch(groups, options=options)
         except Exception as exc:  # a bug: report it to the batch, keep serving
             results, syncs = [exc] * len(groups), 0
         stdout.write(encode_reply(batch, results, syncs))
