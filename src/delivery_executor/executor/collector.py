@@ -19,10 +19,12 @@ import functools
 import logging
 import time
 from collections.abc import Iterable
+from typing import cast
 
 from ..budget import Budget
 from ..errors import ExecutorClosed, ExecutorCrashed
 from ..stats import ExecutorStats, StatsRecorder
+from ..writers import FlaggedGroup, Group
 from .config import ExecutorConfig
 from .handoff import HandOff, Outcome, Request, settle
 from .lifecycle import Lifecycle
@@ -212,8 +214,10 @@ class Collector:
         """Write one batch through the writer; return each caller's outcome."""
         groups: dict[str, list[Request]] = {}
         for req in batch:
-            groups.setdefault(req.path, []).append(req)
-        payload = [(path, [r.parts for r in reqs]) for path, reqs in groups.items()]
+            groups.setdefault(req.key, []).append(req)
+        payload: list[Group] = [(path, [r.parts for r in reqs]) for path, reqs in groups.items()]
+        if len(groups) > 1 or batch[0].info:
+            _flagged_groups(payload, groups)
         self.stats.batch(len(batch))
         started = time.perf_counter()
         outcomes: list[tuple[Request, Outcome]] = []
@@ -312,3 +316,16 @@ class Collector:
             self.handoff.end(ExecutorClosed("the DeliveryExecutor is closed; nothing was queued"))
             if not closed.done():
                 closed.set_result(None)
+
+
+def _flagged_groups(payload: list[Group], groups: dict[str, list[Request]]) -> None:
+    """Turn the flagged groups of ``payload`` into ``(path, messages, info)`` in place.
+
+    Only writers with ``stores_flags`` get flagged requests (``deliver`` checks),
+    so the payload stays typed as plain groups for the protocol.
+    """
+    for i, reqs in enumerate(groups.values()):
+        first = reqs[0]
+        if first.info:
+            flagged: FlaggedGroup = (first.path, payload[i][1], first.info)
+            payload[i] = cast(Group, flagged)

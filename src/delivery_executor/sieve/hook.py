@@ -28,7 +28,7 @@ from .limits import Limits
 from .maildir import SYSTEM_FLAG_LETTERS, keyword_letters, mailbox_exists, plan
 from .message import Envelope, MessageView
 
-__all__ = ["USER_SCRIPT", "Route", "ScriptCache", "SieveFilter", "move_to_cur"]
+__all__ = ["USER_SCRIPT", "Route", "ScriptCache", "SieveFilter"]
 
 USER_SCRIPT = ".dovecot.sieve"
 _log = logging.getLogger("delivery_executor.sieve")
@@ -197,21 +197,3 @@ class SieveFilter:
                 system += keyword_letters(t.path, keywords)
             routes.append(Route(t.path, "".join(sorted(set(system)))))
         return routes
-
-
-def move_to_cur(maildir: str, name: str, letters: str) -> str:
-    """Give a message just delivered into ``new/`` its flags: move it to ``cur/name:2,letters``.
-
-    Durable: ``cur/`` then ``new/`` are fsynced. A crash before the move
-    leaves the message in ``new/`` without flags, never lost. Returns the
-    new file name.
-    """
-    final = f"{name}:2,{letters}"
-    os.rename(os.path.join(maildir, "new", name), os.path.join(maildir, "cur", final))
-    for sub in ("cur", "new"):
-        fd = os.open(os.path.join(maildir, sub), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return final

@@ -14,7 +14,8 @@ retry can duplicate but never lose) and the next batch starts a new helper.
 
 Wire format, integers big-endian, each frame prefixed by its ``u32`` length.
 Request: ``u32 batch``, ``u32 blobs``, per blob ``u32 len`` and its bytes,
-``u32 groups``, per group ``u16 len, path`` (UTF-8, surrogateescape), ``u32
+``u32 groups``, per group ``u16 len, path`` (UTF-8, surrogateescape; a
+flagged group's is ``path NUL letters``, a NUL being no path's), ``u32
 count``, per message ``u8 parts`` and per part ``u32 blob``. A buffer shared
 by several messages (one body for many recipients) is one blob, sent once.
 Reply: ``u32 batch``, ``u32 syncs``, ``u32 groups``, per group either ``u8 0,
@@ -44,8 +45,8 @@ from ..store import MessageId, StoreOptions, SyncMode
 from ..validate import count
 from .base import (
     PROCESS_THREAD_ABOVE,
+    AnyGroup,
     BatchResult,
-    Group,
     GroupResult,
     ThreadPool,
     body_key,
@@ -79,20 +80,21 @@ def _s(text: str) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
-def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryview]:
+def encode_request(batch: int, groups: Sequence[AnyGroup]) -> list[bytes | memoryview]:
     """Frame one batch as a list of buffers to write in order (bodies are not copied)."""
     return _frame(batch, *_index(groups))
 
 
-def _index(groups: Sequence[Group]) -> tuple[list[memoryview], bytes, int]:
+def _index(groups: Sequence[AnyGroup]) -> tuple[list[memoryview], bytes, int]:
     """The batch's bodies for the wire, each shared body once; the references that
     place them in the groups; and the most parts any one message has."""
     blobs: list[memoryview] = []
     index: dict[int, int] = {}
     refs: list[bytes] = [_U32.pack(len(groups))]
     widest = 0
-    for path, messages in groups:
-        refs.append(_s(path))
+    for group in groups:
+        messages = group[1]
+        refs.append(_s(group[0] if len(group) == 2 else f"{group[0]}\0{group[2]}"))
         refs.append(_U32.pack(len(messages)))
         for parts in messages:
             widest = max(widest, len(parts))
@@ -178,23 +180,23 @@ class _StreamReader(_Reader):
         return memoryview(self.take(n))
 
 
-def decode_request(payload: bytes | bytearray | memoryview) -> tuple[int, list[Group]]:
+def decode_request(payload: bytes | bytearray | memoryview) -> tuple[int, list[AnyGroup]]:
     """The batch id and groups of a request payload (without its length prefix)."""
     return _decode_request(_Reader(payload))
 
 
-def _decode_request(r: _Reader) -> tuple[int, list[Group]]:
+def _decode_request(r: _Reader) -> tuple[int, list[AnyGroup]]:
     batch = r.u32()
     blobs = [r.blob(r.u32()) for _ in range(r.u32())]
-    groups: list[Group] = []
+    groups: list[AnyGroup] = []
     for _ in range(r.u32()):
-        path = r.text()
+        path, flagged, info = r.text().partition("\0")
         messages = [tuple(blobs[r.u32()] for _ in range(r.u8())) for _ in range(r.u32())]
-        groups.append((path, messages))
+        groups.append((path, messages, info) if flagged else (path, messages))
     return batch, groups
 
 
-def read_request(stream: BinaryIO) -> tuple[int, list[Group]] | None:
+def read_request(stream: BinaryIO) -> tuple[int, list[AnyGroup]] | None:
     """The next framed request from ``stream``; ``None`` at the end of input.
 
     ``ValueError`` if a frame's fields do not add up to its length.
@@ -398,6 +400,8 @@ class ProcessWriter:
 
     max_parts: int = MAX_PARTS
     """Parts one message may have; ``DeliveryExecutor.deliver`` refuses more."""
+    stores_flags = True
+    """Takes flagged groups (see :data:`~delivery_executor.writers.base.FlaggedGroup`)."""
 
     def __init__(
         self,
@@ -465,7 +469,7 @@ class ProcessWriter:
                 f" did not start: {exc}",
             ) from exc
 
-    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+    async def acommit(self, groups: Sequence[AnyGroup]) -> BatchResult:
         """Send the batch to the least busy helper and await its results.
 
         A batch of more than ``thread_above`` body bytes (counted as
