@@ -19,7 +19,6 @@ to the caller. Mailbox names are checked later, by :mod:`.maildir`.
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -195,8 +194,14 @@ class _Run:
 
     # -- commands
     def block(self, body: n.Block) -> None:
+        steps, limit = self.steps, self.limits.max_steps
         for node in body:
-            self.tick(1)
+            # self.tick(1), inlined: one step per command is the hot path.
+            k = steps[0] + 1
+            steps[0] = k
+            if k > limit or not k % _CPU_CHECK_EVERY:
+                steps[0] = k - 1
+                self.tick(1)
             self.command(node)
 
     def command(self, node: n.Node) -> None:
@@ -294,12 +299,12 @@ class _Run:
     def test(self, t: n.TestNode) -> bool:
         # Steps are charged by match() (one per value and key) and block().
         if isinstance(t, n.HeaderTest):
-            names = self.expand_all(t.names)
+            names = self.expand_all(t.names) if self.use_vars else t.names
             if len(names) == 1:
                 return self.match(t.match, self.msg.header_values(names[0]))
             return self.match(t.match, [v for h in names for v in self.msg.header_values(h)])
         if isinstance(t, n.AddressTest):
-            names = self.expand_all(t.names)
+            names = self.expand_all(t.names) if self.use_vars else t.names
             if len(names) == 1:
                 return self.match(t.match, self.address_parts(names[0], t.part))
             return self.match(t.match, [v for h in names for v in self.address_parts(h, t.part)])
@@ -372,8 +377,12 @@ class _Run:
     def match(self, m: n.Match, values: Sequence[str]) -> bool:
         """Whether any value matches any key (one step per value and key, plus
         one per 64 characters compared; ``:matches`` per character)."""
-        if not values:
-            self.tick(1)
+        if not values:  # e.g. a header the message lacks: self.tick(1), inlined
+            done = self.steps[0] + 1
+            if done > self.limits.max_steps or not done % _CPU_CHECK_EVERY:
+                self.tick(1)
+            else:
+                self.steps[0] = done
             return False
         fold = m.comparator == "i;ascii-casemap"
         if self.use_vars and _has_variable(m.keys):
@@ -407,12 +416,30 @@ class _Run:
                             return True
             return False
         finally:
-            self.tick(steps)
+            done = self.steps[0] + steps  # self.tick(steps), inlined for the common case
+            if (
+                done > self.limits.max_steps
+                or done // _CPU_CHECK_EVERY != (done - steps) // _CPU_CHECK_EVERY
+            ):
+                self.tick(steps)
+            else:
+                self.steps[0] = done
 
 
-@functools.lru_cache(maxsize=4096)
+# id(values) -> (values, whether one holds "${"). The entry holds the tuple, so
+# its id cannot be reused while it is here; the tuples are a compiled script's.
+_VARIABLE_SEEN: dict[int, tuple[tuple[str, ...], bool]] = {}
+
+
 def _has_variable(values: tuple[str, ...]) -> bool:
-    return any("${" in v for v in values)
+    got = _VARIABLE_SEEN.get(id(values))
+    if got is not None and got[0] is values:
+        return got[1]
+    has = any("${" in v for v in values)
+    if len(_VARIABLE_SEEN) >= 65536:
+        _VARIABLE_SEEN.clear()  # bounded: scripts come and go
+    _VARIABLE_SEEN[id(values)] = (values, has)
+    return has
 
 
 def evaluate(

@@ -66,6 +66,7 @@ from ..executor import DeliveryExecutor
 from ..logs import DELIVERY_LOG_FIELDS
 from ..recipients import MailboxResolver
 from ..sieve.hook import SieveFilter
+from ..sieve.message import MessageView
 from ..stats import Buckets
 from ..store import Message
 from ..store.names import known_line_ends
@@ -509,9 +510,11 @@ class DeliveryHandler:
         if len(paths) == 1:  # the common case: no task per message
             results = [await self._copy(0, paths, copies, owners, found, body, sender)]
         else:
+            # Sieve: one view of the message for every recipient (headers parsed once).
+            view = body if self.sieve is None else MessageView.parse(body)
             results = await asyncio.gather(
                 *(
-                    self._copy(i, paths, copies, owners, found, body, sender)
+                    self._copy(i, paths, copies, owners, found, view, sender)
                     for i in range(len(paths))
                 ),
                 return_exceptions=True,
@@ -554,7 +557,7 @@ class DeliveryHandler:
         copies: list[Message],
         owners: list[str],
         found: dict[int, str],
-        body: bytes,
+        body: bytes | MessageView,
         sender: str,
     ) -> Awaitable[tuple[object, float]]:
         """Store copy ``i``: already there (a duplicate), through Sieve, or as it is."""
@@ -580,7 +583,7 @@ class DeliveryHandler:
         return res, time.perf_counter()
 
     async def _sieved(
-        self, path: str, copy: Message, body: bytes, sender: str, rcpt: str
+        self, path: str, copy: Message, body: bytes | MessageView, sender: str, rcpt: str
     ) -> tuple[object, float]:
         """One recipient through Sieve: each route is a delivery riding the same batches.
 
@@ -602,9 +605,13 @@ class DeliveryHandler:
         flags_ok = getattr(self.executor, "stores_flags", False) is True
         if not flags_ok and any(r.letters for r in routes):
             _log.warning("sieve: <%s>: flags not set: the deliverer cannot store them", rcpt)
-        got = await asyncio.gather(
-            *(self._one(r.path, copy, r.letters if flags_ok else "") for r in routes)
-        )
+        if len(routes) == 1:  # no task for the common case
+            r = routes[0]
+            got = [await self._one(r.path, copy, r.letters if flags_ok else "")]
+        else:
+            got = await asyncio.gather(
+                *(self._one(r.path, copy, r.letters if flags_ok else "") for r in routes)
+            )
         names: list[str] = []
         for r, (res, _) in zip(routes, got, strict=True):
             if isinstance(res, BaseException):
