@@ -9,8 +9,10 @@ from ``/proc/PID/stat``) over a fixed count of messages do. Each round starts
 one server per mode, back to back, warms it with ``--warmup`` messages, then
 sends ``--messages`` messages (LMTP, 498 bytes, 8 connections, 100 mailboxes)
 through :mod:`benches.loadgen` and reads the CPU the server's processes used
-meanwhile. Prints per mode the median over the rounds of µs per message (user,
-system, total) and the total's ratio to the first mode. ``--profile DIR``
+meanwhile. Prints per mode the median over the rounds of µs per message: the
+serve process's user and system time (Sieve runs there, on the event loop),
+its helpers' (the writer processes), the total, and the ratios of the user
+time and of the total to the first mode's. ``--profile DIR``
 records the serve process of the last round with ``py-spy record -f raw``.
 ``--baseline TREE`` (a checkout of an older commit) adds each mode run from
 ``TREE/src`` as ``<mode>@base``, interleaved with the current code's, so old
@@ -71,18 +73,21 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    """(user, system) seconds of ``pid`` and its live descendants."""
-    user = system = 0.0
+def _cpu(pid: int) -> tuple[float, float, float]:
+    """(user, system) seconds of ``pid`` itself, and all of its live descendants'."""
+    user = system = others = 0.0
     for p in _tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
             continue
-        user += int(fields[11]) / _TICK  # utime: field 14, counted after the comm
-        system += int(fields[12]) / _TICK
-    return user, system
+        u, s = int(fields[11]) / _TICK, int(fields[12]) / _TICK  # utime, stime
+        if p == pid:
+            user, system = u, s
+        else:
+            others += u + s
+    return user, system, others
 
 
 def _load(port: int, messages: int) -> None:
@@ -99,8 +104,8 @@ def _one(
     warmup: int,
     profile: Path | None,
     tree: tuple[Path | None, Path | None],
-) -> tuple[float, float]:
-    """µs of (user, system) per message for one server of ``mode``."""
+) -> tuple[float, float, float]:
+    """µs per message of the serve process (user, system) and of its helpers, for ``mode``."""
     name, _, old = mode.partition("@")
     root = Path(tempfile.mkdtemp(dir=base, prefix=f"{name}-"))
     args = ["--log-level", "WARNING", "--max-connections", "256", "--max-connections-per-ip", "0"]
@@ -116,15 +121,16 @@ def _one(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        u0, s0 = _cpu(server.proc.pid)
+        u0, s0, o0 = _cpu(server.proc.pid)
         _load(server.port, messages)
-        u1, s1 = _cpu(server.proc.pid)
+        u1, s1, o1 = _cpu(server.proc.pid)
         if spy is not None:
             spy.send_signal(2)
             spy.wait(60)
         server.stop(timeout=120)
     shutil.rmtree(root, ignore_errors=True)
-    return (u1 - u0) / messages * 1e6, (s1 - s0) / messages * 1e6
+    per = 1e6 / messages
+    return (u1 - u0) * per, (s1 - s0) * per, (o1 - o0) * per
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = a.modes.split(",")
     if a.baseline is not None:
         modes = [x for m in modes for x in (f"{m}@base", m)]
-    got: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    got: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="sieve-cost-") as tmp:
         for r in range(a.rounds):
             for m in modes:
@@ -148,15 +154,19 @@ def main(argv: list[str] | None = None) -> None:
                 prof = a.profile if last else None
                 trees = (a.current, a.baseline)
                 got[m].append(_one(Path(tmp), m, a.messages, a.warmup, prof, trees))
-                u, s = got[m][-1]
-                print(f"round {r} {m:<18} user {u:7.0f} sys {s:7.0f} µs/msg", file=sys.stderr)
-    first = statistics.median(u + s for u, s in got[modes[0]])
-    print(f"{'mode':<18} {'user':>7} {'sys':>7} {'total':>7} µs/msg (median of {a.rounds})  ratio")
+                u, s, o = got[m][-1]
+                print(
+                    f"round {r} {m:<22} user {u:5.0f} sys {s:5.0f} helpers {o:5.0f}",
+                    file=sys.stderr,
+                )
+    med = {m: [statistics.median(x[i] for x in got[m]) for i in range(3)] for m in modes}
+    tot = {m: statistics.median(sum(x) for x in got[m]) for m in modes}
+    print(f"µs of CPU per message, median of {a.rounds} rounds; ratios to {modes[0]}")
+    print(f"{'mode':<22} {'user':>5} {'sys':>5} {'helpers':>7} {'total':>6}  user÷  total÷")
     for m in modes:
-        u = statistics.median(x for x, _ in got[m])
-        s = statistics.median(y for _, y in got[m])
-        t = statistics.median(x + y for x, y in got[m])
-        print(f"{m:<18} {u:7.0f} {s:7.0f} {t:7.0f}  {t / first:5.2f}")
+        u, s, o = med[m]
+        ru, rt = u / med[modes[0]][0], tot[m] / tot[modes[0]]
+        print(f"{m:<22} {u:5.0f} {s:5.0f} {o:7.0f} {tot[m]:6.0f}  {ru:5.2f}  {rt:5.2f}")
 
 
 if __name__ == "__main__":
