@@ -6,19 +6,19 @@
 Throughput says little on a shared machine; CPU seconds per message of the
 server's processes (``serve`` and its writer helpers, user and system apart,
 from ``/proc/PID/stat``) over a fixed count of messages do. Each round starts
-one server per mode, back to back, warms it with ``--warmup`` messages, then
-sends ``--messages`` messages (LMTP, 498 bytes, 8 connections, 100 mailboxes)
-through :mod:`benches.loadgen` and reads the CPU the server's processes used
-meanwhile. Prints per mode the median over the rounds of µs per message: the
-serve process's user and system time (Sieve runs there, on the event loop),
-its helpers' (the writer processes), the total, and the ratios of the user
-time and of the total to the first mode's. ``--profile DIR``
-records the serve process of the last round with ``py-spy record -f raw``.
-``--baseline TREE`` (a checkout of an older commit) adds each mode run from
-``TREE/src`` as ``<mode>@base``, interleaved with the current code's, so old
-and new are compared back to back; ``--current TREE`` runs the other modes
-from ``TREE/src`` instead of this checkout (a snapshot, so that editing here
-does not change a run in progress).
+one server per mode, back to back (every other round in reverse order), warms
+it with ``--warmup`` messages, then sends ``--messages`` messages (LMTP, 498
+bytes, 8 connections, 100 mailboxes) through :mod:`benches.loadgen` and reads
+the CPU the server's processes used meanwhile. Prints per mode the median over
+the rounds of µs per message: the serve process's user and system time (Sieve
+runs there, on the event loop), its helpers' (the writer processes), the
+total, and the ratios of the user time and of the total to the first mode's.
+``--profile DIR`` records the serve process of the last round with ``py-spy
+record -f raw``. ``--baseline TREE`` (a checkout of an older commit) adds each
+mode run from ``TREE/src`` as ``<mode>@base``, interleaved with the current
+code's, so old and new are compared back to back; ``--current TREE`` runs the
+other modes from ``TREE/src`` instead of this checkout (a snapshot, so that
+editing here does not change a run in progress).
 
 Modes: ``executor`` (serve's defaults), ``sieve-none`` (``--sieve``, no
 script anywhere: what a recipient without one pays), ``executor-sieve20``
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     got: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="sieve-cost-") as tmp:
         for r in range(a.rounds):
-            for m in modes:
+            # Every other round in reverse order: a drift of the machine's load
+            # within a round does not favour the modes run first.
+            for m in modes if r % 2 == 0 else modes[::-1]:
                 last = r == a.rounds - 1
                 prof = a.profile if last else None
                 trees = (a.current, a.baseline)
