@@ -298,6 +298,9 @@ class _Run:
     # -- tests
     def test(self, t: n.TestNode) -> bool:
         # Steps are charged by match() (one per value and key) and block().
+        fast = _fast_test(t)
+        if fast is not None:
+            return fast(self)
         if isinstance(t, n.HeaderTest):
             names = self.expand_all(t.names) if self.use_vars else t.names
             if len(names) == 1:
@@ -432,6 +435,90 @@ class _Run:
                 self.tick(steps)
             else:
                 self.steps[0] = done
+
+
+_Fast = Callable[[_Run], bool]
+# id(test) -> (test, its specialised form or None). The entry holds the test, so
+# its id cannot be reused while it is here; the tests are a compiled script's.
+_FAST: dict[int, tuple[n.TestNode, _Fast | None]] = {}
+
+
+def _fast_test(t: n.TestNode) -> _Fast | None:
+    """``t`` specialised once (see :func:`_specialise`), or None: evaluated generically."""
+    got = _FAST.get(id(t))
+    if got is not None and got[0] is t:
+        return got[1]
+    fn = _specialise(t)
+    if len(_FAST) >= 65536:
+        _FAST.clear()  # bounded: scripts come and go
+    _FAST[id(t)] = (t, fn)
+    return fn
+
+
+def _specialise(t: n.TestNode) -> _Fast | None:
+    """A closure for the commonest tests: ``header``/``address`` with ``:is`` or
+    ``:contains`` and no variable in names or keys. It does what :meth:`_Run.test`
+    and :meth:`_Run.match` do for them, steps charged alike, without their
+    dispatch (the results are checked equal on the whole corpus)."""
+    if not isinstance(t, (n.HeaderTest, n.AddressTest)):
+        return None
+    m = t.match
+    if m.kind not in ("is", "contains") or _has_variable(t.names) or _has_variable(m.keys):
+        return None
+    fold = m.comparator == "i;ascii-casemap"
+    keys = m.folded if fold else m.keys
+    nkeys = len(keys)
+    contains = m.kind == "contains"
+    names = t.names
+    values_of: Callable[[_Run], Sequence[str]]
+    if isinstance(t, n.HeaderTest):
+        if len(names) == 1:
+            name = names[0]
+
+            def values_of(run: _Run) -> Sequence[str]:
+                return run.msg.header_values(name)
+        else:
+
+            def values_of(run: _Run) -> Sequence[str]:
+                return [v for h in names for v in run.msg.header_values(h)]
+    else:
+        part = t.part
+        if len(names) == 1:
+            name = names[0]
+
+            def values_of(run: _Run) -> Sequence[str]:
+                return run.address_parts(name, part)
+        else:
+
+            def values_of(run: _Run) -> Sequence[str]:
+                return [v for h in names for v in run.address_parts(h, part)]
+
+    def fast(run: _Run) -> bool:
+        values = values_of(run)
+        steps = 1
+        try:
+            for v in values:
+                fv = casemap(v) if fold else v
+                steps += nkeys * (1 + len(v) // 64)
+                if contains:
+                    for k in keys:
+                        steps += len(v) * len(k) // 64
+                        if k in fv:
+                            return True
+                elif fv in keys:
+                    return True
+            return False
+        finally:
+            done = run.steps[0] + steps  # run.tick(steps), inlined for the common case
+            if (
+                done > run.limits.max_steps
+                or done // _CPU_CHECK_EVERY != (done - steps) // _CPU_CHECK_EVERY
+            ):
+                run.tick(steps)
+            else:
+                run.steps[0] = done
+
+    return fast
 
 
 # id(values) -> (values, whether one holds "${"). The entry holds the tuple, so
