@@ -17,7 +17,7 @@ from delivery_executor import LoopWriter, Maildir, commit_batch
 from delivery_executor.store import StepDriver, commit_steps, run_sync_call
 from delivery_executor.store import names as md_mod
 from delivery_executor.store.commit import Parts
-from delivery_executor.writers import BatchResult, Group, write_batch
+from delivery_executor.writers import AnyGroup, BatchResult, write_batch
 from delivery_executor.writers.base import open_maildirs
 from delivery_executor.writers.process import decode_reply, encode_request, serve_batches
 
@@ -271,7 +271,7 @@ class ForgetfulWriter(LoopWriter):
 
     pending: list[asyncio.Future[OSError | None]]
 
-    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+    async def acommit(self, groups: Sequence[AnyGroup]) -> BatchResult:
         opened = open_maildirs(groups, lambda p: Maildir.cached(p, ops=self.ops))
         driver = StepDriver(commit_steps(opened.live, sync=self.sync, ops=self.ops))
         self.pending = []

@@ -49,7 +49,7 @@ def test_request_round_trip() -> None:
     assert frame.count(shared) == 1  # a body shared by two copies crosses the pipe once
     batch, decoded = decode_request(frame[4:])
     assert batch == 7
-    assert [(p, [[bytes(v) for v in m] for m in ms]) for p, ms in decoded] == [
+    assert [(g[0], [[bytes(v) for v in m] for m in g[1]]) for g in decoded] == [
         (p, [[bytes(v) for v in m] for m in ms]) for p, ms in groups
     ]
 

@@ -13,6 +13,7 @@ import pytest
 
 from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir
 from delivery_executor.sieve.hook import Route, SieveFilter
+from delivery_executor.sieve.message import MessageView
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.testing import send_message
 
@@ -26,21 +27,27 @@ BODY = b"From: s@example.net\r\nSubject: hi\r\n\r\nHello.\r\n"
 class Raising(SieveFilter):
     """A filter with a bug: every route() raises."""
 
-    def route(self, maildir: str, message: bytes, sender: str, recipient: str) -> list[Route]:
+    def route(
+        self, maildir: str, message: bytes | MessageView, sender: str, recipient: str
+    ) -> list[Route]:
         raise RuntimeError("a bug in the filter")
 
 
 class NoScript(SieveFilter):
     """No script applies to anyone: deliver as usual."""
 
-    def route(self, maildir: str, message: bytes, sender: str, recipient: str) -> None:
+    def route(
+        self, maildir: str, message: bytes | MessageView, sender: str, recipient: str
+    ) -> None:
         return None
 
 
 class FlagsLost(SieveFilter):
     """Asks for the \\Seen flag in a Maildir whose cur/ has gone, so the flag move fails."""
 
-    def route(self, maildir: str, message: bytes, sender: str, recipient: str) -> list[Route]:
+    def route(
+        self, maildir: str, message: bytes | MessageView, sender: str, recipient: str
+    ) -> list[Route]:
         Maildir.cached(maildir)  # made now, so the delivery does not make cur/ again
         shutil.rmtree(Path(maildir) / "cur")
         return [Route(maildir, "S")]
@@ -80,10 +87,10 @@ async def test_a_failing_or_absent_filter_delivers_to_inbox(
     )
 
 
-async def test_flags_that_cannot_be_set_keep_the_message_unflagged(
+async def test_a_flagged_copy_whose_cur_is_gone_is_refused_for_a_retry(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The durable copy stays in new/ (250 naming it) when moving it to cur/ with flags fails."""
+    """A flagged copy goes straight into cur/ in the commit: with cur/ gone it gets 451, no file."""
     with caplog.at_level(logging.ERROR, "delivery_executor.smtp"):
         async with lmtp(tmp_path, FlagsLost(user_scripts=False)) as port:
             replies = await send_message(
@@ -94,9 +101,8 @@ async def test_flags_that_cannot_be_set_keep_the_message_unflagged(
                 body=BODY,
                 lmtp=True,
             )
-    (name,) = files_in(tmp_path / "x.org" / "a" / "new")
-    assert [(r.code, r.text) for r in replies] == [
-        (250, f"2.0.0 <a@x.org> Ok: delivered as {name}")
-    ]
+    box = tmp_path / "x.org" / "a"
+    assert [r.code for r in replies] == [451]
+    assert files_in(box / "new") == [] and not (box / "cur").exists()
     (logged,) = [r.getMessage() for r in caplog.records]
-    assert logged.startswith(f"sieve: flags S for {name} not set: ")
+    assert logged.startswith("delivery to <a@x.org> failed: [Errno 2]")

@@ -45,12 +45,13 @@ def files(*parts: Path | str) -> list[str]:
 def test_filter_compiles_once_recompiles_on_change_and_logs_errors_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Compiled once per version; a broken script is logged once (line:col) and keeps."""
+    """Compiled once per version; a broken script is logged once (line:col) and keeps;
+    with recheck=0 a change is seen at the next delivery."""
     md = tmp_path / "bob"
     Maildir.create(md)
     script = md / ".dovecot.sieve"
     script.write_text('require "fileinto";\nfileinto "A"\n')
-    f = SieveFilter()
+    f = SieveFilter(recheck=0)
     msg = b"Subject: x\n\nbody\n"
     with caplog.at_level(logging.ERROR, logger="delivery_executor.sieve"):
         assert f.route(str(md), msg, "a@b.c", "bob@x") == [Route(str(md))]

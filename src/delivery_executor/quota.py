@@ -453,12 +453,21 @@ class QuotaDeliverer:
                 return self.reply
         return None
 
-    async def deliver(self, path: str, message: Message, /) -> object:
-        """Deliver ``message`` into ``path`` unless its mailbox is full (:class:`QuotaExceeded`)."""
+    @property
+    def stores_flags(self) -> bool:
+        """Whether ``deliver(..., flags=...)`` works: the inner deliverer's say."""
+        return getattr(self.inner, "stores_flags", False) is True
+
+    async def deliver(self, path: str, message: Message, /, *, flags: str = "") -> object:
+        """Deliver ``message`` into ``path`` unless its mailbox is full (:class:`QuotaExceeded`).
+
+        ``flags`` (Maildir info letters) are passed on to the inner deliverer.
+        """
         maildir = self.maildir_for(path)
         limits = self.limits_for(maildir)
+        extra = {"flags": flags} if flags else {}
         if limits is None or limits.unlimited:
-            return await self.inner.deliver(path, message)
+            return await self.inner.deliver(path, message, **extra)
         size = sum(map(len, message)) if isinstance(message, tuple) else len(message)
         usage = await self.usage(maildir, limits)
         refusal = self._verdict(maildir, limits, usage, size)
@@ -469,7 +478,7 @@ class QuotaDeliverer:
         held[0] += size
         held[1] += 1
         try:
-            result = await self.inner.deliver(path, message)
+            result = await self.inner.deliver(path, message, **extra)
         except BaseException:
             self._release(maildir, size)
             raise

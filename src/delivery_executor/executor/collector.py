@@ -19,13 +19,14 @@ import functools
 import logging
 import time
 from collections.abc import Iterable
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 from ..budget import Budget
 from ..errors import ExecutorClosed, ExecutorCrashed
 from ..stats import ExecutorStats, StatsRecorder
 from ..store import MessageId
 from ..store.commit import Parts
+from ..writers import FlaggedGroup, Group
 from .config import ExecutorConfig
 from .handoff import HandOff, Outcome, Request, settle
 from .lifecycle import Lifecycle
@@ -242,12 +243,14 @@ class Collector:
         # Per path: its requests and their parts, built in one pass over the batch.
         groups: dict[str, tuple[list[Request], list[Parts]]] = {}
         for req in batch:
-            group = groups.get(req.path)
+            group = groups.get(req.key)
             if group is None:
-                groups[req.path] = group = ([], [])
+                groups[req.key] = group = ([], [])
             group[0].append(req)
             group[1].append(req.parts)
-        payload = [(path, group[1]) for path, group in groups.items()]
+        payload: list[Group] = [(group[0][0].path, group[1]) for group in groups.values()]
+        if len(groups) > 1 or batch[0].info:
+            _flagged_groups(payload, groups)
         stats = self.stats
         stats.batch(len(batch))
         started = time.perf_counter()
@@ -372,3 +375,18 @@ class Collector:
             self.handoff.end(ExecutorClosed("the DeliveryExecutor is closed; nothing was queued"))
             if not closed.done():
                 closed.set_result(None)
+
+
+def _flagged_groups(
+    payload: list[Group], groups: dict[str, tuple[list[Request], list[Parts]]]
+) -> None:
+    """Turn the flagged groups of ``payload`` into ``(path, messages, info)`` in place.
+
+    Only writers with ``stores_flags`` get flagged requests (``deliver`` checks),
+    so the payload stays typed as plain groups for the protocol.
+    """
+    for i, (reqs, _) in enumerate(groups.values()):
+        first = reqs[0]
+        if first.info:
+            flagged: FlaggedGroup = (first.path, payload[i][1], first.info)
+            payload[i] = cast(Group, flagged)

@@ -17,7 +17,14 @@ from typing import Self
 
 from ..errors import ExecutorClosed, MessageTooLarge, TooManyParts
 from ..stats import ExecutorStats
-from ..store import Message, MessageId, SyncMode, check_maildir_path, check_message
+from ..store import (
+    Message,
+    MessageId,
+    SyncMode,
+    check_info_letters,
+    check_maildir_path,
+    check_message,
+)
 from ..store.commit import Parts
 from ..validate import seconds
 from ..writers import BatchWriter
@@ -150,6 +157,11 @@ class DeliveryExecutor:
     def writer(self) -> BatchWriter:
         return self.config.writer
 
+    @property
+    def stores_flags(self) -> bool:
+        """Whether ``deliver(..., flags=...)`` works: the writer has ``stores_flags = True``."""
+        return getattr(self.config.writer, "stores_flags", False) is True
+
     # -- the original's constructors --------------------------------------
 
     @classmethod
@@ -173,7 +185,9 @@ class DeliveryExecutor:
 
     # -- delivering --------------------------------------------------------
 
-    async def deliver(self, path: str | os.PathLike[str], body: Message) -> MessageId:
+    async def deliver(
+        self, path: str | os.PathLike[str], body: Message, *, flags: str = ""
+    ) -> MessageId:
         """Deliver ``body`` durably into the Maildir at ``path``; return its id.
 
         ``path`` names a Maildir root (str or PathLike; a relative path is
@@ -185,7 +199,15 @@ class DeliveryExecutor:
         and thread (see the package doc); the first caller's loop becomes home
         if the executor is not started yet.
 
+        ``flags``: Maildir info letters (``DFPRST``, keywords ``a``-``z``; any
+        order, stored sorted and once each). A flagged message is renamed
+        straight into ``cur/<id>:2,<flags>`` (never ``new/``) in the same
+        batch and commit as the rest, as Dovecot's LDA saves a message with
+        flags; the returned id is the name without ``:2,<flags>``.
+
         Raises, before anything is queued: ``TypeError`` (wrong types),
+        ``ValueError`` (a flag letter outside that set, or ``flags`` with a
+        writer lacking ``stores_flags``),
         :class:`InvalidMaildirPath` (empty path, NUL byte, too long),
         :class:`MessageTooLarge`, :class:`TooManyParts` (more than the
         writer's ``max_parts``: 255 for ``"process"``), :class:`ExecutorClosed` and
@@ -195,6 +217,7 @@ class DeliveryExecutor:
         once, never lost.
         """
         p, parts, size = self._check(path, body)
+        info = self._info(flags) if flags else ""
         loop = asyncio.get_running_loop()
         handoff = self._handoff
         home = handoff.home
@@ -202,8 +225,8 @@ class DeliveryExecutor:
             home = handoff.bind(loop)
         future: asyncio.Future[MessageId] = loop.create_future()
         if home is loop:
-            self._admit(Request(p, parts, size, future, None))
-        elif handoff.post(Request(p, parts, size, future, loop)):
+            self._admit(Request(p, parts, size, future, None, info))
+        elif handoff.post(Request(p, parts, size, future, loop, info)):
             try:
                 # One loop iteration for this loop's other callers to post too:
                 # woken at once, the home loop would flush the first few alone
@@ -226,7 +249,12 @@ class DeliveryExecutor:
             raise
 
     def deliver_sync(
-        self, path: str | os.PathLike[str], body: Message, *, timeout: float | None = None
+        self,
+        path: str | os.PathLike[str],
+        body: Message,
+        *,
+        timeout: float | None = None,
+        flags: str = "",
     ) -> MessageId:
         """:meth:`deliver` for threads: block until the message is durable; return its id.
 
@@ -234,8 +262,9 @@ class DeliveryExecutor:
         the executor has no home yet. Raises ``RuntimeError`` when called
         from a thread that runs an event loop (on the home loop it would
         deadlock; on another it would stall that loop: ``await deliver()``
-        there). ``TimeoutError`` after ``timeout`` seconds, in which case the
-        write may still complete. Other errors as :meth:`deliver`.
+        there). ``flags`` as for :meth:`deliver`. ``TimeoutError`` after
+        ``timeout`` seconds, in which case the write may still complete.
+        Other errors as :meth:`deliver`.
         """
         running = _running_loop()
         if running is not None:
@@ -245,10 +274,11 @@ class DeliveryExecutor:
                 " use 'await executor.deliver(...)' there"
             )
         p, parts, size = self._check(path, body)
+        info = self._info(flags) if flags else ""
         if self._handoff.home is None:
             self._start_thread(exist_ok=True)  # racing first calls: one starts it
         future: concurrent.futures.Future[MessageId] = concurrent.futures.Future()
-        if self._handoff.post(Request(p, parts, size, future, None)):
+        if self._handoff.post(Request(p, parts, size, future, None, info)):
             self._handoff.wake()
         return future.result(timeout)
 
@@ -282,6 +312,16 @@ class DeliveryExecutor:
         if self._handoff.state >= _CLOSING:
             raise self._refusal()
         return p, parts, size
+
+    def _info(self, flags: str) -> str:
+        """``flags`` checked and normalised; ``ValueError`` if this writer cannot store them."""
+        info = check_info_letters(flags)
+        if info and not self.stores_flags:
+            raise ValueError(
+                f"flags={flags!r}: the {type(self.writer).__name__} does not store flags"
+                " (no stores_flags = True)"
+            )
+        return info
 
     def _check_open(self) -> None:
         if self._handoff.state >= _CLOSING:

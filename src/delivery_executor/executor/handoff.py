@@ -34,9 +34,13 @@ Outcome: TypeAlias = "MessageId | BaseException"
 
 
 class Request:
-    """One ``deliver()`` call: where, what, how big, and the future its caller awaits."""
+    """One ``deliver()`` call: where, what, how big, and the future its caller awaits.
 
-    __slots__ = ("future", "loop", "parts", "path", "size")
+    ``info``: checked Maildir info letters (``""``: none, delivered into
+    ``new/``); ``key``: what a batch groups by, the path, or ``path NUL info``.
+    """
+
+    __slots__ = ("future", "info", "key", "loop", "parts", "path", "size")
 
     def __init__(
         self,
@@ -45,8 +49,11 @@ class Request:
         size: int,
         future: AnyFuture,
         loop: asyncio.AbstractEventLoop | None,
+        info: str = "",
     ) -> None:
         self.path = path
+        self.info = info
+        self.key = f"{path}\0{info}" if info else path  # no path holds a NUL
         self.parts = parts
         self.size = size
         self.future = future

@@ -19,7 +19,6 @@ to the caller. Mailbox names are checked later, by :mod:`.maildir`.
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -195,8 +194,14 @@ class _Run:
 
     # -- commands
     def block(self, body: n.Block) -> None:
+        steps, limit = self.steps, self.limits.max_steps
         for node in body:
-            self.tick(1)
+            # self.tick(1), inlined: one step per command is the hot path.
+            k = steps[0] + 1
+            steps[0] = k
+            if k > limit or not k % _CPU_CHECK_EVERY:
+                steps[0] = k - 1
+                self.tick(1)
             self.command(node)
 
     def command(self, node: n.Node) -> None:
@@ -293,13 +298,24 @@ class _Run:
     # -- tests
     def test(self, t: n.TestNode) -> bool:
         # Steps are charged by match() (one per value and key) and block().
+        fast = _fast_test(t)
+        if fast is not None:
+            return fast(self)
         if isinstance(t, n.HeaderTest):
-            names = self.expand_all(t.names)
+            names = self.expand_all(t.names) if self.use_vars else t.names
             if len(names) == 1:
-                return self.match(t.match, self.msg.header_values(names[0]))
+                values = self.msg.header_values(names[0])
+                if not values:  # a header the message lacks: match()'s first step, inlined
+                    done = self.steps[0] + 1
+                    if done > self.limits.max_steps or not done % _CPU_CHECK_EVERY:
+                        self.tick(1)
+                    else:
+                        self.steps[0] = done
+                    return False
+                return self.match(t.match, values)
             return self.match(t.match, [v for h in names for v in self.msg.header_values(h)])
         if isinstance(t, n.AddressTest):
-            names = self.expand_all(t.names)
+            names = self.expand_all(t.names) if self.use_vars else t.names
             if len(names) == 1:
                 return self.match(t.match, self.address_parts(names[0], t.part))
             return self.match(t.match, [v for h in names for v in self.address_parts(h, t.part)])
@@ -372,8 +388,12 @@ class _Run:
     def match(self, m: n.Match, values: Sequence[str]) -> bool:
         """Whether any value matches any key (one step per value and key, plus
         one per 64 characters compared; ``:matches`` per character)."""
-        if not values:
-            self.tick(1)
+        if not values:  # e.g. a header the message lacks: self.tick(1), inlined
+            done = self.steps[0] + 1
+            if done > self.limits.max_steps or not done % _CPU_CHECK_EVERY:
+                self.tick(1)
+            else:
+                self.steps[0] = done
             return False
         fold = m.comparator == "i;ascii-casemap"
         if self.use_vars and _has_variable(m.keys):
@@ -407,12 +427,114 @@ class _Run:
                             return True
             return False
         finally:
-            self.tick(steps)
+            done = self.steps[0] + steps  # self.tick(steps), inlined for the common case
+            if (
+                done > self.limits.max_steps
+                or done // _CPU_CHECK_EVERY != (done - steps) // _CPU_CHECK_EVERY
+            ):
+                self.tick(steps)
+            else:
+                self.steps[0] = done
 
 
-@functools.lru_cache(maxsize=4096)
+_Fast = Callable[[_Run], bool]
+# id(test) -> (test, its specialised form or None). The entry holds the test, so
+# its id cannot be reused while it is here; the tests are a compiled script's.
+_FAST: dict[int, tuple[n.TestNode, _Fast | None]] = {}
+
+
+def _fast_test(t: n.TestNode) -> _Fast | None:
+    """``t`` specialised once (see :func:`_specialise`), or None: evaluated generically."""
+    got = _FAST.get(id(t))
+    if got is not None and got[0] is t:
+        return got[1]
+    fn = _specialise(t)
+    if len(_FAST) >= 65536:
+        _FAST.clear()  # bounded: scripts come and go
+    _FAST[id(t)] = (t, fn)
+    return fn
+
+
+def _specialise(t: n.TestNode) -> _Fast | None:
+    """A closure for the commonest tests: ``header``/``address`` with ``:is`` or
+    ``:contains`` and no variable in names or keys. It does what :meth:`_Run.test`
+    and :meth:`_Run.match` do for them, steps charged alike, without their
+    dispatch (the results are checked equal on the whole corpus)."""
+    if not isinstance(t, (n.HeaderTest, n.AddressTest)):
+        return None
+    m = t.match
+    if m.kind not in ("is", "contains") or _has_variable(t.names) or _has_variable(m.keys):
+        return None
+    fold = m.comparator == "i;ascii-casemap"
+    keys = m.folded if fold else m.keys
+    nkeys = len(keys)
+    contains = m.kind == "contains"
+    names = t.names
+    values_of: Callable[[_Run], Sequence[str]]
+    if isinstance(t, n.HeaderTest):
+        if len(names) == 1:
+            name = names[0]
+
+            def values_of(run: _Run) -> Sequence[str]:
+                return run.msg.header_values(name)
+        else:
+
+            def values_of(run: _Run) -> Sequence[str]:
+                return [v for h in names for v in run.msg.header_values(h)]
+    else:
+        part = t.part
+        if len(names) == 1:
+            name = names[0]
+
+            def values_of(run: _Run) -> Sequence[str]:
+                return run.address_parts(name, part)
+        else:
+
+            def values_of(run: _Run) -> Sequence[str]:
+                return [v for h in names for v in run.address_parts(h, part)]
+
+    def fast(run: _Run) -> bool:
+        values = values_of(run)
+        steps = 1
+        try:
+            for v in values:
+                fv = casemap(v) if fold else v
+                steps += nkeys * (1 + len(v) // 64)
+                if contains:
+                    for k in keys:
+                        steps += len(v) * len(k) // 64
+                        if k in fv:
+                            return True
+                elif fv in keys:
+                    return True
+            return False
+        finally:
+            done = run.steps[0] + steps  # run.tick(steps), inlined for the common case
+            if (
+                done > run.limits.max_steps
+                or done // _CPU_CHECK_EVERY != (done - steps) // _CPU_CHECK_EVERY
+            ):
+                run.tick(steps)
+            else:
+                run.steps[0] = done
+
+    return fast
+
+
+# id(values) -> (values, whether one holds "${"). The entry holds the tuple, so
+# its id cannot be reused while it is here; the tuples are a compiled script's.
+_VARIABLE_SEEN: dict[int, tuple[tuple[str, ...], bool]] = {}
+
+
 def _has_variable(values: tuple[str, ...]) -> bool:
-    return any("${" in v for v in values)
+    got = _VARIABLE_SEEN.get(id(values))
+    if got is not None and got[0] is values:
+        return got[1]
+    has = any("${" in v for v in values)
+    if len(_VARIABLE_SEEN) >= 65536:
+        _VARIABLE_SEEN.clear()  # bounded: scripts come and go
+    _VARIABLE_SEEN[id(values)] = (values, has)
+    return has
 
 
 def evaluate(

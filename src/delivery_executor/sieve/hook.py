@@ -5,11 +5,14 @@ where Pigeonhole's settings put them: ``before`` scripts (``sieve_before``),
 the user's own script (the userdb's ``sieve`` field, else ``~/.dovecot.sieve``
 under the user's home, else ``.dovecot.sieve`` in the user's Maildir
 directory), else ``default`` (``sieve_default``), then ``after`` scripts
-(``sieve_after``). Each file is compiled once and recompiled when it changes
-(one ``stat`` per script per delivery); a script that does not compile is
-logged once per version with its line and column, and the message is kept in
-INBOX, as Pigeonhole does. :meth:`SieveFilter.route` never raises for a
-script's sake: the worst case is INBOX.
+(``sieve_after``). Each file is compiled once and recompiled when it changes:
+its ``stat`` is looked at again at most once per ``recheck`` seconds (default
+1 s), missing files included, so a busy server pays a dict lookup per script
+path per delivery, not a syscall, and an edited, added or removed script takes
+effect within that second. A script that does not compile is logged once per
+version with its line and column, and the message is kept in INBOX, as
+Pigeonhole does. :meth:`SieveFilter.route` never raises for a script's sake:
+the worst case is INBOX.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +32,7 @@ from .limits import Limits
 from .maildir import SYSTEM_FLAG_LETTERS, keyword_letters, mailbox_exists, plan
 from .message import Envelope, MessageView
 
-__all__ = ["USER_SCRIPT", "Route", "ScriptCache", "SieveFilter", "move_to_cur"]
+__all__ = ["DEFAULT_RECHECK", "USER_SCRIPT", "Route", "ScriptCache", "SieveFilter"]
 
 USER_SCRIPT = ".dovecot.sieve"
 _log = logging.getLogger("delivery_executor.sieve")
@@ -51,24 +55,46 @@ class _Broken:
         self.error = error
 
 
-class ScriptCache:
-    """Compiled scripts by path, recompiled when (inode, size, mtime) changes."""
+DEFAULT_RECHECK = 1.0
+"""Seconds between two ``stat`` calls on one script path (see the module doc)."""
+_MAX_ENTRIES = 16384
+_stat = os.stat  # the one syscall per script look (tests count it here)
+_Entry = tuple[float, "tuple[int, int, int] | None", "Script | _Broken | None"]
 
-    def __init__(self, limits: Limits) -> None:
+
+class ScriptCache:
+    """Compiled scripts by path, recompiled when (inode, size, mtime) changes.
+
+    A path is ``stat``-ed again only once ``recheck`` seconds have passed since
+    its last look (``0``: on every call); what a look found, a missing file
+    included, stands until then. At most 16,384 paths are remembered (the
+    oldest is dropped first: it costs one ``stat``, and a compile if it had
+    a script, next time).
+    """
+
+    def __init__(self, limits: Limits, recheck: float = DEFAULT_RECHECK) -> None:
+        if not isinstance(recheck, (int, float)) or not 0 <= recheck < float("inf"):
+            raise ValueError(f"recheck must be a finite number of seconds >= 0, not {recheck!r}")
         self.limits = limits
+        self.recheck = float(recheck)
         self._lock = threading.Lock()
-        self._by_path: dict[str, tuple[tuple[int, int, int], Script | _Broken]] = {}
+        self._by_path: dict[str, _Entry] = {}
 
     def get(self, path: str) -> Script | _Broken | None:
         """The compiled script at ``path``; ``None`` if there is no such file."""
+        now = time.monotonic()
+        got = self._by_path.get(path)
+        if got is not None and now - got[0] < self.recheck:
+            return got[2]
         try:
-            st = os.stat(path)
+            st = _stat(path)
         except (FileNotFoundError, NotADirectoryError):
+            self._put(path, (now, None, None))
             return None
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        got = self._by_path.get(path)
-        if got is not None and got[0] == key:
-            return got[1]
+        if got is not None and got[1] == key:
+            self._put(path, (now, key, got[2]))
+            return got[2]
         try:
             with open(path, "rb") as f:
                 source = f.read(self.limits.max_script_bytes + 1)
@@ -79,9 +105,14 @@ class ScriptCache:
         except OSError as e:
             _log.error("sieve: cannot read %s: %s", path, e)
             return None
-        with self._lock:
-            self._by_path[path] = (key, compiled)
+        self._put(path, (now, key, compiled))
         return compiled
+
+    def _put(self, path: str, entry: _Entry) -> None:
+        with self._lock:
+            if path not in self._by_path and len(self._by_path) >= _MAX_ENTRIES:
+                del self._by_path[next(iter(self._by_path))]
+            self._by_path[path] = entry
 
 
 class SieveFilter:
@@ -96,6 +127,8 @@ class SieveFilter:
             (serve passes the userdb's ``sieve`` field or ``~/.dovecot.sieve``).
         limits: per-script and per-message bounds (:class:`Limits`).
         recipient_delimiter: characters that start ``:detail``.
+        recheck: seconds between two ``stat`` calls on one script path
+            (default 1; ``0``: every delivery); see the module doc.
     """
 
     def __init__(
@@ -108,6 +141,7 @@ class SieveFilter:
         limits: Limits | None = None,
         recipient_delimiter: str = "+",
         user_script: Callable[[str], str | None] | None = None,
+        recheck: float = DEFAULT_RECHECK,
     ) -> None:
         if not isinstance(recipient_delimiter, str) or not recipient_delimiter:
             raise ValueError(
@@ -120,7 +154,7 @@ class SieveFilter:
         self.limits = limits or Limits()
         self.delimiter = recipient_delimiter
         self._user_script = user_script
-        self.cache = ScriptCache(self.limits)
+        self.cache = ScriptCache(self.limits, recheck)
 
     def chain(self, maildir: str) -> list[Script] | None:
         """The scripts for the user of ``maildir`` (``[]``: none); ``None`` if one is broken."""
@@ -151,15 +185,19 @@ class SieveFilter:
         return out
 
     def route(
-        self, maildir: str, message: bytes, sender: str, recipient: str
+        self, maildir: str, message: bytes | MessageView, sender: str, recipient: str
     ) -> list[Route] | None:
         """Where the copy for ``recipient`` (Maildir ``maildir``) goes.
 
-        ``None``: no script applies, deliver as usual. ``[]``: discarded.
-        Otherwise one :class:`Route` per copy; folders asked for with
-        ``:create`` are created here and keywords registered, so this does
-        file I/O only then. Cost without scripts: one ``stat`` per configured
-        path.
+        ``message`` is the raw message or its :class:`MessageView` (pass one
+        view for all the recipients of a message: its headers are parsed once).
+
+        ``None``: deliver as usual (no script applies, or the scripts keep
+        the message in INBOX without flags). ``[]``: discarded. Otherwise one
+        :class:`Route` per copy; folders asked for with ``:create`` are
+        created here and keywords registered, so this does file I/O only
+        then. Cost without scripts: a dict lookup per script path (a ``stat``
+        at most once a second per path).
         """
         chain = self.chain(maildir)
         if chain is None:
@@ -168,7 +206,7 @@ class SieveFilter:
             return None
         res = evaluate(
             chain,
-            MessageView.parse(message),
+            message if isinstance(message, MessageView) else MessageView.parse(message),
             Envelope(sender, recipient),
             limits=self.limits,
             mailbox_exists=lambda name: mailbox_exists(maildir, name),
@@ -180,6 +218,9 @@ class SieveFilter:
             _log.warning(
                 "sieve: <%s>: %s not performed (no outgoing mail); message kept", recipient, what
             )
+        kept = res.deliveries
+        if len(kept) == 1 and kept[0].mailbox == "INBOX" and not kept[0].flags:
+            return None  # the plain delivery: no plan, no route
         targets, why = plan(res, maildir)
         if why is not None:
             _log.warning("sieve: <%s>: %s; message kept in INBOX", recipient, why)
@@ -197,21 +238,3 @@ class SieveFilter:
                 system += keyword_letters(t.path, keywords)
             routes.append(Route(t.path, "".join(sorted(set(system)))))
         return routes
-
-
-def move_to_cur(maildir: str, name: str, letters: str) -> str:
-    """Give a message just delivered into ``new/`` its flags: move it to ``cur/name:2,letters``.
-
-    Durable: ``cur/`` then ``new/`` are fsynced. A crash before the move
-    leaves the message in ``new/`` without flags, never lost. Returns the
-    new file name.
-    """
-    final = f"{name}:2,{letters}"
-    os.rename(os.path.join(maildir, "new", name), os.path.join(maildir, "cur", final))
-    for sub in ("cur", "new"):
-        fd = os.open(os.path.join(maildir, sub), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return final

@@ -12,7 +12,7 @@ import email.errors
 import email.header
 import email.utils
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["Envelope", "MessageView"]
 
@@ -35,43 +35,59 @@ class Envelope:
     recipient: str
 
 
-@dataclass(slots=True)
 class MessageView:
-    """A parsed header section plus the message size, built once per message.
+    """A message's header section, parsed on first use, plus its size; one per message.
 
     ``size`` is what RFC 5228 ``size`` compares: the octets of the message as
     handed over (CRLF line ends when it comes from SMTP), as Pigeonhole counts.
+    Build it with :meth:`parse`; the header section is parsed (once) only
+    when a test reads a header, and decoded values and addresses are cached,
+    so one view serves every recipient's scripts. Not for sharing between
+    threads while in use.
     """
 
-    headers: dict[str, list[str]]  # lower-case name -> unfolded raw values, in order
-    size: int
-    _decoded: dict[str, list[str]] = field(default_factory=dict)
-    _addresses: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+    __slots__ = ("_addresses", "_decoded", "_headers", "_raw", "size")
+
+    def __init__(self, headers: dict[str, list[str]] | None, size: int, raw: bytes = b"") -> None:
+        self._headers = headers
+        self._raw = raw
+        self.size = size
+        self._decoded: dict[str, list[str]] = {}
+        self._addresses: dict[str, list[tuple[str, bool]]] = {}
 
     @classmethod
     def parse(cls, raw: bytes) -> MessageView:
-        """Headers of ``raw`` (CRLF or LF line ends); cost: one pass over the header section."""
-        m = _HEADER_END.search(raw)
-        head = raw[: m.start()] if m else raw
-        if raw.startswith((b"\n", b"\r\n")):
-            head = b""
-        text = _FOLD.sub("", head.decode("utf-8", "replace"))
-        headers: dict[str, list[str]] = {}
-        # A field name is printable ASCII but ':' (RFC 5322 2.2); other lines are skipped.
-        for name, value in _FIELD.findall(text):
-            headers.setdefault(name.lower(), []).append(value)
-        return cls(headers, len(raw))
+        """The view of ``raw`` (CRLF or LF line ends); the headers are parsed lazily.
+
+        Cost here: nothing but the size; on first header access, one pass over
+        the header section (the body is never walked).
+        """
+        return cls(None, len(raw), raw)
+
+    @property
+    def headers(self) -> dict[str, list[str]]:
+        """Lower-case name -> unfolded raw values, in order."""
+        got = self._headers
+        if got is None:
+            got = self._headers = _parse_headers(self._raw)
+            self._raw = b""
+        return got
 
     def raw_values(self, name: str) -> list[str]:
         """Every value of header ``name`` (case-insensitive), in order, undecoded."""
-        return self.headers.get(name.lower(), [])
+        headers = self._headers
+        return (self.headers if headers is None else headers).get(name.lower(), [])
 
     def header_values(self, name: str) -> list[str]:
         """Every value of ``name``, encoded words decoded (cached per name)."""
         key = name.lower()
         got = self._decoded.get(key)
         if got is None:
-            got = [_decode(v) for v in self.raw_values(key)]
+            headers = self._headers
+            raw = (self.headers if headers is None else headers).get(key)
+            if not raw:  # the common miss (a header the message lacks): nothing to cache
+                return []
+            got = [_decode(v) for v in raw]
             self._decoded[key] = got
         return got
 
@@ -103,6 +119,19 @@ class MessageView:
                 local, at, domain = addr.rpartition("@")
                 out.append((addr, bool(at and local and domain)))
         return out
+
+
+def _parse_headers(raw: bytes) -> dict[str, list[str]]:
+    m = _HEADER_END.search(raw)
+    head = raw[: m.start()] if m else raw
+    if raw.startswith((b"\n", b"\r\n")):
+        head = b""
+    text = _FOLD.sub("", head.decode("utf-8", "replace"))
+    headers: dict[str, list[str]] = {}
+    # A field name is printable ASCII but ':' (RFC 5322 2.2); other lines are skipped.
+    for name, value in _FIELD.findall(text):
+        headers.setdefault(name.lower(), []).append(value)
+    return headers
 
 
 def _decode(value: str) -> str:

@@ -65,7 +65,8 @@ from ..errors import (
 from ..executor import DeliveryExecutor
 from ..logs import DELIVERY_LOG_FIELDS
 from ..recipients import MailboxResolver
-from ..sieve.hook import SieveFilter, move_to_cur
+from ..sieve.hook import SieveFilter
+from ..sieve.message import MessageView
 from ..stats import Buckets
 from ..store import Message
 from ..store.names import known_line_ends
@@ -526,9 +527,11 @@ class DeliveryHandler:
         if len(paths) == 1:  # the common case: no task per message
             results = [await self._copy(0, paths, copies, owners, found, body, sender)]
         else:
+            # Sieve: one view of the message for every recipient (headers parsed once).
+            view = body if self.sieve is None else MessageView.parse(body)
             results = await asyncio.gather(
                 *(
-                    self._copy(i, paths, copies, owners, found, body, sender)
+                    self._copy(i, paths, copies, owners, found, view, sender)
                     for i in range(len(paths))
                 ),
                 return_exceptions=True,
@@ -571,7 +574,7 @@ class DeliveryHandler:
         copies: list[Message],
         owners: list[str],
         found: dict[int, str],
-        body: bytes,
+        body: bytes | MessageView,
         sender: str,
     ) -> Awaitable[tuple[object, float]]:
         """Store copy ``i``: already there (a duplicate), through Sieve, or as it is."""
@@ -585,22 +588,26 @@ class DeliveryHandler:
     async def _known(name: str) -> tuple[object, float]:
         return name, time.perf_counter()
 
-    async def _one(self, path: str, copy: Message) -> tuple[object, float]:
+    async def _one(self, path: str, copy: Message, flags: str = "") -> tuple[object, float]:
         """Deliver one copy; return its id (or the error) and when it was done."""
         try:
-            res: object = await self.executor.deliver(path, copy)  # type: ignore[arg-type]
+            if flags:
+                res: object = await self.executor.deliver(path, copy, flags=flags)  # type: ignore[arg-type,call-arg]
+            else:
+                res = await self.executor.deliver(path, copy)  # type: ignore[arg-type]
         except (OSError, DeliveryError) as exc:
             res = exc
         return res, time.perf_counter()
 
     async def _sieved(
-        self, path: str, copy: Message, body: bytes, sender: str, rcpt: str
+        self, path: str, copy: Message, body: bytes | MessageView, sender: str, rcpt: str
     ) -> tuple[object, float]:
         """One recipient through Sieve: each route is a delivery riding the same batches.
 
         A script never costs the message: any failure of the filter itself
-        delivers to INBOX. Flags are set by a durable move into ``cur/`` once
-        the copy is durable in ``new/`` (a crash in between keeps it, unflagged).
+        delivers to INBOX. A flagged copy is committed straight into
+        ``cur/<name>:2,<letters>`` with the rest of its batch; a deliverer
+        that cannot store flags (no ``stores_flags``) gets the copy without them.
         """
         assert self.sieve is not None
         try:
@@ -612,18 +619,21 @@ class DeliveryHandler:
             return await self._one(path, copy)
         if not routes:
             return "nothing (discarded by Sieve)", time.perf_counter()
-        got = await asyncio.gather(*(self._one(r.path, copy) for r in routes))
-        loop = asyncio.get_running_loop()
+        flags_ok = getattr(self.executor, "stores_flags", False) is True
+        if not flags_ok and any(r.letters for r in routes):
+            _log.warning("sieve: <%s>: flags not set: the deliverer cannot store them", rcpt)
+        if len(routes) == 1:  # no task for the common case
+            r = routes[0]
+            got = [await self._one(r.path, copy, r.letters if flags_ok else "")]
+        else:
+            got = await asyncio.gather(
+                *(self._one(r.path, copy, r.letters if flags_ok else "") for r in routes)
+            )
         names: list[str] = []
         for r, (res, _) in zip(routes, got, strict=True):
             if isinstance(res, BaseException):
                 return res, time.perf_counter()
-            name = str(res)
-            if r.letters:
-                try:
-                    name = await loop.run_in_executor(None, move_to_cur, r.path, name, r.letters)
-                except OSError as exc:  # durable in new/ already: only the flags are lost
-                    _log.error("sieve: flags %s for %s not set: %s", r.letters, name, exc)
+            name = str(res) + (f":2,{r.letters}" if r.letters and flags_ok else "")
             names.append(name if r.path == path else f"{os.path.basename(r.path)}/{name}")
         return ", ".join(names), time.perf_counter()
 

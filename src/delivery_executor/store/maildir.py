@@ -26,6 +26,7 @@ from .names import (
     Flag,
     MessageId,
     add_flag,
+    check_info_letters,
     check_message_id,
     host_of,
     parse_flags,
@@ -119,16 +120,15 @@ class Maildir:
         the same durable protocol (the rename into ``cur/`` and the fsync of
         ``cur/`` replace those of ``new/``). ``letters`` are Maildir info
         letters (``S``, ``F``, ... and keyword letters ``a``-``z``), stored
-        sorted and once each; ``""`` returns this Maildir itself. Raises
-        ``ValueError`` for anything but ASCII letters.
+        sorted and once each (:func:`check_info_letters`); ``""`` returns this
+        Maildir itself. Raises ``ValueError`` for any other letter.
         """
-        if not letters:
+        info = check_info_letters(letters)
+        if not info:
             return self
-        if not (letters.isascii() and letters.isalpha()):
-            raise ValueError(f"Maildir flags must be ASCII letters, not {letters!r}")
         view = Maildir(str(self.path), self.dev, self.owner)
         view.new_prefix = self.cur_prefix
-        view.info = ":2," + "".join(sorted(set(letters)))
+        view.info = ":2," + info
         return view
 
     def __repr__(self) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "Flag",
     "MessageId",
     "add_flag",
+    "check_info_letters",
     "check_message_id",
     "host_of",
     "known_extra",
@@ -82,6 +83,27 @@ def parse_flags(name: str) -> frozenset[Flag]:
 def serialize_flags(flags: Iterable[Flag]) -> str:
     """The ``:2,`` suffix for ``flags``, letters in ASCII order as the spec asks."""
     return ":2," + "".join(sorted({Flag(f).value for f in flags}))
+
+
+_INFO_LETTERS = frozenset("DFPRST" + "abcdefghijklmnopqrstuvwxyz")
+
+
+def check_info_letters(letters: str) -> str:
+    """``letters`` as a Maildir ``:2,`` info: each letter once, in ASCII order.
+
+    Valid letters are the six standard flags (``D F P R S T``) and the keyword
+    letters ``a``-``z`` (Dovecot maps them through ``dovecot-keywords``); any
+    order and repeats are accepted and normalised (``"SFS"`` → ``"FS"``).
+    ``ValueError`` naming the value for anything else (another capital, a
+    digit, a space, ``:``), ``TypeError`` for a non-str.
+    """
+    if not isinstance(letters, str):
+        raise TypeError(f"Maildir flags must be a str, not {type(letters).__name__}")
+    if not _INFO_LETTERS.issuperset(letters):
+        raise ValueError(
+            f"Maildir flags must be letters of DFPRST (flags) or a-z (keywords), not {letters!r}"
+        )
+    return "".join(sorted(set(letters)))
 
 
 def check_message_id(name: MessageId | str) -> str:

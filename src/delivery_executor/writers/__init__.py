@@ -10,15 +10,26 @@ Every writer satisfies :class:`BatchWriter` (``await acommit(groups)``,
   (``serve``'s default).
 """
 
-from .base import BatchResult, BatchWriter, BlockingWriter, Group, GroupResult, write_batch
+from .base import (
+    AnyGroup,
+    BatchResult,
+    BatchWriter,
+    BlockingWriter,
+    FlaggedGroup,
+    Group,
+    GroupResult,
+    write_batch,
+)
 from .local import INLINE_WRITE_LIMIT, LoopWriter, ThreadWriter
 from .process import ProcessWriter
 
 __all__ = [
     "INLINE_WRITE_LIMIT",
+    "AnyGroup",
     "BatchResult",
     "BatchWriter",
     "BlockingWriter",
+    "FlaggedGroup",
     "Group",
     "GroupResult",
     "LoopWriter",

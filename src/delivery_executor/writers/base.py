@@ -1,9 +1,11 @@
 """The batch-writer contract between the executor and the store.
 
 The executor hands a writer one batch at a time: ``[(path, [message, ...]), ...]``
-with each message a tuple of byte views. The writer makes every message
-durable and returns, per group and in order, its ids or the exception that
-failed it, plus the number of syncs it made.
+with each message a tuple of byte views; a group of messages delivered with
+flags has a third item, their Maildir info letters (``(path, messages, "FS")``),
+and goes to ``cur/<name>:2,<letters>`` (only to writers with ``stores_flags``).
+The writer makes every message durable and returns, per group and in order,
+its ids or the exception that failed it, plus the number of syncs it made.
 
 Two forms:
 
@@ -31,19 +33,28 @@ from ..validate import count
 __all__ = [
     "LOOP_THREAD_ABOVE",
     "PROCESS_THREAD_ABOVE",
+    "AnyGroup",
     "BatchResult",
     "BatchWriter",
     "BlockingWriter",
+    "FlaggedGroup",
     "Group",
     "GroupResult",
     "body_key",
     "check_thread_above",
     "goes_to_thread",
+    "group_info",
     "write_batch",
 ]
 
 Group: TypeAlias = tuple[str, Sequence[Parts]]
 """One Maildir path and its messages, each a tuple of byte views."""
+FlaggedGroup: TypeAlias = tuple[str, Sequence[Parts], str]
+"""A group of messages delivered with flags: path, messages and their checked
+info letters (never ``""``); they land in ``cur/<name>:2,<letters>``. Only a
+writer with ``stores_flags = True`` is given these."""
+AnyGroup: TypeAlias = Group | FlaggedGroup
+"""What the built-in writers take."""
 GroupResult: TypeAlias = "list[MessageId] | BaseException"
 BatchResult: TypeAlias = tuple[list[GroupResult], int]
 """Per group its ids or the exception that failed it; and the syncs made."""
@@ -57,6 +68,10 @@ class BatchWriter(Protocol):
     an int attribute ``max_parts`` (optional, as :class:`ProcessWriter` does):
     the executor then refuses a message with more parts at ``deliver()``,
     before it can share a batch with other callers' mail.
+
+    A writer that can deliver flagged messages (groups of three items, see
+    :data:`Group`) says so with ``stores_flags = True``; the executor refuses
+    ``deliver(..., flags=...)`` with any other writer, before queueing.
 
     A writer that has work to do before its first batch may also define
     ``async start()`` (optional, as :class:`ProcessWriter` does: it starts its
@@ -88,7 +103,7 @@ class BlockingWriter(Protocol):
 
 
 def write_batch(
-    groups: Sequence[Group],
+    groups: Sequence[AnyGroup],
     *,
     sync: SyncMode = "auto",
     ops: FsOps = OS_OPS,
@@ -142,7 +157,7 @@ def check_thread_above(value: int | None) -> int | None:
     return None if value is None else count("thread_above", value, minimum=0)
 
 
-def goes_to_thread(groups: Sequence[Group], thread_above: int | None) -> bool:
+def goes_to_thread(groups: Sequence[AnyGroup], thread_above: int | None) -> bool:
     """Whether the batch has more than ``thread_above`` body bytes (``None``: never).
 
     The one counting rule of both writers: a body shared by several copies
@@ -151,13 +166,13 @@ def goes_to_thread(groups: Sequence[Group], thread_above: int | None) -> bool:
     """
     if thread_above is None:
         return False
-    total = sum([part.nbytes for _, messages in groups for parts in messages for part in parts])
+    total = sum([part.nbytes for group in groups for parts in group[1] for part in parts])
     if total <= thread_above:
         return False
     seen: set[int] = set()
     distinct = 0
-    for _, messages in groups:
-        for parts in messages:
+    for group in groups:
+        for parts in group[1]:
             for part in parts:
                 key = body_key(part)
                 if key not in seen:
@@ -171,7 +186,7 @@ class OpenedGroups:
 
     __slots__ = ("groups", "live", "results", "where")
 
-    def __init__(self, groups: Sequence[Group]) -> None:
+    def __init__(self, groups: Sequence[AnyGroup]) -> None:
         self.groups = groups
         self.results: list[GroupResult | None] = [None] * len(groups)
         self.where: list[int] = []
@@ -186,12 +201,20 @@ class OpenedGroups:
         return [r for r in self.results if r is not None]
 
 
-def open_maildirs(groups: Sequence[Group], lookup: Callable[[str], Maildir]) -> OpenedGroups:
+def group_info(group: AnyGroup) -> str:
+    """A group's Maildir info letters; ``""`` for a plain group (delivered into ``new/``)."""
+    return group[2] if len(group) == 3 else ""
+
+
+def open_maildirs(groups: Sequence[AnyGroup], lookup: Callable[[str], Maildir]) -> OpenedGroups:
     """Open each group's Maildir with ``lookup``; an ``OSError`` fails only its group."""
     opened = OpenedGroups(groups)
-    for i, (path, messages) in enumerate(groups):
+    for i, group in enumerate(groups):
         try:
-            opened.live.append((lookup(path), messages))
+            md = lookup(group[0])
+            if len(group) == 3:  # flagged: delivered into cur/ with its info
+                md = md.with_flags(group[2])
+            opened.live.append((md, group[1]))
             opened.where.append(i)
         except OSError as exc:
             opened.results[i] = exc

@@ -27,9 +27,9 @@ from ..fsops import OS_OPS, FsOps
 from ..store import Maildir, StepDriver, StoreOptions, SyncMode, commit_steps, run_sync_call
 from .base import (
     LOOP_THREAD_ABOVE,
+    AnyGroup,
     BatchResult,
     BlockingWriter,
-    Group,
     ThreadPool,
     check_thread_above,
     goes_to_thread,
@@ -51,10 +51,11 @@ class ThreadWriter:
     ``ThreadWriter()`` uses :func:`write_batch` with ``sync``, ``ops`` and
     ``size_in_names`` (or one ``options`` value standing for them);
     ``ThreadWriter(fn)`` runs any :class:`BlockingWriter` instead (tests use
-    slow or failing fakes this way).
+    slow or failing fakes this way; such a writer is not given flagged groups:
+    ``stores_flags`` is then False).
     """
 
-    __slots__ = ("_threads", "write")
+    __slots__ = ("_threads", "stores_flags", "write")
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class ThreadWriter:
         size_in_names: bool = True,
         options: StoreOptions | None = None,
     ) -> None:
+        self.stores_flags = write is None  # write_batch takes flagged groups
         if write is None:
             opts = StoreOptions.of(options, sync, ops, size_in_names)
             write = functools.partial(write_batch, options=opts)
@@ -76,7 +78,7 @@ class ThreadWriter:
     def __repr__(self) -> str:
         return f"ThreadWriter({self.write!r})"
 
-    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+    async def acommit(self, groups: Sequence[AnyGroup]) -> BatchResult:
         """Run the blocking writer on ``groups`` in a thread and await it."""
         return await self._threads.run(self.write, groups)
 
@@ -96,6 +98,9 @@ class LoopWriter:
     """
 
     __slots__ = ("_threads", "options", "thread_above")
+
+    stores_flags = True
+    """Takes flagged groups (see :data:`~delivery_executor.writers.base.FlaggedGroup`)."""
 
     def __init__(
         self,
@@ -138,13 +143,14 @@ class LoopWriter:
     def __repr__(self) -> str:
         return f"LoopWriter(sync={self.sync!r})"
 
-    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+    async def acommit(self, groups: Sequence[AnyGroup]) -> BatchResult:
         """Write ``groups``: page-cache work here, syncs and Maildir creation in a thread."""
         if goes_to_thread(groups, self.thread_above):
             whole = functools.partial(write_batch, options=self.options)
             return await self._threads.run(whole, groups)
         created: dict[str, Maildir | OSError] = {}
-        for path, _ in groups:
+        for group in groups:
+            path = group[0]
             if path not in created and Maildir.peek_cached(path) is None:
                 try:
                     created[path] = await self._threads.run(self._create, path)

@@ -17,9 +17,10 @@ Request: ``u32 batch``, ``u32 blobs``, per blob ``u32 len``, ``u32 extra``
 (its LF count minus its CRLF count when the sender knows it, from
 :func:`~delivery_executor.store.names.known_line_ends`, else ``0xFFFFFFFF``:
 the helper then counts for ``,W=``) and its bytes, ``u32 groups``, per group
-``u16 len, path`` (UTF-8, surrogateescape), ``u32 count``, per message ``u8
-parts`` and per part ``u32 blob``. A buffer shared by several messages (one
-body for many recipients) is one blob, sent once.
+``u16 len, path`` (UTF-8, surrogateescape; a flagged group's is ``path NUL
+letters``, a NUL being no path's), ``u32 count``, per message ``u8 parts``
+and per part ``u32 blob``. A buffer shared by several messages (one body for
+many recipients) is one blob, sent once.
 Reply: ``u32 batch``, ``u32 syncs``, ``u32 groups``, per group either ``u8 0,
 u32 count`` and per id ``u16 len, name``, or ``u8 1, i32 errno, u16 len,
 strerror, u16 len, filename, u16 len, filename2`` (an ``OSError``; an empty
@@ -49,8 +50,8 @@ from ..store.names import known_extra, known_line_ends_of
 from ..validate import count
 from .base import (
     PROCESS_THREAD_ABOVE,
+    AnyGroup,
     BatchResult,
-    Group,
     GroupResult,
     ThreadPool,
     body_key,
@@ -86,20 +87,21 @@ def _s(text: str) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
-def encode_request(batch: int, groups: Sequence[Group]) -> list[bytes | memoryview]:
+def encode_request(batch: int, groups: Sequence[AnyGroup]) -> list[bytes | memoryview]:
     """Frame one batch as a list of buffers to write in order (bodies are not copied)."""
     return _frame(batch, *_index(groups))
 
 
-def _index(groups: Sequence[Group]) -> tuple[list[memoryview], bytes, int]:
+def _index(groups: Sequence[AnyGroup]) -> tuple[list[memoryview], bytes, int]:
     """The batch's bodies for the wire, each shared body once; the references that
     place them in the groups; and the most parts any one message has."""
     blobs: list[memoryview] = []
     index: dict[int, int] = {}
     refs: list[bytes] = [_U32.pack(len(groups))]
     widest = 0
-    for path, messages in groups:
-        refs.append(_s(path))
+    for group in groups:
+        messages = group[1]
+        refs.append(_s(group[0] if len(group) == 2 else f"{group[0]}\0{group[2]}"))
         refs.append(_U32.pack(len(messages)))
         for parts in messages:
             widest = max(widest, len(parts))
@@ -191,13 +193,13 @@ Known: TypeAlias = "list[tuple[bytes, int]]"
 """Blobs whose line-end count came with them, and that count."""
 
 
-def decode_request(payload: bytes | bytearray | memoryview) -> tuple[int, list[Group]]:
+def decode_request(payload: bytes | bytearray | memoryview) -> tuple[int, list[AnyGroup]]:
     """The batch id and groups of a request payload (without its length prefix)."""
     batch, groups, _ = _decode_request(_Reader(payload))
     return batch, groups
 
 
-def _decode_request(r: _Reader) -> tuple[int, list[Group], Known]:
+def _decode_request(r: _Reader) -> tuple[int, list[AnyGroup], Known]:
     batch = r.u32()
     blobs: list[memoryview] = []
     known: Known = []
@@ -207,15 +209,15 @@ def _decode_request(r: _Reader) -> tuple[int, list[Group], Known]:
         blobs.append(blob)
         if extra != _UNKNOWN:
             known.append((blob.obj, extra))  # type: ignore[arg-type]  # blob() views a bytes
-    groups: list[Group] = []
+    groups: list[AnyGroup] = []
     for _ in range(r.u32()):
-        path = r.text()
+        path, flagged, info = r.text().partition("\0")
         messages = [tuple(blobs[r.u32()] for _ in range(r.u8())) for _ in range(r.u32())]
-        groups.append((path, messages))
+        groups.append((path, messages, info) if flagged else (path, messages))
     return batch, groups, known
 
 
-def read_request(stream: BinaryIO) -> tuple[int, list[Group], Known] | None:
+def read_request(stream: BinaryIO) -> tuple[int, list[AnyGroup], Known] | None:
     """The next framed request from ``stream``; ``None`` at the end of input.
 
     Also the blobs whose line-end count the frame carries. ``ValueError`` if a
@@ -423,6 +425,8 @@ class ProcessWriter:
 
     max_parts: int = MAX_PARTS
     """Parts one message may have; ``DeliveryExecutor.deliver`` refuses more."""
+    stores_flags = True
+    """Takes flagged groups (see :data:`~delivery_executor.writers.base.FlaggedGroup`)."""
 
     def __init__(
         self,
@@ -490,7 +494,7 @@ class ProcessWriter:
                 f" did not start: {exc}",
             ) from exc
 
-    async def acommit(self, groups: Sequence[Group]) -> BatchResult:
+    async def acommit(self, groups: Sequence[AnyGroup]) -> BatchResult:
         """Send the batch to the least busy helper and await its results.
 
         A batch of more than ``thread_above`` body bytes (counted as
