@@ -427,14 +427,7 @@ class _Run:
                             return True
             return False
         finally:
-            done = self.steps[0] + steps  # self.tick(steps), inlined for the common case
-            if (
-                done > self.limits.max_steps
-                or done // _CPU_CHECK_EVERY != (done - steps) // _CPU_CHECK_EVERY
-            ):
-                self.tick(steps)
-            else:
-                self.steps[0] = done
+            self.tick(steps)
 
 
 _Fast = Callable[[_Run], bool]
@@ -509,14 +502,7 @@ def _specialise(t: n.TestNode) -> _Fast | None:
                     return True
             return False
         finally:
-            done = run.steps[0] + steps  # run.tick(steps), inlined for the common case
-            if (
-                done > run.limits.max_steps
-                or done // _CPU_CHECK_EVERY != (done - steps) // _CPU_CHECK_EVERY
-            ):
-                run.tick(steps)
-            else:
-                run.steps[0] = done
+            run.tick(steps)
 
     return fast
 
