@@ -248,9 +248,7 @@ class Collector:
                 groups[req.key] = group = ([], [])
             group[0].append(req)
             group[1].append(req.parts)
-        payload: list[Group] = [(group[0][0].path, group[1]) for group in groups.values()]
-        if len(groups) > 1 or batch[0].info:
-            _flagged_groups(payload, groups)
+        payload = [_group(reqs[0], parts) for reqs, parts in groups.values()]
         stats = self.stats
         stats.batch(len(batch))
         started = time.perf_counter()
@@ -377,16 +375,14 @@ class Collector:
                 closed.set_result(None)
 
 
-def _flagged_groups(
-    payload: list[Group], groups: dict[str, tuple[list[Request], list[Parts]]]
-) -> None:
-    """Turn the flagged groups of ``payload`` into ``(path, messages, info)`` in place.
+def _group(first: Request, parts: list[Parts]) -> Group:
+    """The writer's group for requests like ``first``: ``(path, messages)``, or
+    ``(path, messages, info)`` when they carry flags.
 
     Only writers with ``stores_flags`` get flagged requests (``deliver`` checks),
     so the payload stays typed as plain groups for the protocol.
     """
-    for i, (reqs, _) in enumerate(groups.values()):
-        first = reqs[0]
-        if first.info:
-            flagged: FlaggedGroup = (first.path, payload[i][1], first.info)
-            payload[i] = cast(Group, flagged)
+    if not first.info:
+        return (first.path, parts)
+    flagged: FlaggedGroup = (first.path, parts, first.info)
+    return cast(Group, flagged)
