@@ -173,3 +173,76 @@ async def test_a_pipelining_client_lets_other_sessions_run(base: type[SMTP]) -> 
         writer.close()
         srv.close()
         await srv.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("base", "hello"), [(DeliveryLMTP, b"LHLO"), (DeliverySMTP, b"EHLO")])
+async def test_the_hello_reply_is_one_write(base: type[SMTP], hello: bytes) -> None:
+    """Every line of the EHLO/LHLO reply goes out in one transport write, in aiosmtpd's order."""
+    loop = asyncio.get_running_loop()
+    writes: list[bytes] = []
+
+    class Counting(base):  # type: ignore[valid-type, misc]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            real = transport.write  # type: ignore[attr-defined]
+
+            def write(data: bytes) -> None:
+                writes.append(bytes(data))
+                real(data)
+
+            transport.write = write  # type: ignore[attr-defined]
+            super().connection_made(transport)
+
+    srv = await loop.create_server(
+        lambda: Counting(_Handler(), loop=loop, hostname="h"), "127.0.0.1", 0
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+    try:
+        async with asyncio.timeout(10):
+            await reader.readline()  # the greeting
+            writes.clear()
+            writer.write(hello + b" client.example\r\n")
+            lines = [await reader.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(await reader.readline())
+        assert writes == [b"".join(lines)]
+        assert lines[0] == b"250-h\r\n" and lines[-1] == b"250 HELP\r\n"
+        assert b"250-SIZE 33554432\r\n" in lines and b"250-PIPELINING\r\n" in lines
+    finally:
+        writer.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:Use the 5-argument handle_EHLO:DeprecationWarning")
+async def test_a_hello_hook_that_fails_midway_still_sends_the_held_lines() -> None:
+    """An old-style EHLO hook that raises after aiosmtpd pushed its lines: they still go out."""
+    loop = asyncio.get_running_loop()
+
+    class Failing(_Handler):
+        # aiosmtpd's 4-argument form: its lines are pushed (held by us) before the hook runs.
+        async def handle_EHLO(
+            self, server: object, session: object, envelope: object, hostname: str
+        ) -> str:
+            raise RuntimeError("hook broke")
+
+    srv = await loop.create_server(
+        lambda: DeliverySMTP(Failing(), loop=loop, hostname="h"), "127.0.0.1", 0
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+    try:
+        async with asyncio.timeout(10):
+            await reader.readline()
+            writer.write(b"EHLO client.example\r\n")
+            writer.write(b"NOOP\r\n")
+            lines = [await reader.readline()]
+            while not lines[-1].startswith(b"250 "):
+                lines.append(await reader.readline())
+        assert lines[0] == b"250-h\r\n", lines
+        assert b"250-SIZE 33554432\r\n" in lines
+        assert any(line.startswith(b"500") for line in lines), lines
+    finally:
+        writer.close()
+        srv.close()
+        await srv.wait_closed()

@@ -253,9 +253,14 @@ class _DeliveryProtocol:
                 guard.stop()
         # Fast path, most replies: ours already carry a code (a few slicing checks).
         if isinstance(status, str) and (
-            not self._greeted or status[4:6] not in _CODED or "\n" in status
+            not self._greeted
+            or status[4:6] not in _CODED
+            or "\n" in status
+            or self._hello is not None
         ):
             status = self._fix(status)
+            if not status:  # an EHLO/LHLO line, held for the reply's one write
+                return
         await super().push(status)  # type: ignore[misc]
         self._replies += 1
         if not self._replies % YIELD_EVERY:
@@ -275,12 +280,16 @@ class _DeliveryProtocol:
         hello = self._hello
         if hello is not None and status.startswith("250"):
             if status[3:4] != " ":
+                # Held, not written: aiosmtpd pushes each line of the reply,
+                # and each write is a send that wakes the client for nothing.
                 hello.append(status)
-                return status
-            # The last line: our extensions go before it, in the same write.
+                return ""
+            # The last line: the held ones and our extensions go before it, in one write.
             exts = EXTENSIONS if self.dsn else _WITHOUT_DSN
-            extra = [f"250-{ext}\r\n" for ext in exts if f"250-{ext}" not in hello]
-            return "".join(extra) + status
+            lines = [f"{line}\r\n" for line in hello]
+            lines += [f"250-{ext}\r\n" for ext in exts if f"250-{ext}" not in hello]
+            hello.clear()
+            return "".join(lines) + status
         if self._helo and status.startswith("250"):
             return status
         if status.startswith("552 Error: Too much mail data"):
@@ -298,6 +307,12 @@ class _DeliveryProtocol:
         if self._per_recipient and env is not None and len(env.rcpt_tos) > 1:
             status = "\r\n".join([status] * len(env.rcpt_tos))
         return status
+
+    async def _release_hello(self) -> None:
+        """End an EHLO/LHLO reply: lines still held (the reply failed midway) are sent."""
+        held, self._hello = self._hello, None
+        if held:
+            await super().push("\r\n".join(held))  # type: ignore[misc]
 
     _dsn: list[str] | None = None  # this command's DSN parameters, for the handler hook
     command_size_limit: int
@@ -464,7 +479,7 @@ class DeliverySMTP(_DeliveryProtocol, BulkDataMixin, SMTP):
         try:
             await super().smtp_EHLO(hostname)
         finally:
-            self._hello = None
+            await self._release_hello()
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
@@ -522,4 +537,4 @@ class DeliveryLMTP(_DeliveryProtocol, BulkDataMixin, LMTP):
         try:
             await super().smtp_LHLO(arg)
         finally:
-            self._hello = None
+            await self._release_hello()
