@@ -151,6 +151,30 @@ def _aiosmtpd_names(cls: type) -> list[str]:
 _HOOK_NAMES: dict[type, list[str]] = {}
 
 
+# The last handler's own hook names: (handler, its attribute count then, names).
+# A server passes the same handler to every session; an attribute added since
+# changes the count and the instance is scanned again.
+_LAST_OWN: tuple[object, int, list[str]] = (None, -1, [])
+
+
+def _hook_names(handler: object) -> list[str]:
+    """``handle_*``/``auth_*`` names of ``handler``: its class's (once per class), then its own."""
+    global _LAST_OWN
+    names = _HOOK_NAMES.get(type(handler))
+    if names is None:
+        names = _HOOK_NAMES[type(handler)] = [
+            n for n in dir(type(handler)) if n.startswith(("handle_", "auth_"))
+        ]
+    own = getattr(handler, "__dict__", None)
+    if not own:
+        return names
+    last, count, extra = _LAST_OWN
+    if last is not handler or count != len(own):
+        extra = [n for n in own if n.startswith(("handle_", "auth_")) and n not in names]
+        _LAST_OWN = (handler, len(own), extra)
+    return names + extra if extra else names
+
+
 class _HookView:
     """A handler as aiosmtpd's ``__init__`` scans it: only its ``handle_*``/``auth_*`` names.
 
@@ -162,24 +186,16 @@ class _HookView:
     handler's own.
     """
 
-    __slots__ = ("_handler",)
+    __slots__ = ("_handler", "_names")
 
     def __init__(self, handler: object) -> None:
         self._handler = handler
+        self._names: list[str] | None = None
 
     def __dir__(self) -> list[str]:
-        handler = self._handler
-        names = _HOOK_NAMES.get(type(handler))
-        if names is None:
-            names = _HOOK_NAMES[type(handler)] = [
-                n for n in dir(type(handler)) if n.startswith(("handle_", "auth_"))
-            ]
-        own = getattr(handler, "__dict__", None)
-        if own:
-            extra = [n for n in own if n.startswith(("handle_", "auth_")) and n not in names]
-            if extra:
-                return names + extra
-        return names
+        if self._names is None:  # aiosmtpd asks twice per session
+            self._names = _hook_names(self._handler)
+        return self._names
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._handler, name)
