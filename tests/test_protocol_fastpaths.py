@@ -131,7 +131,7 @@ def test_the_handler_scan_finds_what_aiosmtpd_finds_and_reads_nothing_else(
         assert set(ours._auth_methods) == set(stock._auth_methods)
         assert ours._auth_methods["CUSTOM"].method == handler.auth_CUSTOM
         assert ours._auth_methods["CUSTOM"].is_builtin is False
-        handler.handle_NOOP = handler._rcpt  # type: ignore[attr-defined]  # added later
+        handler.handle_NOOP = handler._rcpt  # added later
         assert "NOOP" in ours_cls(handler, loop=loop, hostname="h")._handle_hooks
     finally:
         loop.close()
