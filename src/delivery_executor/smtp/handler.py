@@ -158,25 +158,20 @@ def _has_bare_cr(body: bytes) -> bool:
     return _CR_NOT_LF.search(body) is not None or body.endswith(b"\r")
 
 
-_FAST_DELETE_MAX = 4 << 20  # above it, memory comes first: no two extra transient copies
-
-
 def _without_cr(body: bytes) -> bytes:
-    # bytearray.translate's deleting loop is about twice as fast as bytes.translate's
-    # (which also tracks whether anything changed): with the two copies, the
-    # whole is still about 40 % cheaper per MiB, and no dearer at 64 KiB. The
-    # copies hold 2 x body more for a moment, so big bodies take the plain way.
-    if len(body) > _FAST_DELETE_MAX:
-        return body.translate(None, b"\r")
-    return bytes(bytearray(body).translate(None, b"\r"))
+    # Deleting one byte value with replace() is glibc memchr plus memcpy per
+    # segment (about 0.3 ns a byte here, profiled at 1 MiB), three to four times
+    # cheaper than translate()'s byte-by-byte table loop, and needs no transient
+    # bytearray copies.
+    return body.replace(b"\r", b"")
 
 
 def to_lf(body: bytes) -> bytes:
     """``body`` with every CRLF turned into LF; a bare CR stays.
 
     The same bytes as ``body.replace(b"\\r\\n", b"\\n")`` at about half its
-    cost: without a bare CR, deleting every CR is the same edit, and
-    ``translate`` plus one regex scan beat ``replace``.
+    cost: without a bare CR, deleting every CR is the same edit, and that
+    (a memchr-based ``replace`` of one byte) plus one regex scan beat it.
     """
     if not _has_bare_cr(body):
         return _without_cr(body)
