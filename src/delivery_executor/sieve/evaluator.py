@@ -30,6 +30,7 @@ from .compiler import Script
 from .limits import Limits
 from .match import casemap, compile_glob_cached, glob_match
 from .message import Envelope, MessageView
+from .scan import address_parts, envelope_values, scan_of
 
 __all__ = ["Delivery", "SieveResult", "evaluate", "normalize_flags"]
 
@@ -134,6 +135,7 @@ class _Run:
         delimiter: str,
         steps: list[int],
         deadline: float,
+        parts: dict[tuple[str, str], list[str]],
     ) -> None:
         self.script = script
         self.msg = msg
@@ -152,7 +154,7 @@ class _Run:
         self.steps = steps  # shared by the scripts of one chain
         self.deadline = deadline
         self.use_vars = script.variables
-        self.parts_cache: dict[tuple[str, str], list[str]] = {}
+        self.parts_cache = parts  # the message's, shared with the scan
 
     # -- bookkeeping
     def tick(self, k: int) -> None:
@@ -320,17 +322,7 @@ class _Run:
                 return self.match(t.match, self.address_parts(names[0], t.part))
             return self.match(t.match, [v for h in names for v in self.address_parts(h, t.part)])
         if isinstance(t, n.EnvelopeTest):
-            values = []
-            for p in t.names:
-                addr = self.env.sender if p == "from" else self.env.recipient
-                # The null sender <> is "" for every part (as Pigeonhole), no :detail.
-                if addr:
-                    part = self.address_part(addr, t.part)
-                else:
-                    part = None if t.part == "detail" else ""
-                if part is not None:
-                    values.append(part)
-            return self.match(t.match, values)
+            return self.match(t.match, envelope_values(self.env, t.names, t.part, self.delimiter))
         if isinstance(t, n.ExistsTest):
             return all(self.msg.raw_values(h) for h in self.expand_all(t.names))
         if isinstance(t, n.SizeTest):
@@ -355,35 +347,7 @@ class _Run:
 
     def address_parts(self, header: str, part: str) -> list[str]:
         """The ``part`` of every address in ``header`` (cached for the message)."""
-        key = (header.lower(), part)
-        got = self.parts_cache.get(key)
-        if got is None:
-            got = []
-            for addr, valid in self.msg.addresses(header):
-                if not valid:  # only :all sees an invalid address, whole
-                    if part == "all":
-                        got.append(addr)
-                    continue
-                value = self.address_part(addr, part)
-                if value is not None:
-                    got.append(value)
-            self.parts_cache[key] = got
-        return got
-
-    def address_part(self, addr: str, part: str) -> str | None:
-        if part == "all":
-            return addr
-        local, at, domain = addr.rpartition("@")
-        if not at:
-            local, domain = addr, ""
-        if part == "localpart":
-            return local
-        if part == "domain":
-            return domain
-        cut = min((i for i in (local.find(d) for d in self.delimiter) if i >= 0), default=-1)
-        if part == "user":
-            return local if cut < 0 else local[:cut]
-        return None if cut < 0 else local[cut + 1 :]
+        return address_parts(self.msg, header, part, self.delimiter, self.parts_cache)
 
     def match(self, m: n.Match, values: Sequence[str]) -> bool:
         """Whether any value matches any key (one step per value and key, plus
@@ -538,15 +502,35 @@ def evaluate(
     ``recipient_delimiter`` holds the characters that start a ``:detail``.
     Never raises for anything a script does: errors end in an implicit keep.
     """
+    if not scripts:
+        return KEEP_ONLY
     lim = limits or _DEFAULT_LIMITS
+    limit = lim.max_steps
+    done = 0  # steps
+    parts: dict[tuple[str, str], list[str]] = {}
+    starts: list[int] = []
+    for script in scripts:
+        # The scan of each script's leading rules (see .scan): a script whose
+        # rules all stay false ends here in an implicit keep, without a _Run.
+        # Scripts before it in the chain have kept too, so flags are still [].
+        got = scan_of(script, recipient_delimiter)
+        if got is None:
+            break
+        # It stops before passing the step limit or a CPU check (every 4096 steps).
+        bound = min(limit, (done // _CPU_CHECK_EVERY + 1) * _CPU_CHECK_EVERY - 1)
+        start, done = got[0](message, envelope, parts, done, bound)
+        starts.append(start)
+        if start < len(script.body):
+            break
+    else:
+        return KEEP_ONLY
     exists = mailbox_exists or _only_inbox
-    steps = [0]
+    steps = [done]
+    # The CPU clock starts here: the scans before took < 4096 steps, at most.
     deadline = time.process_time() + lim.max_cpu_seconds
     flags: list[str] = []
     stores: dict[str, _Store] = {}
     not_performed: list[str] = []
-    if not scripts:
-        return KEEP_ONLY
 
     def add(s: _Store) -> None:
         old = stores.pop(s.mailbox, None)
@@ -558,11 +542,25 @@ def evaluate(
     for i, script in enumerate(scripts):
         last = i == len(scripts) - 1
         run = _Run(
-            script, message, envelope, flags, lim, exists, recipient_delimiter, steps, deadline
+            script,
+            message,
+            envelope,
+            flags,
+            lim,
+            exists,
+            recipient_delimiter,
+            steps,
+            deadline,
+            parts,
         )
+        # Scripts scanned whole (all rules false) run no command; the one the
+        # scan stopped in goes on from there; the later ones from the start.
+        body = script.body
+        if i < len(starts):
+            body = body[starts[i] :]
         try:
             try:
-                run.block(script.body)
+                run.block(body)
             except _Stop:
                 pass
         except SieveRuntimeError as e:
