@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -170,10 +171,30 @@ async def test_handler_hands_its_count_to_the_store(
     assert not names._KNOWN
 
 
-def test_big_body_takes_the_plain_translate_with_the_same_result() -> None:
-    """Past 4 MiB the CR deletion skips the bytearray copies; bytes and count are the same."""
-    body = b"line of text\r\n" * (5 * 1024 * 1024 // 14)
+@pytest.mark.parametrize(
+    "line",
+    [b"\r\n", b"line of text\r\n", b"a" * 78 + b"\r\n"],
+    ids=["empty-lines", "short-lines", "long-lines"],
+)
+@pytest.mark.parametrize("tail", [b"", b"bare\rCR\r\n", b"x\r"])
+def test_either_cr_delete_gives_the_same_bytes_and_count(line: bytes, tail: bytes) -> None:
+    """Short lines (translate) or long (replace), a bare CR past the sample or not: same result."""
+    body = line * (64 * 1024 // len(line)) + tail
     lf, extra = to_lf_counted(body, True)
-    assert lf == body.replace(b"\r\n", b"\n")
-    assert extra == body.count(b"\r\n")
-    assert to_lf(body) == lf
+    assert lf == body.replace(b"\r\n", b"\n") == to_lf(body)
+    assert extra == counted(lf)
+
+
+def test_cr_delete_of_long_lines_makes_no_transient_copy() -> None:
+    """Deleting the CRs of 4 MiB of 80-byte lines peaks at about one result, not three copies."""
+    body = (b"a" * 78 + b"\r\n") * (4 * 1024 * 1024 // 80)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        lf, extra = to_lf_counted(body, True)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert extra == len(body) - len(lf) == body.count(b"\r\n")
+    assert peak < 1.25 * len(lf)  # the old bytearray(body).translate(...) path held ~3 bodies
