@@ -37,7 +37,8 @@ script anywhere: what a recipient without one pays), ``executor-sieve20``
 (a 20-rule ``--sieve-before`` script, benches/sieve20.sieve, that files
 nothing the load sends), ``executor-userdb`` (the load table's row: a
 10,000-user passwd-file, :func:`benches.load.users_file`, and
-``--quota-rule *:storage=10G``).
+``--quota-rule *:storage=10G``), ``userdb-noquota`` (the same passwd-file
+without a quota rule: splits the row's cost between the userdb and quota).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ MODES: dict[str, list[str]] = {
     "sieve-none": ["--sieve"],
     "executor-sieve20": ["--sieve-before", str(_REPO / "benches" / "sieve20.sieve")],
     "executor-userdb": ["--userdb", "passwd-file:{root}.users", "--quota-rule", "*:storage=10G"],
+    "userdb-noquota": ["--userdb", "passwd-file:{root}.users"],
 }
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -205,7 +207,7 @@ def _one(
     (user, system) and of its helpers; disk writes; syscalls (``a.strace``)."""
     name, _, old = mode.partition("@")
     root = Path(tempfile.mkdtemp(dir=base, prefix=f"{name}-"))
-    if name == "executor-userdb":
+    if name in ("executor-userdb", "userdb-noquota"):
         users_file(root)
     args = ["--log-level", "WARNING", "--max-connections", "256", "--max-connections-per-ip", "0"]
     args += [x.replace("{root}", str(root)) for x in MODES[name]]
