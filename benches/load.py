@@ -237,7 +237,7 @@ def _dovecot(root: Path) -> Iterator[tuple[int, int]]:
 USERS = 10_000
 
 
-def _users_file(root: Path) -> None:
+def users_file(root: Path) -> None:
     """The 10,000-user passwd-file that the userdb mode names (the load's addresses among them)."""
     users = ["alice@example.org", *(f"user{k}@example.org" for k in range(USERS - 1))]
     Path(f"{root}.users").write_text("".join(f"{u}::::::\n" for u in users))
@@ -254,7 +254,7 @@ def run_cell(
             res = _load(port, wl, duration, warmup, lmtp)
         return _row(wl, mode, res, [], _count_files(root / "mail"), 0.0)
     if mode.partition("@")[0] == "executor-userdb":
-        _users_file(root)
+        users_file(root)
     args, workers, command = _server_args(mode, wl, lmtp, root)
     server = ServerProcess(
         root, *args, workers=workers, env=_env(), start_timeout=30, program=command or ()
