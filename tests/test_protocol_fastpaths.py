@@ -90,6 +90,51 @@ def test_a_short_dir_keeps_every_command_and_auth_mechanism(
         loop.close()
 
 
+class _HookedHandler:
+    """A handler with a class hook, an AUTH mechanism, an instance hook and a costly property."""
+
+    reads = 0
+
+    def __init__(self) -> None:
+        self.handle_RCPT = self._rcpt  # a hook set on the instance, not the class
+
+    @property
+    def costly(self) -> int:
+        type(self).reads += 1
+        return 0
+
+    async def _rcpt(self, *args: object) -> str:
+        return "250 OK"
+
+    async def handle_DATA(self, *args: object) -> str:
+        return "250 OK"
+
+    async def auth_CUSTOM(self, *args: object) -> object:
+        return None
+
+
+@pytest.mark.parametrize(("ours_cls", "stock_cls"), [(DeliverySMTP, SMTP), (DeliveryLMTP, LMTP)])
+def test_the_handler_scan_finds_what_aiosmtpd_finds_and_reads_nothing_else(
+    ours_cls: type[SMTP], stock_cls: type[SMTP]
+) -> None:
+    """Hooks (class and instance) and AUTH mechanisms match aiosmtpd's scan; no property is read."""
+    loop = asyncio.new_event_loop()
+    try:
+        handler = _HookedHandler()
+        stock = stock_cls(handler, loop=loop, hostname="h")
+        assert _HookedHandler.reads == 1  # aiosmtpd's own scan reads every attribute
+        _HookedHandler.reads = 0
+        ours = ours_cls(handler, loop=loop, hostname="h")
+        assert _HookedHandler.reads == 0
+        assert ours.event_handler is handler
+        assert ours._handle_hooks == stock._handle_hooks  # the handler's own bound methods
+        assert set(ours._auth_methods) == set(stock._auth_methods)
+        assert ours._auth_methods["CUSTOM"].method == handler.auth_CUSTOM
+        assert ours._auth_methods["CUSTOM"].is_builtin is False
+    finally:
+        loop.close()
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("base", [DeliveryLMTP, DeliverySMTP])
 async def test_a_pipelining_client_lets_other_sessions_run(base: type[SMTP]) -> None:
