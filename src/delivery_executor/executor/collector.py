@@ -35,7 +35,7 @@ __all__ = ["Collector"]
 
 _log = logging.getLogger("delivery_executor")
 
-SPLIT_MIN = 8
+SPLIT_MIN = 16
 """Eager batching spreads the queue over free flush slots only in batches of at
 least this many (see :meth:`Collector._share`)."""
 
