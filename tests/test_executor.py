@@ -413,6 +413,22 @@ async def test_eager_spreads_a_backlog_over_free_flush_slots() -> None:
 
 
 @pytest.mark.asyncio
+async def test_eager_split_uses_every_free_slot_and_keeps_batches_whole_below_the_floor() -> None:
+    """4 free slots: 64 queued go out as four batches of 16; each caller's own bytes on its id."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    async with DeliveryExecutor(max_concurrent_flushes=4, writer=ThreadWriter(writer)) as ex:
+        jobs = [asyncio.ensure_future(ex.deliver("p", b"%d" % i)) for i in range(64)]
+        await until(lambda: writer.active == 4, "four flushes in flight at once")
+        gate.set()
+        ids = await asyncio.gather(*jobs)
+        # Then a backlog under 2 x SPLIT_MIN with every slot free rides in one batch.
+        await asyncio.gather(*(ex.deliver("p", b"s%d" % i) for i in range(20)))
+    assert writer.batch_sizes == [16, 16, 16, 16, 20]
+    assert len({i.name for i in ids}) == 64
+
+
+@pytest.mark.asyncio
 async def test_one_slot_means_strictly_serial_flushes() -> None:
     """max_concurrent_flushes=1: while one write is blocked, no second write starts."""
     gate = threading.Event()
