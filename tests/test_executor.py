@@ -395,40 +395,6 @@ async def test_flushes_pipeline_up_to_max_concurrent_flushes() -> None:
 
 
 @pytest.mark.asyncio
-async def test_eager_spreads_a_backlog_over_free_flush_slots() -> None:
-    """32 requests at an idle executor with 2 free slots go out as two batches of 16 at once."""
-    gate = threading.Event()
-    writer = FakeWriter(gate=gate)
-    async with DeliveryExecutor(writer=ThreadWriter(writer)) as ex:
-        jobs = [asyncio.ensure_future(ex.deliver("p", b"%d" % i)) for i in range(32)]
-        await until(lambda: writer.active == 2, "two flushes in flight at once")
-        gate.set()
-        ids = await asyncio.gather(*jobs)
-    assert writer.batch_sizes == [16, 16]
-    assert len({i.name for i in ids}) == 32
-    # In arrival order: the first 16 in the first batch, the rest in the second.
-    assert [b for call in writer.calls for _, bodies in call for b in bodies] == [
-        b"%d" % i for i in range(32)
-    ]
-
-
-@pytest.mark.asyncio
-async def test_eager_split_uses_every_free_slot_and_keeps_batches_whole_below_the_floor() -> None:
-    """4 free slots: 64 queued go out as four batches of 16; each caller's own bytes on its id."""
-    gate = threading.Event()
-    writer = FakeWriter(gate=gate)
-    async with DeliveryExecutor(max_concurrent_flushes=4, writer=ThreadWriter(writer)) as ex:
-        jobs = [asyncio.ensure_future(ex.deliver("p", b"%d" % i)) for i in range(64)]
-        await until(lambda: writer.active == 4, "four flushes in flight at once")
-        gate.set()
-        ids = await asyncio.gather(*jobs)
-        # Then a backlog under 2 x SPLIT_MIN with every slot free rides in one batch.
-        await asyncio.gather(*(ex.deliver("p", b"s%d" % i) for i in range(20)))
-    assert writer.batch_sizes == [16, 16, 16, 16, 20]
-    assert len({i.name for i in ids}) == 64
-
-
-@pytest.mark.asyncio
 async def test_one_slot_means_strictly_serial_flushes() -> None:
     """max_concurrent_flushes=1: while one write is blocked, no second write starts."""
     gate = threading.Event()
@@ -706,7 +672,7 @@ async def test_collector_crash_fails_waiters_fast_and_later_calls(
     await until(lambda: ex.stats().queued == 4, "queue full, six callers waiting for room")
     assert ex.stats().waiting == 6
 
-    def broken(most: int) -> list[object]:
+    def broken() -> list[object]:
         raise RuntimeError("collector bug")
 
     monkeypatch.setattr(ex._collector, "_take", broken)
@@ -1047,7 +1013,7 @@ async def test_a_crashed_executor_is_closed_only_once_a_close_begins(
     ex = DeliveryExecutor(writer=ThreadWriter(FakeWriter()))
     await ex.start()
 
-    def broken(most: int) -> list[object]:
+    def broken() -> list[object]:
         raise RuntimeError("collector bug")
 
     monkeypatch.setattr(ex._collector, "_take", broken)

@@ -35,10 +35,6 @@ __all__ = ["Collector"]
 
 _log = logging.getLogger("delivery_executor")
 
-SPLIT_MIN = 16
-"""Eager batching spreads the queue over free flush slots only in batches of at
-least this many (see :meth:`Collector._share`)."""
-
 Settled: TypeAlias = "list[tuple[list[Request], list[MessageId] | BaseException]]"
 """A flush's outcome: per group, its requests and their ids (in order) or their error."""
 
@@ -201,40 +197,18 @@ class Collector:
                         break
             # Eager: while every slot is busy, requests keep piling up in the queue.
             await self._slots.acquire()
-            batch = self._take(self._share() if not window else self.config.max_batch)
+            batch = self._take()
             self._launch(batch)
 
-    def _share(self) -> int:
-        """Eager: the most the next batch may take, so that no flush slot idles.
-
-        With ``free`` slots free (this one included) and ``n`` queued, a batch
-        takes ``ceil(n / free)``: while other slots are free, what is queued is
-        spread over them instead of riding in one flush. Under closed-loop load
-        (every caller waits for its own message) the split persists: several
-        cohorts of callers stay in flight, one's CPU work overlapping another's
-        syncs, where one batch holding every caller left the disk idle between
-        flushes (``bench_executor_ratio --fake-sync-ms``: 2 flushes in flight
-        95 % of the time instead of 1, disk busy ~95 % instead of ~65 %). The
-        cost: each batch pays its own syncs, so twice the syncs per message;
-        on a journaled disk they merge only if they reach it before a commit
-        starts (the simulated journal never merged them). Hence not below
-        :data:`SPLIT_MIN` a batch: a small backlog is taken whole. O(1).
-        """
-        n, cap = len(self.queue), self.config.max_batch
-        free = self.config.max_concurrent_flushes - self.in_flight
-        if free <= 1 or n < 2 * SPLIT_MIN:
-            return cap
-        return min(cap, max(SPLIT_MIN, -(-n // free)))
-
-    def _take(self, most: int) -> list[Request]:
-        """Move up to ``most`` requests from the queue into a batch."""
+    def _take(self) -> list[Request]:
+        """Move up to max_batch requests from the queue into a batch."""
         queue = self.queue
         n = len(queue)
-        if n <= most:
+        if n <= self.config.max_batch:
             batch = list(queue)
             queue.clear()
         else:
-            n = most
+            n = self.config.max_batch
             batch = [queue.popleft() for _ in range(n)]
         # Per batch, not per request; also wakes a closing collector once
         # abandoned waiters left the room.
