@@ -10,16 +10,22 @@ Workloads: 1 caller or 32 callers; one Maildir or 1,000 Maildirs.
     .venv/bin/python -m benches.bench_executor [--messages 3000] [--rounds 3] [--json out.json]
 
 or through pytest (one short round, for `python3 tasks.py bench`).
+
+``--fake-sync-ms N [--fake-disk journal|parallel]``: on /dev/shm with every
+sync a simulated commit of N ms (``benches/simdisk.py``), so that the batching
+policies compare without a real disk's noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,6 +35,7 @@ from delivery_executor import BatchPolicy, DeliveryExecutor, Maildir, MessageId
 from delivery_executor.stats import percentile
 
 from .benchfs import bench_filesystem
+from .simdisk import MODELS, SimDisk, Timeline, fake_syncs
 
 BODY = (b"From: bench@example.org\r\nSubject: x\r\n\r\n" + b"x" * 500)[:500]
 CONTENDERS = ("per-message", "window", "eager")
@@ -140,8 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=3000, help="messages per 32-caller run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--fake-sync-ms", type=float, help="simulated syncs on /dev/shm")
+    parser.add_argument("--fake-disk", choices=MODELS, default="journal")
     args = parser.parse_args(argv)
-    with bench_filesystem() as (root, description):
+    with contextlib.ExitStack() as stack:
+        if args.fake_sync_ms is not None:
+            disk = SimDisk(args.fake_sync_ms, args.fake_disk, Timeline())
+            stack.enter_context(fake_syncs(disk))
+            where = stack.enter_context(tempfile.TemporaryDirectory(dir="/dev/shm"))
+            root = Path(where)
+            description = f"tmpfs, simulated syncs: {args.fake_disk}, {args.fake_sync_ms:g} ms"
+        else:
+            root, description = stack.enter_context(bench_filesystem())
         print(f"file system: {description}", flush=True)
         rows = asyncio.run(run_all(root, args.messages, args.rounds))
     print(format_table(rows))

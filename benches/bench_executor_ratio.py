@@ -21,16 +21,31 @@ the Python path alone (what the executor adds is ``executor - batch(32)``).
 ``--only executor-null`` measures the executor with a writer that touches no
 file. For instruction counts, run one contender under callgrind at two message
 counts and divide the difference (BUDGETS.md has the command).
+
+``--fake-sync-ms N`` runs on /dev/shm with every sync replaced by a simulated
+commit of N ms (``--fake-disk journal``, the default: one commit at a time,
+concurrent syncs merged into the next; ``parallel``: each sync sleeps on its
+own; see ``benches/simdisk.py``). The pipeline then shows as structure rather
+than noisy msg/s: per contender the disk's busy share, syncs per commit, idle
+gaps between commits and, for the executor, batch sizes and the share of time
+with 0, 1, 2... flushes in flight. ``--timeline out.json`` keeps the raw
+commits and flushes of the last round.
+
+``--ab SRC`` interleaves this tree with another's ``src`` (e.g. a
+``git worktree add`` of the base commit) round by round, each round in a
+fresh subprocess, and prints both sets of medians: before/after in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,10 +54,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import delivery_executor
 from delivery_executor import DeliveryExecutor, Maildir, MessageId
-from delivery_executor.writers import BatchResult, Group
+from delivery_executor.writers import BatchResult, Group, LoopWriter
 
 from .benchfs import bench_filesystem
+from .simdisk import MODELS, SimDisk, TimedWriter, Timeline, fake_syncs, format_structure, summarise
 
 BODY = (b"From: bench@example.org\r\nSubject: x\r\n\r\n" + b"x" * 500)[:500]
 CALLERS = 32
@@ -76,10 +93,15 @@ async def _per_message(md: Maildir, messages: int) -> int:
     return per * CALLERS
 
 
-async def _executor(md: Maildir, messages: int, *, null: bool = False) -> int:
+async def _executor(
+    md: Maildir, messages: int, *, null: bool = False, timeline: Timeline | None = None
+) -> int:
     per = messages // CALLERS
     path = str(md.path)
-    async with DeliveryExecutor(writer=_NullWriter() if null else "loop") as ex:
+    writer: Any = _NullWriter() if null else "loop"
+    if timeline is not None:
+        writer = TimedWriter(LoopWriter() if writer == "loop" else writer, timeline)
+    async with DeliveryExecutor(writer=writer) as ex:
 
         async def caller() -> None:
             for _ in range(per):
@@ -96,8 +118,13 @@ def _batches(md: Maildir, messages: int) -> int:
     return messages // CALLERS * CALLERS
 
 
-def run_one(contender: str, where: Path, messages: int) -> dict[str, float]:
-    """One measurement: msg/s and CPU microseconds per message (user, system)."""
+def run_one(
+    contender: str, where: Path, messages: int, timeline: Timeline | None = None
+) -> dict[str, Any]:
+    """One measurement: msg/s and CPU microseconds per message (user, system).
+
+    With ``timeline`` (a simulated disk), also the run's structure (:func:`summarise`).
+    """
     md = Maildir.cached(where)  # created up front, and found by the executor's writer
     os.sync()  # its metadata flushed, so the first batch does not pay for it
     u0, s0 = _cpu()
@@ -105,29 +132,50 @@ def run_one(contender: str, where: Path, messages: int) -> dict[str, float]:
     if contender == "per-message":
         n = asyncio.run(_per_message(md, messages))
     elif contender == "executor":
-        n = asyncio.run(_executor(md, messages))
+        n = asyncio.run(_executor(md, messages, timeline=timeline))
     elif contender == "executor-null":
         n = asyncio.run(_executor(md, messages, null=True))
     else:
         n = _batches(md, messages)
-    elapsed = time.perf_counter() - t0
+    t1 = time.perf_counter()
     u1, s1 = _cpu()
-    return {"msg_s": n / elapsed, "user_us": (u1 - u0) / n * 1e6, "sys_us": (s1 - s0) / n * 1e6}
+    out: dict[str, Any] = {
+        "msg_s": n / (t1 - t0),
+        "user_us": (u1 - u0) / n * 1e6,
+        "sys_us": (s1 - s0) / n * 1e6,
+    }
+    if timeline is not None:
+        out["structure"] = summarise(timeline, (t0, t1))
+    return out
 
 
 def run_all(
-    root: Path, messages: int, rounds: int, contenders: Sequence[str] = CONTENDERS
+    root: Path,
+    messages: int,
+    rounds: int,
+    contenders: Sequence[str] = CONTENDERS,
+    timeline: Timeline | None = None,
 ) -> dict[str, Any]:
-    """Each contender ``rounds`` times, interleaved; medians, and the two ratios if all ran."""
-    samples: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
+    """Each contender ``rounds`` times, interleaved; medians, and the two ratios if all ran.
+
+    With ``timeline`` (a simulated disk), each contender's structure in its median round.
+    """
+    samples: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
     for r in range(rounds):
         for c in contenders:
-            samples[c].append(run_one(c, root / f"{c}-{r}", messages))
-    rows = {
-        c: {k: statistics.median(s[k] for s in samples[c]) for k in samples[c][0]}
-        for c in contenders
-    }
+            if timeline is not None:
+                timeline.clear()
+            samples[c].append(run_one(c, root / f"{c}-{r}", messages, timeline))
+    keys = ("msg_s", "user_us", "sys_us")
+    rows = {c: {k: statistics.median(s[k] for s in samples[c]) for k in keys} for c in contenders}
     out: dict[str, Any] = {"rows": rows, "messages": messages, "rounds": rounds}
+    if timeline is not None:
+        out["structure"] = {
+            c: sorted(samples[c], key=lambda s: float(s["msg_s"]))[len(samples[c]) // 2][
+                "structure"
+            ]
+            for c in contenders
+        }
     if all(c in rows for c in CONTENDERS):
         ex = rows["executor"]["msg_s"]
         out["executor_over_per_message"] = ex / rows["per-message"]["msg_s"]
@@ -143,6 +191,8 @@ def format_result(result: dict[str, Any]) -> str:
         per, b32 = result["executor_over_per_message"], result["executor_over_batch32"]
         out.append(f"executor / per-message: {per:.2f}  (target >= 4)")
         out.append(f"executor / batch(32):   {b32:.2f}  (target >= 0.9)")
+    if "structure" in result:
+        out.append(format_structure(result["structure"]))
     return "\n".join(out)
 
 
@@ -150,6 +200,38 @@ def format_result(result: dict[str, Any]) -> str:
 def _tmpfs() -> Iterator[tuple[Path, str]]:
     with tempfile.TemporaryDirectory(prefix="de-ratio-", dir="/dev/shm") as where:
         yield Path(where), "tmpfs (/dev/shm): syncs cost next to nothing; compare CPU columns"
+
+
+def _ab(argv: list[str], src: Path, rounds: int) -> int:
+    """``rounds`` x (this tree, then ``src``), each in a subprocess; both sets of medians."""
+    here = Path(__file__).resolve().parents[1] / "src"
+    trees = {"this tree": here, str(src): src.resolve()}
+    samples: dict[str, list[dict[str, Any]]] = {t: [] for t in trees}
+    with tempfile.TemporaryDirectory(prefix="de-ab-") as tmp:
+        for r in range(rounds):
+            for name, path in trees.items():
+                out = Path(tmp) / f"{r}-{len(samples[name])}-{path.name}.json"
+                env = {**os.environ, "PYTHONPATH": str(path)}
+                cmd = [sys.executable, "-m", "benches.bench_executor_ratio", *argv]
+                cmd += ["--rounds", "1", "--json", str(out)]
+                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                samples[name].append(json.loads(out.read_text()))
+    for name, runs in samples.items():
+        runs.sort(key=lambda r: float(r.get("executor_over_per_message", 0.0)))
+        median = runs[len(runs) // 2]
+        print(
+            f"== {name} ({median['library']}), median round of {len(runs)} by executor/per-message"
+        )
+        print(format_result(median))
+        ratios = [
+            (
+                round(r.get("executor_over_per_message", 0), 2),
+                round(r.get("executor_over_batch32", 0), 2),
+            )
+            for r in runs
+        ]
+        print(f"   every round (executor/per-message, executor/batch(32)): {ratios}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tmpfs", action="store_true", help="on /dev/shm (CPU cost only)")
     parser.add_argument(
+        "--fake-sync-ms",
+        type=float,
+        help="on /dev/shm, every sync a simulated commit of this many ms (see benches/simdisk.py)",
+    )
+    parser.add_argument("--fake-disk", choices=MODELS, default="journal")
+    parser.add_argument("--timeline", type=Path, help="the last round's commits and flushes")
+    parser.add_argument("--ab", type=Path, metavar="SRC", help="interleave with another tree's src")
+    parser.add_argument(
         "--only",
         choices=CONTENDERS + EXTRA,
         action="append",
@@ -167,12 +257,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    with _tmpfs() if args.tmpfs else bench_filesystem() as (root, description):
+    if args.ab is not None:
+        raw = list(sys.argv[1:] if argv is None else argv)
+        i = raw.index("--ab")
+        return _ab(raw[:i] + raw[i + 2 :], args.ab, args.rounds)
+    timeline = Timeline() if args.fake_sync_ms is not None else None
+    with contextlib.ExitStack() as stack:
+        if timeline is not None:
+            disk = SimDisk(args.fake_sync_ms, args.fake_disk, timeline)
+            stack.enter_context(fake_syncs(disk))
+            root, description = stack.enter_context(_tmpfs())
+            description = (
+                f"tmpfs (/dev/shm) with simulated syncs: {args.fake_disk},"
+                f" {args.fake_sync_ms:g} ms per commit"
+            )
+        elif args.tmpfs:
+            root, description = stack.enter_context(_tmpfs())
+        else:
+            root, description = stack.enter_context(bench_filesystem())
         print(f"file system: {description}", flush=True)
-        result = run_all(root, args.messages, args.rounds, args.only or CONTENDERS)
+        result = run_all(root, args.messages, args.rounds, args.only or CONTENDERS, timeline)
     print(format_result(result))
+    library = str(Path(delivery_executor.__file__).parent)
     if args.json:
-        args.json.write_text(json.dumps({"filesystem": description, **result}, indent=2))
+        args.json.write_text(
+            json.dumps({"filesystem": description, "library": library, **result}, indent=2)
+        )
+    if args.timeline and timeline is not None:
+        args.timeline.write_text(
+            json.dumps({"commits": timeline.commits, "flushes": timeline.flushes})
+        )
     return 0
 
 
