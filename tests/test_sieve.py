@@ -280,3 +280,23 @@ def test_bench_script_compiles_and_keeps_load_messages() -> None:
     )
     res = evaluate([script], MessageView.parse(load_like), ENV)
     assert res.deliveries == (Delivery("INBOX"),) and res.implicit_keep
+
+
+def test_short_run_reads_no_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20-rule run that files nothing never reads the CPU clock (a syscall per message)."""
+    import delivery_executor.sieve.evaluator as ev
+
+    reads: list[float] = []
+    real = time.process_time
+
+    def clock() -> float:
+        reads.append(real())
+        return reads[-1]
+
+    monkeypatch.setattr(ev, "_cpu", clock, raising=False)
+    monkeypatch.setattr(time, "process_time", clock)
+    src = (Path(__file__).resolve().parent.parent / "benches" / "sieve20.sieve").read_bytes()
+    msg = MessageView.parse(b"From: a@example.net\r\nSubject: hi\r\n\r\nbody\r\n")
+    res = evaluate([compile_script(src)], msg, ENV)
+    assert res.deliveries == (Delivery("INBOX"),) and res.implicit_keep and not res.errors
+    assert reads == []

@@ -41,6 +41,12 @@ _SYSTEM_FLAGS = {
 _ATOM = re.compile(r'[^(){ %*"\\\]\x00-\x20\x7f]+\Z')
 _VAR_REF = re.compile(r"\$\{([A-Za-z0-9_.]*)\}")
 _CPU_CHECK_EVERY = 4096
+# The CPU clock is a syscall (CLOCK_PROCESS_CPUTIME_ID has no vDSO path), so it
+# is read only at every _CPU_CHECK_EVERY-th step: the first read starts the
+# chain's budget, later ones check it. A run under that many steps (the usual
+# one) reads it never; the budget's start is late by at most that many steps,
+# each of bounded cost. Tests count the reads here.
+_cpu = time.process_time
 _LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 _UPPER = {c + 32: c for c in range(ord("A"), ord("Z") + 1)}
 
@@ -134,7 +140,7 @@ class _Run:
         mailbox_exists: Callable[[str], bool],
         delimiter: str,
         steps: list[int],
-        deadline: float,
+        deadline: list[float],
         parts: dict[tuple[str, str], list[str]],
     ) -> None:
         self.script = script
@@ -152,7 +158,7 @@ class _Run:
         self.not_performed: list[str] = []
         self.actions = 0
         self.steps = steps  # shared by the scripts of one chain
-        self.deadline = deadline
+        self.deadline = deadline  # [0.0] until the first check, shared like steps
         self.use_vars = script.variables
         self.parts_cache = parts  # the message's, shared with the scan
 
@@ -162,11 +168,14 @@ class _Run:
         self.steps[0] = s
         if s > self.limits.max_steps:
             raise SieveRuntimeError(f"script used more than {self.limits.max_steps} steps")
-        if (
-            s // _CPU_CHECK_EVERY != (s - k) // _CPU_CHECK_EVERY
-            and time.process_time() > self.deadline
-        ):
-            raise SieveRuntimeError(f"script used more than {self.limits.max_cpu_seconds} s of CPU")
+        if s // _CPU_CHECK_EVERY != (s - k) // _CPU_CHECK_EVERY:
+            now, deadline = _cpu(), self.deadline
+            if not deadline[0]:
+                deadline[0] = now + self.limits.max_cpu_seconds
+            elif now > deadline[0]:
+                raise SieveRuntimeError(
+                    f"script used more than {self.limits.max_cpu_seconds} s of CPU"
+                )
 
     def action(self) -> None:
         self.actions += 1
@@ -197,14 +206,14 @@ class _Run:
     # -- commands
     def block(self, body: n.Block) -> None:
         steps, limit = self.steps, self.limits.max_steps
-        for node in body:
+        for cmd in _compiled_block(body):
             # self.tick(1), inlined: one step per command is the hot path.
             k = steps[0] + 1
             steps[0] = k
             if k > limit or not k % _CPU_CHECK_EVERY:
                 steps[0] = k - 1
                 self.tick(1)
-            self.command(node)
+            cmd(self)
 
     def command(self, node: n.Node) -> None:
         if isinstance(node, n.If):
@@ -395,6 +404,64 @@ class _Run:
 
 
 _Fast = Callable[[_Run], bool]
+_Command = Callable[[_Run], None]
+# id(block) -> (block, one callable per command). As _FAST: the entry holds the
+# block, so its id cannot be reused while it is here.
+_BLOCKS: dict[int, tuple[n.Block, tuple[_Command, ...]]] = {}
+
+
+def _compiled_block(body: n.Block) -> tuple[_Command, ...]:
+    """The commands of ``body`` as callables, made once per block (see :func:`_compile_if`)."""
+    got = _BLOCKS.get(id(body))
+    if got is not None and got[0] is body:
+        return got[1]
+    cmds = tuple(_compile_command(node) for node in body)
+    if len(_BLOCKS) >= 65536:
+        _BLOCKS.clear()  # bounded: scripts come and go
+    _BLOCKS[id(body)] = (body, cmds)
+    return cmds
+
+
+def _compile_command(node: n.Node) -> _Command:
+    """``node`` as a callable: an ``if`` whose tests all specialise (see
+    :func:`_specialise`) runs them directly; anything else goes through
+    :meth:`_Run.command`, as before."""
+    if isinstance(node, n.If):
+        fasts = [_fast_test(t) for t, _ in node.branches]
+        if all(f is not None for f in fasts):
+            return _compile_if(
+                tuple((f, b) for f, (_, b) in zip(fasts, node.branches, strict=True) if f),
+                node.orelse,
+            )
+
+    def generic(run: _Run) -> None:
+        run.command(node)
+
+    return generic
+
+
+def _compile_if(branches: tuple[tuple[_Fast, n.Block], ...], orelse: n.Block | None) -> _Command:
+    """What :meth:`_Run.command` does for ``if``, without its dispatch per test."""
+    if len(branches) == 1 and orelse is None:
+        test, body = branches[0]
+
+        def one(run: _Run) -> None:
+            if test(run):
+                run.block(body)
+
+        return one
+
+    def chain(run: _Run) -> None:
+        for test, body in branches:
+            if test(run):
+                run.block(body)
+                return
+        if orelse is not None:
+            run.block(orelse)
+
+    return chain
+
+
 # id(test) -> (test, its specialised form or None). The entry holds the test, so
 # its id cannot be reused while it is here; the tests are a compiled script's.
 _FAST: dict[int, tuple[n.TestNode, _Fast | None]] = {}
@@ -430,7 +497,7 @@ def _specialise(t: n.TestNode) -> _Fast | None:
     values_of: Callable[[_Run], Sequence[str]]
     if isinstance(t, n.HeaderTest):
         if len(names) == 1:
-            name = names[0]
+            name = names[0].lower()  # header_values folds it anyway: once here
 
             def values_of(run: _Run) -> Sequence[str]:
                 return run.msg.header_values(name)
@@ -442,9 +509,11 @@ def _specialise(t: n.TestNode) -> _Fast | None:
         part = t.part
         if len(names) == 1:
             name = names[0]
+            key = (name.lower(), part)  # address_parts's cache key, made once here
 
             def values_of(run: _Run) -> Sequence[str]:
-                return run.address_parts(name, part)
+                got = run.parts_cache.get(key)
+                return run.address_parts(name, part) if got is None else got
         else:
 
             def values_of(run: _Run) -> Sequence[str]:
@@ -452,6 +521,13 @@ def _specialise(t: n.TestNode) -> _Fast | None:
 
     def fast(run: _Run) -> bool:
         values = values_of(run)
+        if not values:  # the common miss: run.tick(1), inlined
+            done = run.steps[0] + 1
+            if done > run.limits.max_steps or not done % _CPU_CHECK_EVERY:
+                run.tick(1)
+            else:
+                run.steps[0] = done
+            return False
         steps = 1
         try:
             for v in values:
@@ -525,9 +601,8 @@ def evaluate(
     else:
         return KEEP_ONLY
     exists = mailbox_exists or _only_inbox
-    steps = [done]
-    # The CPU clock starts here: the scans before took < 4096 steps, at most.
-    deadline = time.process_time() + lim.max_cpu_seconds
+    steps = [done]  # the scans' (fewer than _CPU_CHECK_EVERY)
+    deadline = [0.0]  # set at the first CPU check (see _CPU_CHECK_EVERY)
     flags: list[str] = []
     stores: dict[str, _Store] = {}
     not_performed: list[str] = []

@@ -24,8 +24,9 @@ class Limits:
     max_actions: actions one run may collect (Pigeonhole's ``sieve_max_actions``, 32).
     max_steps: work units per run: one per test, command and character compared
         (bounds ``:matches`` and huge headers without timing anything).
-    max_cpu_seconds: process CPU time one run may take, checked every few
-        thousand steps.
+    max_cpu_seconds: process CPU time one run may take, counted from its
+        first check and checked every few thousand steps (a run shorter than
+        that never reads the clock).
     max_variable_bytes: longest variable value; longer values are truncated
         (RFC 5229 section 3; Pigeonhole: 4 KiB).
     """
