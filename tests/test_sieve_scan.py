@@ -74,3 +74,15 @@ def test_header_names_and_keys_never_become_code() -> None:
     hostile = f'{name}: v"x\r\nSubject: s\r\n\r\nbody\r\n'.encode()
     result = evaluator.evaluate([script], MessageView.parse(hostile), Envelope("a@b", "c@d"))
     assert result.deliveries == ()  # the rule matched: discarded
+
+
+def test_a_scan_that_stops_midway_compiles_no_block_per_message() -> None:
+    """Resuming after the scan reuses the script's compiled block: no new entry per message."""
+    rules = 'if header :contains "X-Spam-Flag" "YES" { fileinto "Junk"; }\n'
+    script = compile_script('require "fileinto";\nif false { keep; }\n' + rules * 3)
+    for _ in range(3):  # warm: every block of the script compiled once
+        _run([script], "spam", 2_000_000)
+    before = len(evaluator._BLOCKS)
+    results = {_run([script], "spam", 2_000_000) for _ in range(50)}
+    assert len(evaluator._BLOCKS) == before
+    assert len(results) == 1 and next(iter(results)).deliveries[0].mailbox == "Junk"

@@ -204,9 +204,11 @@ class _Run:
         return [self.expand(v) for v in values]
 
     # -- commands
-    def block(self, body: n.Block) -> None:
+    def block(self, body: n.Block, start: int = 0) -> None:
+        """Run ``body``'s commands from index ``start`` (where a scan stopped)."""
         steps, limit = self.steps, self.limits.max_steps
-        for cmd in _compiled_block(body):
+        cmds = _compiled_block(body)
+        for cmd in cmds[start:] if start else cmds:
             # self.tick(1), inlined: one step per command is the hot path.
             k = steps[0] + 1
             steps[0] = k
@@ -630,12 +632,11 @@ def evaluate(
         )
         # Scripts scanned whole (all rules false) run no command; the one the
         # scan stopped in goes on from there; the later ones from the start.
-        body = script.body
-        if i < len(starts):
-            body = body[starts[i] :]
+        # (Not a slice of the body: blocks are compiled once per block object.)
+        start = starts[i] if i < len(starts) else 0
         try:
             try:
-                run.block(body)
+                run.block(script.body, start)
             except _Stop:
                 pass
         except SieveRuntimeError as e:
