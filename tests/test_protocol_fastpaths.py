@@ -248,3 +248,34 @@ async def test_a_hello_hook_that_fails_midway_still_sends_the_held_lines() -> No
         writer.close()
         srv.close()
         await srv.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:Use the 5-argument handle_EHLO:DeprecationWarning")
+async def test_a_hello_hook_reply_midway_follows_the_held_lines() -> None:
+    """An old-style EHLO hook answering an error: aiosmtpd's lines go out before it, in order."""
+    loop = asyncio.get_running_loop()
+
+    class Refusing(_Handler):
+        async def handle_EHLO(
+            self, server: object, session: object, envelope: object, hostname: str
+        ) -> str:
+            return "550 not you"
+
+    srv = await loop.create_server(
+        lambda: DeliverySMTP(Refusing(), loop=loop, hostname="h"), "127.0.0.1", 0
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+    try:
+        async with asyncio.timeout(10):
+            await reader.readline()
+            writer.write(b"EHLO client.example\r\n")
+            lines = [await reader.readline()]
+            while not lines[-1].startswith(b"550"):
+                lines.append(await reader.readline())
+        assert lines[0] == b"250-h\r\n", lines
+        assert all(line.startswith(b"250-") for line in lines[:-1]), lines
+    finally:
+        writer.close()
+        srv.close()
+        await srv.wait_closed()

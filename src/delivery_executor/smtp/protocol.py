@@ -277,6 +277,9 @@ class _DeliveryProtocol:
             status = self._fix(status)
             if not status:  # an EHLO/LHLO line, held for the reply's one write
                 return
+            if self._hello:  # another reply midway (a hook's error): held lines first
+                status = "".join(f"{line}\r\n" for line in self._hello) + status
+                self._hello.clear()
         await super().push(status)  # type: ignore[misc]
         self._replies += 1
         if not self._replies % YIELD_EVERY:
