@@ -30,7 +30,7 @@ from .compiler import Script
 from .limits import Limits
 from .match import casemap, compile_glob_cached, glob_match
 from .message import Envelope, MessageView
-from .scan import address_parts, envelope_values, scan_of
+from .scan import address_parts, envelope_values, match_steps, scan_of
 
 __all__ = ["Delivery", "SieveResult", "evaluate", "normalize_flags"]
 
@@ -493,7 +493,6 @@ def _specialise(t: n.TestNode) -> _Fast | None:
         return None
     fold = m.comparator == "i;ascii-casemap"
     keys = m.folded if fold else m.keys
-    nkeys = len(keys)
     contains = m.kind == "contains"
     names = t.names
     values_of: Callable[[_Run], Sequence[str]]
@@ -530,21 +529,9 @@ def _specialise(t: n.TestNode) -> _Fast | None:
             else:
                 run.steps[0] = done
             return False
-        steps = 1
-        try:
-            for v in values:
-                fv = casemap(v) if fold else v
-                steps += nkeys * (1 + len(v) // 64)
-                if contains:
-                    for k in keys:
-                        steps += len(v) * len(k) // 64
-                        if k in fv:
-                            return True
-                elif fv in keys:
-                    return True
-            return False
-        finally:
-            run.tick(steps)
+        hit, steps = match_steps(values, keys, fold, contains)  # the scan's rule, shared
+        run.tick(steps)
+        return hit
 
     return fast
 
