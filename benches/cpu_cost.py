@@ -7,9 +7,10 @@ process of the server's session from ``/proc`` before and after the measured
 run. A cost, not a rate: it stays meaningful on a shared machine.
 
     .venv/bin/python -m benches.cpu_cost [--sizes 65536,1048576] [--messages 200]
-        [--runs 3] [--src OTHER_CHECKOUT/src] [-- extra serve options]
+        [--runs 3] [--src OTHER_CHECKOUT/src] [--pure] [-- extra serve options]
 
-``--src`` runs another checkout's package (an A/B on the same machine).
+``--src`` runs another checkout's package (an A/B on the same machine);
+``--pure`` adds this checkout with its C helpers off (``DELIVERY_EXECUTOR_PURE=1``).
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ def _source(port: int, size: int, count: int) -> None:
 
 
 def measure(
-    src: Path | None, size: int, count: int, extra: list[str]
+    src: Path | None, size: int, count: int, extra: list[str], pure: bool = False
 ) -> tuple[float, float, float]:
     """(user ms, system ms, minor faults) per message of ``count`` messages of ``size`` bytes."""
     env = dict(os.environ)
+    if pure:
+        env["DELIVERY_EXECUTOR_PURE"] = "1"
     paths = [str(src)] if src else []
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(_REPO), env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory(prefix="cpu-cost-") as tmp:
@@ -81,20 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--src", type=Path, action="append", default=[])
+    p.add_argument("--pure", action="store_true", help="also this checkout without C helpers")
     p.add_argument("extra", nargs="*")
     a = p.parse_args(argv)
-    srcs: list[Path | None] = list(a.src) or [None]
+    variants: list[tuple[Path | None, bool]] = [(src, False) for src in a.src] or [(None, False)]
+    if a.pure:
+        variants.append((None, True))
     for size in (int(x) for x in a.sizes.split(",")):
-        got: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(srcs))}
+        got: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(variants))}
         for _ in range(a.runs):  # interleaved: A, B, A, B...
-            for i, src in enumerate(srcs):
-                got[i].append(measure(src, size, a.messages, a.extra))
-        for i, src in enumerate(srcs):
+            for i, (src, pure) in enumerate(variants):
+                got[i].append(measure(src, size, a.messages, a.extra, pure))
+        for i, (src, pure) in enumerate(variants):
+            label = "this checkout, pure Python" if pure else (src or "this checkout")
             us = [u for u, _, _ in got[i]]
             ss = [s for _, s, _ in got[i]]
             fs = [f for _, _, f in got[i]]
             print(
-                f"{size:>8} B  {src or 'this checkout'}: user {statistics.median(us):.2f} ms"
+                f"{size:>8} B  {label}: user {statistics.median(us):.2f} ms"
                 f"  sys {statistics.median(ss):.2f} ms  faults {statistics.median(fs):.0f}"
                 f" per message (median of {a.runs}; user {', '.join(f'{u:.2f}' for u in us)};"
                 f" sys {', '.join(f'{x:.2f}' for x in ss)})",

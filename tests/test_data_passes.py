@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from delivery_executor import DeliveryExecutor, MailboxResolver
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
-from delivery_executor.smtp.handler import LineEndings, to_lf, to_lf_counted
+from delivery_executor.smtp.handler import LineEndings, to_lf, to_lf_counted, to_lf_counted_py
 from delivery_executor.store import names
 from delivery_executor.store.names import known_line_ends, size_suffix
 from delivery_executor.testing import send_message
@@ -45,6 +45,7 @@ def test_to_lf_counted_is_to_lf_and_its_count(body: bytes) -> None:
     lf, extra = to_lf_counted(body)
     assert lf == to_lf(body) == body.replace(b"\r\n", b"\n")
     assert extra == counted(lf)
+    assert to_lf_counted_py(body) == (lf, extra)  # the fallback of the C pass too
 
 
 @given(nasty.map(lambda b: b.replace(b"\r\n", b"\0").replace(b"\n", b"").replace(b"\0", b"\r\n")))
@@ -53,7 +54,7 @@ def test_to_lf_counted_is_to_lf_and_its_count(body: bytes) -> None:
 @example(b"\r")
 def test_to_lf_counted_without_bare_lf_matches_the_general_path(body: bytes) -> None:
     """Told there is no bare LF, the one-translate path gives the general path's bytes and count."""
-    assert to_lf_counted(body, True) == to_lf_counted(body)
+    assert to_lf_counted_py(body, True) == to_lf_counted_py(body) == to_lf_counted(body, True)
 
 
 @given(nasty, nasty, st.integers(0, 3))
@@ -180,19 +181,23 @@ async def test_handler_hands_its_count_to_the_store(
 def test_either_cr_delete_gives_the_same_bytes_and_count(line: bytes, tail: bytes) -> None:
     """Short lines (translate) or long (replace), a bare CR past the sample or not: same result."""
     body = line * (64 * 1024 // len(line)) + tail
-    lf, extra = to_lf_counted(body, True)
+    lf, extra = to_lf_counted_py(body, True)
+    assert to_lf_counted(body, True) == (lf, extra)
     assert lf == body.replace(b"\r\n", b"\n") == to_lf(body)
     assert extra == counted(lf)
 
 
-def test_cr_delete_of_long_lines_makes_no_transient_copy() -> None:
+@pytest.mark.parametrize("convert", [to_lf_counted, to_lf_counted_py], ids=["default", "python"])
+def test_cr_delete_of_long_lines_makes_no_transient_copy(
+    convert: Callable[[bytes, bool], tuple[bytes, int]],
+) -> None:
     """Deleting the CRs of 4 MiB of 80-byte lines peaks at about one result, not three copies."""
     body = (b"a" * 78 + b"\r\n") * (4 * 1024 * 1024 // 80)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         before = tracemalloc.get_traced_memory()[0]
-        lf, extra = to_lf_counted(body, True)
+        lf, extra = convert(body, True)
         peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()

@@ -25,6 +25,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import pytest
 from aiosmtpd.lmtp import LMTP
@@ -33,6 +34,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+from delivery_executor.smtp import reader
 from delivery_executor.smtp.handler import to_lf, to_lf_counted
 from delivery_executor.smtp.reader import BulkDataMixin, has_no_bare_lf
 
@@ -380,6 +382,15 @@ DIFF_SETTINGS = settings(
 async def test_differential_smtp(case: Case) -> None:
     """Random bodies, chunkings, limits and disconnects: SMTP replies, content and state match."""
     await differential_pipe("smtp", case.chunks, eof=case.eof, data_size_limit=case.limit)
+
+
+@pytest.mark.asyncio
+@settings(DIFF_SETTINGS, max_examples=100)
+@given(case=cases("smtp"))
+async def test_differential_smtp_pure_python_scan(case: Case) -> None:
+    """The regex fallback of the C line scan (no compiler at install) matches aiosmtpd too."""
+    with mock.patch.object(reader, "find_dot_or_bare_lf", reader.find_dot_or_bare_lf_py):
+        await differential_pipe("smtp", case.chunks, eof=case.eof, data_size_limit=case.limit)
 
 
 @pytest.mark.asyncio

@@ -11,13 +11,18 @@ PACKAGE = Path(delivery_executor.__file__).parent
 
 
 def _module_names(root: Path) -> dict[str, Path]:
-    """Dotted name → file for every module under the package directory ``root``."""
+    """Dotted name → file for every module under the package directory ``root``.
+
+    A compiled module counts by its stub (``.pyi``), which imports nothing.
+    """
     out = {}
-    for path in root.rglob("*.py"):
+    for path in sorted(root.rglob("*.py*")):
+        if path.suffix not in (".py", ".pyi"):
+            continue
         parts = [root.name, *path.relative_to(root).with_suffix("").parts]
         if parts[-1] == "__init__":
             parts.pop()
-        out[".".join(parts)] = path
+        out.setdefault(".".join(parts), path)  # a .py (sorted first) wins over its stub
     return out
 
 

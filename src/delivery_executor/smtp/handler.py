@@ -54,6 +54,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .. import validate
+from .._native import speedups
 from ..errors import (
     DeliveryError,
     ExecutorClosed,
@@ -191,10 +192,22 @@ def to_lf_counted(body: bytes, no_bare_lf: bool = False) -> tuple[bytes, int]:
     """``(to_lf(body), its LF count minus its CRLF count)``: the stored body and its ``W - S``.
 
     The count :func:`~delivery_executor.store.names.size_suffix` would make,
-    taken here so that the store need not make it. ``no_bare_lf``: the caller
-    knows every LF of ``body`` ends a CRLF (the bulk reader saw); then one
-    CR delete and one count do: as many CRs deleted as LFs counted means
-    no bare CR (each LF had its CR), so deleting every CR was the right edit.
+    taken here so that the store need not make it. With the C helpers
+    (:mod:`delivery_executor._native`) one pass that copies each line and
+    drops its CR, whatever ``no_bare_lf`` says; else :func:`to_lf_counted_py`.
+    """
+    if speedups is not None:
+        return speedups.to_lf_counted(body)
+    return to_lf_counted_py(body, no_bare_lf)
+
+
+def to_lf_counted_py(body: bytes, no_bare_lf: bool = False) -> tuple[bytes, int]:
+    """:func:`to_lf_counted` in Python: two or three C-level passes of ``bytes`` methods.
+
+    ``no_bare_lf``: the caller knows every LF of ``body`` ends a CRLF (the
+    bulk reader saw); then one CR delete and one count do: as many CRs
+    deleted as LFs counted means no bare CR (each LF had its CR), so deleting
+    every CR was the right edit.
     """
     if no_bare_lf:
         lf = _without_cr(body)

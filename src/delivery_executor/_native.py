@@ -1,0 +1,34 @@
+"""The DATA path's optional C helpers (``_speedups.c``), or ``None``.
+
+``pip install`` builds them when a C compiler is present and goes on without
+one; the pure-Python paths they replace give the same results, at about
+three times the CPU per byte (BUDGETS.md). ``DELIVERY_EXECUTOR_PURE=1`` in
+the environment turns them off: for A/B benchmarks and tests of the fallback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+__all__ = ["Speedups", "speedups"]
+
+
+class Speedups(Protocol):
+    """What ``_speedups`` offers (its stub says the same)."""
+
+    def find_dot_or_bare_lf(self, buf: bytes | bytearray, pos: int, /) -> int: ...
+    def to_lf_counted(self, body: bytes, /) -> tuple[bytes, int]: ...
+
+
+def _load() -> Speedups | None:
+    if os.environ.get("DELIVERY_EXECUTOR_PURE", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+speedups = _load()

@@ -1,0 +1,106 @@
+"""The DATA path's C helpers: built, in use, and equal to the Python paths they replace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from delivery_executor import _native
+from delivery_executor.smtp import handler, reader
+
+pytestmark = pytest.mark.timeout(60)
+
+speedups = _native.speedups
+needs_c = pytest.mark.skipif(speedups is None, reason="C helpers off (DELIVERY_EXECUTOR_PURE)")
+
+# Bytes that matter to both loops: CR, LF, CRLF, dots at line starts.
+nasty = st.lists(
+    st.sampled_from([b"\r", b"\n", b"x", b".", b"\r\n", b"\r\n.", b"\r\r\n", b"\n."]), max_size=40
+).map(b"".join)
+
+
+@pytest.mark.skipif(
+    os.environ.get("DELIVERY_EXECUTOR_PURE", "") not in ("", "0"), reason="turned off on purpose"
+)
+def test_the_install_built_the_c_helpers_and_the_data_path_uses_them() -> None:
+    """`pip install -e .` (tasks.py) compiled _speedups, and the reader and handler call it."""
+    assert speedups is not None, "delivery_executor._speedups was not built: is a C compiler there?"
+    assert reader.find_dot_or_bare_lf is speedups.find_dot_or_bare_lf
+    body = b"a\r\nb\r\n"
+    assert handler.to_lf_counted(body) == (b"a\nb\n", 2)
+
+
+def test_pure_switch_runs_the_python_paths() -> None:
+    """DELIVERY_EXECUTOR_PURE=1 loads no C: the reader and handler take their Python fallbacks."""
+    code = (
+        "from delivery_executor import _native\n"
+        "from delivery_executor.smtp import reader\n"
+        "assert _native.speedups is None\n"
+        "assert reader.find_dot_or_bare_lf is reader.find_dot_or_bare_lf_py\n"
+        "print('pure')\n"
+    )
+    env = {**os.environ, "DELIVERY_EXECUTOR_PURE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "pure\n"
+
+
+@needs_c
+@given(nasty, st.integers(-3, 45))
+@example(b"\n", 0)  # an LF with nothing before it is bare
+@example(b"\r\n.", 1)
+@example(b"\r\n", 2)  # pos at the end
+@example(b"x\r\nx\n", 4)  # the CR the lookbehind sees is before pos
+@example(b"\r\n\r\n", 3)
+def test_line_scan_is_the_regex(data: bytes, pos: int) -> None:
+    """find_dot_or_bare_lf gives the regex's match offset for every buffer and start."""
+    assert speedups is not None
+    want = reader.find_dot_or_bare_lf_py(data, pos)
+    assert speedups.find_dot_or_bare_lf(bytearray(data), pos) == want
+    assert speedups.find_dot_or_bare_lf(data, pos) == want
+
+
+@needs_c
+@given(nasty)
+@example(b"\r\r\n")  # the kept CR makes a CRLF in the result
+@example(b"\n")
+@example(b"\r")
+@example(b"")
+def test_conversion_is_replace_and_count(body: bytes) -> None:
+    """to_lf_counted is replace(CRLF, LF) and the result's LF-minus-CRLF count."""
+    assert speedups is not None
+    lf = body.replace(b"\r\n", b"\n")
+    assert speedups.to_lf_counted(body) == (lf, lf.count(b"\n") - lf.count(b"\r\n"))
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "line",
+    [b"\r\n", b"x" * 78 + b"\r\n", b"a\rb\r\r\n", b"bare\n"],
+    ids=["empty", "long", "cr", "lf"],
+)
+def test_conversion_of_a_big_body_without_the_gil(line: bytes) -> None:
+    """Past 64 KiB (the GIL released) the bytes and the count are still replace()'s."""
+    assert speedups is not None
+    body = line * (200_000 // len(line)) + b"\r"
+    lf = body.replace(b"\r\n", b"\n")
+    assert speedups.to_lf_counted(body) == (lf, lf.count(b"\n") - lf.count(b"\r\n"))
+
+
+@needs_c
+def test_wrong_arguments_are_type_errors() -> None:
+    """A bytearray body, a missing position or a non-buffer say what was wrong."""
+    assert speedups is not None
+    with pytest.raises(TypeError, match="needs bytes, not bytearray"):
+        speedups.to_lf_counted(bytearray(b"x"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        speedups.find_dot_or_bare_lf(b"x")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        speedups.find_dot_or_bare_lf("text", 0)  # type: ignore[arg-type]
