@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 LINTED = ("src", "tests", "benches", "examples", "tasks.py")
+BUILD_INPUTS = ("pyproject.toml", "src/delivery_executor/_speedups.c")
 
 
 def _run(*cmd: str | os.PathLike[str]) -> None:
@@ -29,9 +30,16 @@ def _run(*cmd: str | os.PathLike[str]) -> None:
 
 
 def ensure_venv() -> None:
-    """Create .venv and install the project with its extras, once per pyproject change."""
+    """Create .venv and install the project with its extras (compiling its C helpers).
+
+    Once per change of pyproject.toml or of the C source, so that an edited
+    ``_speedups.c`` is rebuilt before the tests run.
+    """
     stamp = VENV / ".installed"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for source in BUILD_INPUTS:
+        digest.update((ROOT / source).read_bytes())
+    want = digest.hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return
     if not (BIN / "python").exists():
