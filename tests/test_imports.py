@@ -15,7 +15,7 @@ def _module_names(root: Path) -> dict[str, Path]:
 
     A compiled module counts by its stub (``.pyi``), which imports nothing.
     """
-    out = {}
+    out: dict[str, Path] = {}
     for path in sorted(root.rglob("*.py*")):
         if path.suffix not in (".py", ".pyi"):
             continue
