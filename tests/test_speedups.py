@@ -68,6 +68,49 @@ def test_line_scan_is_the_regex(data: bytes, pos: int) -> None:
 
 
 @needs_c
+@given(nasty, nasty, nasty, st.integers(-3, 45))
+@example(b"\r", b"\n", b"", 0)  # the CR before the view is not the LF's
+@example(b"\n.", b"x", b"", -2)  # nor is an LF before it: a negative pos starts at 0
+@example(b"", b"\r\n", b".", 0)  # nor is a dot after it
+@example(b"x\r", b"\n\r\n", b"", 1)
+def test_line_scan_reads_only_its_buffer(
+    before: bytes, data: bytes, after: bytes, pos: int
+) -> None:
+    """A view into a bigger buffer: the bytes around it (CR, LF, dot) change nothing."""
+    assert speedups is not None
+    whole = before + data + after
+    with memoryview(whole) as view:
+        part = view[len(before) : len(before) + len(data)]
+        got = speedups.find_dot_or_bare_lf(part, pos)  # type: ignore[arg-type]  # any buffer
+        assert got == reader.find_dot_or_bare_lf_py(data, pos)
+
+
+def _hashed_after_cr(head: bytes) -> bytes:
+    """``head`` plus a tag, hashed so that the byte CPython stores just before the data is a CR.
+
+    A ``bytes`` object keeps its hash in the word before its first byte (the
+    top byte of it on little-endian machines): a read before the start then
+    sees a CR, where a fresh object's ``-1`` hash would show ``0xff``.
+    """
+    for tag in range(1 << 20):
+        body = head + tag.to_bytes(3, "big")
+        if (hash(body) >> 56) & 0xFF == 13:
+            return body
+    raise AssertionError("no tag found")  # pragma: no cover
+
+
+@needs_c
+@pytest.mark.parametrize("head", [b"\n", b"\r\n", b"\nx\n", b"\r\r\n"])
+@pytest.mark.parametrize("big", [False, True], ids=["small", "nogil"])
+def test_conversion_reads_only_its_buffer(head: bytes, big: bool) -> None:
+    """A CR in the memory just before the body is not taken for part of a CRLF."""
+    assert speedups is not None
+    body = _hashed_after_cr(head + b"\r\n" * (40_000 if big else 0))
+    lf = body.replace(b"\r\n", b"\n")
+    assert speedups.to_lf_counted(body) == (lf, lf.count(b"\n") - lf.count(b"\r\n"))
+
+
+@needs_c
 @given(nasty)
 @example(b"\r\r\n")  # the kept CR makes a CRLF in the result
 @example(b"\n")
