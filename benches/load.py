@@ -152,6 +152,23 @@ def _count_files(root: Path) -> int:
     return n
 
 
+def count_and_clear(root: Path, mail: Path | None = None, keep: bool = False) -> int:
+    """The files in every ``new/`` under ``mail`` (default ``root``); then ``root`` is removed.
+
+    A run's mail is only counted. Kept, the cells of one run could fill the
+    8 GiB bench image (1 MiB messages write about 700 MB per cell: the last
+    cells failed with ENOSPC), and before that the later cells measured this
+    VM's writes with the earlier cells' files in the page cache, several
+    times slower (:mod:`benches.cached_write`, BUDGETS.md).
+    """
+    n = _count_files(mail or root)
+    if keep:  # for a caller that looks at the mail (the tests)
+        return n
+    shutil.rmtree(root, ignore_errors=True)
+    Path(f"{root}.users").unlink(missing_ok=True)
+    return n
+
+
 def _peak_rss_mib(pgid: int) -> float:
     """Sum of VmHWM over the live processes of process group ``pgid`` (server, workers, helpers)."""
     total = 0
@@ -244,15 +261,21 @@ def users_file(root: Path) -> None:
 
 
 def run_cell(
-    base: Path, workload: str, mode: str, duration: float, warmup: float, lmtp: bool
+    base: Path,
+    workload: str,
+    mode: str,
+    duration: float,
+    warmup: float,
+    lmtp: bool,
+    keep: bool = False,
 ) -> Row:
-    """One server, one load run, one verified row."""
+    """One server, one load run, one verified row; its mail is removed unless ``keep``."""
     wl = WORKLOADS[workload]
     root = base / f"{mode.replace('@', '-')}-{len(os.listdir(base))}"
     if mode == "dovecot":
         with _dovecot(root) as (port, _):
             res = _load(port, wl, duration, warmup, lmtp)
-        return _row(wl, mode, res, [], _count_files(root / "mail"), 0.0)
+        return _row(wl, mode, res, [], count_and_clear(root, root / "mail", keep), 0.0)
     if mode.partition("@")[0] == "executor-userdb":
         users_file(root)
     args, workers, command = _server_args(mode, wl, lmtp, root)
@@ -263,7 +286,7 @@ def run_cell(
         res = _load(server.port, wl, duration, warmup, lmtp)
         rss = _peak_rss_mib(os.getpgid(server.proc.pid))
         server.stop(signal.SIGTERM, timeout=120)
-    return _row(wl, mode, res, server.lines, _count_files(root), rss)
+    return _row(wl, mode, res, server.lines, count_and_clear(root, keep=keep), rss)
 
 
 def _row(

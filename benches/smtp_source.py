@@ -15,6 +15,11 @@ on a machine whose speed drifts; the summary gives each ratio's median.
 
     .venv/bin/python -m benches.smtp_source [--seconds 10] [--rounds 1] [--json out.json]
         [--cells "500 B,64 KiB,1 MiB,64 KiB x10"] [--modes noop-stock,noop,executor,dovecot]
+        [--keep-mail]
+
+Each run's mail is counted, then removed: kept, the later cells of a run
+measured this VM's slower writes with the earlier cells' files in the page
+cache (``--keep-mail`` shows it; :mod:`benches.cached_write`, BUDGETS.md).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 from delivery_executor.testing import ServerProcess
 
 from .benchfs import bench_filesystem
-from .load import WORKLOADS, _count_files, _dovecot, _env, _server_args
+from .load import WORKLOADS, _dovecot, _env, _server_args, count_and_clear
 
 # cell name -> (bytes, recipients per message)
 CELLS = {
@@ -92,8 +97,13 @@ def _tree_cpu(root_pid: int) -> tuple[float, float]:
     return user / _TICK, system / _TICK
 
 
-def run_cell(base: Path, cell: str, mode: str, seconds: float) -> dict[str, Any]:
-    """One server, a warm-up and one measured ``smtp-source`` run; msg/s and CPU per message."""
+def run_cell(
+    base: Path, cell: str, mode: str, seconds: float, keep: bool = False
+) -> dict[str, Any]:
+    """One server, a warm-up and one measured ``smtp-source`` run; msg/s and CPU per message.
+
+    The run's mail is counted and removed, unless ``keep`` (``--keep-mail``).
+    """
     size, rcpts = CELLS[cell]
     root = base / f"ss-{mode}-{size}-{rcpts}-{len(os.listdir(base))}"
     guess = {500: 1500, 65536: 600, 1048576: 80}[size] // rcpts  # msg/s, to size the runs
@@ -104,7 +114,7 @@ def run_cell(base: Path, cell: str, mode: str, seconds: float) -> dict[str, Any]
             cpu0 = _tree_cpu(pid)
             elapsed = _source(port, size, count, rcpts)
             cpu1 = _tree_cpu(pid)
-        on_disk = _count_files(root / "mail")
+        on_disk = count_and_clear(root, root / "mail", keep)
     else:
         args, workers, command = _server_args(mode, WORKLOADS["32 conns/1 box"], True, root)
         server = ServerProcess(
@@ -116,10 +126,7 @@ def run_cell(base: Path, cell: str, mode: str, seconds: float) -> dict[str, Any]
             elapsed = _source(server.port, size, count, rcpts)
             cpu1 = _tree_cpu(server.proc.pid)
             server.stop(signal.SIGTERM, timeout=120)
-        on_disk = _count_files(root)
-    # Two rounds of every cell fill the 8 GiB bench image (1 MiB cells write
-    # 700 MB per mode): the servers then fail with ENOSPC. Counted, it can go.
-    shutil.rmtree(root, ignore_errors=True)
+        on_disk = count_and_clear(root, keep=keep)
     user_ms = (cpu1[0] - cpu0[0]) * 1000 / count
     sys_ms = (cpu1[1] - cpu0[1]) * 1000 / count
     return {"cell": cell, "size": size, "rcpts": rcpts, "mode": mode, "messages": count,
@@ -152,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", default="500 B,64 KiB,1 MiB")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--keep-mail",
+        action="store_true",
+        help="keep each run's mail on the bench image (as before 2026-12-06's third session)",
+    )
     a = p.parse_args(argv)
     cells = a.cells.split(",")
     modes = a.modes.split(",")
@@ -168,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 # always runs first (or last) on a warming or filling disk.
                 for mode in modes if rnd % 2 == 0 else modes[::-1]:
                     try:
-                        row = run_cell(base, cell, mode, a.seconds) | {"round": rnd}
+                        row = run_cell(base, cell, mode, a.seconds, a.keep_mail)
+                        row["round"] = rnd
                     except subprocess.CalledProcessError as exc:
                         # smtp-source stops at the first error reply (its stderr
                         # above says which); the cell has no figure this round,

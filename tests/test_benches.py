@@ -32,6 +32,13 @@ def test_executor_cell_counts_match_the_disk(tmp_path: Path) -> None:
     assert "32 conns/1000 boxes" in format_table([row])
 
 
+def test_a_cell_leaves_no_mail_behind(tmp_path: Path) -> None:
+    """After a cell is counted its Maildirs are removed: a run's cells cannot fill the image."""
+    row = run_cell(tmp_path, "1 conn/1 box", "executor", 0.5, 0.1, lmtp=True)
+    assert row.acked > 0 and row.on_disk == row.acked
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
 def test_ten_recipient_cell_counts_copies(tmp_path: Path) -> None:
     """10 recipients per message: copies are ten times the messages, all on disk."""
     row = run_cell(tmp_path, "10 rcpts/msg", "executor", 1.0, 0.2, lmtp=True)
@@ -43,7 +50,7 @@ def test_ten_recipient_cell_counts_copies(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["executor-userdb", "executor-sieve20"])
 def test_userdb_and_sieve_cells_deliver_where_the_plain_one_does(tmp_path: Path, mode: str) -> None:
     """The userdb+quota and Sieve modes deliver every acked copy into <root>/<domain>/<user>."""
-    row = run_cell(tmp_path, "32 conns/1000 boxes", mode, 1.0, 0.2, lmtp=True)
+    row = run_cell(tmp_path, "32 conns/1000 boxes", mode, 1.0, 0.2, lmtp=True, keep=True)
     assert row.errors == 0
     assert row.acked > 0 and row.on_disk == row.acked
     (cell,) = [p for p in tmp_path.iterdir() if p.is_dir()]

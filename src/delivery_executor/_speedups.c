@@ -12,8 +12,10 @@
  *     lf = body.replace(b"\r\n", b"\n"); (lf, lf.count(b"\n") - lf.count(b"\r\n")).
  *     Releases the GIL past 64 KiB (body is immutable bytes).
  *
- * Both read the buffer once; the Python fallbacks (smtp/reader.py,
- * smtp/handler.py) give the same results and the tests compare the two.
+ * The scan reads the buffer once; the conversion twice (a memchr pass that
+ * counts, so that the result is allocated at its size, then the copy). The
+ * Python fallbacks (smtp/reader.py, smtp/handler.py) give the same results
+ * and the tests compare the two.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -76,9 +78,8 @@ convert(const char *s, Py_ssize_t n, char *d, Py_ssize_t *extra)
                 crlf++; /* "\r\r\n" leaves a CRLF in the result */
             }
         }
-        /* (A CR kept before this LF would have been deleted, so only the case
-         * above leaves one: the check reads the source, not what was just
-         * written, which stalled the copy.) */
+        /* A CR kept right before this LF would itself have been deleted, so
+         * the case above is the only one that leaves a CRLF in the result. */
         memcpy(d + k, s + i, (size_t)(end - i));
         k += end - i;
         d[k++] = '\n';
