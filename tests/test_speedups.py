@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 from hypothesis import example, given
@@ -24,12 +26,19 @@ nasty = st.lists(
 ).map(b"".join)
 
 
+def _compiler() -> str | None:
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc)
+
+
 @pytest.mark.skipif(
     os.environ.get("DELIVERY_EXECUTOR_PURE", "") not in ("", "0"), reason="turned off on purpose"
 )
 def test_the_install_built_the_c_helpers_and_the_data_path_uses_them() -> None:
     """`pip install -e .` (tasks.py) compiled _speedups, and the reader and handler call it."""
-    assert speedups is not None, "delivery_executor._speedups was not built: is a C compiler there?"
+    if speedups is None and _compiler() is None:
+        pytest.skip("no C compiler: the install took the pure-Python paths, as designed")
+    assert speedups is not None, f"a compiler ({_compiler()}) is there but _speedups was not built"
     assert reader.find_dot_or_bare_lf is speedups.find_dot_or_bare_lf
     body = b"a\r\nb\r\n"
     assert handler.to_lf_counted(body) == (b"a\nb\n", 2)
