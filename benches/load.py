@@ -166,6 +166,9 @@ def count_and_clear(root: Path, mail: Path | None = None, keep: bool = False) ->
         return n
     shutil.rmtree(root, ignore_errors=True)
     Path(f"{root}.users").unlink(missing_ok=True)
+    # The deletion dirties bitmaps, directories and inode tables: written now,
+    # not by the next cell's first syncfs.
+    os.sync()
     return n
 
 
