@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from aiosmtpd.lmtp import LMTP
@@ -14,6 +15,22 @@ from hypothesis import strategies as st
 from delivery_executor import DeliveryLMTP, DeliverySMTP
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@contextlib.asynccontextmanager
+async def _connected(
+    cls: type[SMTP], handler: object
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A server on 127.0.0.1 with a ``cls`` session per connection, and one client of it."""
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: cls(handler, loop=loop, hostname="h"), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        srv.close()
+        await srv.wait_closed()
 
 
 class _Handler:
@@ -141,7 +158,6 @@ def test_the_handler_scan_finds_what_aiosmtpd_finds_and_reads_nothing_else(
 @pytest.mark.parametrize("base", [DeliveryLMTP, DeliverySMTP])
 async def test_a_pipelining_client_lets_other_sessions_run(base: type[SMTP]) -> None:
     """4,000 NOOPs in one write are answered with the loop given to others every 64 replies."""
-    loop = asyncio.get_running_loop()
     pushed = [0]
 
     class Counting(base):  # type: ignore[valid-type, misc]
@@ -149,9 +165,6 @@ async def test_a_pipelining_client_lets_other_sessions_run(base: type[SMTP]) -> 
             await super().push(status)
             pushed[0] += 1
 
-    srv = await loop.create_server(
-        lambda: Counting(_Handler(), loop=loop, hostname="h"), "127.0.0.1", 0
-    )
     seen: list[int] = []  # replies pushed so far, at each turn another task got
 
     async def other_session() -> None:
@@ -159,8 +172,7 @@ async def test_a_pipelining_client_lets_other_sessions_run(base: type[SMTP]) -> 
             seen.append(pushed[0])
             await asyncio.sleep(0)
 
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
-    try:
+    async with _connected(Counting, _Handler()) as (reader, writer):
         await reader.readline()  # the greeting
         ticker = asyncio.create_task(other_session())
         writer.write(b"NOOP\r\n" * 4000)  # 56 kB of replies: under the write high-water mark
@@ -171,17 +183,12 @@ async def test_a_pipelining_client_lets_other_sessions_run(base: type[SMTP]) -> 
         # Turns inside the burst, one at least every 64 replies (not one after 4,000).
         inside = sorted({n for n in seen if 1 < n < 4001})
         assert len(inside) >= 4000 // 64 - 1, inside[:10]
-    finally:
-        writer.close()
-        srv.close()
-        await srv.wait_closed()
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("base", "hello"), [(DeliveryLMTP, b"LHLO"), (DeliverySMTP, b"EHLO")])
 async def test_the_hello_reply_is_one_write(base: type[SMTP], hello: bytes) -> None:
     """Every line of the EHLO/LHLO reply goes out in one transport write, in aiosmtpd's order."""
-    loop = asyncio.get_running_loop()
     writes: list[bytes] = []
 
     class Counting(base):  # type: ignore[valid-type, misc]
@@ -195,11 +202,7 @@ async def test_the_hello_reply_is_one_write(base: type[SMTP], hello: bytes) -> N
             transport.write = write  # type: ignore[attr-defined]
             super().connection_made(transport)
 
-    srv = await loop.create_server(
-        lambda: Counting(_Handler(), loop=loop, hostname="h"), "127.0.0.1", 0
-    )
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
-    try:
+    async with _connected(Counting, _Handler()) as (reader, writer):
         async with asyncio.timeout(10):
             await reader.readline()  # the greeting
             writes.clear()
@@ -210,17 +213,12 @@ async def test_the_hello_reply_is_one_write(base: type[SMTP], hello: bytes) -> N
         assert writes == [b"".join(lines)]
         assert lines[0] == b"250-h\r\n" and lines[-1] == b"250 HELP\r\n"
         assert b"250-SIZE 33554432\r\n" in lines and b"250-PIPELINING\r\n" in lines
-    finally:
-        writer.close()
-        srv.close()
-        await srv.wait_closed()
 
 
 @pytest.mark.asyncio
 @pytest.mark.filterwarnings("ignore:Use the 5-argument handle_EHLO:DeprecationWarning")
 async def test_a_hello_hook_that_fails_midway_still_sends_the_held_lines() -> None:
     """An old-style EHLO hook that raises after aiosmtpd pushed its lines: they still go out."""
-    loop = asyncio.get_running_loop()
 
     class Failing(_Handler):
         # aiosmtpd's 4-argument form: its lines are pushed (held by us) before the hook runs.
@@ -229,11 +227,7 @@ async def test_a_hello_hook_that_fails_midway_still_sends_the_held_lines() -> No
         ) -> str:
             raise RuntimeError("hook broke")
 
-    srv = await loop.create_server(
-        lambda: DeliverySMTP(Failing(), loop=loop, hostname="h"), "127.0.0.1", 0
-    )
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
-    try:
+    async with _connected(DeliverySMTP, Failing()) as (reader, writer):
         async with asyncio.timeout(10):
             await reader.readline()
             writer.write(b"EHLO client.example\r\n")
@@ -244,17 +238,12 @@ async def test_a_hello_hook_that_fails_midway_still_sends_the_held_lines() -> No
         assert lines[0] == b"250-h\r\n", lines
         assert b"250-SIZE 33554432\r\n" in lines
         assert any(line.startswith(b"500") for line in lines), lines
-    finally:
-        writer.close()
-        srv.close()
-        await srv.wait_closed()
 
 
 @pytest.mark.asyncio
 @pytest.mark.filterwarnings("ignore:Use the 5-argument handle_EHLO:DeprecationWarning")
 async def test_a_hello_hook_reply_midway_follows_the_held_lines() -> None:
     """An old-style EHLO hook answering an error: aiosmtpd's lines go out before it, in order."""
-    loop = asyncio.get_running_loop()
 
     class Refusing(_Handler):
         async def handle_EHLO(
@@ -262,11 +251,7 @@ async def test_a_hello_hook_reply_midway_follows_the_held_lines() -> None:
         ) -> str:
             return "550 not you"
 
-    srv = await loop.create_server(
-        lambda: DeliverySMTP(Refusing(), loop=loop, hostname="h"), "127.0.0.1", 0
-    )
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
-    try:
+    async with _connected(DeliverySMTP, Refusing()) as (reader, writer):
         async with asyncio.timeout(10):
             await reader.readline()
             writer.write(b"EHLO client.example\r\n")
@@ -275,7 +260,3 @@ async def test_a_hello_hook_reply_midway_follows_the_held_lines() -> None:
                 lines.append(await reader.readline())
         assert lines[0] == b"250-h\r\n", lines
         assert all(line.startswith(b"250-") for line in lines[:-1]), lines
-    finally:
-        writer.close()
-        srv.close()
-        await srv.wait_closed()
