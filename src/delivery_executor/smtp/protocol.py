@@ -138,39 +138,38 @@ _PLAIN_PATH = re.compile(
 )
 
 
-_NAMES: dict[type, list[str]] = {}
+_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
 
 
-def _aiosmtpd_names(cls: type) -> list[str]:
-    names = _NAMES.get(cls)
+def _class_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The names in ``dir(cls)`` that start with one of ``prefixes``, listed once per class."""
+    names = _NAMES.get((cls, prefixes))
     if names is None:
-        names = _NAMES[cls] = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
+        names = _NAMES[cls, prefixes] = [n for n in dir(cls) if n.startswith(prefixes)]
     return names
 
 
-_HOOK_NAMES: dict[type, list[str]] = {}
+def _aiosmtpd_names(cls: type) -> list[str]:
+    return _class_names(cls, ("smtp_", "auth_"))
 
 
 # The last handler's own hook names: (handler, its attribute count then, names).
 # A server passes the same handler to every session; an attribute added since
 # changes the count and the instance is scanned again.
 _LAST_OWN: tuple[object, int, list[str]] = (None, -1, [])
+_HOOK_PREFIXES = ("handle_", "auth_")
 
 
 def _hook_names(handler: object) -> list[str]:
     """``handle_*``/``auth_*`` names of ``handler``: its class's (once per class), then its own."""
     global _LAST_OWN
-    names = _HOOK_NAMES.get(type(handler))
-    if names is None:
-        names = _HOOK_NAMES[type(handler)] = [
-            n for n in dir(type(handler)) if n.startswith(("handle_", "auth_"))
-        ]
+    names = _class_names(type(handler), _HOOK_PREFIXES)
     own = getattr(handler, "__dict__", None)
     if not own:
         return names
     last, count, extra = _LAST_OWN
     if last is not handler or count != len(own):
-        extra = [n for n in own if n.startswith(("handle_", "auth_")) and n not in names]
+        extra = [n for n in own if n.startswith(_HOOK_PREFIXES) and n not in names]
         _LAST_OWN = (handler, len(own), extra)
     return names + extra if extra else names
 
@@ -278,8 +277,7 @@ class _DeliveryProtocol:
             if not status:  # an EHLO/LHLO line, held for the reply's one write
                 return
             if self._hello:  # another reply midway (a hook's error): held lines first
-                status = "".join(f"{line}\r\n" for line in self._hello) + status
-                self._hello.clear()
+                status = self._take_held() + status
         await super().push(status)  # type: ignore[misc]
         self._replies += 1
         if not self._replies % YIELD_EVERY:
@@ -305,10 +303,8 @@ class _DeliveryProtocol:
                 return ""
             # The last line: the held ones and our extensions go before it, in one write.
             exts = EXTENSIONS if self.dsn else _WITHOUT_DSN
-            lines = [f"{line}\r\n" for line in hello]
-            lines += [f"250-{ext}\r\n" for ext in exts if f"250-{ext}" not in hello]
-            hello.clear()
-            return "".join(lines) + status
+            extra = "".join(f"250-{ext}\r\n" for ext in exts if f"250-{ext}" not in hello)
+            return self._take_held() + extra + status
         if self._helo and status.startswith("250"):
             return status
         if status.startswith("552 Error: Too much mail data"):
@@ -327,11 +323,21 @@ class _DeliveryProtocol:
             status = "\r\n".join([status] * len(env.rcpt_tos))
         return status
 
+    def _take_held(self) -> str:
+        """The EHLO/LHLO lines held so far, each with its CRLF, ready to go before a reply."""
+        hello = self._hello
+        if not hello:
+            return ""
+        held = "".join(f"{line}\r\n" for line in hello)
+        hello.clear()
+        return held
+
     async def _release_hello(self) -> None:
         """End an EHLO/LHLO reply: lines still held (the reply failed midway) are sent."""
-        held, self._hello = self._hello, None
+        held = self._take_held()
+        self._hello = None
         if held:
-            await super().push("\r\n".join(held))  # type: ignore[misc]
+            await super().push(held[:-2])  # type: ignore[misc]  # push adds the last CRLF
 
     _dsn: list[str] | None = None  # this command's DSN parameters, for the handler hook
     command_size_limit: int
