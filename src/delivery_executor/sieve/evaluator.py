@@ -378,28 +378,23 @@ class _Run:
         else:
             keys = m.folded if fold else m.keys
         kind = m.kind
+        if kind != "matches":  # :is, :contains: the scan's rule and charge, shared
+            hit, charged = match_steps(values, keys, fold, kind == "contains")
+            self.tick(charged)
+            return hit
         steps = 1
         try:
             for v in values:
                 fv = casemap(v) if fold else v
                 steps += len(keys) * (1 + len(v) // 64)
-                if kind == "is":
-                    if fv in keys:
+                for k in keys:
+                    spans = glob_match(compile_glob_cached(k), fv, self.tick)
+                    if spans is not None:
+                        if self.use_vars:
+                            # Captures come from the unfolded value: ASCII
+                            # folding keeps every index.
+                            self.match_vars = [v, *(v[a:b] for a, b in spans)]
                         return True
-                elif kind == "contains":
-                    for k in keys:
-                        steps += len(v) * len(k) // 64
-                        if k in fv:
-                            return True
-                else:
-                    for k in keys:
-                        spans = glob_match(compile_glob_cached(k), fv, self.tick)
-                        if spans is not None:
-                            if self.use_vars:
-                                # Captures come from the unfolded value: ASCII
-                                # folding keeps every index.
-                                self.match_vars = [v, *(v[a:b] for a, b in spans)]
-                            return True
             return False
         finally:
             self.tick(steps)
