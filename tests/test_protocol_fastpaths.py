@@ -155,6 +155,7 @@ def test_the_handler_scan_finds_what_aiosmtpd_finds_and_reads_nothing_else(
 
 
 @pytest.mark.asyncio
+@pytest.mark.uvloop
 @pytest.mark.parametrize("base", [DeliveryLMTP, DeliverySMTP])
 async def test_a_pipelining_client_lets_other_sessions_run(base: type[SMTP]) -> None:
     """4,000 NOOPs in one write are answered with the loop given to others every 64 replies."""
@@ -216,6 +217,7 @@ async def test_the_hello_reply_is_one_write(base: type[SMTP], hello: bytes) -> N
 
 
 @pytest.mark.asyncio
+@pytest.mark.uvloop
 @pytest.mark.filterwarnings("ignore:Use the 5-argument handle_EHLO:DeprecationWarning")
 async def test_a_hello_hook_that_fails_midway_still_sends_the_held_lines() -> None:
     """An old-style EHLO hook that raises after aiosmtpd pushed its lines: they still go out."""
@@ -241,6 +243,7 @@ async def test_a_hello_hook_that_fails_midway_still_sends_the_held_lines() -> No
 
 
 @pytest.mark.asyncio
+@pytest.mark.uvloop
 @pytest.mark.filterwarnings("ignore:Use the 5-argument handle_EHLO:DeprecationWarning")
 async def test_a_hello_hook_reply_midway_follows_the_held_lines() -> None:
     """An old-style EHLO hook answering an error: aiosmtpd's lines go out before it, in order."""
