@@ -492,6 +492,32 @@ class _DeliveryProtocol:
         hook, self.on_close = self.on_close, None
         if hook is not None:
             hook()
+        task: asyncio.Task[None] | None = getattr(self, "_handler_coroutine", None)
+        if task is None or task.done():
+            self._unlink()
+        else:  # cancelled by aiosmtpd above; it may still use the session as it unwinds
+            task.add_done_callback(self._unlink)
+
+    def _unlink(self, _task: object = None) -> None:
+        """Drop the references that tie a finished session into reference cycles.
+
+        aiosmtpd keeps bound methods of the session (its command and AUTH
+        tables), its task (whose cancellation traceback holds the session's
+        frames) and its stream writer (which points back at the protocol). Left
+        alone, every connection becomes about 60 objects of cyclic garbage that
+        only the cycle collector frees (measured in ``serve`` at 64 KiB: about
+        35 µs of collector time per message, 4 µs with this). Cut here,
+        refcounting frees the session as soon as the transport lets go.
+        """
+        me: Any = self  # aiosmtpd's attributes, which its types say are never None
+        me._handler_coroutine = None
+        me._smtp_methods = {}
+        me._auth_methods = {}
+        me._timeout_handle = None  # cancelled by aiosmtpd; its callback is our method
+        me._client_connected_cb = None  # asyncio's StreamReaderProtocol: our method
+        me._reader = None  # its transport holds us
+        me._writer = None  # it holds us
+        self.guard = None  # it points back at us; stopped already
 
 
 class DeliverySMTP(_DeliveryProtocol, BulkDataMixin, SMTP):
