@@ -14,7 +14,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from delivery_executor import DeliveryExecutor, MailboxResolver
+from delivery_executor._native import speedups as native
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
+from delivery_executor.smtp import handler as handler_module
 from delivery_executor.smtp.handler import LineEndings, to_lf, to_lf_counted, to_lf_counted_py
 from delivery_executor.store import names
 from delivery_executor.store.names import known_line_ends, size_suffix
@@ -170,6 +172,60 @@ async def test_handler_hands_its_count_to_the_store(
     assert [r.code for r in replies] == [250]
     assert seen == [True]
     assert not names._KNOWN
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(native is None, reason="the C helpers are not built")
+@pytest.mark.parametrize(
+    ("body", "hint"),
+    [
+        (b"Subject: s\r\n\r\n" + b"text\r\n" * 300 + b".dot\r\n", 303),
+        (b"Subject: s\r\n\r\n" + b"text\r\n" * 300 + b"bare\nLF\r\n", -1),
+    ],
+    ids=["counted", "bare-lf"],
+)
+async def test_the_readers_line_count_spares_the_conversion_its_count(
+    tmp_path: Path, body: bytes, hint: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's count of CRLFs reaches the C conversion; a bare LF leaves it to count."""
+    c = native
+    assert c is not None
+    hints: list[int] = []
+
+    class Spy:
+        def find_dot_or_bare_lf(self, buf: bytes, pos: int) -> int:
+            raise AssertionError("not used by the handler")
+
+        find_dot_or_bare_lf_counted = find_dot_or_bare_lf
+
+        def to_lf_counted(self, data: bytes, crlf: int = -1) -> tuple[bytes, int]:
+            hints.append(crlf)
+            assert c is not None
+            return c.to_lf_counted(data, crlf)
+
+    monkeypatch.setattr(handler_module, "speedups", Spy())
+    ex = DeliveryExecutor()
+    handler = DeliveryHandler(ex, MailboxResolver(tmp_path))
+    loop = asyncio.get_running_loop()
+    factory = SessionFactory(handler, lmtp=True, loop=loop, max_connections=4)
+    srv = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        replies = await send_message(
+            "127.0.0.1", port, mail_from="s@example.net", rcpts=["a@example.org"], body=body
+        )
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        await ex.aclose()
+    assert [r.code for r in replies] == [250]
+    assert hints == [hint]
+    if hint >= 0:
+        assert hint == body.count(b"\r\n")
+    (name,) = files_in(tmp_path / "example.org" / "a" / "new")
+    stored = (tmp_path / "example.org" / "a" / "new" / name).read_bytes()
+    assert stored.endswith(body.replace(b"\r\n", b"\n"))
+    assert name.endswith(size_suffix((memoryview(stored),)))
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ from hypothesis.errors import InvalidArgument
 
 from delivery_executor.smtp import reader
 from delivery_executor.smtp.handler import to_lf, to_lf_counted
-from delivery_executor.smtp.reader import BulkDataMixin, has_no_bare_lf
+from delivery_executor.smtp.reader import BulkDataMixin, counted_line_ends, has_no_bare_lf
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -389,7 +389,8 @@ async def test_differential_smtp(case: Case) -> None:
 @given(case=cases("smtp"))
 async def test_differential_smtp_pure_python_scan(case: Case) -> None:
     """The regex fallback of the C line scan (no compiler at install) matches aiosmtpd too."""
-    with mock.patch.object(reader, "find_dot_or_bare_lf", reader.find_dot_or_bare_lf_py):
+    py = reader.find_dot_or_bare_lf_counted_py
+    with mock.patch.object(reader, "find_dot_or_bare_lf_counted", py):
         await differential_pipe("smtp", case.chunks, eof=case.eof, data_size_limit=case.limit)
 
 
@@ -546,14 +547,17 @@ async def test_terminator_split_at_every_position() -> None:
 
 
 class FlagBulk(BulkSMTP):
-    """Ours, recording for each delivered body whether the reader vouched it has no bare LF."""
+    """Ours, recording for each delivered body whether the reader vouched it has no bare LF,
+    and the line ends it counted (-1: none)."""
 
     flags: list[tuple[bytes, bool]] = []  # noqa: RUF012 (appended by the sessions)
+    ends: list[int] = []  # noqa: RUF012
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         env = self.envelope
         if command == "DATA" and env is not None and isinstance(env.original_content, bytes):
             self.flags.append((env.original_content, has_no_bare_lf(env, env.original_content)))
+            self.ends.append(counted_line_ends(env, env.original_content))
         return await super()._call_handler_hook(command, *args)
 
 
@@ -567,15 +571,21 @@ async def test_reader_vouches_only_for_bodies_without_bare_lf(case: Case, many_d
         head, sep, tail = b"".join(chunks).partition(b"DATA\r\n")
         chunks = cut(head + sep + b".x\r\n" * 300 + tail, range(0, 10**6, 997))
     FlagBulk.flags.clear()
+    FlagBulk.ends.clear()
     await run_pipe(FlagBulk, chunks, eof=case.eof, data_size_limit=case.limit)
-    for body, vouched in FlagBulk.flags:
+    assert len(FlagBulk.ends) == len(FlagBulk.flags)
+    for (body, vouched), ends in zip(FlagBulk.flags, FlagBulk.ends, strict=True):
         if vouched:
             assert not many_dots
             assert not re.search(rb"(?<!\r)\n", body), body
+            assert ends == body.count(b"\r\n"), body  # counted on the way, right
             assert to_lf_counted(body, True) == to_lf_counted(body)
+            assert to_lf_counted(body, True, ends) == to_lf_counted(body)
             assert to_lf_counted(body, True)[0] == to_lf(body)
-        elif not many_dots:
-            assert re.search(rb"(?<!\r)\n", body), body
+        else:
+            assert ends == -1
+            if not many_dots:
+                assert re.search(rb"(?<!\r)\n", body), body
 
 
 @pytest.mark.asyncio
@@ -588,6 +598,8 @@ async def test_reader_vouches_only_for_bodies_without_bare_lf(case: Case, many_d
         (b"a\r\n\n.b\r\n", False),  # a bare LF right after a line end
         (b"\n.x\r\n", False),  # the very first byte
         (b"a\r\n..\r\nb\nc\r\n", False),  # after a stuffed line
+        (b"\r\n\r\n.x\r\n..\r\n\r\n", True),  # empty and stuffed lines in a row
+        (b"", True),  # an empty message: no line ends
     ],
 )
 async def test_no_bare_lf_mark_at_every_split(body: bytes, vouched: bool) -> None:
@@ -596,8 +608,14 @@ async def test_no_bare_lf_mark_at_every_split(body: bytes, vouched: bool) -> Non
     at = len(pre())
     for point in range(at - 1, at + len(body) + 3):
         FlagBulk.flags.clear()
+        FlagBulk.ends.clear()
         await run_pipe(FlagBulk, cut(stream, [point]), data_size_limit=None)
         assert FlagBulk.flags == [(unstuff(body), vouched)], point
+        assert FlagBulk.ends == [body.count(b"\r\n") if vouched else -1], point
+    FlagBulk.flags.clear()
+    FlagBulk.ends.clear()
+    await run_pipe(FlagBulk, cut(stream, range(len(stream))), data_size_limit=None)  # byte by byte
+    assert FlagBulk.ends == [body.count(b"\r\n") if vouched else -1]
 
 
 @pytest.mark.asyncio

@@ -94,6 +94,22 @@ def test_line_scan_reads_only_its_buffer(
         assert got == reader.find_dot_or_bare_lf_py(data, pos)
 
 
+@needs_c
+@given(nasty, st.integers(-3, 45))
+@example(b"\r\n", 0)  # one line end passed, none found
+@example(b"a\r\nb\r\n.c", 0)  # two passed before the dot line's LF
+@example(b"\n", 0)  # found at once: none passed
+def test_counted_line_scan_is_the_regex_and_a_count(data: bytes, pos: int) -> None:
+    """find_dot_or_bare_lf_counted: the regex's offset and the LFs from pos to it (or the end)."""
+    assert speedups is not None
+    j = reader.find_dot_or_bare_lf_py(data, pos)
+    passed = data.count(b"\n", max(pos, 0), len(data) if j < 0 else j)
+    assert reader.find_dot_or_bare_lf_counted_py(data, pos) == (j, passed)
+    assert speedups.find_dot_or_bare_lf_counted(bytearray(data), pos) == (j, passed)
+    with memoryview(b"\n." + data + b"\n.") as view:  # LFs around the view are not its own
+        assert speedups.find_dot_or_bare_lf_counted(view[2 : 2 + len(data)], pos) == (j, passed)
+
+
 def _hashed_after_cr(head: bytes) -> bytes:
     """``head`` plus a tag, hashed so that the byte CPython stores just before the data is a CR.
 
@@ -147,6 +163,30 @@ def test_conversion_of_a_big_body_without_the_gil(line: bytes) -> None:
 
 
 @needs_c
+@given(nasty, st.integers(-5, 60))
+@example(b"a\r\nb\r\n", 2)  # right
+@example(b"a\r\nb\r\n", 1)  # too few: the copy would run past the allocation
+@example(b"a\r\nb\r\n", 3)  # too many: the copy would fall short
+@example(b"\r\n", 10**6)  # more than the body could hold
+def test_conversion_with_any_crlf_count(body: bytes, crlf: int) -> None:
+    """A CRLF count from the caller, right or wrong, never changes the result."""
+    assert speedups is not None
+    lf = body.replace(b"\r\n", b"\n")
+    assert speedups.to_lf_counted(body, crlf) == (lf, lf.count(b"\n") - lf.count(b"\r\n"))
+
+
+@needs_c
+@pytest.mark.parametrize("off", [-1, 0, 1], ids=["too-few", "right", "too-many"])
+def test_conversion_of_a_big_body_with_a_count(off: int) -> None:
+    """Past 64 KiB (the GIL released) a wrong count is caught as well."""
+    assert speedups is not None
+    body = b"x" * 78 + b"\r\n" * 1 + (b"y" * 78 + b"\r\n") * 3000
+    lf = body.replace(b"\r\n", b"\n")
+    got = speedups.to_lf_counted(body, body.count(b"\r\n") + off)
+    assert got == (lf, lf.count(b"\n"))
+
+
+@needs_c
 def test_wrong_arguments_are_type_errors() -> None:
     """A bytearray body, a missing position or a non-buffer say what was wrong."""
     assert speedups is not None
@@ -156,3 +196,9 @@ def test_wrong_arguments_are_type_errors() -> None:
         speedups.find_dot_or_bare_lf(b"x")  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         speedups.find_dot_or_bare_lf("text", 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        speedups.find_dot_or_bare_lf_counted(b"x")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        speedups.to_lf_counted(b"x", "1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes 1 or 2 arguments"):
+        speedups.to_lf_counted(b"x", 1, 2)  # type: ignore[call-arg]

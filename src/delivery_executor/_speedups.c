@@ -6,14 +6,22 @@
  *     .search(buf, pos).start() (the look at the byte before the LF may fall
  *     before pos, as the regex's lookbehind does).
  *
- * to_lf_counted(body) -> (bytes, int)
+ * find_dot_or_bare_lf_counted(buf, pos) -> (int, int)
+ *     The same offset, and the LFs passed before it (before the end of buf
+ *     if it is -1): the reader's count of line ends, taken on its way.
+ *
+ * to_lf_counted(body, crlf=-1) -> (bytes, int)
  *     body with every CRLF turned into LF (a bare CR or bare LF stays), and
  *     the result's LF count minus its CRLF count: exactly
  *     lf = body.replace(b"\r\n", b"\n"); (lf, lf.count(b"\n") - lf.count(b"\r\n")).
- *     Releases the GIL past 64 KiB (body is immutable bytes).
+ *     crlf, if not negative, is the caller's count of CRLFs in body: then
+ *     the result is allocated at its size without a counting pass (a wrong
+ *     count only costs that pass: the copy checks its room). Releases the
+ *     GIL past 64 KiB (body is immutable bytes).
  *
- * The scan reads the buffer once; the conversion twice (a memchr pass that
- * counts, so that the result is allocated at its size, then the copy). The
+ * The scan reads the buffer once; the conversion once when the count is
+ * given, else twice (a memchr pass that counts, so that the result is
+ * allocated at its size, then the copy). The
  * Python fallbacks (smtp/reader.py, smtp/handler.py) give the same results
  * and the tests compare the two.
  */
@@ -23,23 +31,13 @@
 
 #define RELEASE_GIL_ABOVE (64 * 1024)
 
-static PyObject *
-find_dot_or_bare_lf(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The first LF at or after pos that starts a dot line or lacks its CR (-1
+ * if none), and in *lfs the LFs passed before it: in [pos, found), or in
+ * [pos, n) when none is found. */
+static Py_ssize_t
+scan(const char *s, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *lfs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "find_dot_or_bare_lf(buf, pos) takes 2 arguments");
-        return NULL;
-    }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    const char *s = (const char *)view.buf;
-    Py_ssize_t n = view.len, found = -1;
+    Py_ssize_t count = 0;
     if (pos < 0) {
         pos = 0;
     }
@@ -50,22 +48,70 @@ find_dot_or_bare_lf(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_ssize_t j = p - s;
         if ((j + 1 < n && s[j + 1] == '.') || j == 0 || s[j - 1] != '\r') {
-            found = j;
-            break;
+            *lfs = count;
+            return j;
         }
+        count++;
         pos = j + 1;
     }
+    *lfs = count;
+    return -1;
+}
+
+static int
+scan_args(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_buffer *view,
+          Py_ssize_t *pos)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s(buf, pos) takes 2 arguments", name);
+        return -1;
+    }
+    *pos = PyLong_AsSsize_t(args[1]);
+    if (*pos == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE);
+}
+
+static PyObject *
+find_dot_or_bare_lf(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos, lfs;
+    if (scan_args("find_dot_or_bare_lf", args, nargs, &view, &pos) < 0) {
+        return NULL;
+    }
+    Py_ssize_t found = scan((const char *)view.buf, view.len, pos, &lfs);
     PyBuffer_Release(&view);
     return PyLong_FromSsize_t(found);
 }
 
+static PyObject *
+find_dot_or_bare_lf_counted(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos, lfs;
+    if (scan_args("find_dot_or_bare_lf_counted", args, nargs, &view, &pos) < 0) {
+        return NULL;
+    }
+    Py_ssize_t found = scan((const char *)view.buf, view.len, pos, &lfs);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nn)", found, lfs);
+}
+
+/* Copies s into d (room for cap bytes) with every CRLF turned into LF; the
+ * result's length, or -1 if it would not fit in cap (nothing past d + cap is
+ * written). *extra: the result's LF count minus its CRLF count. */
 static Py_ssize_t
-convert(const char *s, Py_ssize_t n, char *d, Py_ssize_t *extra)
+convert(const char *s, Py_ssize_t n, char *d, Py_ssize_t cap, Py_ssize_t *extra)
 {
     Py_ssize_t i = 0, k = 0, lf = 0, crlf = 0;
     while (i < n) {
         const char *p = memchr(s + i, '\n', (size_t)(n - i));
         if (p == NULL) {
+            if (k + (n - i) > cap) {
+                return -1;
+            }
             memcpy(d + k, s + i, (size_t)(n - i));
             k += n - i;
             break;
@@ -80,6 +126,9 @@ convert(const char *s, Py_ssize_t n, char *d, Py_ssize_t *extra)
         }
         /* A CR kept right before this LF would itself have been deleted, so
          * the case above is the only one that leaves a CRLF in the result. */
+        if (k + (end - i) + 1 > cap) {
+            return -1;
+        }
         memcpy(d + k, s + i, (size_t)(end - i));
         k += end - i;
         d[k++] = '\n';
@@ -106,51 +155,99 @@ count_crlf(const char *s, Py_ssize_t n)
     return c;
 }
 
+/* One allocation of n - drop bytes and the conversion into it; NULL with no
+ * error set if drop was wrong (the result would not be n - drop bytes). */
 static PyObject *
-to_lf_counted(PyObject *module, PyObject *body)
+convert_into_new(const char *s, Py_ssize_t n, Py_ssize_t drop, Py_ssize_t *extra)
 {
-    if (!PyBytes_Check(body)) {
-        PyErr_Format(PyExc_TypeError, "to_lf_counted() needs bytes, not %.100s",
-                     Py_TYPE(body)->tp_name);
+    if (drop < 0 || drop > n / 2) { /* each dropped CR comes with its LF */
         return NULL;
-    }
-    /* Counted first so that the result is allocated at its size: shrinking a
-     * big one afterwards (realloc) cost more than this pass, in fresh pages
-     * for every message. */
-    Py_ssize_t n = PyBytes_GET_SIZE(body), drop, k, extra;
-    const char *s = PyBytes_AS_STRING(body);
-    int nogil = n > RELEASE_GIL_ABOVE;
-    if (nogil) {
-        Py_BEGIN_ALLOW_THREADS
-        drop = count_crlf(s, n);
-        Py_END_ALLOW_THREADS
-    }
-    else {
-        drop = count_crlf(s, n);
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, n - drop);
     if (out == NULL) {
         return NULL;
     }
     char *d = PyBytes_AS_STRING(out);
-    if (nogil) {
+    Py_ssize_t k;
+    if (n > RELEASE_GIL_ABOVE) {
         Py_BEGIN_ALLOW_THREADS
-        k = convert(s, n, d, &extra);
+        k = convert(s, n, d, n - drop, extra);
         Py_END_ALLOW_THREADS
     }
     else {
-        k = convert(s, n, d, &extra);
+        k = convert(s, n, d, n - drop, extra);
     }
-    assert(k == n - drop);
-    (void)k;
+    if (k != n - drop) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+to_lf_counted(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "to_lf_counted(body, crlf=-1) takes 1 or 2 arguments");
+        return NULL;
+    }
+    PyObject *body = args[0];
+    if (!PyBytes_Check(body)) {
+        PyErr_Format(PyExc_TypeError, "to_lf_counted() needs bytes, not %.100s",
+                     Py_TYPE(body)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t hint = -1;
+    if (nargs == 2) {
+        hint = PyLong_AsSsize_t(args[1]);
+        if (hint == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(body), extra;
+    const char *s = PyBytes_AS_STRING(body);
+    /* With the caller's count of CRLFs (the reader's scan counted them) the
+     * result is allocated at its size at once; a wrong count is caught (the
+     * copy never runs past the allocation) and the body is counted here. */
+    if (hint >= 0) {
+        PyObject *out = convert_into_new(s, n, hint, &extra);
+        if (out != NULL) {
+            return Py_BuildValue("(Nn)", out, extra);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    /* Counted first so that the result is allocated at its size: shrinking a
+     * big one afterwards (realloc) cost more than this pass, in fresh pages
+     * for every message. */
+    Py_ssize_t drop;
+    if (n > RELEASE_GIL_ABOVE) {
+        Py_BEGIN_ALLOW_THREADS
+        drop = count_crlf(s, n);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        drop = count_crlf(s, n);
+    }
+    PyObject *out = convert_into_new(s, n, drop, &extra);
+    if (out == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_SystemError, "to_lf_counted: CRLF count and copy disagree");
+        }
+        return NULL;
+    }
     return Py_BuildValue("(Nn)", out, extra);
 }
 
 static PyMethodDef methods[] = {
     {"find_dot_or_bare_lf", (PyCFunction)(void (*)(void))find_dot_or_bare_lf, METH_FASTCALL,
      "The first LF at or after pos that starts a dot line or lacks its CR, or -1."},
-    {"to_lf_counted", to_lf_counted, METH_O,
-     "(body with CRLF turned into LF, its LF count minus its CRLF count)."},
+    {"find_dot_or_bare_lf_counted", (PyCFunction)(void (*)(void))find_dot_or_bare_lf_counted,
+     METH_FASTCALL,
+     "(find_dot_or_bare_lf(buf, pos), the LFs passed before it, or before the end if -1)."},
+    {"to_lf_counted", (PyCFunction)(void (*)(void))to_lf_counted, METH_FASTCALL,
+     "(body with CRLF turned into LF, its LF count minus its CRLF count); crlf: its CRLF count if known."},
     {NULL, NULL, 0, NULL},
 };
 

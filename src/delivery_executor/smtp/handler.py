@@ -73,7 +73,7 @@ from ..store import Message
 from ..store.names import known_line_ends
 from .dsn import DsnSyntaxError, original_recipient
 from .duplicates import DuplicateFilter
-from .reader import has_no_bare_lf
+from .reader import counted_line_ends, has_no_bare_lf
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -188,17 +188,19 @@ def to_lf(body: bytes) -> bytes:
     return body.replace(b"\r\n", b"\n")
 
 
-def to_lf_counted(body: bytes, no_bare_lf: bool = False) -> tuple[bytes, int]:
+def to_lf_counted(body: bytes, no_bare_lf: bool = False, crlf: int = -1) -> tuple[bytes, int]:
     """``(to_lf(body), its LF count minus its CRLF count)``: the stored body and its ``W - S``.
 
     The count :func:`~delivery_executor.store.names.size_suffix` would make,
     taken here so that the store need not make it. With the C helpers
     (:mod:`delivery_executor._native`) one pass that copies each line and
-    drops its CR, whatever ``no_bare_lf`` says; else :func:`to_lf_counted_py`.
+    drops its CR, after a pass that counts the CRLFs unless ``crlf`` (not
+    negative) says how many there are (the reader counted them: a wrong
+    count costs that pass, never a wrong result); else :func:`to_lf_counted_py`.
     """
     if speedups is not None:
-        return speedups.to_lf_counted(body)
-    return to_lf_counted_py(body, no_bare_lf)
+        return speedups.to_lf_counted(body, crlf)
+    return to_lf_counted_py(body, no_bare_lf or crlf >= 0)
 
 
 def to_lf_counted_py(body: bytes, no_bare_lf: bool = False) -> tuple[bytes, int]:
@@ -490,7 +492,8 @@ class DeliveryHandler:
             return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
         if self._lf:
             # Once per message: every copy shares it, and the store takes ,W= from us.
-            body, extra = to_lf_counted(body, has_no_bare_lf(envelope, body))
+            ends = counted_line_ends(envelope, body)
+            body, extra = to_lf_counted(body, ends >= 0 or has_no_bare_lf(envelope, body), ends)
         elif has_no_bare_lf(envelope, body):
             extra = 0  # every LF ends a CRLF: W = S, nothing to count
         else:  # counted here once, rather than by each writer (a helper process too)
