@@ -45,11 +45,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import operator
 from types import TracebackType
 
 from .. import validate
 
 __all__ = ["GROW_AHEAD", "DataBudget", "DataHold"]
+
+_age = operator.attrgetter("seq")  # a transfer's age (lower is older), looked up in C
 
 GROW_AHEAD = 64 * 1024
 """Bytes a growing transfer reserves past what it has received, at most."""
@@ -188,7 +191,7 @@ class DataBudget:
     def _fits(self, hold: DataHold, n: int) -> bool:
         if self.held + n > self.max_bytes:
             return False
-        oldest = min(self._active, key=lambda h: h.seq, default=None)
+        oldest = min(self._active, key=_age, default=None)
         if oldest is None or oldest is hold or oldest.seq > hold.seq:
             return True  # no older transfer needs room kept for it
         return self.held + n <= self.max_bytes - (oldest.cap - oldest.reserved)

@@ -426,8 +426,9 @@ class _DeliveryProtocol:
         async with guard.factory.budget.hold(limit + _LINE_SLACK) as hold:  # closed on any exit
             guard.hook(True)  # waiting for room is the server's time, not the client's
             try:
-                async with asyncio.timeout(guard.factory.data_wait):
-                    await hold.open(_SLICE)
+                if not hold.try_grow(min(_SLICE, hold.cap)):  # room now: no timer to arm
+                    async with asyncio.timeout(guard.factory.data_wait):
+                        await hold.open(_SLICE)
             except TimeoutError:
                 hold.close()  # before the reply, which may wait for the client to read
                 await self.push(
