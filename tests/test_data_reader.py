@@ -388,9 +388,12 @@ async def test_differential_smtp(case: Case) -> None:
 @settings(DIFF_SETTINGS, max_examples=100)
 @given(case=cases("smtp"))
 async def test_differential_smtp_pure_python_scan(case: Case) -> None:
-    """The regex fallback of the C line scan (no compiler at install) matches aiosmtpd too."""
+    """The Python fallbacks of the C line scans (no compiler at install) match aiosmtpd too."""
     py = reader.find_dot_or_bare_lf_counted_py
-    with mock.patch.object(reader, "find_dot_or_bare_lf_counted", py):
+    with (
+        mock.patch.object(reader, "find_dot_or_bare_lf_counted", py),
+        mock.patch.object(reader, "judge_lines", reader.judge_lines_py),
+    ):
         await differential_pipe("smtp", case.chunks, eof=case.eof, data_size_limit=case.limit)
 
 

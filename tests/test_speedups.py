@@ -110,6 +110,34 @@ def test_counted_line_scan_is_the_regex_and_a_count(data: bytes, pos: int) -> No
         assert speedups.find_dot_or_bare_lf_counted(view[2 : 2 + len(data)], pos) == (j, passed)
 
 
+@needs_c
+@given(nasty, st.integers(0, 90), st.integers(0, 90), st.integers(1, 12))
+@example(b"a\r\nb", 0, 4, 3)  # the CRLF ends the window exactly
+@example(b"ab\r\n", 0, 4, 3)  # one byte too far: a long line
+@example(b"\r\n", 1, 2, 5)  # a CR before start is not half of a CRLF
+@example(b"x" * 20, 0, 20, 1)
+def test_line_length_check_is_the_rfind_loop(data: bytes, a: int, b: int, width: int) -> None:
+    """judge_lines steps as the Python rfind loop does, and reads only [start, end)."""
+    assert speedups is not None
+    start, end = sorted((min(a, len(data)), min(b, len(data))))
+    want = reader.judge_lines_py(data, start, end, width)
+    assert speedups.judge_lines(data, start, end, width) == want
+    assert speedups.judge_lines(bytearray(data), start, end, width) == want
+    with memoryview(b"\r\n" + data + b"\r\n") as view:  # CRLFs around it are not its own
+        part = view[2 : 2 + len(data)]
+        assert speedups.judge_lines(part, start, end, width) == want
+
+
+@needs_c
+@pytest.mark.parametrize(("start", "end", "width"), [(-1, 2, 5), (3, 2, 5), (0, 9, 5), (0, 2, 0)])
+def test_line_length_check_refuses_bad_bounds(start: int, end: int, width: int) -> None:
+    """Bounds outside the buffer or a width under 1 are a ValueError, in C as in Python."""
+    assert speedups is not None
+    for judge in (speedups.judge_lines, reader.judge_lines_py):
+        with pytest.raises(ValueError, match="need 0 <= start <= end <= len"):
+            judge(b"abc\r\n", start, end, width)
+
+
 def _hashed_after_cr(head: bytes) -> bytes:
     """``head`` plus a tag, hashed so that the byte CPython stores just before the data is a CR.
 

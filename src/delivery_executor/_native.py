@@ -22,6 +22,9 @@ class Speedups(Protocol):
         self, buf: bytes | bytearray | memoryview, pos: int, /
     ) -> tuple[int, int]: ...
     def to_lf_counted(self, body: bytes, crlf: int = -1, /) -> tuple[bytes, int]: ...
+    def judge_lines(
+        self, buf: bytes | bytearray | memoryview, start: int, end: int, width: int, /
+    ) -> tuple[int, bool]: ...
 
 
 def _load() -> Speedups | None:

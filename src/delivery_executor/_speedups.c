@@ -10,6 +10,14 @@
  *     The same offset, and the LFs passed before it (before the end of buf
  *     if it is -1): the reader's count of line ends, taken on its way.
  *
+ * judge_lines(buf, start, end, width) -> (int, bool)
+ *     The reader's line-length check over buf[start:end]: steps from CRLF to
+ *     CRLF, at most width bytes at a time, each step found by looking back
+ *     from the end of its window (so only each window's last line is read);
+ *     returns where it stopped and whether a whole window held no CRLF (a
+ *     line longer than width). The same steps as one bytes.rfind per window
+ *     in Python (smtp/reader.py, judge_lines_py), without a call per window.
+ *
  * to_lf_counted(body, crlf=-1) -> (bytes, int)
  *     body with every CRLF turned into LF (a bare CR or bare LF stays), and
  *     the result's LF count minus its CRLF count: exactly
@@ -97,6 +105,67 @@ find_dot_or_bare_lf_counted(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_ssize_t found = scan((const char *)view.buf, view.len, pos, &lfs);
     PyBuffer_Release(&view);
     return Py_BuildValue("(nn)", found, lfs);
+}
+
+/* The offset of the last CRLF that lies wholly in [lo, hi), or -1:
+ * bytes.rfind(b"\r\n", lo, hi). Walks back from hi, so it reads only the
+ * window's last line. */
+static Py_ssize_t
+rfind_crlf(const char *s, Py_ssize_t lo, Py_ssize_t hi)
+{
+    for (Py_ssize_t p = hi - 1; p > lo; p--) {
+        if (s[p] == '\n' && s[p - 1] == '\r') {
+            return p - 1;
+        }
+    }
+    return -1;
+}
+
+static PyObject *
+judge_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "judge_lines(buf, start, end, width) takes 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t v[3];
+    for (int k = 0; k < 3; k++) {
+        v[k] = PyLong_AsSsize_t(args[k + 1]);
+        if (v[k] == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    Py_ssize_t start = v[0], end = v[1], w = v[2];
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (start < 0 || start > end || end > view.len || w < 1) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError,
+                     "judge_lines: need 0 <= start <= end <= len(buf) and width >= 1, "
+                     "got start=%zd end=%zd len=%zd width=%zd",
+                     start, end, view.len, w);
+        return NULL;
+    }
+    const char *buf = (const char *)view.buf;
+    int too_long = 0;
+    while (end - start >= w) {
+        Py_ssize_t i = rfind_crlf(buf, start, start + w);
+        if (i < 0) {
+            too_long = 1;
+            break;
+        }
+        start = i + 2;
+    }
+    if (!too_long) {
+        Py_ssize_t i = rfind_crlf(buf, start, end);
+        if (i >= 0) {
+            start = i + 2;
+        }
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nO)", start, too_long ? Py_True : Py_False);
 }
 
 /* Copies s into d (room for cap bytes) with every CRLF turned into LF; the
@@ -246,6 +315,8 @@ static PyMethodDef methods[] = {
     {"find_dot_or_bare_lf_counted", (PyCFunction)(void (*)(void))find_dot_or_bare_lf_counted,
      METH_FASTCALL,
      "(find_dot_or_bare_lf(buf, pos), the LFs passed before it, or before the end if -1)."},
+    {"judge_lines", (PyCFunction)(void (*)(void))judge_lines, METH_FASTCALL,
+     "(start of the first line not proven <= width bytes, whether a window had no CRLF)."},
     {"to_lf_counted", (PyCFunction)(void (*)(void))to_lf_counted, METH_FASTCALL,
      "(body with CRLF turned into LF, its LF count minus its CRLF count); crlf: its CRLF count if known."},
     {NULL, NULL, 0, NULL},

@@ -39,8 +39,11 @@ end is a CRLF, so the handler converts and counts line ends by lengths alone
 (:func:`has_no_bare_lf`), and the loop has counted them on its way
 (:func:`counted_line_ends`): the handler's CRLF-to-LF copy is allocated at its
 size without a pass of its own to count them. After a bare LF,
-``bytes.find`` looks for ``CRLF .`` only. Line lengths are checked with one
-``bytes.rfind`` per L bytes, which touches only each window's last line.
+``bytes.find`` looks for ``CRLF .`` only. Line lengths are checked by
+stepping from CRLF to CRLF at most L bytes at a time, each step found by
+looking back from the end of its window, which touches only each window's
+last line (:func:`judge_lines`: one C call per read, or a ``bytes.rfind`` per
+L bytes without the C helpers).
 Unstuffing joins the slices between the noted dots into the ``bytes`` the
 handler gets; past 256 stuffed lines the reader stops noting them, searches
 for the terminator only and unstuffs with one ``bytes.replace``.
@@ -56,10 +59,10 @@ aiosmtpd keeps one ``bytearray`` object (about 60 bytes of overhead) per
 line, e.g. 2.6 GiB for 30 MiB of empty lines.
 
 Cost: per transport read one append, one line search (plus one Python step
-per stuffed line, at most 256 of them) and about read/L ``rfind`` calls,
-whatever the line lengths; each byte is copied twice (read -> buffer ->
-``bytes``) and scanned once in full (the line search) plus each window's last line
-(``rfind``).
+per stuffed line, at most 256 of them) and one line-length check (about
+read/L ``rfind`` calls without the C helpers), whatever the line lengths;
+each byte is copied twice (read -> buffer -> ``bytes``) and scanned once in
+full (the line search) plus each window's last line (the length check).
 
 A client that disconnects mid-body: aiosmtpd's ``eof_received``/
 ``connection_lost`` cancel the session task; as in aiosmtpd we log, close
@@ -121,6 +124,38 @@ find_dot_or_bare_lf = (
 find_dot_or_bare_lf_counted = (
     speedups.find_dot_or_bare_lf_counted if speedups is not None else find_dot_or_bare_lf_counted_py
 )
+
+
+def judge_lines_py(buf: bytes | bytearray, start: int, end: int, width: int) -> tuple[int, bool]:
+    """Where the line-length check of ``buf[start:end]`` stops, and whether it found a long line.
+
+    Every line inside [start, last CRLF in a ``width``-byte window] is at most
+    ``width`` bytes, so one ``rfind`` per window proves many lines at once
+    (>= width/2 bytes a step, amortised). A window without CRLF starts a
+    too-long line: ``(its start, True)``. Else ``(the start of the line after
+    the last CRLF, False)``.
+    """
+    if not 0 <= start <= end <= len(buf) or width < 1:
+        raise ValueError(
+            "judge_lines: need 0 <= start <= end <= len(buf) and width >= 1, "
+            f"got start={start} end={end} len={len(buf)} width={width}"
+        )
+    rfind = buf.rfind
+    s = start
+    while end - s >= width:
+        i = rfind(b"\r\n", s, s + width)
+        if i < 0:
+            return s, True
+        s = i + 2
+    i = rfind(b"\r\n", s, end)
+    return (i + 2 if i >= 0 else s), False
+
+
+# One C call per read instead of a bytes.rfind call per 1001 bytes (about a
+# thousand calls per MiB, each parsing its arguments).
+judge_lines = speedups.judge_lines if speedups is not None else judge_lines_py
+
+
 NO_BARE_LF = "delivery_executor_no_bare_lf"
 """The envelope attribute that holds ``original_content`` when the reader saw
 no bare LF in it (:func:`has_no_bare_lf`)."""
@@ -317,23 +352,10 @@ class _Body:
         self.scanned = 0
 
     def _scan(self) -> None:
-        buf, s, w, end = self.buf, self.scanned, self.line_max, len(self.buf)
-        rfind = buf.rfind
-        # Every line inside [s, last CRLF in a w-byte window] is <= w bytes, so
-        # one rfind per window proves many lines at once (>= w/2 bytes a step
-        # amortised). A window without CRLF starts a too-long line.
-        too_long = False
-        while end - s >= w:
-            i = rfind(b"\r\n", s, s + w)
-            if i < 0:
-                too_long = True
-                break
-            s = i + 2
-        else:
-            i = rfind(b"\r\n", s, end)
-            if i >= 0:
-                s = i + 2
+        buf, end = self.buf, len(self.buf)
+        s, too_long = judge_lines(buf, self.scanned, end, self.line_max)
         self.scanned = s
+        w = self.line_max
         limit = self.limit
         # Offsets in buf are 2 past the body's: its first 2 bytes stand for DATA's CRLF.
         if limit and s - 2 > max(limit, 0):
