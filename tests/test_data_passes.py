@@ -193,10 +193,11 @@ async def test_the_readers_line_count_spares_the_conversion_its_count(
     hints: list[int] = []
 
     class Spy:
-        def find_dot_or_bare_lf(self, buf: bytes, pos: int) -> int:
+        def find_dot_or_bare_lf_counted(self, buf: bytes, pos: int) -> tuple[int, int]:
             raise AssertionError("not used by the handler")
 
-        find_dot_or_bare_lf_counted = find_dot_or_bare_lf
+        def judge_lines(self, buf: bytes, start: int, end: int, width: int) -> tuple[int, bool]:
+            raise AssertionError("not used by the handler")
 
         def to_lf_counted(self, data: bytes, crlf: int = -1) -> tuple[bytes, int]:
             hints.append(crlf)

@@ -39,7 +39,8 @@ def test_the_install_built_the_c_helpers_and_the_data_path_uses_them() -> None:
     if speedups is None and _compiler() is None:
         pytest.skip("no C compiler: the install took the pure-Python paths, as designed")
     assert speedups is not None, f"a compiler ({_compiler()}) is there but _speedups was not built"
-    assert reader.find_dot_or_bare_lf is speedups.find_dot_or_bare_lf
+    assert reader.find_dot_or_bare_lf_counted is speedups.find_dot_or_bare_lf_counted
+    assert reader.judge_lines is speedups.judge_lines
     body = b"a\r\nb\r\n"
     assert handler.to_lf_counted(body) == (b"a\nb\n", 2)
 
@@ -50,7 +51,8 @@ def test_pure_switch_runs_the_python_paths() -> None:
         "from delivery_executor import _native\n"
         "from delivery_executor.smtp import reader\n"
         "assert _native.speedups is None\n"
-        "assert reader.find_dot_or_bare_lf is reader.find_dot_or_bare_lf_py\n"
+        "assert reader.find_dot_or_bare_lf_counted is reader.find_dot_or_bare_lf_counted_py\n"
+        "assert reader.judge_lines is reader.judge_lines_py\n"
         "print('pure')\n"
     )
     env = {**os.environ, "DELIVERY_EXECUTOR_PURE": "1"}
@@ -69,11 +71,11 @@ def test_pure_switch_runs_the_python_paths() -> None:
 @example(b"x\r\nx\n", 4)  # the CR the lookbehind sees is before pos
 @example(b"\r\n\r\n", 3)
 def test_line_scan_is_the_regex(data: bytes, pos: int) -> None:
-    """find_dot_or_bare_lf gives the regex's match offset for every buffer and start."""
+    """The line scan gives the regex's match offset for every buffer and start."""
     assert speedups is not None
     want = reader.find_dot_or_bare_lf_py(data, pos)
-    assert speedups.find_dot_or_bare_lf(bytearray(data), pos) == want
-    assert speedups.find_dot_or_bare_lf(data, pos) == want
+    assert speedups.find_dot_or_bare_lf_counted(bytearray(data), pos)[0] == want
+    assert speedups.find_dot_or_bare_lf_counted(data, pos)[0] == want
 
 
 @needs_c
@@ -90,7 +92,7 @@ def test_line_scan_reads_only_its_buffer(
     whole = before + data + after
     with memoryview(whole) as view:
         part = view[len(before) : len(before) + len(data)]
-        got = speedups.find_dot_or_bare_lf(part, pos)
+        got = speedups.find_dot_or_bare_lf_counted(part, pos)[0]
         assert got == reader.find_dot_or_bare_lf_py(data, pos)
 
 
@@ -220,10 +222,8 @@ def test_wrong_arguments_are_type_errors() -> None:
     assert speedups is not None
     with pytest.raises(TypeError, match="needs bytes, not bytearray"):
         speedups.to_lf_counted(bytearray(b"x"))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="takes 2 arguments"):
-        speedups.find_dot_or_bare_lf(b"x")  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        speedups.find_dot_or_bare_lf("text", 0)  # type: ignore[arg-type]
+        speedups.find_dot_or_bare_lf_counted("text", 0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="takes 2 arguments"):
         speedups.find_dot_or_bare_lf_counted(b"x")  # type: ignore[call-arg]
     with pytest.raises(TypeError):

@@ -17,7 +17,6 @@ __all__ = ["Speedups", "speedups"]
 class Speedups(Protocol):
     """What ``_speedups`` offers (its stub says the same)."""
 
-    def find_dot_or_bare_lf(self, buf: bytes | bytearray | memoryview, pos: int, /) -> int: ...
     def find_dot_or_bare_lf_counted(
         self, buf: bytes | bytearray | memoryview, pos: int, /
     ) -> tuple[int, int]: ...

@@ -1,14 +1,12 @@
-/* The DATA path's two byte loops in C: each is one memchr-driven pass.
+/* The DATA path's byte loops in C: each is one pass over the bytes it needs.
  *
- * find_dot_or_bare_lf(buf, pos) -> int
+ * find_dot_or_bare_lf_counted(buf, pos) -> (int, int)
  *     The offset of the first LF at or after pos that starts a line with a
  *     dot or lacks its CR, or -1: exactly re.compile(rb"\n(?:\.|(?<!\r\n))")
  *     .search(buf, pos).start() (the look at the byte before the LF may fall
- *     before pos, as the regex's lookbehind does).
- *
- * find_dot_or_bare_lf_counted(buf, pos) -> (int, int)
- *     The same offset, and the LFs passed before it (before the end of buf
- *     if it is -1): the reader's count of line ends, taken on its way.
+ *     before pos, as the regex's lookbehind does); and the LFs passed before
+ *     it (before the end of buf if it is -1): the reader's count of line
+ *     ends, taken on its way.
  *
  * judge_lines(buf, start, end, width) -> (int, bool)
  *     The reader's line-length check over buf[start:end]: steps from CRLF to
@@ -79,19 +77,6 @@ scan_args(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_buffer *
         return -1;
     }
     return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE);
-}
-
-static PyObject *
-find_dot_or_bare_lf(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    Py_ssize_t pos, lfs;
-    if (scan_args("find_dot_or_bare_lf", args, nargs, &view, &pos) < 0) {
-        return NULL;
-    }
-    Py_ssize_t found = scan((const char *)view.buf, view.len, pos, &lfs);
-    PyBuffer_Release(&view);
-    return PyLong_FromSsize_t(found);
 }
 
 static PyObject *
@@ -310,11 +295,9 @@ to_lf_counted(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef methods[] = {
-    {"find_dot_or_bare_lf", (PyCFunction)(void (*)(void))find_dot_or_bare_lf, METH_FASTCALL,
-     "The first LF at or after pos that starts a dot line or lacks its CR, or -1."},
     {"find_dot_or_bare_lf_counted", (PyCFunction)(void (*)(void))find_dot_or_bare_lf_counted,
      METH_FASTCALL,
-     "(find_dot_or_bare_lf(buf, pos), the LFs passed before it, or before the end if -1)."},
+     "(first LF at or after pos that starts a dot line or lacks its CR, or -1; LFs before it)."},
     {"judge_lines", (PyCFunction)(void (*)(void))judge_lines, METH_FASTCALL,
      "(start of the first line not proven <= width bytes, whether a window had no CRLF)."},
     {"to_lf_counted", (PyCFunction)(void (*)(void))to_lf_counted, METH_FASTCALL,

@@ -118,9 +118,6 @@ def find_dot_or_bare_lf_counted_py(buf: bytes | bytearray, pos: int) -> tuple[in
 # The C loop (one memchr per line): 0.08 ms per MiB of 80-byte lines, the regex 0.58.
 # It counts the line ends it passes, which the handler's CRLF-to-LF copy then
 # need not count again.
-find_dot_or_bare_lf = (
-    speedups.find_dot_or_bare_lf if speedups is not None else find_dot_or_bare_lf_py
-)
 find_dot_or_bare_lf_counted = (
     speedups.find_dot_or_bare_lf_counted if speedups is not None else find_dot_or_bare_lf_counted_py
 )
