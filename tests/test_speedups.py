@@ -230,3 +230,7 @@ def test_wrong_arguments_are_type_errors() -> None:
         speedups.to_lf_counted(b"x", "1")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="takes 1 or 2 arguments"):
         speedups.to_lf_counted(b"x", 1, 2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        speedups.judge_lines(b"x", 0, 1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        speedups.judge_lines("text", 0, 1, 5)  # type: ignore[arg-type]
