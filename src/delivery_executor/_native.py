@@ -1,9 +1,10 @@
 """The DATA path's optional C helpers (``_speedups.c``), or ``None``.
 
 ``pip install`` builds them when a C compiler is present and goes on without
-one; the pure-Python paths they replace give the same results, at about 1.7
-times the user CPU of ``serve`` per 1 MiB message (BUDGETS.md). ``DELIVERY_EXECUTOR_PURE=1`` in
-the environment turns them off: for A/B benchmarks and tests of the fallback.
+one; the pure-Python paths they replace give the same results, at about 2.2
+times the user CPU of ``serve`` per 1 MiB message (1.2 times at 64 KiB;
+BUDGETS.md). ``DELIVERY_EXECUTOR_PURE=1`` in the environment turns them off:
+for A/B benchmarks and tests of the fallback.
 """
 
 from __future__ import annotations
