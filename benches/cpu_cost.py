@@ -51,10 +51,11 @@ def session_cpu(sid: int) -> tuple[float, float, int]:
     return user / _TICK, system / _TICK, faults
 
 
-def _source(port: int, size: int, count: int) -> None:
+def send(port: int, size: int, count: int, timeout: float = 600) -> None:
+    """``count`` messages of ``size`` bytes over 8 LMTP sessions, with Postfix's smtp-source."""
     cmd = [SMTP_SOURCE, "-L", "-s", "8", "-m", str(count), "-l", str(size)]
     cmd += ["-f", "load@example.net", "-t", "alice@example.org", f"127.0.0.1:{port}"]
-    subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
 
 
 def measure(
@@ -70,9 +71,9 @@ def measure(
         root = Path(tmp)
         args = ["--log-level", "WARNING", "--max-connections-per-ip", "0", *extra]
         with ServerProcess(root, *args, env=env, start_timeout=30) as s:
-            _source(s.port, size, max(8, count // 10))
+            send(s.port, size, max(8, count // 10))
             u0, s0, f0 = session_cpu(s.proc.pid)
-            _source(s.port, size, count)
+            send(s.port, size, count)
             u1, s1, f1 = session_cpu(s.proc.pid)
             s.stop()
     return (u1 - u0) * 1000 / count, (s1 - s0) * 1000 / count, (f1 - f0) / count

@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from delivery_executor.testing import ServerProcess
 
+from .cpu_cost import send
+
 _REPO = Path(__file__).resolve().parent.parent
-SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 _WARM = 300
 
 _SITE = """\
@@ -48,12 +47,6 @@ if _out and "serve" in sys.orig_argv:
 """
 
 
-def _source(port: int, size: int, count: int) -> None:
-    cmd = [SMTP_SOURCE, "-L", "-s", "8", "-m", str(count), "-l", str(size)]
-    cmd += ["-f", "load@example.net", "-t", "alice@example.org", f"127.0.0.1:{port}"]
-    subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.DEVNULL)
-
-
 def measure(src: Path, size: int, count: int) -> dict[str, list[float]]:
     """The collector's totals in one ``serve`` run of ``_WARM + count`` messages."""
     with tempfile.TemporaryDirectory(prefix="gc-cost-") as tmp:
@@ -65,8 +58,8 @@ def measure(src: Path, size: int, count: int) -> dict[str, list[float]]:
         env = {**os.environ, "PYTHONPATH": path, "GC_COST_OUT": str(out)}
         args = ["--log-level", "WARNING", "--max-connections-per-ip", "0"]
         with ServerProcess(Path(tmp) / "mail", *args, env=env, start_timeout=30) as s:
-            _source(s.port, size, _WARM)
-            _source(s.port, size, count)
+            send(s.port, size, _WARM)
+            send(s.port, size, count)
             s.stop()
         result: dict[str, list[float]] = json.loads(out.read_text())
         return result

@@ -21,21 +21,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from delivery_executor.testing import ServerProcess
 
+from .cpu_cost import send
+
 _REPO = Path(__file__).resolve().parent.parent
-SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-
-
-def _source(port: int, size: int, count: int) -> None:
-    cmd = [SMTP_SOURCE, "-L", "-s", "8", "-m", str(count), "-l", str(size)]
-    cmd += ["-f", "load@example.net", "-t", "alice@example.org", f"127.0.0.1:{port}"]
-    subprocess.run(cmd, check=True, timeout=1800, stdout=subprocess.DEVNULL)
 
 
 def total(src: Path, size: int, count: int) -> int:
@@ -48,9 +42,9 @@ def total(src: Path, size: int, count: int) -> int:
         with ServerProcess(
             Path(tmp) / "mail", *args, env=env, start_timeout=300, prefix=prefix
         ) as s:
-            _source(s.port, size, 30)
+            send(s.port, size, 30)
             if count:
-                _source(s.port, size, count)
+                send(s.port, size, count, timeout=1800)
             s.stop(timeout=300)
         for line in out.read_text().splitlines():
             if line.startswith(("summary:", "totals:")):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .helpers import RecordingOps, mounted_tmpfs
+from .helpers import RecordingOps, mounted_tmpfs, self_signed
 
 # -- every loop error (e.g. "Task exception was never retrieved") fails the test
 
@@ -66,3 +67,12 @@ def small_tmpfs() -> Iterator[Path]:
     """A 1 MiB tmpfs mounted for this test alone."""
     with mounted_tmpfs("1m") as where:
         yield where
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and key for localhost (skipped without openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed: no way to make a test certificate")
+    return self_signed(openssl, tmp_path_factory.mktemp("tls"))

@@ -22,6 +22,17 @@ from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.userdb import UserdbResolver
 
 
+def self_signed(openssl: str, directory: Path, name: str = "c") -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for localhost and its key, made by ``openssl``."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-days", "2", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
 async def until(cond: Callable[[], object], what: str, limit: float = 10.0) -> None:
     """Yield to the loop until ``cond()`` holds; fail naming ``what`` after ``limit`` s."""
     try:

@@ -16,14 +16,13 @@ import contextlib
 import gc
 import itertools
 import re
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -836,24 +835,10 @@ async def test_memory_of_30_mib_of_empty_lines(limit: int, reply: bytes, bound: 
 
 
 @pytest.fixture(scope="module")
-def server_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    """A server context with a throwaway self-signed certificate made by openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed: no way to make a test certificate")
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(
-        [
-            *(openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-            *("-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=t"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+def server_tls(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
+    """A server context with the throwaway self-signed certificate."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(*tls_files)
     return ctx
 
 

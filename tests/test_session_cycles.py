@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +43,31 @@ async def _line(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
+def _factory(ex: DeliveryExecutor, root: Path, lmtp: bool, **kwargs: Any) -> SessionFactory:
+    return SessionFactory(
+        DeliveryHandler(ex, MailboxResolver(root)),
+        lmtp=lmtp,
+        max_connections=4,
+        loop=asyncio.get_running_loop(),
+        **kwargs,
+    )
+
+
+def _noting(factory: SessionFactory) -> list[weakref.ref[object]]:
+    """Weak references to every protocol ``factory`` admits from now on (weak: the test
+    must not keep them alive)."""
+    protocols: list[weakref.ref[object]] = []
+    admit = factory._admit
+
+    def admit_and_note(transport: asyncio.BaseTransport, overrides: dict[str, Any]) -> Any:
+        proto = admit(transport, overrides)
+        protocols.append(weakref.ref(proto))
+        return proto
+
+    factory._admit = admit_and_note  # type: ignore[method-assign]
+    return protocols
+
+
 async def _session(port: int, lmtp: bool, ending: str) -> None:
     """One session that ends as ``ending`` says: after QUIT, mid-transaction or mid-DATA."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -78,22 +101,9 @@ async def test_a_closed_session_is_freed_without_the_cycle_collector(
 ) -> None:
     """After the connection closes, the protocol object dies with the collector off."""
     ex = DeliveryExecutor()
-    factory = SessionFactory(
-        DeliveryHandler(ex, MailboxResolver(tmp_path)),
-        lmtp=lmtp,
-        max_connections=4,
-        loop=asyncio.get_running_loop(),
-    )
+    factory = _factory(ex, tmp_path, lmtp)
     async with listening(factory, ex) as port:
-        protocols: list[weakref.ref[object]] = []
-        admit = factory._admit
-
-        def admit_and_note(transport: asyncio.BaseTransport, overrides: dict[str, Any]) -> Any:
-            proto = admit(transport, overrides)
-            protocols.append(weakref.ref(proto))  # weak: the test must not keep it alive
-            return proto
-
-        factory._admit = admit_and_note  # type: ignore[method-assign]
+        protocols = _noting(factory)
         await _session(port, lmtp, ending)
         assert len(protocols) == 1
         await until(lambda: not factory.sessions, "the session ended")
@@ -125,19 +135,9 @@ async def _reset(port: int, lmtp: bool, tls: ssl.SSLContext | None) -> None:
 
 
 @pytest.fixture(scope="module")
-def server_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed")
-    d = tmp_path_factory.mktemp("cert")
-    cert, key = d / "c.pem", d / "k.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-         "-days", "2", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+def server_tls(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(*tls_files)
     return ctx
 
 
@@ -157,23 +157,9 @@ async def test_a_session_lost_with_an_error_ends_and_is_collected(
     # would keep that record, and so the session, alive.
     monkeypatch.setattr(logging.getLogger("mail.log"), "disabled", True)
     ex = DeliveryExecutor()
-    factory = SessionFactory(
-        DeliveryHandler(ex, MailboxResolver(tmp_path)),
-        lmtp=lmtp,
-        max_connections=4,
-        loop=asyncio.get_running_loop(),
-        tls_context=server_tls,
-    )
+    factory = _factory(ex, tmp_path, lmtp, tls_context=server_tls)
     async with listening(factory, ex) as port:
-        protocols: list[weakref.ref[object]] = []
-        admit = factory._admit
-
-        def admit_and_note(transport: asyncio.BaseTransport, overrides: dict[str, Any]) -> Any:
-            proto = admit(transport, overrides)
-            protocols.append(weakref.ref(proto))
-            return proto
-
-        factory._admit = admit_and_note  # type: ignore[method-assign]
+        protocols = _noting(factory)
         for _ in range(5):  # whether a reply's write meets the reset is a race: try a few
             await _reset(port, lmtp, server_tls if ending == "failed-starttls" else None)
         await until(lambda: not factory.sessions, "the sessions ended")

@@ -25,6 +25,8 @@ from delivery_executor import Maildir, __version__
 from delivery_executor.server.identity import banner, check_hostname, default_hostname
 from delivery_executor.testing import ServerProcess
 
+from .helpers import self_signed
+
 pytestmark = pytest.mark.timeout(120)
 
 BODY = b"Subject: tls\r\n\r\nover TLS\r\n"
@@ -56,13 +58,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pat
     d = tmp_path_factory.mktemp("certs")
     out = {}
     for name in ("one", "two"):
-        cert, key = d / f"{name}.pem", d / f"{name}.key"
-        subprocess.run(
-            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-             "-days", "2", "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        out[name] = (cert, key)
+        out[name] = self_signed(openssl, d, name)
     return out
 
 

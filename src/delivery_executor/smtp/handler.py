@@ -492,8 +492,9 @@ class DeliveryHandler:
             return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
         if self._lf:
             # Once per message: every copy shares it, and the store takes ,W= from us.
+            # Counted only where the reader vouched for no bare LF (has_no_bare_lf).
             ends = counted_line_ends(envelope, body)
-            body, extra = to_lf_counted(body, ends >= 0 or has_no_bare_lf(envelope, body), ends)
+            body, extra = to_lf_counted(body, ends >= 0, ends)
         elif has_no_bare_lf(envelope, body):
             extra = 0  # every LF ends a CRLF: W = S, nothing to count
         else:  # counted here once, rather than by each writer (a helper process too)
