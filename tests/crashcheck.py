@@ -10,6 +10,11 @@ a conservative Linux persistence model and enumerates every crash state:
 - ``fdatasync(f)`` persists the data written to ``f`` before it;
 - ``fsync(dir)`` persists the entries (creates, renames into it) made before it;
 - ``syncfs`` persists everything before it;
+- ``wait_writeback(f)`` (``sync_file_range`` with both waits) persists
+  nothing by itself; with ``ordered=True`` (a journal that commits a rename
+  after the data written back before it: ext4 with a journal, XFS, as
+  ``tests/test_power_loss.py`` checks on a real device) a file written back
+  before its move is whole whenever the move persists;
 - ``mkdir(d)`` makes a directory entry like any other: it persists only with
   an ``fsync`` of ``d``'s parent or a ``syncfs`` after it, and if it is lost,
   everything under ``d`` is lost with it (a first delivery into a brand-new
@@ -39,7 +44,7 @@ from delivery_executor.fsops import FsOps
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # create|write|fdatasync|mkdir|rename|link|fsync_dir|syncfs|unlink|ack
+    kind: str  # create|write|fdatasync|wait_writeback|mkdir|rename|link|fsync_dir|syncfs|unlink|ack
     path: str = ""
     path2: str = ""
     data: bytes = b""
@@ -48,14 +53,17 @@ class Op:
 class TraceOps(FsOps):
     """Real syscalls, recorded as :class:`Op` (writes with their bytes)."""
 
-    __slots__ = ("log",)
+    __slots__ = ("_paths", "log")
 
     def __init__(self) -> None:
         self.log: list[Op] = []
+        self._paths: dict[int, str] = {}  # open fd -> the file it was created as
 
     def create(self, path: str) -> int:
         self.log.append(Op("create", path))
-        return super().create(path)
+        fd = super().create(path)
+        self._paths[fd] = path
+        return fd
 
     def write_all(self, fd: int, parts: Sequence[memoryview], path: str) -> None:
         self.log.append(Op("write", path, data=b"".join(parts)))
@@ -64,6 +72,10 @@ class TraceOps(FsOps):
     def fdatasync(self, fd: int, path: str) -> None:
         self.log.append(Op("fdatasync", path))
         super().fdatasync(fd, path)
+
+    def wait_writeback(self, fd: int, path: str) -> None:
+        super().wait_writeback(fd, path)
+        self.log.append(Op("wait_writeback", self._paths.get(fd, path)))
 
     def mkdir(self, path: str) -> None:
         super().mkdir(path)  # recorded only if it made the directory
@@ -109,7 +121,7 @@ class FileFate:
     options: frozenset[tuple[bool, bool]]
 
 
-def _fates(log: list[Op], k: int) -> list[FileFate]:
+def _fates(log: list[Op], k: int, ordered: bool = False) -> list[FileFate]:
     """Per message file, the outcomes a crash after ``log[:k]`` allows."""
     prefix = log[:k]
     acked = {op.path for op in prefix if op.kind == "ack"}
@@ -125,6 +137,11 @@ def _fates(log: list[Op], k: int) -> list[FileFate]:
         data_durable = any(
             (o.kind == "fdatasync" and o.path == src) or o.kind == "syncfs"
             for o in prefix[last_write + 1 :]
+        ) or (
+            ordered
+            and any(
+                o.kind == "wait_writeback" and o.path == src for o in prefix[last_write + 1 : r]
+            )
         )
         name_durable = _entry_durable(prefix, r, dst) and all(
             _entry_durable(prefix, made[d], d) for d in _ancestors(dst) if d in made
@@ -159,7 +176,7 @@ def _bad(f: FileFate, present: bool, complete: bool) -> str | None:
     return None
 
 
-def violations(log: list[Op], *, exhaustive_limit: int = 12) -> list[str]:
+def violations(log: list[Op], *, exhaustive_limit: int = 12, ordered: bool = False) -> list[str]:
     """Every (crash point, problem) the model allows; empty when the protocol is safe.
 
     The check is per file and the model treats files independently, so a state
@@ -169,7 +186,7 @@ def violations(log: list[Op], *, exhaustive_limit: int = 12) -> list[str]:
     """
     problems: list[str] = []
     for k in range(len(log) + 1):
-        fates = _fates(log, k)
+        fates = _fates(log, k, ordered)
         found = {
             msg
             for f in fates

@@ -103,6 +103,14 @@ class RecordingOps(FsOps):
         self._rec("syncfs", path)
         super().syncfs(path, fd)
 
+    def start_writeback(self, fd: int, path: str) -> None:
+        self._rec("start_writeback", path)
+        super().start_writeback(fd, path)
+
+    def wait_writeback(self, fd: int, path: str) -> None:
+        self._rec("wait_writeback", path)
+        super().wait_writeback(fd, path)
+
 
 # -- real small file systems (root only)
 

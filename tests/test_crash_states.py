@@ -54,6 +54,53 @@ def test_store_protocol_survives_every_crash_state(
     assert violations(ops.log) == []
 
 
+def _ordered(md: Maildir) -> Maildir:
+    """``md`` as if on an ext4 with a journal or XFS (the writeback form applies)."""
+    return Maildir(str(md.path), md.dev, md.owner, ordered=True)
+
+
+@pytest.mark.parametrize("mailboxes", [1, 3])
+@pytest.mark.parametrize("n", [2, 5])
+def test_writeback_form_survives_every_crash_state_on_an_ordered_journal(
+    tmp_path: Path, mailboxes: int, n: int
+) -> None:
+    """auto on an ordered journal: write, wait for writeback, move, one syncfs; nothing lost."""
+    boxes = [_ordered(Maildir.create(tmp_path / f"u{i}")) for i in range(mailboxes)]
+    ops = TraceOps()
+    run_batches(boxes, [n, n], "auto", ops)
+    kinds = [op.kind for op in ops.log]
+    assert kinds.count("syncfs") == 2 and kinds.count("wait_writeback") == 2 * n  # one per batch
+    assert violations(ops.log, ordered=True) == []
+    # The form leans on the journal's order: without it, a move may outlive its data.
+    assert any("partial" in v for v in violations(ops.log))
+
+
+def test_writeback_form_waits_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past WRITEBACK_CHUNK files the batch waits for those first: few files open, none lost."""
+    monkeypatch.setattr("delivery_executor.store.commit.WRITEBACK_CHUNK", 3)
+    box = _ordered(Maildir.create(tmp_path / "u"))
+    ops = TraceOps()
+    run_batches([box], [7], "auto", ops)
+    kinds = [op.kind for op in ops.log]
+    first_wait = kinds.index("wait_writeback")
+    assert kinds[:first_wait].count("create") == 3  # the first chunk, waited for before file 4
+    assert kinds.count("wait_writeback") == 7 and kinds.count("syncfs") == 1
+    assert violations(ops.log, ordered=True) == []
+    assert len(os.listdir(box.path / "new")) == 7
+
+
+@pytest.mark.parametrize("sync", ["syncfs", "fsync"])
+def test_explicit_sync_modes_ignore_the_writeback_form(tmp_path: Path, sync: str) -> None:
+    """sync="syncfs" and "fsync" keep their own steps on an ordered journal too."""
+    box = _ordered(Maildir.create(tmp_path / "u"))
+    ops = TraceOps()
+    run_batches([box], [4], sync, ops)
+    kinds = [op.kind for op in ops.log]
+    assert "wait_writeback" not in kinds
+    assert kinds.count("syncfs") == (2 if sync == "syncfs" else 0)
+    assert violations(ops.log) == []
+
+
 def test_checker_rejects_the_original_batch_protocol(tmp_path: Path) -> None:
     """mailrs-maildir 1.2's batch (no file sync; fsync tmp/, rename, fsync new/) tears mail."""
     md = Maildir.create(tmp_path / "m")

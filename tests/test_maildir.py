@@ -676,6 +676,25 @@ def test_second_syncfs_error_fails_every_group_on_that_fs(tmp_path: Path) -> Non
     assert files_in(a.path / "tmp") == []
 
 
+@pytest.mark.parametrize("nth", [1, 3])
+def test_writeback_error_fails_every_group_on_that_fs_before_any_move(
+    tmp_path: Path, nth: int
+) -> None:
+    """EIO waiting for writeback (writeback form) fails both groups, moves nothing, cleans tmp/."""
+    a = Maildir.create(tmp_path / "a")
+    b = Maildir.create(tmp_path / "b")
+    a, b = (Maildir(str(m.path), m.dev, m.owner, ordered=True) for m in (a, b))
+    ops = _eio("wait_writeback", nth=nth)
+    ra, rb = commit_batch([(a, [b"1", b"2"]), (b, [b"3"])], ops=ops)
+    assert isinstance(ra, OSError) and isinstance(rb, OSError)
+    assert ra.errno == errno.EIO and ra.filename == str(a.path)
+    names = [c[0] for c in ops.calls]
+    assert "rename" not in names and "syncfs" not in names
+    assert names.count("start_writeback") == 3  # every write queued before the first wait
+    for m in (a, b):
+        assert files_in(m.path / "tmp") == [] and files_in(m.path / "new") == []
+
+
 def test_a_broken_maildir_fails_only_its_own_group(tmp_path: Path) -> None:
     """A group whose tmp/ vanished fails with ENOENT; the other group is delivered."""
     good, bad = Maildir.create(tmp_path / "good"), Maildir.create(tmp_path / "bad")

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ..errors import InvalidMaildirPath
-from ..fsops import OS_OPS, FsOps
+from ..fsops import OS_OPS, FsOps, orders_writeback
 from ..validate import seconds
 from .commit import Message, SyncMode, check_sync, commit_batch
 from .names import (
@@ -84,7 +84,16 @@ class Maildir:
     Instances are immutable and safe to share between threads.
     """
 
-    __slots__ = ("cur_prefix", "dev", "info", "new_prefix", "owner", "path", "tmp_prefix")
+    __slots__ = (
+        "cur_prefix",
+        "dev",
+        "info",
+        "new_prefix",
+        "ordered",
+        "owner",
+        "path",
+        "tmp_prefix",
+    )
 
     path: Path
     """The Maildir's root, absolute."""
@@ -102,11 +111,18 @@ class Maildir:
     a user's Maildir is theirs (per-user uid/gid, as Dovecot does)."""
     info: str
     """Suffix of delivered names: ``""``, or ``":2,<flags>"`` for a :meth:`with_flags` view."""
+    ordered: bool
+    """Its file system journals a rename after the data written back before it
+    (:func:`~delivery_executor.fsops.orders_writeback`: ext4 with a journal, XFS):
+    ``sync="auto"`` batches there need one ``syncfs``, not two."""
 
-    def __init__(self, root: str, dev: int, owner: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, root: str, dev: int, owner: tuple[int, int] | None = None, ordered: bool = False
+    ) -> None:
         self.path = Path(root)
         self.dev = dev
         self.owner = owner
+        self.ordered = ordered
         self.tmp_prefix = os.path.join(root, "tmp") + os.sep
         self.new_prefix = os.path.join(root, "new") + os.sep
         self.cur_prefix = os.path.join(root, "cur") + os.sep
@@ -126,7 +142,7 @@ class Maildir:
         info = check_info_letters(letters)
         if not info:
             return self
-        view = Maildir(str(self.path), self.dev, self.owner)
+        view = Maildir(str(self.path), self.dev, self.owner, self.ordered)
         view.new_prefix = self.cur_prefix
         view.info = ":2," + info
         return view
@@ -183,7 +199,7 @@ class Maildir:
             dev = st.st_dev
             if sub == "tmp" and st.st_uid != 0 and os.geteuid() == 0:
                 owner = (st.st_uid, st.st_gid)
-        return cls(root, dev, owner)
+        return cls(root, dev, owner, orders_writeback(d))  # d: new/, whose st_dev is dev
 
     @classmethod
     def cached(cls, path: str | os.PathLike[str], *, ops: FsOps = OS_OPS) -> Maildir:
