@@ -235,7 +235,7 @@ def orders_writeback(path: str) -> bool:
     (tmpfs, btrfs, ext4 without a journal, network file systems), and
     wherever ``/proc`` or ``sync_file_range`` is missing or the answer unclear.
 
-    Cost: one ``stat`` and a read of ``/proc/self/mountinfo`` (tens of µs);
+    Cost: one ``stat`` and a read of ``/proc/self/mountinfo`` (about 0.1 ms here);
     callers keep the answer (a :class:`~delivery_executor.store.Maildir` does).
     """
     if _SYNC_FILE_RANGE is None or _SYNCFS is None:
