@@ -76,6 +76,7 @@ MODES: dict[str, list[str]] = {
     "executor-w2-loop": ["--workers", "2", "--writer", "loop"],
     "executor-w2-thread": ["--workers", "2", "--writer", "thread"],
     "executor-w1": ["--workers", "1"],
+    "executor-syncfs": ["--sync", "syncfs"],  # two syncfs per batch, not the writeback form
     "executor-bare": ["--line-endings", "crlf", "--no-size-names"],
     "executor-logged": ["--log-level", "INFO", "--log-file", "{root}.log"],
     "executor-userdb": ["--userdb", "passwd-file:{root}.users", "--quota-rule", "*:storage=10G"],

@@ -11,7 +11,7 @@ A delivery is: 1) create and write each file in ``tmp/`` (``O_EXCL``, mode
 0600), 2) make the data durable, 3) move each into ``new/`` with
 ``renameat2(RENAME_NOREPLACE)`` (or ``link`` + ``unlink``), so that a name
 collision can never replace a message already there (it is retried under a
-new name), 4) make the moves durable. Steps 2 and 4 take one of two forms (see
+new name), 4) make the moves durable. Steps 2 and 4 take one of these forms (see
 :data:`SyncMode`):
 
 ``"fsync"`` (portable)
@@ -49,7 +49,9 @@ The writeback form (``"auto"`` only, on ext4 with a journal and on XFS)
     says which), ``"auto"`` keeps two ``syncfs``. Checked on a recorded
     device with journal commits forced between every two steps, for every
     crash state (``tests/test_power_loss.py``). Files stay open from their
-    write to their wait, at most :data:`WRITEBACK_CHUNK` at a time.
+    write to their wait, at most :data:`WRITEBACK_CHUNK` at a time. Only for
+    up to :data:`WRITEBACK_MAX_BYTES` per file system and batch: past that,
+    two ``syncfs`` (faster for big mail, measured).
 
 A directory fsync alone does **not** persist the data of new files on ext4
 (delayed allocation) or XFS; that is why a batch protocol of no file sync,
@@ -104,6 +106,7 @@ class MaildirTarget(Protocol):
 __all__ = [
     "AUTO_SYNCFS_MIN_FILES",
     "WRITEBACK_CHUNK",
+    "WRITEBACK_MAX_BYTES",
     "Body",
     "CommitSteps",
     "MaildirTarget",
@@ -133,6 +136,13 @@ batch uses syncfs instead of per-file fdatasync."""
 WRITEBACK_CHUNK = 128
 """In the writeback form, the most files one file system's batch keeps open
 between their write and the wait for their writeback."""
+
+WRITEBACK_MAX_BYTES = 4 << 20
+"""The most bytes one batch puts on a file system in the writeback form; past
+that, two ``syncfs``. Measured here (BUDGETS.md): the writeback form is a
+quarter faster for a batch of small mail and level at 64 KiB, but ``serve``
+ran a third slower with it at 1 MiB, with more system CPU in its own
+processes (the waits make the writing thread do the writeback)."""
 
 SYNC_MODES: tuple[SyncMode, ...] = ("auto", "syncfs", "fsync")
 _EEXIST_RETRIES = 8
@@ -592,14 +602,21 @@ def _move_new(md: MaildirTarget, name: str, suffix: str, ops: FsOps) -> MessageI
 
 
 def _ordered_devices(work: list[_Group], syncfs_devs: set[int], options: StoreOptions) -> set[int]:
-    """The syncfs file systems whose batch takes the writeback form (``"auto"`` only)."""
+    """The syncfs file systems whose batch takes the writeback form (``"auto"`` only):
+    every Maildir there says the file system orders it, and the batch puts at
+    most :data:`WRITEBACK_MAX_BYTES` there."""
     if options.sync != "auto":
         return set()
     out = set(syncfs_devs)
+    size: dict[int, int] = {}
     for g in work:
         if not g.md.ordered:
             out.discard(g.md.dev)
-    return out
+        elif g.md.dev in out:
+            size[g.md.dev] = size.get(g.md.dev, 0) + sum(
+                p.nbytes for parts in g.messages for p in parts
+            )
+    return {d for d in out if size.get(d, 0) <= WRITEBACK_MAX_BYTES}
 
 
 def _write_back(
