@@ -89,6 +89,19 @@ def test_writeback_form_waits_in_chunks(tmp_path: Path, monkeypatch: pytest.Monk
     assert len(os.listdir(box.path / "new")) == 7
 
 
+def test_a_big_batch_takes_two_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past WRITEBACK_MAX_BYTES on one file system, auto syncs twice instead of waiting."""
+    monkeypatch.setattr("delivery_executor.store.commit.WRITEBACK_MAX_BYTES", 40)
+    small, big = (_ordered(Maildir.create(tmp_path / u)) for u in ("small", "big"))
+    for box, n, want in ((small, 2, 1), (big, 3, 2)):  # 2 x 19 bytes fit in 40, 3 x 19 do not
+        ops = TraceOps()
+        run_batches([box], [n], "auto", ops)
+        kinds = [op.kind for op in ops.log]
+        assert kinds.count("syncfs") == want
+        assert ("wait_writeback" in kinds) is (want == 1)
+        assert violations(ops.log, ordered=True) == []
+
+
 @pytest.mark.parametrize("sync", ["syncfs", "fsync"])
 def test_explicit_sync_modes_ignore_the_writeback_form(tmp_path: Path, sync: str) -> None:
     """sync="syncfs" and "fsync" keep their own steps on an ordered journal too."""
