@@ -129,6 +129,35 @@ MUTANTS = [
         "the move into new/ replaces a message already there",
     ),
     Mutant(
+        "writeback-without-wait",
+        PKG + "store/commit.py",
+        """            for f in fd:
+                ops.wait_writeback(f, path)
+""",
+        """            pass
+""",
+        ("tests/test_crash_states.py", "-k", "writeback"),
+        "the writeback form starts each file's writeback but moves before waiting for it",
+    ),
+    Mutant(
+        "writeback-on-any-file-system",
+        PKG + "store/commit.py",
+        """        if not g.md.ordered:
+            out.discard(g.md.dev)""",
+        """        if False:
+            out.discard(g.md.dev)""",
+        ("tests/test_crash_states.py", "-k", "every_crash_state and not writeback"),
+        "auto takes the writeback form on a file system that does not order it",
+    ),
+    Mutant(
+        "ext4-without-journal-ordered",
+        PKG + "fsops.py",
+        '            return os.path.isdir(f"/proc/fs/jbd2/{dev}-8")',
+        "            return True",
+        ("tests/test_power_loss.py", "-k", "orders_writeback"),
+        "an ext4 without a journal taken for one that orders writeback",
+    ),
+    Mutant(
         "syncfs-on-first-new-dir",
         PKG + "store/commit.py",
         '    err = yield ("syncfs", fd, where)',

@@ -88,7 +88,8 @@ class ExecutorStats:
     batches: int
     """Batches handed to the writer."""
     syncs: int
-    """fdatasync/fsync/syncfs calls the writer made."""
+    """fdatasync/fsync/syncfs calls the writer made, and writeback waits (one per
+    file system and batch in the writeback form)."""
     batch_sizes: dict[int, int]
     """Batch size → how many batches had it."""
     queued: int

@@ -241,7 +241,7 @@ class DeliveryCollector:
             ("failed", "Copies whose delivery failed (answered 451)."),
             ("rcpt_rejected", "Recipients refused at RCPT."),
             ("quota_rejected", "Recipients refused because their mailbox is full."),
-            ("syncs", "fdatasync/fsync/syncfs calls made."),
+            ("syncs", "fdatasync/fsync/syncfs calls and writeback waits made."),
             ("refused_connections", "Connections refused over --max-connections."),
             ("tmp_cleaned", "Stale files (over 36 h old) removed from Maildirs' tmp/."),
             ("duplicates", "Copies answered 250 and not stored again (--duplicate-window)."),
