@@ -91,10 +91,10 @@ MUTANTS = [
     Mutant(
         "stale-maildir-cache",
         PKG + "writers/base.py",
-        "            if isinstance(res, OSError) and res.errno in (errno.ENOENT, errno.ENOTDIR):",
+        "            if isinstance(res, OSError) and res.errno in _REOPEN:",
         "            if False:",
-        ("tests/test_store_hardening.py", "-k", "recreated or forgets"),
-        "the cached Maildir is not dropped on ENOENT/ENOTDIR",
+        ("tests/test_store_hardening.py", "-k", "recreated or forgets or mounted_over"),
+        "the cached Maildir is not dropped on ENOENT/ENOTDIR/ESTALE",
     ),
     Mutant(
         "no-header-sanitising",
@@ -156,6 +156,14 @@ MUTANTS = [
         "            return True",
         ("tests/test_power_loss.py", "-k", "orders_writeback"),
         "an ext4 without a journal taken for one that orders writeback",
+    ),
+    Mutant(
+        "stale-maildir-not-checked",
+        PKG + "store/commit.py",
+        "            if first and ops.device(fd, path) != g.md.dev:",
+        "            if False:",
+        ("tests/test_store_hardening.py", "-k", "mounted_over"),
+        "a cached Maildir with a file system mounted over it is synced on the old one",
     ),
     Mutant(
         "syncfs-on-first-new-dir",

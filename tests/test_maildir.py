@@ -687,12 +687,64 @@ def test_writeback_error_fails_every_group_on_that_fs_before_any_move(
     ops = _eio("wait_writeback", nth=nth)
     ra, rb = commit_batch([(a, [b"1", b"2"]), (b, [b"3"])], ops=ops)
     assert isinstance(ra, OSError) and isinstance(rb, OSError)
-    assert ra.errno == errno.EIO and ra.filename == str(a.path)
+    assert ra.errno == errno.EIO and rb is ra
+    waited = [c[1] for c in ops.calls if c[0] == "wait_writeback"]
+    assert ra.filename == waited[-1]  # the file whose wait failed: a's first, or b's
+    assert str(ra.filename).startswith(str((a if nth == 1 else b).path / "tmp"))
     names = [c[0] for c in ops.calls]
     assert "rename" not in names and "syncfs" not in names
     assert names.count("start_writeback") == 3  # every write queued before the first wait
     for m in (a, b):
         assert files_in(m.path / "tmp") == [] and files_in(m.path / "new") == []
+
+
+def test_a_failed_chunk_wait_fails_the_rest_of_that_fs_and_leaves_no_tmp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writeback wait failing mid-batch stops writing there: all groups there fail, tmp/ empty."""
+    monkeypatch.setattr("delivery_executor.store.commit.WRITEBACK_CHUNK", 2)
+    boxes = [Maildir.create(tmp_path / u) for u in ("a", "b", "c")]
+    a, b, c = (Maildir(str(m.path), m.dev, m.owner, ordered=True) for m in boxes)
+    ops = _eio("wait_writeback", nth=1)
+    results = commit_batch([(a, [b"1", b"2", b"3", b"4", b"5"]), (b, [b"6"]), (c, [b"7"])], ops=ops)
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results)
+    names = [c[0] for c in ops.calls]
+    assert names.count("create") == 2  # nothing written after the failed wait
+    assert "rename" not in names
+    for m in (a, b, c):
+        assert files_in(m.path / "tmp") == [] and files_in(m.path / "new") == []
+
+
+class _OpenFiles(RecordingOps):
+    """Counts the files the store has open, and the most at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = self.most = 0
+
+    def create(self, path: str) -> int:
+        fd = super().create(path)
+        self.open += 1
+        self.most = max(self.most, self.open)
+        return fd
+
+    def close(self, fd: int) -> None:
+        super().close(fd)
+        self.open -= 1
+
+
+def test_writeback_form_holds_at_most_a_chunk_open_over_all_file_systems(
+    tmp_path: Path, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two file systems in one batch share WRITEBACK_CHUNK: at most that many files open."""
+    monkeypatch.setattr("delivery_executor.store.commit.WRITEBACK_CHUNK", 4)
+    here, there = Maildir.create(tmp_path / "a"), Maildir.create(small_tmpfs / "b")
+    a, b = (Maildir(str(m.path), m.dev, m.owner, ordered=True) for m in (here, there))
+    ops = _OpenFiles()
+    ra, rb = commit_batch([(a, [b"x"] * 7), (b, [b"y"] * 7)], ops=ops)
+    assert isinstance(ra, list) and isinstance(rb, list)
+    assert ops.most <= 4 + 2 and ops.open == 0  # the chunk, and each file system's syncfs handle
+    assert len(files_in(a.path / "new")) == 7 and len(files_in(b.path / "new")) == 7
 
 
 def test_a_broken_maildir_fails_only_its_own_group(tmp_path: Path) -> None:

@@ -334,3 +334,34 @@ def test_write_batch_forgets_a_cached_maildir_that_failed_enoent(tmp_path: Path)
     ([ids], _) = write_batch([(path, [(memoryview(b"z"),)])])
     assert isinstance(ids, list)
     assert (Path(path) / "new" / ids[0].name).read_bytes() == b"z"
+
+
+@pytest.mark.parametrize("sync", ["auto", "syncfs", "fsync"])
+def test_a_file_system_mounted_over_a_cached_maildir_fails_estale_then_reopens(
+    tmp_path: Path, sync: str
+) -> None:
+    """A mount over a cached Maildir: ESTALE for that group alone, then reopened and delivered."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    home, other = str(tmp_path / "home"), str(tmp_path / "other")
+    write_batch([(home, [(memoryview(b"w"),)]), (other, [(memoryview(b"w"),)])])
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", other], check=True)
+    try:
+        Maildir.create(other)  # provisioned on the new file system; the cache still says the old
+        stale = Maildir.peek_cached(other)
+        assert stale is not None and stale.dev != os.stat(other).st_dev
+        ([ok, err], _) = write_batch(
+            [(home, [(memoryview(b"a"),)]), (other, [(memoryview(b"b"),)])],
+            sync=sync,  # type: ignore[arg-type]
+        )
+        assert isinstance(ok, list) and (Path(home) / "new" / ok[0].name).read_bytes() == b"a"
+        assert isinstance(err, OSError) and err.errno == errno.ESTALE
+        assert str(err.filename).startswith(other + "/tmp/") and "mount" in str(err)
+        assert files_in(Path(other) / "tmp") == [] and files_in(Path(other) / "new") == []
+        assert Maildir.peek_cached(other) is None  # forgotten: the next batch reopens it
+        ([ids], _) = write_batch([(other, [(memoryview(b"c"),)])], sync=sync)  # type: ignore[arg-type]
+        assert isinstance(ids, list)
+        assert (Path(other) / "new" / ids[0].name).read_bytes() == b"c"
+    finally:
+        Maildir.forget(other)
+        subprocess.run(["umount", other], check=False)

@@ -196,6 +196,13 @@ class FsOps:
             if own:
                 os.close(fd)
 
+    def device(self, fd: int, path: str) -> int:
+        """``fstat(fd).st_dev``: the file system an open file is on."""
+        try:
+            return os.fstat(fd).st_dev
+        except OSError as exc:
+            raise _with_path(exc, path) from None
+
     def start_writeback(self, fd: int, path: str) -> None:
         """``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``: start writing the data out.
 
@@ -225,7 +232,7 @@ class FsOps:
 def orders_writeback(path: str) -> bool:
     """Whether the file system of ``path`` journals a rename after the data written before it.
 
-    True for ext4 with a journal and for XFS, mounted with write barriers and
+    True for ext4 (or ext3) with a journal and for XFS, mounted with write barriers and
     no ``journal_async_commit``: there, once :meth:`FsOps.wait_writeback` has
     returned, the block allocation, size and unwritten-extent conversion of
     that data are in the journal before any later rename, and a journal
@@ -259,8 +266,9 @@ def orders_writeback(path: str) -> bool:
             return False
         if fstype == "xfs":
             return True
-        if fstype == "ext4":
-            # A journal shows as /proc/fs/jbd2/<block device>-8 while mounted.
+        if fstype in ("ext4", "ext3"):  # ext3 is mounted by the ext4 driver
+            # A journal shows as /proc/fs/jbd2/<block device>-8 while mounted (an
+            # external journal is named after its own device: taken as unknown).
             try:
                 dev = os.path.basename(os.path.realpath(f"/sys/dev/block/{want}"))
             except OSError:

@@ -146,12 +146,13 @@ processes (the waits make the writing thread do the writeback)."""
 
 SYNC_MODES: tuple[SyncMode, ...] = ("auto", "syncfs", "fsync")
 _EEXIST_RETRIES = 8
+_STALE = "the Maildir's file system changed since it was opened (a mount?): reopen it"
 
-SyncCall: TypeAlias = "tuple[str, int | tuple[int, ...], str]"
+SyncCall: TypeAlias = "tuple[str, int | tuple[int, ...], str | tuple[str, ...]]"
 """A sync the protocol needs: ``("fdatasync", fd, path)``, ``("fsync_dir", -1, path)``,
 ``("syncfs", fd, root)`` (``fd`` an open file on that file system; ``root`` the
-Maildir it is in, for errors) or ``("writeback", (fd, ...), root)`` (start then
-wait for the writeback of each file)."""
+Maildir it is in, for errors) or ``("writeback", (fd, ...), (path, ...))``
+(start, then wait for, the writeback of each file)."""
 
 GroupOutcome: TypeAlias = "list[MessageId] | OSError"
 CommitSteps: TypeAlias = Generator[SyncCall, "OSError | None", "list[list[MessageId] | OSError]"]
@@ -374,11 +375,14 @@ def run_sync_call(ops: FsOps, call: SyncCall) -> OSError | None:
     kind, fd, path = call
     try:
         if isinstance(fd, tuple):  # "writeback": every file's writes queued before any wait
-            for f in fd:
-                ops.start_writeback(f, path)
-            for f in fd:
-                ops.wait_writeback(f, path)
-        elif kind == "fdatasync":
+            paths = path if isinstance(path, tuple) else (path,) * len(fd)
+            for f, p in zip(fd, paths, strict=True):
+                ops.start_writeback(f, p)
+            for f, p in zip(fd, paths, strict=True):
+                ops.wait_writeback(f, p)
+            return None
+        assert isinstance(path, str)
+        if kind == "fdatasync":
             ops.fdatasync(fd, path)
         elif kind == "fsync_dir":
             ops.fsync_dir(path)
@@ -409,28 +413,34 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
     # opened before the writes also sees writeback errors from then on.
     handles: dict[int, tuple[int, str]] = {}
     # Writeback form: per file system, the files written and still open until
-    # their writeback has been waited for (the handle among them).
-    held: dict[int, list[int]] = {d: [] for d in _ordered_devices(work, syncfs_devs, options)}
+    # their writeback has been waited for (the handle among them), and the
+    # file systems where such a wait failed (the rest of the batch there fails).
+    held: dict[int, list[tuple[int, str]]] = {
+        d: [] for d in _ordered_devices(work, syncfs_devs, options)
+    }
+    broken: dict[int, OSError] = {}
     try:
         # 1-2. Write into tmp/ (fdatasync per file for the portable form).
         for g in work:
-            keep = handles if g.md.dev in syncfs_devs else None
-            mine = held.get(g.md.dev)
+            dev = g.md.dev
+            keep = handles if dev in syncfs_devs else None
+            mine = held.get(dev)
             try:
                 for parts in g.messages:
+                    if dev in broken:
+                        raise broken[dev]
                     suffix = size_suffix(parts) if sizes else ""
                     yield from _write_one(g, parts, suffix, keep, mine, ops)
-                    if mine is not None and len(mine) >= WRITEBACK_CHUNK:
-                        yield from _write_back(work, g.md.dev, mine, handles, ops)
+                    if mine is not None and sum(map(len, held.values())) >= WRITEBACK_CHUNK:
+                        yield from _write_back_all(work, held, handles, broken, ops)
             except OSError as exc:
                 g.fail(exc, ops)
 
         # 2. One wait per file system covers every file's data: the writeback
         # form's, or the syncfs form's first syncfs.
+        yield from _write_back_all(work, held, handles, broken, ops)
         for dev, handle in handles.items():
-            if dev in held:
-                yield from _write_back(work, dev, held[dev], handles, ops)
-            else:
+            if dev not in held:
                 yield from _sync_dev(work, dev, handle, ops)
 
         # 2b. Duplicate records (store/seen.py), before the moves: a message
@@ -457,8 +467,8 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
             yield from _sync_dev(work, dev, handle, ops)
     finally:
         kept = {fd for fd, _ in handles.values()}
-        for fds in held.values():  # left open only when the batch stopped early
-            for fd in fds:
+        for files in held.values():  # left open only when the batch stopped early
+            for fd, _ in files:
                 if fd not in kept:
                     with contextlib.suppress(OSError):
                         ops.close(fd)
@@ -549,7 +559,7 @@ def _write_one(
     parts: Parts,
     suffix: str,
     keep: dict[int, tuple[int, str]] | None,
-    held: list[int] | None,
+    held: list[tuple[int, str]] | None,
     ops: FsOps,
 ) -> Generator[SyncCall, OSError | None, None]:
     for _ in range(_EEXIST_RETRIES):
@@ -559,10 +569,15 @@ def _write_one(
             fd = ops.create(path)
         except FileExistsError:
             continue
+        first = not g.names
         g.names.append(name)  # from here on, failure must unlink it
         g.suffixes.append(suffix)
         close = True
         try:
+            if first and ops.device(fd, path) != g.md.dev:
+                # A file system mounted over (or from under) the Maildir since it
+                # was opened: its syncs would go to the wrong one.
+                raise OSError(errno.ESTALE, _STALE, path)
             if g.md.owner is not None:  # root delivering into a user's Maildir
                 ops.fchown(fd, g.md.owner[0], g.md.owner[1], path)
             ops.write_all(fd, parts, path)
@@ -575,7 +590,7 @@ def _write_one(
                     keep[g.md.dev] = (fd, str(g.md.path))  # the file system's syncfs handle
                     close = False
                 if held is not None:  # the writeback form: open until its wait
-                    held.append(fd)
+                    held.append((fd, path))
                     close = False
         finally:
             if close:
@@ -610,7 +625,8 @@ def _ordered_devices(work: list[_Group], syncfs_devs: set[int], options: StoreOp
     out = set(syncfs_devs)
     size: dict[int, int] = {}
     for g in work:
-        if not g.md.ordered:
+        # getattr: a MaildirTarget written before `ordered` existed stays on two syncfs.
+        if not getattr(g.md, "ordered", False):
             out.discard(g.md.dev)
         elif g.md.dev in out:
             size[g.md.dev] = size.get(g.md.dev, 0) + sum(
@@ -619,32 +635,36 @@ def _ordered_devices(work: list[_Group], syncfs_devs: set[int], options: StoreOp
     return {d for d in out if size.get(d, 0) <= WRITEBACK_MAX_BYTES}
 
 
-def _write_back(
+def _write_back_all(
     work: list[_Group],
-    dev: int,
-    held: list[int],
+    held: dict[int, list[tuple[int, str]]],
     handles: dict[int, tuple[int, str]],
+    broken: dict[int, OSError],
     ops: FsOps,
 ) -> Generator[SyncCall, OSError | None, None]:
-    """Wait for the writeback of the files in ``held`` and close them (not the handle).
-
-    An error fails every live group on the file system, as a failed syncfs does.
-    """
-    handle, where = handles[dev]
-    fds = tuple(held)
-    held.clear()
-    try:
-        live = [g for g in work if g.md.dev == dev and g.error is None and g.names]
-        if live:
-            err = yield ("writeback", fds, where)
-            if err is not None:
-                for g in live:
-                    g.fail(err, ops)
-    finally:
-        for fd in fds:
-            if fd != handle:
-                with contextlib.suppress(OSError):
-                    ops.close(fd)
+    """Wait for the writeback of every held file, one call per file system; close them
+    (not the syncfs handles). A failed wait fails every live group on that file
+    system, as a failed syncfs does, and is noted in ``broken``."""
+    for dev, files in held.items():
+        if not files:
+            continue
+        handle = handles[dev][0]
+        fds = tuple(fd for fd, _ in files)
+        paths = tuple(path for _, path in files)
+        files.clear()
+        try:
+            live = [g for g in work if g.md.dev == dev and g.error is None and g.names]
+            if live:
+                err = yield ("writeback", fds, paths)
+                if err is not None:
+                    broken[dev] = err
+                    for g in live:
+                        g.fail(err, ops)
+        finally:
+            for fd in fds:
+                if fd != handle:
+                    with contextlib.suppress(OSError):
+                        ops.close(fd)
 
 
 def _sync_dev(

@@ -114,9 +114,9 @@ def write_batch(
 
     ``options`` (a :class:`~delivery_executor.store.StoreOptions`) may stand
     for the three keywords. A path that cannot be opened or created fails only
-    its own group. A group that fails with ``ENOENT`` or ``ENOTDIR`` drops its
-    path from the Maildir cache, so a Maildir removed at run time is created
-    again next time.
+    its own group. A group that fails with ``ENOENT``, ``ENOTDIR`` or
+    ``ESTALE`` drops its path from the Maildir cache, so a Maildir removed (or
+    mounted over) at run time is opened or created again next time.
     """
     opts = StoreOptions.of(options, sync, ops, size_in_names)
     opened = open_maildirs(groups, lambda path: Maildir.cached(path, ops=opts.ops))
@@ -181,6 +181,11 @@ def goes_to_thread(groups: Sequence[AnyGroup], thread_above: int | None) -> bool
     return distinct > thread_above
 
 
+_REOPEN = (errno.ENOENT, errno.ENOTDIR, errno.ESTALE)
+"""Group errors after which the cached Maildir is dropped, to be opened afresh
+next time: it is gone, no longer a directory, or on another file system."""
+
+
 class OpenedGroups:
     """A batch's Maildirs, opened: per-group errors kept aside, the rest ready to commit."""
 
@@ -196,7 +201,7 @@ class OpenedGroups:
         """All groups' results, in order: the open errors and ``committed`` for the rest."""
         for i, res in zip(self.where, committed, strict=True):
             self.results[i] = res
-            if isinstance(res, OSError) and res.errno in (errno.ENOENT, errno.ENOTDIR):
+            if isinstance(res, OSError) and res.errno in _REOPEN:
                 Maildir.forget(self.groups[i][0])
         return [r for r in self.results if r is not None]
 
