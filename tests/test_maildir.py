@@ -28,7 +28,7 @@ from delivery_executor import (
     parse_flags,
     serialize_flags,
 )
-from delivery_executor.store import check_maildir_path
+from delivery_executor.store import StoreOptions, check_maildir_path, commit_steps
 from delivery_executor.store import names as md_mod
 
 from .helpers import RecordingOps, files_in
@@ -854,3 +854,19 @@ def test_store_options_is_one_value_for_the_three_store_flags(tmp_path: Path) ->
         StoreOptions(sync="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="must be OS_OPS"):
         ProcessWriter(options=opts)  # the helper process cannot use a tracing ops
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_an_abandoned_batch_leaves_no_tmp_files_and_no_open_files(
+    tmp_path: Path, ordered: bool
+) -> None:
+    """A driver that stops at the first sync (generator closed) leaves tmp/ empty, no fd open."""
+    box = Maildir.create(tmp_path / "a")
+    box = Maildir(str(box.path), box.dev, box.owner, ordered=ordered)
+    ops = _OpenFiles()
+    steps = commit_steps([(box, [b"1", b"2", b"3"])], options=StoreOptions(ops=ops))
+    first = next(steps)
+    assert first[0] == ("writeback" if ordered else "syncfs")
+    steps.close()
+    assert ops.open == 0
+    assert files_in(box.path / "tmp") == [] and files_in(box.path / "new") == []

@@ -465,6 +465,12 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
         # 4. Make the moves durable.
         for dev, handle in handles.items():
             yield from _sync_dev(work, dev, handle, ops)
+    except GeneratorExit:
+        # The driver gave up on the batch (a writer's close timed out): nobody
+        # is told these messages were delivered, so their tmp/ files go now.
+        for g in work:
+            g.fail(OSError(errno.ECANCELED, "batch abandoned", str(g.md.path)), ops)
+        raise
     finally:
         kept = {fd for fd, _ in handles.values()}
         for files in held.values():  # left open only when the batch stopped early
