@@ -110,3 +110,18 @@ def test_target_mode_drives_an_external_server(tmp_path: Path) -> None:
     assert row["errors"] == 0
     delivered = sum(int(m.group(1)) for line in srv.lines if (m := _SUMMARY.search(line)))
     assert delivered >= row["msg_s"] * 0.5  # the measured half second, at least
+
+
+def test_sync_forms_bench_runs_and_restores_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    """benches.sync_forms prints every form per size and leaves AUTO_SYNCFS_MIN_FILES as it was."""
+    from benches import sync_forms
+
+    from delivery_executor.store import commit
+
+    assert sync_forms.main(["--rounds", "2", "--sizes", "1,2"]) == 0
+    out = capsys.readouterr().out
+    for n in (1, 2):
+        line = next(x for x in out.splitlines() if x.startswith(f"N = {n}:"))
+        assert all(f in line for f in ("auto", "fsync", "syncfs", "writeback-1"))
+    assert "one message, idle" in out and "one message, busy neighbour" in out
+    assert commit.AUTO_SYNCFS_MIN_FILES == 2
