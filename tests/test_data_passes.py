@@ -17,6 +17,7 @@ from delivery_executor import DeliveryExecutor, MailboxResolver
 from delivery_executor._native import speedups as native
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.smtp import handler as handler_module
+from delivery_executor.smtp import reader as reader_module
 from delivery_executor.smtp.handler import LineEndings, to_lf, to_lf_counted, to_lf_counted_py
 from delivery_executor.store import names
 from delivery_executor.store.names import known_line_ends, size_suffix
@@ -187,10 +188,16 @@ async def test_handler_hands_its_count_to_the_store(
 async def test_the_readers_line_count_spares_the_conversion_its_count(
     tmp_path: Path, body: bytes, hint: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The reader's count of CRLFs reaches the C conversion; a bare LF leaves it to count."""
+    """The reader's count of CRLFs reaches the C conversion; a bare LF leaves it to count.
+
+    With the count, the body goes from the reader's raw buffer straight to the
+    C (``unstuff_to_lf``: unstuffed and converted in one copy, the CRLF body
+    never made); after a bare LF, the handler converts the made body
+    (``to_lf_counted``) and counts there.
+    """
     c = native
     assert c is not None
-    hints: list[int] = []
+    hints: list[tuple[str, int]] = []
 
     class Spy:
         def find_dot_or_bare_lf_counted(self, buf: bytes, pos: int) -> tuple[int, int]:
@@ -200,11 +207,27 @@ async def test_the_readers_line_count_spares_the_conversion_its_count(
             raise AssertionError("not used by the handler")
 
         def to_lf_counted(self, data: bytes, crlf: int = -1) -> tuple[bytes, int]:
-            hints.append(crlf)
+            hints.append(("to_lf_counted", crlf))
             assert c is not None
             return c.to_lf_counted(data, crlf)
 
+        def unstuff_to_lf(
+            self, buf: bytearray, start: int, dots: list[int], crlf: int
+        ) -> tuple[bytes, int] | None:
+            hints.append(("unstuff_to_lf", crlf))
+            assert c is not None
+            return c.unstuff_to_lf(buf, start, dots, crlf)
+
     monkeypatch.setattr(handler_module, "speedups", Spy())
+    monkeypatch.setattr(reader_module, "speedups", Spy())
+    made: list[int] = []
+    make = reader_module._Body.content
+
+    def content(self: reader_module._Body) -> bytes:
+        made.append(1)
+        return make(self)
+
+    monkeypatch.setattr(reader_module._Body, "content", content)
     ex = DeliveryExecutor()
     handler = DeliveryHandler(ex, MailboxResolver(tmp_path))
     loop = asyncio.get_running_loop()
@@ -220,7 +243,8 @@ async def test_the_readers_line_count_spares_the_conversion_its_count(
         await srv.wait_closed()
         await ex.aclose()
     assert [r.code for r in replies] == [250]
-    assert hints == [hint]
+    assert hints == [("unstuff_to_lf", hint) if hint >= 0 else ("to_lf_counted", hint)]
+    assert len(made) == (0 if hint >= 0 else 1)  # counted: the CRLF body is never made
     if hint >= 0:
         assert hint == body.count(b"\r\n")
     (name,) = files_in(tmp_path / "example.org" / "a" / "new")

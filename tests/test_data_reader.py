@@ -106,7 +106,11 @@ class Outcome:
 def outcome(proto: SMTP, replies: bytes | bytearray, handler: Recorder) -> Outcome:
     """Snapshot a finished session (the peer's port and the loop left out)."""
     session = {k: v for k, v in vars(proto.session).items() if k not in ("loop", "peer")}
-    state = repr((sorted(vars(proto.envelope).items()), sorted(session.items())))
+    # The envelope through its public attributes: ours makes its content on demand.
+    env = proto.envelope
+    names = {k for k in vars(env) if not k.startswith("_")} | {"content", "original_content"}
+    envelope = sorted((k, getattr(env, k)) for k in names)
+    state = repr((envelope, sorted(session.items())))
     return Outcome(bytes(replies), tuple(handler.delivered), state)
 
 

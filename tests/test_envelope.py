@@ -12,8 +12,17 @@ from typing import Any
 import pytest
 
 from delivery_executor import DeliveryExecutor, MailboxResolver, Maildir
+from delivery_executor._native import speedups
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.smtp.dsn import DsnSyntaxError, original_recipient, xtext_decode
+from delivery_executor.smtp.reader import (
+    LINE_ENDS,
+    NO_BARE_LF,
+    BulkEnvelope,
+    _Body,
+    lf_body,
+    raw_body_size,
+)
 
 from .helpers import listening
 from .test_conventions import Client
@@ -317,3 +326,30 @@ async def test_same_mailbox_named_four_ways_is_stored_once(tmp_path: Path, lmtp:
     (copy,) = stored(tmp_path, "example.org", "carol")
     assert b"\nDelivered-To: carol@example.org\n" in copy
     assert len(stored(tmp_path, "example.org", "dave")) == 1
+
+
+def _held(data: bytes) -> BulkEnvelope:
+    """A fresh BulkEnvelope holding the raw body read from ``data`` (DATA's bytes)."""
+    body = _Body(None, 1000)
+    assert body.feed(data) == len(data) and body.done
+    env = BulkEnvelope()
+    env.hold(body)
+    return env
+
+
+def test_bulk_envelope_makes_its_content_once_on_first_read() -> None:
+    """A held raw body becomes content and original_content on first read; writes still win."""
+    assert raw_body_size(BulkEnvelope()) == -1 and lf_body(BulkEnvelope()) is None
+    env = _held(b"a\r\n..b\r\n.\r\n")
+    assert raw_body_size(env) == len(b"a\r\n.b\r\n")
+    if speedups is not None:  # with the C helpers: straight from the raw buffer
+        assert lf_body(env) == (b"a\n.b\n", 2)
+    assert env.original_content == b"a\r\n.b\r\n"
+    assert env.content is env.original_content
+    assert getattr(env, NO_BARE_LF) is env.original_content and getattr(env, LINE_ENDS) == 2
+    assert raw_body_size(env) == -1 and lf_body(env) is None  # made: the raw buffer is gone
+    env.content = b"replaced"
+    assert env.content == b"replaced" and env.original_content == b"a\r\n.b\r\n"
+    other = _held(b"x\r\n.\r\n")
+    other.original_content = b"set by a handler"  # a write while held makes the body first
+    assert other.original_content == b"set by a handler" and other.content == b"x\r\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -234,3 +235,70 @@ def test_wrong_arguments_are_type_errors() -> None:
         speedups.judge_lines(b"x", 0, 1)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         speedups.judge_lines("text", 0, 1, 5)  # type: ignore[arg-type]
+
+
+# -- unstuff_to_lf: the reader's raw body straight to LF line ends
+
+body_lines = st.lists(
+    st.lists(st.sampled_from([b"x", b".", b"\r", b"..", b"y\r"]), max_size=6).map(b"".join),
+    max_size=30,
+)
+
+
+def _fed(lines: list[bytes], cuts: list[int]) -> reader._Body:
+    """A DATA body of ``lines`` (stuffed, CRLF ends, then the terminator), fed in pieces."""
+    raw = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    stream = raw + b".\r\n"
+    body = reader._Body(None, 1000)
+    edges = [0, *sorted({c % (len(stream) + 1) for c in cuts}), len(stream)]
+    for a, b in itertools.pairwise(edges):
+        if b > a:
+            body.feed(stream[a:b])
+    assert body.done
+    return body
+
+
+@needs_c
+@given(body_lines, st.lists(st.integers(0, 400), max_size=6))
+@example([b".", b"..", b"x"], [])
+@example([b"", b".\r", b"x\r"], [3])
+def test_unstuff_to_lf_is_the_made_body_converted(lines: list[bytes], cuts: list[int]) -> None:
+    """From the reader's raw buffer: the unstuffed body's to_lf and W - S, as the two-copy path."""
+    assert speedups is not None
+    body = _fed(lines, cuts)
+    assert body.bare_lf is False and body.dots is not None and body.line_ends is not None
+    fused = body.lf_content()
+    made = body.content()
+    assert made == b"".join(line + b"\r\n" for line in lines)
+    assert fused == speedups.to_lf_counted(made) == handler.to_lf_counted_py(made)
+
+
+@needs_c
+def test_unstuff_to_lf_refuses_a_wrong_count_or_a_dot_off_a_line_start() -> None:
+    """A wrong CRLF count gives None (the caller makes the body); a misplaced dot, ValueError."""
+    assert speedups is not None
+    buf = bytearray(b"\r\nab\r\n..x\r\n.y\r\nz\r\n")
+    assert speedups.unstuff_to_lf(buf, 2, [6, 11], 4) == (b"ab\n.x\ny\nz\n", 4)
+    for wrong in (3, 5, 0, -1, 10**6):
+        assert speedups.unstuff_to_lf(buf, 2, [6, 11], wrong) is None
+    for dots in ([7], [11, 6], [6, 6], [4], [40], [-1]):
+        with pytest.raises(ValueError, match="no stuffing dot"):
+            speedups.unstuff_to_lf(buf, 2, dots, 4)
+    with pytest.raises(ValueError, match="start out of range"):
+        speedups.unstuff_to_lf(buf, 99, [], 0)
+    with pytest.raises(TypeError, match="list of dots"):
+        speedups.unstuff_to_lf(buf, 2, (6, 11), 4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        speedups.unstuff_to_lf(buf, 2, [6, 11])  # type: ignore[call-arg]
+
+
+@needs_c
+def test_unstuff_to_lf_of_a_big_body_without_the_gil() -> None:
+    """Past 64 KiB (the GIL released, the buffer held exported): the same bytes; no resizing."""
+    assert speedups is not None
+    lines = [b".dot" if i % 97 == 0 else b"y" * 78 for i in range(3000)]
+    body = _fed(lines, [70_000])
+    assert len(body.buf) > 64 * 1024
+    fused = body.lf_content()
+    assert fused is not None
+    assert fused[0] == b"".join(line + b"\n" for line in lines)

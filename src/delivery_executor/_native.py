@@ -25,6 +25,9 @@ class Speedups(Protocol):
     def judge_lines(
         self, buf: bytes | bytearray | memoryview, start: int, end: int, width: int, /
     ) -> tuple[int, bool]: ...
+    def unstuff_to_lf(
+        self, buf: bytes | bytearray | memoryview, start: int, dots: list[int], crlf: int, /
+    ) -> tuple[bytes, int] | None: ...
 
 
 def _load() -> Speedups | None:

@@ -25,6 +25,16 @@
  *     count only costs that pass: the copy checks its room). Releases the
  *     GIL past 64 KiB (body is immutable bytes).
  *
+ * unstuff_to_lf(buf, start, dots, crlf) -> (bytes, int) or None
+ *     The reader's raw body buf[start:] without the stuffing dots at the
+ *     offsets in dots (ascending; each starts a line) and with every CRLF
+ *     turned into LF, in one copy straight from the reader's buffer: the
+ *     same result as to_lf_counted(b"".join(the slices between the dots)).
+ *     crlf is the reader's count of CRLFs (the result is allocated at its
+ *     size); None if that count was wrong. ValueError for a dot that is not
+ *     at a line start. Releases the GIL past 64 KiB (the buffer is held
+ *     exported, so it cannot be resized meanwhile).
+ *
  * The scan reads the buffer once; the conversion once when the count is
  * given, else twice (a memchr pass that counts, so that the result is
  * allocated at its size, then the copy). The
@@ -294,12 +304,116 @@ to_lf_counted(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(Nn)", out, extra);
 }
 
+/* convert() over buf[start:] in pieces, skipping the byte at each dot
+ * offset; -1 if the pieces do not fill exactly cap bytes. Each dot starts a
+ * line, so no CRLF straddles two pieces and the result is convert() of the
+ * joined pieces. */
+static Py_ssize_t
+convert_pieces(const char *s, Py_ssize_t start, Py_ssize_t n, const Py_ssize_t *dots,
+               Py_ssize_t ndots, char *d, Py_ssize_t cap, Py_ssize_t *extra)
+{
+    Py_ssize_t k = 0, at = start, total = 0;
+    for (Py_ssize_t i = 0; i <= ndots; i++) {
+        Py_ssize_t end = i < ndots ? dots[i] : n, piece_extra = 0;
+        Py_ssize_t w = convert(s + at, end - at, d + k, cap - k, &piece_extra);
+        if (w < 0) {
+            return -1;
+        }
+        k += w;
+        total += piece_extra;
+        at = end + 1;
+    }
+    *extra = total;
+    return k == cap ? k : -1;
+}
+
+static PyObject *
+unstuff_to_lf(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "unstuff_to_lf(buf, start, dots, crlf) takes 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t crlf = PyLong_AsSsize_t(args[3]);
+    if (crlf == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyList_Check(args[2])) {
+        PyErr_Format(PyExc_TypeError, "unstuff_to_lf() needs a list of dots, not %.100s",
+                     Py_TYPE(args[2])->tp_name);
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t *dots = NULL;
+    const char *s = view.buf;
+    Py_ssize_t n = view.len, ndots = PyList_GET_SIZE(args[2]);
+    if (start < 0 || start > n) {
+        PyErr_SetString(PyExc_ValueError, "unstuff_to_lf: start out of range");
+        goto done;
+    }
+    dots = PyMem_New(Py_ssize_t, ndots > 0 ? ndots : 1);
+    if (dots == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < ndots; i++) {
+        Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(args[2], i));
+        if (at == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        Py_ssize_t floor = i > 0 ? dots[i - 1] + 1 : start;
+        if (at < floor || at >= n || s[at] != '.' || (at > start && s[at - 1] != '\n')) {
+            PyErr_Format(PyExc_ValueError, "unstuff_to_lf: no stuffing dot at %zd", at);
+            goto done;
+        }
+        dots[i] = at;
+    }
+    Py_ssize_t cap = (n - start) - ndots - crlf, extra = 0, k;
+    if (crlf < 0 || cap < 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL) {
+        goto done;
+    }
+    char *d = PyBytes_AS_STRING(out);
+    if (n > RELEASE_GIL_ABOVE) {
+        Py_BEGIN_ALLOW_THREADS
+        k = convert_pieces(s, start, n, dots, ndots, d, cap, &extra);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        k = convert_pieces(s, start, n, dots, ndots, d, cap, &extra);
+    }
+    if (k < 0) {
+        Py_DECREF(out);
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    result = Py_BuildValue("(Nn)", out, extra);
+done:
+    PyMem_Free(dots);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"find_dot_or_bare_lf_counted", (PyCFunction)(void (*)(void))find_dot_or_bare_lf_counted,
      METH_FASTCALL,
      "(first LF at or after pos that starts a dot line or lacks its CR, or -1; LFs before it)."},
     {"judge_lines", (PyCFunction)(void (*)(void))judge_lines, METH_FASTCALL,
      "(start of the first line not proven <= width bytes, whether a window had no CRLF)."},
+    {"unstuff_to_lf", (PyCFunction)(void (*)(void))unstuff_to_lf, METH_FASTCALL,
+     "(raw body without its stuffing dots, CRLF turned into LF, W - S), or None for a wrong crlf."},
     {"to_lf_counted", (PyCFunction)(void (*)(void))to_lf_counted, METH_FASTCALL,
      "(body with CRLF turned into LF, its LF count minus its CRLF count); crlf: its CRLF count if known."},
     {NULL, NULL, 0, NULL},

@@ -73,7 +73,7 @@ from ..store import Message
 from ..store.names import known_line_ends
 from .dsn import DsnSyntaxError, original_recipient
 from .duplicates import DuplicateFilter
-from .reader import counted_line_ends, has_no_bare_lf
+from .reader import counted_line_ends, has_no_bare_lf, lf_body, raw_body_size
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -484,6 +484,16 @@ class DeliveryHandler:
         self, server: SMTP, session: Session, envelope: Envelope, rcpts: list[str], lmtp: bool
     ) -> list[str]:
         started = time.perf_counter()
+        # Our reader's body, not yet made: sized without a pass, converted in one.
+        held = raw_body_size(envelope) if self._lf else -1
+        if held > self.max_message_size:
+            self.rejected += len(rcpts)
+            return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
+        fused = lf_body(envelope) if held >= 0 else None
+        if fused is not None:
+            lf, extra = fused
+            with known_line_ends(lf, extra):
+                return await self._deliver_body(server, session, envelope, rcpts, lmtp, lf, started)
         body = envelope.original_content
         if body is None:
             return ["554 5.6.0 No message data"] * len(rcpts)

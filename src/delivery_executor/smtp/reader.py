@@ -79,7 +79,7 @@ import re
 from typing import TYPE_CHECKING, Any
 from warnings import warn
 
-from aiosmtpd.smtp import MISSING, syntax
+from aiosmtpd.smtp import MISSING, Envelope, syntax
 
 from .._native import speedups
 
@@ -88,7 +88,16 @@ if TYPE_CHECKING:
 else:
     _MixinBase = object
 
-__all__ = ["LINE_ENDS", "NO_BARE_LF", "BulkDataMixin", "counted_line_ends", "has_no_bare_lf"]
+__all__ = [
+    "LINE_ENDS",
+    "NO_BARE_LF",
+    "BulkDataMixin",
+    "BulkEnvelope",
+    "counted_line_ends",
+    "has_no_bare_lf",
+    "lf_body",
+    "raw_body_size",
+]
 
 # aiosmtpd's logger, so existing logging configuration covers us too.
 _log = logging.getLogger("mail.log")
@@ -309,6 +318,18 @@ class _Body:
             self.bare_lf = None  # no longer looked for
         return False
 
+    def raw_size(self) -> int:
+        """The unstuffed body's length, without making it (after the terminator; dots noted)."""
+        assert self.dots is not None
+        return len(self.buf) - 2 - len(self.dots)
+
+    def lf_content(self) -> tuple[bytes, int] | None:
+        """``(the unstuffed body with CRLF turned into LF, its W - S)`` in one C copy from
+        ``buf``, which stays as it is; None without the C helpers or the counts they need."""
+        if speedups is None or self.dots is None or self.line_ends is None or self.bare_lf:
+            return None
+        return speedups.unstuff_to_lf(self.buf, 2, self.dots, self.line_ends)
+
     def content(self) -> bytes:
         """The unstuffed body (call once, after the terminator, when there is no verdict)."""
         buf, self.buf = self.buf, bytearray()
@@ -371,6 +392,75 @@ class _Body:
             # else: too few bytes yet to know which; at most w + 1 past s.
 
 
+class BulkEnvelope(Envelope):
+    """aiosmtpd's ``Envelope``, whose body the bulk reader may hand over unmade.
+
+    ``content`` and ``original_content`` read and write as aiosmtpd's
+    attributes. After a DATA whose body the reader vouched for (no bare LF, at
+    most 256 stuffed lines, the C helpers built, no ``decode_data``) they are
+    made from the reader's raw buffer only when first read, so a handler that
+    takes the body through :func:`lf_body` instead (``DeliveryHandler`` storing
+    LF line ends) never makes the CRLF copy: at 1 MiB one copy of the body
+    fewer before the write. Until then the raw buffer (the body as received,
+    dots and all) is kept.
+    """
+
+    def __init__(self) -> None:
+        self._raw: _Body | None = None
+        self._original: bytes | None = None
+        self._content: bytes | str | None = None
+        super().__init__()
+
+    def hold(self, body: _Body) -> None:
+        """Keep ``body`` (whole, no verdict) to make the content from when it is asked for."""
+        self._raw = body
+
+    def _made(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is None:
+            return
+        data = raw.content()
+        self._original = self._content = data
+        setattr(self, NO_BARE_LF, data)
+        if raw.line_ends is not None:
+            setattr(self, LINE_ENDS, raw.line_ends)
+
+    @property
+    def original_content(self) -> bytes | None:
+        self._made()
+        return self._original
+
+    @original_content.setter
+    def original_content(self, value: bytes | None) -> None:
+        self._made()
+        self._original = value
+
+    @property
+    def content(self) -> bytes | str | None:
+        self._made()
+        return self._content
+
+    @content.setter
+    def content(self, value: bytes | str | None) -> None:
+        self._made()
+        self._content = value
+
+
+def raw_body_size(envelope: object) -> int:
+    """The length of the body a :class:`BulkEnvelope` holds unmade, else -1 (no pass over it)."""
+    if not isinstance(envelope, BulkEnvelope) or envelope._raw is None:
+        return -1
+    return envelope._raw.raw_size()
+
+
+def lf_body(envelope: object) -> tuple[bytes, int] | None:
+    """``(body with LF line ends, W - S)`` straight from a :class:`BulkEnvelope`'s unmade
+    body (one C pass, no CRLF copy), else None: then read ``original_content``."""
+    if not isinstance(envelope, BulkEnvelope) or envelope._raw is None:
+        return None
+    return envelope._raw.lf_content()
+
+
 def counted_line_ends(envelope: object, content: bytes) -> int:
     """The CRLFs in ``content`` if our reader read it as this envelope's body and counted them,
     else -1 (a bare LF in it, too many stuffed lines, a handler that replaced it)."""
@@ -429,6 +519,17 @@ class BulkDataMixin(_MixinBase):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
 
+        env = self.envelope
+        if (
+            not self._decode_data
+            and isinstance(env, BulkEnvelope)
+            and speedups is not None
+            and body.bare_lf is False
+            and body.line_ends is not None
+            and body.dots is not None
+        ):
+            env.hold(body)  # made on first read; our handler converts straight from it
+            return await self._handle_data()
         original_content = body.content()
         content: str | bytes
         if self._decode_data:
@@ -449,7 +550,10 @@ class BulkDataMixin(_MixinBase):
             setattr(self.envelope, NO_BARE_LF, original_content)
             if body.line_ends is not None:
                 setattr(self.envelope, LINE_ENDS, body.line_ends)
+        await self._handle_data()
 
+    async def _handle_data(self) -> None:
+        """The handler's DATA hook (or aiosmtpd's fallback), the new state, the reply."""
         status: Any
         if "DATA" in self._handle_hooks:
             status = await self._call_handler_hook("DATA")
@@ -457,6 +561,9 @@ class BulkDataMixin(_MixinBase):
             status = await self._process_message_compat()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
+
+    def _create_envelope(self) -> Envelope:
+        return BulkEnvelope()
 
     async def _read_data_body(self, body: _Body) -> None:
         """Consume the stream up to and including the terminator, feeding ``body``.
