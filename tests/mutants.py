@@ -131,8 +131,8 @@ MUTANTS = [
     Mutant(
         "writeback-without-wait",
         PKG + "store/commit.py",
-        """            for f in fd:
-                ops.wait_writeback(f, path)
+        """            for f, p in zip(fd, paths, strict=True):
+                ops.wait_writeback(f, p)
 """,
         """            pass
 """,
@@ -142,7 +142,7 @@ MUTANTS = [
     Mutant(
         "writeback-on-any-file-system",
         PKG + "store/commit.py",
-        """        if not g.md.ordered:
+        """        if not getattr(g.md, "ordered", False):
             out.discard(g.md.dev)""",
         """        if False:
             out.discard(g.md.dev)""",
@@ -164,6 +164,22 @@ MUTANTS = [
         "            if False:",
         ("tests/test_store_hardening.py", "-k", "mounted_over"),
         "a cached Maildir with a file system mounted over it is synced on the old one",
+    ),
+    Mutant(
+        "lf-body-keeps-the-stuffing-dots",
+        PKG + "smtp/reader.py",
+        "        return speedups.unstuff_to_lf(self.buf, 2, self.dots, self.line_ends)",
+        "        return speedups.unstuff_to_lf(self.buf, 2, [], self.line_ends)",
+        ("tests/test_speedups.py", "-k", "unstuff"),
+        "the body converted straight from the reader's buffer keeps its stuffing dots",
+    ),
+    Mutant(
+        "held-body-size-unchecked",
+        PKG + "smtp/handler.py",
+        "        if held > self.max_message_size:",
+        "        if False:",
+        ("tests/test_smtp.py", "-k", "protocol_allows_more"),
+        "a body held by the reader is not checked against max_message_size",
     ),
     Mutant(
         "syncfs-on-first-new-dir",

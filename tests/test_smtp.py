@@ -179,6 +179,27 @@ async def test_oversized_message_gets_552_per_recipient(tmp_path: Path, lmtp: bo
     assert len(mailbox(tmp_path, "example.org", "a")) == 1
 
 
+async def test_handler_limit_holds_when_the_protocol_allows_more(tmp_path: Path) -> None:
+    """The reader's body, held unmade, is still sized against the handler's max_message_size."""
+    ex = DeliveryExecutor()
+    handler = DeliveryHandler(ex, MailboxResolver(tmp_path), max_message_size=1000)
+    loop = asyncio.get_running_loop()
+    factory = SessionFactory(handler, lmtp=True, loop=loop, max_connections=4)  # 32 MiB limit
+    srv = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        big = await send(port, ["a@example.org", "b@example.org"], (b"x" * 70 + b"\r\n") * 80)
+        small = await send(port, ["a@example.org"], b"..small\r\n")
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        await ex.aclose()
+    assert [r.code for r in big] == [552, 552] and big[0].text.startswith("5.3.4")
+    assert small[0].code == 250
+    (stored,) = mailbox(tmp_path, "example.org", "a")
+    assert stored.endswith(b"\n..small\n")  # send_message stuffs, the reader unstuffs; LF ends
+
+
 async def test_rcpt_rejections_carry_their_reason(tmp_path: Path) -> None:
     """Hostile, foreign-domain and unknown recipients are refused at RCPT with a reason."""
     kwargs = {"domains": ["example.org"], "existing_only": True}

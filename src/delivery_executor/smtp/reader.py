@@ -46,7 +46,13 @@ last line (:func:`judge_lines`: one C call per read, or a ``bytes.rfind`` per
 L bytes without the C helpers).
 Unstuffing joins the slices between the noted dots into the ``bytes`` the
 handler gets; past 256 stuffed lines the reader stops noting them, searches
-for the terminator only and unstuffs with one ``bytes.replace``.
+for the terminator only and unstuffs with one ``bytes.replace``. Where the
+reader vouches for the body (no bare LF, at most 256 stuffed lines, the C
+helpers built, no ``decode_data``), the envelope (:class:`BulkEnvelope`)
+holds the raw buffer and makes that ``bytes`` only when its content is read;
+``DeliveryHandler`` instead takes the body with LF line ends straight from
+the raw buffer (:func:`lf_body`: one C copy that unstuffs and converts), so
+the CRLF body is never made.
 
 Memory: one ``bytearray`` of the raw body (up to 1/8 growth slack) plus the
 transport read being appended; at the end the body is copied once into
@@ -61,8 +67,11 @@ line, e.g. 2.6 GiB for 30 MiB of empty lines.
 Cost: per transport read one append, one line search (plus one Python step
 per stuffed line, at most 256 of them) and one line-length check (about
 read/L ``rfind`` calls without the C helpers), whatever the line lengths;
-each byte is copied twice (read -> buffer -> ``bytes``) and scanned once in
-full (the line search) plus each window's last line (the length check).
+each byte is copied twice (read -> buffer -> ``bytes``, or read -> buffer ->
+LF body through :func:`lf_body`) and scanned once in full (the line search)
+plus each window's last line (the length check). A held body keeps the raw
+buffer alive until the envelope goes (the next transaction), in place of the
+``bytes`` copy: the same peak.
 
 A client that disconnects mid-body: aiosmtpd's ``eof_received``/
 ``connection_lost`` cancel the session task; as in aiosmtpd we log, close
