@@ -353,3 +353,43 @@ def test_bulk_envelope_makes_its_content_once_on_first_read() -> None:
     other = _held(b"x\r\n.\r\n")
     other.original_content = b"set by a handler"  # a write while held makes the body first
     assert other.original_content == b"set by a handler" and other.content == b"x\r\n"
+
+
+def test_a_shallow_copy_of_a_held_envelope_has_the_same_body() -> None:
+    """copy.copy shares the held raw body: each copy, read in any order, gets the whole body,
+    and the handler's sizing and LF path give up rather than read a buffer already made."""
+    import copy
+
+    for first_copy in (False, True):
+        env = _held(b"a\r\n..b\r\nc\r\n.\r\n")
+        snap = copy.copy(env)
+        first, second = (snap, env) if first_copy else (env, snap)
+        assert first.original_content == b"a\r\n.b\r\nc\r\n"
+        assert raw_body_size(second) == -1 and lf_body(second) is None
+        assert second.original_content == b"a\r\n.b\r\nc\r\n"
+        assert second.content is second.original_content
+
+
+def test_threads_reading_a_held_envelope_get_the_body() -> None:
+    """Two threads making the content at once: neither sees None nor an empty body."""
+    import sys
+    import threading
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(300):
+            env = _held(b"x" * 10 + b"\r\n..y\r\n.\r\n")
+            out: list[object] = []
+
+            def read(env: BulkEnvelope = env, out: list[object] = out) -> None:
+                out.append(env.original_content)
+
+            threads = [threading.Thread(target=read) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert out == [b"x" * 10 + b"\r\n.y\r\n"] * 2
+    finally:
+        sys.setswitchinterval(old)

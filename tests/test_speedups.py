@@ -279,7 +279,7 @@ def test_unstuff_to_lf_refuses_a_wrong_count_or_a_dot_off_a_line_start() -> None
     assert speedups is not None
     buf = bytearray(b"\r\nab\r\n..x\r\n.y\r\nz\r\n")
     assert speedups.unstuff_to_lf(buf, 2, [6, 11], 4) == (b"ab\n.x\ny\nz\n", 4)
-    for wrong in (3, 5, 0, -1, 10**6):
+    for wrong in (3, 5, 0, -1, 10**6, -(2**63), 2**63 - 1):
         assert speedups.unstuff_to_lf(buf, 2, [6, 11], wrong) is None
     for dots in ([7], [11, 6], [6, 6], [4], [40], [-1]):
         with pytest.raises(ValueError, match="no stuffing dot"):

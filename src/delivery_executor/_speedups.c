@@ -376,11 +376,12 @@ unstuff_to_lf(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         dots[i] = at;
     }
-    Py_ssize_t cap = (n - start) - ndots - crlf, extra = 0, k;
-    if (crlf < 0 || cap < 0) {
+    /* crlf checked before it is subtracted: PY_SSIZE_T_MIN would overflow. */
+    if (crlf < 0 || crlf > (n - start) - ndots) {
         result = Py_NewRef(Py_None);
         goto done;
     }
+    Py_ssize_t cap = (n - start) - ndots - crlf, extra = 0, k;
     PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
     if (out == NULL) {
         goto done;

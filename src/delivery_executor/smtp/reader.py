@@ -85,6 +85,7 @@ import asyncio
 import inspect
 import logging
 import re
+import threading
 from typing import TYPE_CHECKING, Any
 from warnings import warn
 
@@ -206,6 +207,7 @@ class _Body:
         "limit",
         "line_ends",
         "line_max",
+        "made",
         "pos",
         "scanned",
         "verdict",
@@ -222,6 +224,7 @@ class _Body:
         self.line_ends: int | None = 0
         self.done = False
         self.verdict: str | None = None
+        self.made: bytes | None = None  # content(), once made (buf is then empty)
 
     def feed(self, data: bytes | bytearray | memoryview) -> int:
         """Consume ``data`` up to and including the terminator; return the bytes consumed.
@@ -329,15 +332,28 @@ class _Body:
 
     def raw_size(self) -> int:
         """The unstuffed body's length, without making it (after the terminator; dots noted)."""
-        assert self.dots is not None
+        assert self.dots is not None and self.made is None
         return len(self.buf) - 2 - len(self.dots)
 
     def lf_content(self) -> tuple[bytes, int] | None:
         """``(the unstuffed body with CRLF turned into LF, its W - S)`` in one C copy from
         ``buf``, which stays as it is; None without the C helpers or the counts they need."""
-        if speedups is None or self.dots is None or self.line_ends is None or self.bare_lf:
+        if (
+            speedups is None
+            or self.made is not None  # buf already given up to content()
+            or self.dots is None
+            or self.line_ends is None
+            or self.bare_lf
+        ):
             return None
         return speedups.unstuff_to_lf(self.buf, 2, self.dots, self.line_ends)
+
+    def made_content(self) -> bytes:
+        """:meth:`content`, made once, then the same ``bytes`` again (for a held body: an
+        envelope and its ``copy.copy`` share it)."""
+        if self.made is None:
+            self.made = self.content()
+        return self.made
 
     def content(self) -> bytes:
         """The unstuffed body (call once, after the terminator, when there is no verdict)."""
@@ -401,6 +417,9 @@ class _Body:
             # else: too few bytes yet to know which; at most w + 1 past s.
 
 
+_MAKING = threading.Lock()
+
+
 class BulkEnvelope(Envelope):
     """aiosmtpd's ``Envelope``, whose body the bulk reader may hand over unmade.
 
@@ -425,14 +444,18 @@ class BulkEnvelope(Envelope):
         self._raw = body
 
     def _made(self) -> None:
-        raw, self._raw = self._raw, None
-        if raw is None:
+        if self._raw is None:
             return
-        data = raw.content()
-        self._original = self._content = data
-        setattr(self, NO_BARE_LF, data)
-        if raw.line_ends is not None:
-            setattr(self, LINE_ENDS, raw.line_ends)
+        with _MAKING:  # a handler's threads, or a copy.copy sharing raw: made once
+            raw = self._raw
+            if raw is None:
+                return
+            data = raw.made_content()  # the same bytes for every envelope sharing raw
+            self._original = self._content = data
+            setattr(self, NO_BARE_LF, data)
+            if raw.line_ends is not None:
+                setattr(self, LINE_ENDS, raw.line_ends)
+            self._raw = None  # last: a concurrent reader never sees neither
 
     @property
     def original_content(self) -> bytes | None:
@@ -457,9 +480,10 @@ class BulkEnvelope(Envelope):
 
 def raw_body_size(envelope: object) -> int:
     """The length of the body a :class:`BulkEnvelope` holds unmade, else -1 (no pass over it)."""
-    if not isinstance(envelope, BulkEnvelope) or envelope._raw is None:
+    raw = envelope._raw if isinstance(envelope, BulkEnvelope) else None
+    if raw is None or raw.made is not None:
         return -1
-    return envelope._raw.raw_size()
+    return raw.raw_size()
 
 
 def lf_body(envelope: object) -> tuple[bytes, int] | None:
