@@ -459,7 +459,7 @@ class BulkEnvelope(Envelope):
             setattr(self, NO_BARE_LF, data)
             if raw.line_ends is not None:
                 setattr(self, LINE_ENDS, raw.line_ends)
-            self._raw = None  # last: a concurrent reader never sees neither
+            self._raw = None  # last: a concurrent reader sees the held body or the made one
 
     @property
     def original_content(self) -> bytes | None:
