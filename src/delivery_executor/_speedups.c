@@ -219,15 +219,37 @@ count_crlf(const char *s, Py_ssize_t n)
     return c;
 }
 
-/* One allocation of n - drop bytes and the conversion into it; NULL with no
- * error set if drop was wrong (the result would not be n - drop bytes). */
-static PyObject *
-convert_into_new(const char *s, Py_ssize_t n, Py_ssize_t drop, Py_ssize_t *extra)
+/* convert() over buf[start:] in pieces, skipping the byte at each dot
+ * offset; -1 if the pieces do not fill exactly cap bytes. Each dot starts a
+ * line, so no CRLF straddles two pieces and the result is convert() of the
+ * joined pieces. */
+static Py_ssize_t
+convert_pieces(const char *s, Py_ssize_t start, Py_ssize_t n, const Py_ssize_t *dots,
+               Py_ssize_t ndots, char *d, Py_ssize_t cap, Py_ssize_t *extra)
 {
-    if (drop < 0 || drop > n / 2) { /* each dropped CR comes with its LF */
-        return NULL;
+    Py_ssize_t k = 0, at = start, total = 0;
+    for (Py_ssize_t i = 0; i <= ndots; i++) {
+        Py_ssize_t end = i < ndots ? dots[i] : n, piece_extra = 0;
+        Py_ssize_t w = convert(s + at, end - at, d + k, cap - k, &piece_extra);
+        if (w < 0) {
+            return -1;
+        }
+        k += w;
+        total += piece_extra;
+        at = end + 1;
     }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, n - drop);
+    *extra = total;
+    return k == cap ? k : -1;
+}
+
+/* One allocation of cap bytes and the conversion of s[start:n] (without the
+ * bytes at dots) into it; NULL with no error set if the result would not be
+ * cap bytes (a wrong count from the caller). Releases the GIL past 64 KiB. */
+static PyObject *
+convert_into_new(const char *s, Py_ssize_t start, Py_ssize_t n, const Py_ssize_t *dots,
+                 Py_ssize_t ndots, Py_ssize_t cap, Py_ssize_t *extra)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
     if (out == NULL) {
         return NULL;
     }
@@ -235,17 +257,27 @@ convert_into_new(const char *s, Py_ssize_t n, Py_ssize_t drop, Py_ssize_t *extra
     Py_ssize_t k;
     if (n > RELEASE_GIL_ABOVE) {
         Py_BEGIN_ALLOW_THREADS
-        k = convert(s, n, d, n - drop, extra);
+        k = convert_pieces(s, start, n, dots, ndots, d, cap, extra);
         Py_END_ALLOW_THREADS
     }
     else {
-        k = convert(s, n, d, n - drop, extra);
+        k = convert_pieces(s, start, n, dots, ndots, d, cap, extra);
     }
-    if (k != n - drop) {
+    if (k < 0) {
         Py_DECREF(out);
         return NULL;
     }
     return out;
+}
+
+/* convert_into_new() of all of s, dropping drop CRs; NULL if drop is wrong. */
+static PyObject *
+to_lf_into_new(const char *s, Py_ssize_t n, Py_ssize_t drop, Py_ssize_t *extra)
+{
+    if (drop < 0 || drop > n / 2) { /* each dropped CR comes with its LF */
+        return NULL;
+    }
+    return convert_into_new(s, 0, n, NULL, 0, n - drop, extra);
 }
 
 static PyObject *
@@ -274,7 +306,7 @@ to_lf_counted(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
      * result is allocated at its size at once; a wrong count is caught (the
      * copy never runs past the allocation) and the body is counted here. */
     if (hint >= 0) {
-        PyObject *out = convert_into_new(s, n, hint, &extra);
+        PyObject *out = to_lf_into_new(s, n, hint, &extra);
         if (out != NULL) {
             return Py_BuildValue("(Nn)", out, extra);
         }
@@ -294,7 +326,7 @@ to_lf_counted(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else {
         drop = count_crlf(s, n);
     }
-    PyObject *out = convert_into_new(s, n, drop, &extra);
+    PyObject *out = to_lf_into_new(s, n, drop, &extra);
     if (out == NULL) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_SystemError, "to_lf_counted: CRLF count and copy disagree");
@@ -302,29 +334,6 @@ to_lf_counted(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     return Py_BuildValue("(Nn)", out, extra);
-}
-
-/* convert() over buf[start:] in pieces, skipping the byte at each dot
- * offset; -1 if the pieces do not fill exactly cap bytes. Each dot starts a
- * line, so no CRLF straddles two pieces and the result is convert() of the
- * joined pieces. */
-static Py_ssize_t
-convert_pieces(const char *s, Py_ssize_t start, Py_ssize_t n, const Py_ssize_t *dots,
-               Py_ssize_t ndots, char *d, Py_ssize_t cap, Py_ssize_t *extra)
-{
-    Py_ssize_t k = 0, at = start, total = 0;
-    for (Py_ssize_t i = 0; i <= ndots; i++) {
-        Py_ssize_t end = i < ndots ? dots[i] : n, piece_extra = 0;
-        Py_ssize_t w = convert(s + at, end - at, d + k, cap - k, &piece_extra);
-        if (w < 0) {
-            return -1;
-        }
-        k += w;
-        total += piece_extra;
-        at = end + 1;
-    }
-    *extra = total;
-    return k == cap ? k : -1;
 }
 
 static PyObject *
@@ -381,26 +390,14 @@ unstuff_to_lf(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         result = Py_NewRef(Py_None);
         goto done;
     }
-    Py_ssize_t cap = (n - start) - ndots - crlf, extra = 0, k;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
-    if (out == NULL) {
-        goto done;
+    Py_ssize_t extra = 0;
+    PyObject *out = convert_into_new(s, start, n, dots, ndots, (n - start) - ndots - crlf, &extra);
+    if (out != NULL) {
+        result = Py_BuildValue("(Nn)", out, extra);
     }
-    char *d = PyBytes_AS_STRING(out);
-    if (n > RELEASE_GIL_ABOVE) {
-        Py_BEGIN_ALLOW_THREADS
-        k = convert_pieces(s, start, n, dots, ndots, d, cap, &extra);
-        Py_END_ALLOW_THREADS
-    }
-    else {
-        k = convert_pieces(s, start, n, dots, ndots, d, cap, &extra);
-    }
-    if (k < 0) {
-        Py_DECREF(out);
+    else if (!PyErr_Occurred()) {
         result = Py_NewRef(Py_None);
-        goto done;
     }
-    result = Py_BuildValue("(Nn)", out, extra);
 done:
     PyMem_Free(dots);
     PyBuffer_Release(&view);

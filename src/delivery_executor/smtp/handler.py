@@ -487,8 +487,7 @@ class DeliveryHandler:
         # Our reader's body, not yet made: sized without a pass, converted in one.
         held = raw_body_size(envelope) if self._lf else -1
         if held > self.max_message_size:
-            self.rejected += len(rcpts)
-            return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
+            return self._too_big(len(rcpts))
         fused = lf_body(envelope) if held >= 0 else None
         if fused is not None:
             lf, extra = fused
@@ -498,8 +497,7 @@ class DeliveryHandler:
         if body is None:
             return ["554 5.6.0 No message data"] * len(rcpts)
         if len(body) > self.max_message_size:
-            self.rejected += len(rcpts)
-            return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * len(rcpts)
+            return self._too_big(len(rcpts))
         if self._lf:
             # Once per message: every copy shares it, and the store takes ,W= from us.
             # Counted only where the reader vouched for no bare LF (has_no_bare_lf).
@@ -511,6 +509,10 @@ class DeliveryHandler:
             extra = body.count(b"\n") - body.count(b"\r\n")
         with known_line_ends(body, extra):
             return await self._deliver_body(server, session, envelope, rcpts, lmtp, body, started)
+
+    def _too_big(self, n: int) -> list[str]:
+        self.rejected += n
+        return [f"552 5.3.4 Message too big (limit {self.max_message_size} bytes)"] * n
 
     async def _deliver_body(
         self,

@@ -330,22 +330,27 @@ class _Body:
             self.bare_lf = None  # no longer looked for
         return False
 
+    def convertible(self) -> bool:
+        """Whether ``buf`` still holds a body :meth:`lf_content` can convert: no bare LF,
+        the dots noted, the line ends counted, and not yet given to :meth:`content`."""
+        return (
+            self.bare_lf is False
+            and self.dots is not None
+            and self.line_ends is not None
+            and self.made is None
+        )
+
     def raw_size(self) -> int:
-        """The unstuffed body's length, without making it (after the terminator; dots noted)."""
-        assert self.dots is not None and self.made is None
+        """The unstuffed body's length, without making it (when :meth:`convertible`)."""
+        assert self.dots is not None
         return len(self.buf) - 2 - len(self.dots)
 
     def lf_content(self) -> tuple[bytes, int] | None:
         """``(the unstuffed body with CRLF turned into LF, its W - S)`` in one C copy from
-        ``buf``, which stays as it is; None without the C helpers or the counts they need."""
-        if (
-            speedups is None
-            or self.made is not None  # buf already given up to content()
-            or self.dots is None
-            or self.line_ends is None
-            or self.bare_lf
-        ):
+        ``buf``, which stays as it is (when :meth:`convertible`); None without the C helpers."""
+        if speedups is None:
             return None
+        assert self.dots is not None and self.line_ends is not None
         return speedups.unstuff_to_lf(self.buf, 2, self.dots, self.line_ends)
 
     def made_content(self) -> bytes:
@@ -482,20 +487,22 @@ class BulkEnvelope(Envelope):
         self._content = value
 
 
+def _held(envelope: object) -> _Body | None:
+    raw = envelope._raw if isinstance(envelope, BulkEnvelope) else None
+    return raw if raw is not None and raw.convertible() else None
+
+
 def raw_body_size(envelope: object) -> int:
     """The length of the body a :class:`BulkEnvelope` holds unmade, else -1 (no pass over it)."""
-    raw = envelope._raw if isinstance(envelope, BulkEnvelope) else None
-    if raw is None or raw.made is not None:
-        return -1
-    return raw.raw_size()
+    raw = _held(envelope)
+    return -1 if raw is None else raw.raw_size()
 
 
 def lf_body(envelope: object) -> tuple[bytes, int] | None:
     """``(body with LF line ends, W - S)`` straight from a :class:`BulkEnvelope`'s unmade
     body (one C pass, no CRLF copy), else None: then read ``original_content``."""
-    if not isinstance(envelope, BulkEnvelope) or envelope._raw is None:
-        return None
-    return envelope._raw.lf_content()
+    raw = _held(envelope)
+    return None if raw is None else raw.lf_content()
 
 
 def counted_line_ends(envelope: object, content: bytes) -> int:
@@ -557,14 +564,8 @@ class BulkDataMixin(_MixinBase):
             return
 
         env = self.envelope
-        if (
-            not self._decode_data
-            and isinstance(env, BulkEnvelope)
-            and speedups is not None
-            and body.bare_lf is False
-            and body.line_ends is not None
-            and body.dots is not None
-        ):
+        convertible = speedups is not None and body.convertible()
+        if not self._decode_data and isinstance(env, BulkEnvelope) and convertible:
             env.hold(body)  # made on first read; our handler converts straight from it
             return await self._handle_data()
         original_content = body.content()
