@@ -176,6 +176,7 @@ async def test_handler_hands_its_count_to_the_store(
 
 
 @pytest.mark.asyncio
+@pytest.mark.uvloop
 @pytest.mark.skipif(native is None, reason="the C helpers are not built")
 @pytest.mark.parametrize(
     ("body", "hint"),

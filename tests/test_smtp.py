@@ -179,6 +179,7 @@ async def test_oversized_message_gets_552_per_recipient(tmp_path: Path, lmtp: bo
     assert len(mailbox(tmp_path, "example.org", "a")) == 1
 
 
+@pytest.mark.uvloop
 async def test_handler_limit_holds_when_the_protocol_allows_more(tmp_path: Path) -> None:
     """The reader's body, held unmade, is still sized against the handler's max_message_size."""
     ex = DeliveryExecutor()
