@@ -6,8 +6,8 @@ file system orders it, and ``sync="syncfs"``, in alternate rounds) and
 ``Maildir.deliver`` are timed as they are, then the same work by hand, each
 phase timed apart: 32 files written into ``tmp/``, the data step (the first
 ``syncfs``, or the writeback form's ``sync_file_range`` write then wait on
-each file), 32 renames into ``new/``, the ``syncfs`` after them. Medians of
-``--rounds`` batches.
+each file), 32 renames into ``new/``, the sync after them (``syncfs``, or the
+writeback form's ``fsync`` of ``new/``). Medians of ``--rounds`` batches.
 
     .venv/bin/python -m benches.batch_phases [--rounds 100] [--size 500]
 
@@ -66,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             idle = _timed(lambda: ops.syncfs(str(root), fd), 50)
             tmp, new = root / "box" / "tmp", root / "box" / "new"
             two = ("write 32", "syncfs", "rename 32", "syncfs again")
-            one = ("writeback form: write 32", "wait writeback", "rename 32 ", "syncfs ")
-            phases: dict[str, list[float]] = {k: [] for k in (*two, *one)}
+            one = ("writeback form: write 32", "wait writeback", "rename 32 ", "fsync new/")
+            # The writeback form's last step as it was: a syncfs instead of the fsync.
+            old = ("write 32  ", "wait writeback ", "rename 32  ", "or a syncfs there")
+            forms = {"syncfs": two, "writeback": one, "writeback+syncfs": old}
+            phases: dict[str, list[float]] = {k: [] for keys in forms.values() for k in keys}
             for k in range(a.rounds):
-                for form in ("syncfs", "writeback"):
+                for form, keys in forms.items():
                     t0 = time.perf_counter()
                     names, fds = [], []
                     for i in range(32):
@@ -94,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                     for name in names:
                         os.rename(tmp / name, new / name)
                     t3 = time.perf_counter()
-                    ops.syncfs(str(root), fd)
+                    if form == "writeback":
+                        ops.fsync_dir(str(new))
+                    else:
+                        ops.syncfs(str(root), fd)
                     t4 = time.perf_counter()
-                    keys = two if form == "syncfs" else one
                     for key, dt in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                         phases[key].append(dt)
         finally:

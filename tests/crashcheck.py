@@ -14,7 +14,9 @@ a conservative Linux persistence model and enumerates every crash state:
   nothing by itself; with ``ordered=True`` (a journal that commits a rename
   after the data written back before it: ext4 with a journal, XFS, as
   ``tests/test_power_loss.py`` checks on a real device) a file written back
-  before its move is whole whenever the move persists;
+  before its move is whole whenever the move persists, and ``fsync(dir)``
+  persists, beside its own entries, every entry made before the directory's
+  last change (one journal, committed in order);
 - ``mkdir(d)`` makes a directory entry like any other: it persists only with
   an ``fsync`` of ``d``'s parent or a ``syncfs`` after it, and if it is lost,
   everything under ``d`` is lost with it (a first delivery into a brand-new
@@ -143,8 +145,8 @@ def _fates(log: list[Op], k: int, ordered: bool = False) -> list[FileFate]:
                 o.kind == "wait_writeback" and o.path == src for o in prefix[last_write + 1 : r]
             )
         )
-        name_durable = _entry_durable(prefix, r, dst) and all(
-            _entry_durable(prefix, made[d], d) for d in _ancestors(dst) if d in made
+        name_durable = _entry_durable(prefix, r, dst, ordered) and all(
+            _entry_durable(prefix, made[d], d, ordered) for d in _ancestors(dst) if d in made
         )
         names = {True} if name_durable else {True, False}
         datas = {True} if data_durable or not full else {True, False}
@@ -152,12 +154,30 @@ def _fates(log: list[Op], k: int, ordered: bool = False) -> list[FileFate]:
     return fates
 
 
-def _entry_durable(prefix: list[Op], i: int, path: str) -> bool:
+def _entry_durable(prefix: list[Op], i: int, path: str, ordered: bool = False) -> bool:
     """Whether the directory entry ``path``, made by ``prefix[i]``, is persisted later on."""
     parent = os.path.dirname(path)
-    return any(
-        (o.kind == "fsync_dir" and o.path == parent) or o.kind == "syncfs" for o in prefix[i + 1 :]
-    )
+    for j in range(i + 1, len(prefix)):
+        o = prefix[j]
+        if o.kind == "syncfs" or (o.kind == "fsync_dir" and o.path == parent):
+            return True
+        # On one ordered journal, the commit that holds a directory's last
+        # change holds every change made before it.
+        if ordered and o.kind == "fsync_dir" and _last_change(prefix[:j], o.path) >= i:
+            return True
+    return False
+
+
+def _last_change(ops: list[Op], directory: str) -> int:
+    """The index of the last op in ``ops`` that adds or removes an entry of ``directory``, or -1."""
+    for k in range(len(ops) - 1, -1, -1):
+        o = ops[k]
+        if o.kind in ("create", "mkdir", "rename", "link", "unlink") and directory in (
+            os.path.dirname(o.path),
+            os.path.dirname(o.path2) if o.path2 else None,
+        ):
+            return k
+    return -1
 
 
 def _ancestors(path: str) -> list[str]:

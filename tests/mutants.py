@@ -140,6 +140,27 @@ MUTANTS = [
         "the writeback form starts each file's writeback but moves before waiting for it",
     ),
     Mutant(
+        "writeback-fsyncs-the-first-directory",
+        PKG + "store/commit.py",
+        """                    last_dir[g.md.dev] = g.md.new_prefix
+""",
+        """                    last_dir.setdefault(g.md.dev, g.md.new_prefix)
+""",
+        ("tests/test_power_loss.py", "-k", "one_fsync and xfs"),
+        "the writeback form's one fsync is of the first directory moved into, not the last",
+    ),
+    Mutant(
+        "writeback-fsync-after-duplicate-records",
+        PKG + "store/commit.py",
+        """            if dev in held and dev not in recorded:
+""",
+        """            if dev in held:
+""",
+        ("tests/test_crash_states.py", "-k", "duplicate_records"),
+        "a writeback batch that wrote duplicate records ends with a directory fsync,"
+        " leaving the records' data unsynced",
+    ),
+    Mutant(
         "writeback-on-any-file-system",
         PKG + "store/commit.py",
         """        if not getattr(g.md, "ordered", False):

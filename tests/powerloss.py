@@ -40,8 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _HEAD = struct.Struct("<cQI")  # kind, offset, length
-_MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}
-_SIZE = {"ext4": 64 << 20, "xfs": 320 << 20}  # mkfs.xfs refuses less than 300 MiB
+_MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F"],
+    "ext4-fast_commit": ["mkfs.ext4", "-q", "-F", "-O", "fast_commit"],
+    "xfs": ["mkfs.xfs", "-q", "-f"],
+}
+_SIZE = {"ext4": 64 << 20, "ext4-fast_commit": 64 << 20, "xfs": 320 << 20}  # xfs: >= 300 MiB
 
 
 @dataclass

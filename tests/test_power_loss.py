@@ -32,13 +32,18 @@ pytestmark = pytest.mark.timeout(300)
 
 
 class CommitEveryStep(FsOps):
-    """The real calls, each write, writeback wait and move followed by a journal commit."""
+    """The real calls, each write, writeback wait and move followed by a journal commit.
 
-    __slots__ = ("_fd", "_n", "calls")
+    ``but_moves_into``: no commit after a move into that directory (the
+    store's own sync must then commit it).
+    """
 
-    def __init__(self, forcer: Path) -> None:
+    __slots__ = ("_fd", "_n", "_skip", "calls")
+
+    def __init__(self, forcer: Path, but_moves_into: Path | None = None) -> None:
         self._fd = os.open(forcer, os.O_WRONLY | os.O_CREAT, 0o600)
         self._n = 0
+        self._skip = None if but_moves_into is None else str(but_moves_into)
         self.calls: list[str] = []
 
     def _commit(self) -> None:
@@ -60,7 +65,12 @@ class CommitEveryStep(FsOps):
     def renameat2(self, src: str, dst: str) -> None:
         super().renameat2(src, dst)
         self.calls.append("rename")
-        self._commit()
+        if os.path.dirname(dst) != self._skip:
+            self._commit()
+
+    def fsync_dir(self, path: str) -> None:
+        super().fsync_dir(path)
+        self.calls.append(f"fsync_dir {path}")
 
     def close_forcer(self) -> None:
         os.close(self._fd)
@@ -135,6 +145,37 @@ def test_acknowledged_mail_survives_power_loss(
     n, problems = _check_states(recording, expected, acked, tmp_path)
     assert n > 20  # the forced commits gave many flush points to crash at
     assert problems == []
+
+
+@pytest.mark.parametrize("recorded", ["ext4", "ext4-fast_commit", "xfs"], indirect=True)
+def test_the_writeback_forms_one_fsync_commits_every_move(
+    recorded: Recorder, tmp_path: Path
+) -> None:
+    """Moves into the last of three Maildirs left to the batch's own fsync: none lost, none torn."""
+    rec = recorded
+    boxes = [Maildir.create(rec.root / f"u{i}") for i in range(3)]
+    ops = CommitEveryStep(rec.root / "forcer", but_moves_into=boxes[-1].path / "new")
+    expected: dict[str, bytes] = {}
+    acked: dict[str, list[str]] = {}
+    for b in range(2):
+        bodies = [
+            [f"batch {b} box {j} message {i}\n".encode() * 40 for i in range(2)] for j in range(3)
+        ]
+        results = commit_batch(list(zip(boxes, bodies, strict=True)), ops=ops)
+        acked[f"batch{b}"] = []
+        for j, (res, sent) in enumerate(zip(results, bodies, strict=True)):
+            assert isinstance(res, list), res
+            for mid, body in zip(res, sent, strict=True):
+                expected[f"u{j}/new/{mid.name}"] = body
+                acked[f"batch{b}"].append(f"u{j}/new/{mid.name}")
+        rec.mark(f"batch{b}")
+    ops.close_forcer()
+    n, problems = _check_states(rec.stop(), expected, acked, tmp_path)
+    assert n > 20
+    assert problems == []  # (fsyncing u0/new/ instead loses moves into u2 on XFS)
+    assert [c for c in ops.calls if c.startswith("fsync_dir")] == [
+        f"fsync_dir {boxes[-1].new_prefix}"
+    ] * 2
 
 
 @pytest.mark.parametrize("recorded", ["ext4"], indirect=True)

@@ -42,13 +42,22 @@ The writeback form (``"auto"`` only, on ext4 with a journal and on XFS)
     on the device (perhaps in its volatile cache) and its block allocation,
     size and unwritten-extent conversion are in the journal before the first
     move is made. Any journal commit that holds a move therefore holds those
-    too, and flushes the device cache before its commit block; step 4's one
-    ``syncfs`` commits the moves. One sync per file system instead of two,
-    about a quarter less time per batch of 32 small files here. Where that
-    ordering is not known to hold (:func:`~delivery_executor.fsops.orders_writeback`
-    says which), ``"auto"`` keeps two ``syncfs``. Checked on a recorded
-    device with journal commits forced between every two steps, for every
-    crash state (``tests/test_power_loss.py``). Files stay open from their
+    too, and flushes the device cache before its commit block. Step 4 is then
+    one ``fsync`` of the ``new/`` directory moved into last on that file
+    system: the journal commits in order, so the commit that holds that
+    directory's last change holds every move made before it (ext4's jbd2
+    commits whole transactions in sequence; XFS forces its log up to that
+    change). Unlike ``syncfs``, it neither writes out nor waits for anyone
+    else's dirty data, and two batches' commits can overlap: 1.35 against
+    1.80 ms for a ``syncfs`` in its place, and a batch of 32 small files
+    takes 3.78 ms against 5.24 with two ``syncfs`` here (BUDGETS.md). A batch
+    that wrote duplicate records (:mod:`.seen`) ends with ``syncfs`` instead,
+    which also covers their data. Where that ordering is not known to hold
+    (:func:`~delivery_executor.fsops.orders_writeback` says which), ``"auto"``
+    keeps two ``syncfs``. Checked on a recorded device, for every crash state,
+    with journal commits forced between every two steps, and with the moves
+    into one Maildir left to that ``fsync`` alone (``tests/test_power_loss.py``;
+    ext4, ext4 with ``fast_commit``, XFS). Files stay open from their
     write to their wait, at most :data:`WRITEBACK_CHUNK` at a time. Only for
     up to :data:`WRITEBACK_MAX_BYTES` per file system and batch: past that,
     two ``syncfs`` (faster for big mail, measured).
@@ -419,6 +428,10 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
         d: [] for d in _ordered_devices(work, syncfs_devs, options)
     }
     broken: dict[int, OSError] = {}
+    # Per file system, the new/ the batch moved a file into last; and the file
+    # systems where it wrote duplicate records.
+    last_dir: dict[int, str] = {}
+    recorded: set[int] = set()
     try:
         # 1-2. Write into tmp/ (fdatasync per file for the portable form).
         for g in work:
@@ -439,15 +452,17 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
         # 2. One wait per file system covers every file's data: the writeback
         # form's, or the syncfs form's first syncfs.
         yield from _write_back_all(work, held, handles, broken, ops)
-        for dev, handle in handles.items():
+        for dev, (fd, root) in handles.items():
             if dev not in held:
-                yield from _sync_dev(work, dev, handle, ops)
+                yield from _sync_dev(work, dev, ("syncfs", fd, root), ops)
 
         # 2b. Duplicate records (store/seen.py), before the moves: a message
         # in new/ always has its record, even if the process dies right after
         # the move; the sync below covers both. A record whose move never
         # happened is ignored (seen.find checks the file and its Message-ID).
-        record_dirs = yield from _write_records(work, syncfs_devs, ops, moved=False)
+        record_dirs = yield from _write_records(
+            work, syncfs_devs, ops, moved=False, recorded=recorded
+        )
 
         # 3. Move into new/, never over an existing name.
         for g in work:
@@ -456,15 +471,24 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
             try:
                 for name, suffix in zip(g.names, g.suffixes, strict=True):
                     g.ids.append(_move_new(g.md, name, suffix, ops))
+                    last_dir[g.md.dev] = g.md.new_prefix
             except OSError as exc:
                 g.fail(exc, ops)
         # A name taken in new/ (next to never) moved a message under another:
         # its record is written again, naming that one.
-        yield from _write_records(work, syncfs_devs, ops, moved=True)
+        yield from _write_records(work, syncfs_devs, ops, moved=True, recorded=recorded)
 
-        # 4. Make the moves durable.
-        for dev, handle in handles.items():
-            yield from _sync_dev(work, dev, handle, ops)
+        # 4. Make the moves durable: one syncfs per file system or, in the
+        # writeback form, one fsync of the new/ moved into last: a journal
+        # commits in order, so the commit holding that directory's last change
+        # holds every move before it. Not where duplicate records were
+        # written: their data was never waited for, and syncfs covers it.
+        for dev, (fd, root) in handles.items():
+            if dev in held and dev not in recorded:
+                if dev in last_dir:
+                    yield from _sync_dev(work, dev, ("fsync_dir", -1, last_dir[dev]), ops)
+            else:
+                yield from _sync_dev(work, dev, ("syncfs", fd, root), ops)
     except GeneratorExit:
         # The driver gave up on the batch (a writer's close timed out): nobody
         # is told these messages were delivered, so their tmp/ files go now.
@@ -499,7 +523,12 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
 
 
 def _write_records(
-    work: list[_Group], syncfs_devs: set[int], ops: FsOps, *, moved: bool
+    work: list[_Group],
+    syncfs_devs: set[int],
+    ops: FsOps,
+    *,
+    moved: bool,
+    recorded: set[int],
 ) -> Generator[SyncCall, OSError | None, list[str]]:
     """Record each message that has a Message-ID, in Maildirs that keep records.
 
@@ -509,7 +538,8 @@ def _write_records(
     written under a name of its own and renamed over ``<key>``, so a reader
     sees a whole record or the one before. The portable form syncs each
     record's data here; the caller fsyncs the returned directories. Errors are
-    ignored: a missing record costs a duplicate at most.
+    ignored: a missing record costs a duplicate at most. ``recorded`` gains the
+    file system of each Maildir that got a record.
     """
     dirs: list[str] = []
     for g in work:
@@ -554,6 +584,7 @@ def _write_records(
                 if err is not None:
                     raise err
                 ops.rename(tmp, where + key)
+                recorded.add(g.md.dev)
             except OSError:
                 with contextlib.suppress(OSError):
                     ops.unlink(tmp)
@@ -674,13 +705,14 @@ def _write_back_all(
 
 
 def _sync_dev(
-    work: list[_Group], dev: int, handle: tuple[int, str], ops: FsOps
+    work: list[_Group], dev: int, call: SyncCall, ops: FsOps
 ) -> Generator[SyncCall, OSError | None, None]:
+    """Make ``call``, the sync covering file system ``dev``, unless no group there is
+    live; its failure fails every live group there."""
     live = [g for g in work if g.md.dev == dev and g.error is None and g.names]
     if not live:
         return
-    fd, where = handle
-    err = yield ("syncfs", fd, where)
+    err = yield call
     if err is not None:
         for g in live:
             g.fail(err, ops)

@@ -114,7 +114,7 @@ class Maildir:
     ordered: bool
     """Its file system journals a rename after the data written back before it
     (:func:`~delivery_executor.fsops.orders_writeback`: ext4 with a journal, XFS):
-    ``sync="auto"`` batches there need one ``syncfs``, not two."""
+    ``sync="auto"`` batches there need one sync, not two ``syncfs``."""
 
     def __init__(
         self, root: str, dev: int, owner: tuple[int, int] | None = None, ordered: bool = False

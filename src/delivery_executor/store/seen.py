@@ -9,8 +9,9 @@ writes it once the message's data is durable and before moving it into
 ``new/`` (:func:`~delivery_executor.store.commit.commit_steps`): a message
 that reached ``new/`` has its record even if the process dies right after
 the move, and the sync that makes the move durable covers the record too
-(``syncfs`` covers everything; the portable form adds an ``fdatasync`` of
-each record and an ``fsync`` of the record directory). Every writer (workers,
+(``syncfs`` covers everything, and a writeback-form batch that wrote records
+ends with one; the portable form adds an ``fdatasync`` of each record and an
+``fsync`` of the record directory). Every writer (workers,
 hosts on a shared root) writes and reads the same files, so the records are
 shared without a lock.
 
