@@ -233,14 +233,19 @@ async def test_a_cancelled_caller_on_another_loop_leaves_the_write_to_finish(
 
 @pytest.mark.asyncio
 async def test_callers_on_another_loop_are_handed_over_together(tmp_path: Path) -> None:
-    """32 callers on another loop, 5 rounds: every batch holds all 32, as on the home loop."""
+    """32 callers on another loop, 5 rounds: every batch holds all 32, as on the home loop.
+
+    One flush slot: with two, the eager policy would share the 32 between them.
+    """
     sizes: list[int] = []
 
     def recording(groups: Sequence[Group]) -> BatchResult:
         sizes.append(sum(len(messages) for _, messages in groups))
         return write_batch(groups)
 
-    async with DeliveryExecutor(writer=ThreadWriter(recording), max_batch=64) as ex:
+    async with DeliveryExecutor(
+        writer=ThreadWriter(recording), max_batch=64, max_concurrent_flushes=1
+    ) as ex:
 
         async def callers() -> int:
             async def one(i: int) -> None:

@@ -36,6 +36,7 @@ from delivery_executor import (
 )
 from delivery_executor.budget import Budget
 from delivery_executor.executor import ExecutorConfig, Lifecycle
+from delivery_executor.executor.collector import SPLIT_MIN
 from delivery_executor.executor.handoff import Request as _Request
 from delivery_executor.writers import BatchResult, Group, write_batch
 from delivery_executor.writers import local as writers_local
@@ -395,6 +396,48 @@ async def test_flushes_pipeline_up_to_max_concurrent_flushes() -> None:
 
 
 @pytest.mark.asyncio
+async def test_eager_shares_a_backlog_between_free_flush_slots(tmp_path: Path) -> None:
+    """32 requests and two free slots: two batches of 16, written side by side, all delivered."""
+    gate = threading.Event()
+    writer = FakeWriter(gate=gate)
+    async with DeliveryExecutor(max_concurrent_flushes=3, writer=ThreadWriter(writer)) as ex:
+        first = asyncio.ensure_future(ex.deliver("p", b"first"))
+        await until(lambda: writer.active == 1, "first write holds one slot")
+        rest = [asyncio.ensure_future(ex.deliver("p", b"%d" % i)) for i in range(32)]
+        await until(lambda: writer.active == 3, "the backlog fills both free slots")
+        assert ex.stats().queued == 0
+        gate.set()
+        ids = await asyncio.gather(first, *rest)
+    assert writer.batch_sizes == [1, 16, 16]
+    assert len(set(ids)) == 33
+    sent = sorted(b for call in writer.calls[1:] for _, bodies in call for b in bodies)
+    assert sent == sorted(b"%d" % i for i in range(32))
+
+
+@pytest.mark.asyncio
+async def test_eager_does_not_split_small_backlogs_one_slot_or_the_window_policy() -> None:
+    """Under 2 x SPLIT_MIN queued, with one free slot, or with policy="window": one batch."""
+    assert SPLIT_MIN == 8
+    gate = threading.Event()
+    for config, queued in (
+        ({"max_concurrent_flushes": 3}, 15),
+        ({"max_concurrent_flushes": 2}, 32),  # the held flush leaves one slot free
+        ({"max_concurrent_flushes": 3, "policy": "window", "max_wait": 0.01}, 32),
+    ):
+        gate.clear()
+        writer = FakeWriter(gate=gate)
+        async with DeliveryExecutor(writer=ThreadWriter(writer), **config) as ex:
+            first = asyncio.ensure_future(ex.deliver("p", b"first"))
+            await until(lambda w=writer: w.active == 1, "first write holds one slot")
+            rest = [asyncio.ensure_future(ex.deliver("p", b"r")) for _ in range(queued)]
+            await until(lambda w=writer: w.active == 2 or ex.stats().queued == queued, "queued")
+            await asyncio.sleep(0.05)  # a (wrong) third flush gets every chance to start
+            gate.set()
+            await asyncio.gather(first, *rest)
+        assert writer.batch_sizes[1:] == [queued], config
+
+
+@pytest.mark.asyncio
 async def test_one_slot_means_strictly_serial_flushes() -> None:
     """max_concurrent_flushes=1: while one write is blocked, no second write starts."""
     gate = threading.Event()
@@ -419,10 +462,10 @@ async def test_one_slot_means_strictly_serial_flushes() -> None:
 
 @pytest.mark.asyncio
 async def test_a_failing_path_fails_only_its_callers(tmp_path: Path) -> None:
-    """A path under a regular file fails its callers with ENOTDIR; the others land."""
+    """In one batch, a path under a regular file fails its callers with ENOTDIR; the others land."""
     (tmp_path / "file").write_bytes(b"")
     bad = tmp_path / "file" / "box"
-    async with DeliveryExecutor() as ex:
+    async with DeliveryExecutor(max_concurrent_flushes=1) as ex:  # one slot: one batch
         results = await asyncio.gather(
             *(ex.deliver(bad if i % 4 == 0 else tmp_path / "ok", b"%d" % i) for i in range(16)),
             return_exceptions=True,

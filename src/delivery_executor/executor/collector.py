@@ -35,6 +35,9 @@ __all__ = ["Collector"]
 
 _log = logging.getLogger("delivery_executor")
 
+SPLIT_MIN = 8
+"""Eager policy: the fewest requests in a batch split off to fill another free flush slot."""
+
 Settled: TypeAlias = "list[tuple[list[Request], list[MessageId] | BaseException]]"
 """A flush's outcome: per group, its requests and their ids (in order) or their error."""
 
@@ -201,14 +204,26 @@ class Collector:
             self._launch(batch)
 
     def _take(self) -> list[Request]:
-        """Move up to max_batch requests from the queue into a batch."""
+        """Move up to max_batch requests from the queue into a batch.
+
+        Eager: when other flush slots are free too, the queue is shared
+        between them (:data:`SPLIT_MIN` requests per batch at least), so that
+        one batch's page-cache work overlaps another's wait for the disk
+        instead of every slot but one standing idle.
+        """
         queue = self.queue
-        n = len(queue)
-        if n <= self.config.max_batch:
+        config = self.config
+        queued = len(queue)
+        n = min(queued, config.max_batch)
+        free = config.max_concurrent_flushes - self.in_flight  # this batch's slot included
+        if free > 1 and queued >= 2 * SPLIT_MIN and config.policy == "eager":
+            wanted = min(queued, free * config.max_batch)
+            parts = min(free, wanted // SPLIT_MIN)
+            n = min(-(-wanted // parts), n)  # ceil: the parts differ by one at most
+        if n == queued:
             batch = list(queue)
             queue.clear()
         else:
-            n = self.config.max_batch
             batch = [queue.popleft() for _ in range(n)]
         # Per batch, not per request; also wakes a closing collector once
         # abandoned waiters left the room.
