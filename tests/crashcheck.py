@@ -9,14 +9,16 @@ a conservative Linux persistence model and enumerates every crash state:
   each independently of the others;
 - ``fdatasync(f)`` persists the data written to ``f`` before it;
 - ``fsync(dir)`` persists the entries (creates, renames into it) made before it;
-- ``syncfs`` persists everything before it;
+- ``syncfs`` persists everything before it on its file system (``Op.dev``,
+  which ``TraceOps`` records; a hand-made log may leave it 0 for one file system);
 - ``wait_writeback(f)`` (``sync_file_range`` with both waits) persists
-  nothing by itself; with ``ordered=True`` (a journal that commits a rename
-  after the data written back before it: ext4 with a journal, XFS, as
+  nothing by itself; with ``ordered`` (True, or the ``Op.dev`` values of the
+  file systems that have a journal that commits a rename after the data
+  written back before it: ext4 with a journal, XFS, as
   ``tests/test_power_loss.py`` checks on a real device) a file written back
   before its move is whole whenever the move persists, and ``fsync(dir)``
-  persists, beside its own entries, every entry made before the directory's
-  last change (one journal, committed in order);
+  persists, beside its own entries, every entry made on its file system
+  before the directory's last change (one journal, committed in order);
 - ``mkdir(d)`` makes a directory entry like any other: it persists only with
   an ``fsync`` of ``d``'s parent or a ``syncfs`` after it, and if it is lost,
   everything under ``d`` is lost with it (a first delivery into a brand-new
@@ -36,12 +38,18 @@ partial.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from delivery_executor.fsops import FsOps
+
+Ordered: TypeAlias = "bool | Collection[int]"
+"""Which file systems (``Op.dev``) order writeback before a later move: all (True),
+none (False) or those listed."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class Op:
     path: str = ""
     path2: str = ""
     data: bytes = b""
+    dev: int = 0  # the file system it touched (TraceOps fills it in; 0 for all in hand-made logs)
 
 
 class TraceOps(FsOps):
@@ -61,55 +70,63 @@ class TraceOps(FsOps):
         self.log: list[Op] = []
         self._paths: dict[int, str] = {}  # open fd -> the file it was created as
 
+    def _add(self, op: Op) -> None:
+        where = op.path if op.kind in ("fsync_dir", "syncfs") else os.path.dirname(op.path)
+        try:
+            dev = os.stat(where).st_dev
+        except OSError:
+            dev = -1
+        self.log.append(dataclasses.replace(op, dev=dev))
+
     def create(self, path: str) -> int:
-        self.log.append(Op("create", path))
+        self._add(Op("create", path))
         fd = super().create(path)
         self._paths[fd] = path
         return fd
 
     def write_all(self, fd: int, parts: Sequence[memoryview], path: str) -> None:
-        self.log.append(Op("write", path, data=b"".join(parts)))
+        self._add(Op("write", path, data=b"".join(parts)))
         super().write_all(fd, parts, path)
 
     def fdatasync(self, fd: int, path: str) -> None:
-        self.log.append(Op("fdatasync", path))
+        self._add(Op("fdatasync", path))
         super().fdatasync(fd, path)
 
     def wait_writeback(self, fd: int, path: str) -> None:
         super().wait_writeback(fd, path)
-        self.log.append(Op("wait_writeback", self._paths.get(fd, path)))
+        self._add(Op("wait_writeback", self._paths.get(fd, path)))
 
     def mkdir(self, path: str) -> None:
         super().mkdir(path)  # recorded only if it made the directory
-        self.log.append(Op("mkdir", path.rstrip(os.sep)))
+        self._add(Op("mkdir", path.rstrip(os.sep)))
 
     def rename(self, src: str, dst: str) -> None:
-        self.log.append(Op("rename", src, dst))
+        self._add(Op("rename", src, dst))
         super().rename(src, dst)
 
     def renameat2(self, src: str, dst: str) -> None:
         super().renameat2(src, dst)  # recorded only if it moved the file
-        self.log.append(Op("rename", src, dst))
+        self._add(Op("rename", src, dst))
 
     def link(self, src: str, dst: str) -> None:
         super().link(src, dst)
-        self.log.append(Op("link", src, dst))
+        self._add(Op("link", src, dst))
 
     def unlink(self, path: str) -> None:
-        self.log.append(Op("unlink", path))
+        self._add(Op("unlink", path))
         super().unlink(path)
 
     def fsync_dir(self, path: str) -> None:
-        self.log.append(Op("fsync_dir", path.rstrip(os.sep)))
+        self._add(Op("fsync_dir", path.rstrip(os.sep)))
         super().fsync_dir(path)
 
     def syncfs(self, path: str, fd: int = -1) -> None:
-        self.log.append(Op("syncfs", path))
+        self._add(Op("syncfs", path))
         super().syncfs(path, fd)
 
     def ack(self, new_path: str) -> None:
         """Mark that the caller was told ``new_path`` is delivered (the call returned)."""
-        self.log.append(Op("ack", new_path))
+        self._add(Op("ack", new_path))
 
 
 @dataclass(frozen=True)
@@ -123,7 +140,7 @@ class FileFate:
     options: frozenset[tuple[bool, bool]]
 
 
-def _fates(log: list[Op], k: int, ordered: bool = False) -> list[FileFate]:
+def _fates(log: list[Op], k: int, ordered: Ordered = False) -> list[FileFate]:
     """Per message file, the outcomes a crash after ``log[:k]`` allows."""
     prefix = log[:k]
     acked = {op.path for op in prefix if op.kind == "ack"}
@@ -137,10 +154,10 @@ def _fates(log: list[Op], k: int, ordered: bool = False) -> list[FileFate]:
         full = b"".join(prefix[i].data for i in writes)
         last_write = writes[-1] if writes else -1
         data_durable = any(
-            (o.kind == "fdatasync" and o.path == src) or o.kind == "syncfs"
+            (o.kind == "fdatasync" and o.path == src) or (o.kind == "syncfs" and o.dev == op.dev)
             for o in prefix[last_write + 1 :]
         ) or (
-            ordered
+            _orders(ordered, op.dev)
             and any(
                 o.kind == "wait_writeback" and o.path == src for o in prefix[last_write + 1 : r]
             )
@@ -154,16 +171,27 @@ def _fates(log: list[Op], k: int, ordered: bool = False) -> list[FileFate]:
     return fates
 
 
-def _entry_durable(prefix: list[Op], i: int, path: str, ordered: bool = False) -> bool:
+def _orders(ordered: Ordered, dev: int) -> bool:
+    return ordered is True or (not isinstance(ordered, bool) and dev in ordered)
+
+
+def _entry_durable(prefix: list[Op], i: int, path: str, ordered: Ordered = False) -> bool:
     """Whether the directory entry ``path``, made by ``prefix[i]``, is persisted later on."""
     parent = os.path.dirname(path)
+    dev = prefix[i].dev
+    journal = _orders(ordered, dev)
     for j in range(i + 1, len(prefix)):
         o = prefix[j]
-        if o.kind == "syncfs" or (o.kind == "fsync_dir" and o.path == parent):
+        if (o.kind == "syncfs" and o.dev == dev) or (o.kind == "fsync_dir" and o.path == parent):
             return True
         # On one ordered journal, the commit that holds a directory's last
-        # change holds every change made before it.
-        if ordered and o.kind == "fsync_dir" and _last_change(prefix[:j], o.path) >= i:
+        # change holds every change made before it (on that file system).
+        if (
+            journal
+            and o.kind == "fsync_dir"
+            and o.dev == dev
+            and _last_change(prefix[:j], o.path) >= i
+        ):
             return True
     return False
 
@@ -196,7 +224,7 @@ def _bad(f: FileFate, present: bool, complete: bool) -> str | None:
     return None
 
 
-def violations(log: list[Op], *, exhaustive_limit: int = 12, ordered: bool = False) -> list[str]:
+def violations(log: list[Op], *, exhaustive_limit: int = 12, ordered: Ordered = False) -> list[str]:
     """Every (crash point, problem) the model allows; empty when the protocol is safe.
 
     The check is per file and the model treats files independently, so a state

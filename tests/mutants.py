@@ -161,6 +161,27 @@ MUTANTS = [
         " leaving the records' data unsynced",
     ),
     Mutant(
+        "writeback-fsync-unopenable-directory-fails-neighbours",
+        PKG + "store/commit.py",
+        """    if err is not None and call[0] == "fsync_dir" and err.errno in _OPEN_ERRORS:
+""",
+        """    if False:
+""",
+        ("tests/test_writeback_fsync.py", "-k", "gone_after_its_move or not_readable"),
+        "a Maildir removed after its moves makes the directory fsync fail every group"
+        " on its file system, not only its own",
+    ),
+    Mutant(
+        "eager-split-with-a-tiny-max-batch",
+        PKG + "executor/collector.py",
+        """            if parts > 1:
+                n = min(-(-wanted // parts), n)""",
+        """            if parts >= 0:
+                n = min(-(-wanted // parts), n)""",
+        ("tests/test_writeback_fsync.py", "-k", "small_max_batch"),
+        "the backlog split divides by zero parts when max_batch is below SPLIT_MIN",
+    ),
+    Mutant(
         "writeback-on-any-file-system",
         PKG + "store/commit.py",
         """        if not getattr(g.md, "ordered", False):

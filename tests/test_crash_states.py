@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 
 from delivery_executor import LoopWriter, Maildir, commit_batch
-from delivery_executor.store import StepDriver, commit_steps, run_sync_call
+from delivery_executor.store import StepDriver, commit_steps, run_sync_call, seen
 from delivery_executor.store import names as md_mod
-from delivery_executor.store import seen
 from delivery_executor.store.commit import Parts
 from delivery_executor.writers import AnyGroup, BatchResult, write_batch
 from delivery_executor.writers.base import open_maildirs

@@ -418,23 +418,25 @@ async def test_eager_shares_a_backlog_between_free_flush_slots(tmp_path: Path) -
 async def test_eager_does_not_split_small_backlogs_one_slot_or_the_window_policy() -> None:
     """Under 2 x SPLIT_MIN queued, with one free slot, or with policy="window": one batch."""
     assert SPLIT_MIN == 8
-    gate = threading.Event()
-    for config, queued in (
-        ({"max_concurrent_flushes": 3}, 15),
-        ({"max_concurrent_flushes": 2}, 32),  # the held flush leaves one slot free
-        ({"max_concurrent_flushes": 3, "policy": "window", "max_wait": 0.01}, 32),
-    ):
-        gate.clear()
+
+    async def batches_behind_a_held_flush(queued: int, **config: Any) -> list[int]:
+        gate = threading.Event()
         writer = FakeWriter(gate=gate)
         async with DeliveryExecutor(writer=ThreadWriter(writer), **config) as ex:
             first = asyncio.ensure_future(ex.deliver("p", b"first"))
-            await until(lambda w=writer: w.active == 1, "first write holds one slot")
+            await until(lambda: writer.active == 1, "first write holds one slot")
             rest = [asyncio.ensure_future(ex.deliver("p", b"r")) for _ in range(queued)]
-            await until(lambda w=writer: w.active == 2 or ex.stats().queued == queued, "queued")
+            await until(lambda: writer.active == 2 or ex.stats().queued == queued, "queued")
             await asyncio.sleep(0.05)  # a (wrong) third flush gets every chance to start
             gate.set()
             await asyncio.gather(first, *rest)
-        assert writer.batch_sizes[1:] == [queued], config
+        return writer.batch_sizes[1:]
+
+    assert await batches_behind_a_held_flush(15, max_concurrent_flushes=3) == [15]
+    # The held flush leaves one slot free.
+    assert await batches_behind_a_held_flush(32, max_concurrent_flushes=2) == [32]
+    window = {"policy": "window", "max_wait": 0.01}
+    assert await batches_behind_a_held_flush(32, max_concurrent_flushes=3, **window) == [32]
 
 
 @pytest.mark.asyncio

@@ -218,8 +218,9 @@ class Collector:
         free = config.max_concurrent_flushes - self.in_flight  # this batch's slot included
         if free > 1 and queued >= 2 * SPLIT_MIN and config.policy == "eager":
             wanted = min(queued, free * config.max_batch)
-            parts = min(free, wanted // SPLIT_MIN)
-            n = min(-(-wanted // parts), n)  # ceil: the parts differ by one at most
+            parts = min(free, wanted // SPLIT_MIN)  # 0 or 1 when max_batch is tiny
+            if parts > 1:
+                n = min(-(-wanted // parts), n)  # ceil: the parts differ by one at most
         if n == queued:
             batch = list(queue)
             queue.clear()

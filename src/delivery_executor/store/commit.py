@@ -155,6 +155,18 @@ processes (the waits make the writing thread do the writeback)."""
 
 SYNC_MODES: tuple[SyncMode, ...] = ("auto", "syncfs", "fsync")
 _EEXIST_RETRIES = 8
+# What opening a directory can fail with, unlike fsync itself (EIO, ENOSPC).
+_OPEN_ERRORS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.EMFILE,
+        errno.ENFILE,
+    }
+)
 _STALE = "the Maildir's file system changed since it was opened (a mount?): reopen it"
 
 SyncCall: TypeAlias = "tuple[str, int | tuple[int, ...], str | tuple[str, ...]]"
@@ -486,7 +498,7 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
         for dev, (fd, root) in handles.items():
             if dev in held and dev not in recorded:
                 if dev in last_dir:
-                    yield from _sync_dev(work, dev, ("fsync_dir", -1, last_dir[dev]), ops)
+                    yield from _sync_dev(work, dev, ("fsync_dir", -1, last_dir[dev]), ops, fd)
             else:
                 yield from _sync_dev(work, dev, ("syncfs", fd, root), ops)
     except GeneratorExit:
@@ -705,14 +717,22 @@ def _write_back_all(
 
 
 def _sync_dev(
-    work: list[_Group], dev: int, call: SyncCall, ops: FsOps
+    work: list[_Group], dev: int, call: SyncCall, ops: FsOps, handle: int = -1
 ) -> Generator[SyncCall, OSError | None, None]:
     """Make ``call``, the sync covering file system ``dev``, unless no group there is
-    live; its failure fails every live group there."""
+    live; its failure fails every live group there.
+
+    A directory fsync whose directory cannot be opened (one Maildir removed,
+    moved or unreadable since its moves) falls back to a ``syncfs`` on
+    ``handle``, a file held open since the writes: one broken Maildir must
+    not fail its neighbours.
+    """
     live = [g for g in work if g.md.dev == dev and g.error is None and g.names]
     if not live:
         return
     err = yield call
+    if err is not None and call[0] == "fsync_dir" and err.errno in _OPEN_ERRORS:
+        err = yield ("syncfs", handle, str(live[0].md.path))
     if err is not None:
         for g in live:
             g.fail(err, ops)
