@@ -36,7 +36,7 @@ from delivery_executor import (
 )
 from delivery_executor.budget import Budget
 from delivery_executor.executor import ExecutorConfig, Lifecycle
-from delivery_executor.executor.collector import SPLIT_MIN
+from delivery_executor.executor.collector import SPLIT_MAX_BYTES, SPLIT_MIN
 from delivery_executor.executor.handoff import Request as _Request
 from delivery_executor.writers import BatchResult, Group, write_batch
 from delivery_executor.writers import local as writers_local
@@ -415,18 +415,18 @@ async def test_eager_shares_a_backlog_between_free_flush_slots(tmp_path: Path) -
 
 
 @pytest.mark.asyncio
-async def test_eager_does_not_split_small_backlogs_one_slot_or_the_window_policy() -> None:
-    """Under 2 x SPLIT_MIN queued, with one free slot, or with policy="window": one batch."""
+async def test_eager_does_not_split_small_or_big_backlogs_one_slot_or_the_window_policy() -> None:
+    """Under 2 x SPLIT_MIN queued, over SPLIT_MAX_BYTES, one free slot, or "window": one batch."""
     assert SPLIT_MIN == 8
 
-    async def batches_behind_a_held_flush(queued: int, **config: Any) -> list[int]:
+    async def batches_behind_a_held_flush(queued: int, body: int = 1, **config: Any) -> list[int]:
         gate = threading.Event()
         writer = FakeWriter(gate=gate)
         async with DeliveryExecutor(writer=ThreadWriter(writer), **config) as ex:
             first = asyncio.ensure_future(ex.deliver("p", b"first"))
             await until(lambda: writer.active == 1, "first write holds one slot")
-            rest = [asyncio.ensure_future(ex.deliver("p", b"r")) for _ in range(queued)]
-            await until(lambda: writer.active == 2 or ex.stats().queued == queued, "queued")
+            rest = [asyncio.ensure_future(ex.deliver("p", b"r" * body)) for _ in range(queued)]
+            await until(lambda: writer.active >= 2 or ex.stats().queued == queued, "queued")
             await asyncio.sleep(0.05)  # a (wrong) third flush gets every chance to start
             gate.set()
             await asyncio.gather(first, *rest)
@@ -435,8 +435,13 @@ async def test_eager_does_not_split_small_backlogs_one_slot_or_the_window_policy
     assert await batches_behind_a_held_flush(15, max_concurrent_flushes=3) == [15]
     # The held flush leaves one slot free.
     assert await batches_behind_a_held_flush(32, max_concurrent_flushes=2) == [32]
-    window = {"policy": "window", "max_wait": 0.01}
+    window: dict[str, Any] = {"policy": "window", "max_wait": 0.01}
     assert await batches_behind_a_held_flush(32, max_concurrent_flushes=3, **window) == [32]
+    # Big mail: past SPLIT_MAX_BYTES the backlog goes out whole.
+    big = SPLIT_MAX_BYTES // 16 + 1
+    assert await batches_behind_a_held_flush(16, max_concurrent_flushes=3, body=big) == [16]
+    small = SPLIT_MAX_BYTES // 16
+    assert await batches_behind_a_held_flush(16, max_concurrent_flushes=3, body=small) == [8, 8]
 
 
 @pytest.mark.asyncio

@@ -25,11 +25,12 @@ Two batching policies:
     Natural batching: as soon as a flush slot is free, flush everything that is
     queued (up to ``max_batch``). A lone caller is never held back; under load
     requests pile up while the slots are busy, so batches grow by themselves.
-    When several slots are free, a backlog of at least twice
-    :data:`~.collector.SPLIT_MIN` is shared between them, so that one batch's
-    page-cache work overlaps another's wait for the disk (32 callers on one
-    Maildir: two batches of 16, about 6 % faster than one of 32 here,
-    BUDGETS.md). ``max_wait`` is then only an upper bound that is never waited out.
+    When several slots are free, a backlog of small mail (at least twice
+    :data:`~.collector.SPLIT_MIN` requests, at most
+    :data:`~.collector.SPLIT_MAX_BYTES` of bodies) is shared between them, so
+    that one batch's page-cache work overlaps another's wait for the disk (32
+    callers on one Maildir: two batches of 16, about 6 % faster than one of
+    32 here, BUDGETS.md). ``max_wait`` is then only an upper bound that is never waited out.
 ``"window"``
     The original's fixed window: after the first request, collect until
     ``max_batch`` requests or ``max_wait`` have passed, then wait for a slot.

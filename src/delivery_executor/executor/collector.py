@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -37,6 +38,10 @@ _log = logging.getLogger("delivery_executor")
 
 SPLIT_MIN = 8
 """Eager policy: the fewest requests in a batch split off to fill another free flush slot."""
+SPLIT_MAX_BYTES = 1 << 20
+"""Eager policy: the most body bytes a backlog may hold to be split. The split
+pays where a batch's page-cache work is done on the loop (small mail: +6 %
+for 32 callers on one Maildir); ``serve`` at 1 MiB measured 8 % slower with it."""
 
 Settled: TypeAlias = "list[tuple[list[Request], list[MessageId] | BaseException]]"
 """A flush's outcome: per group, its requests and their ids (in order) or their error."""
@@ -206,10 +211,11 @@ class Collector:
     def _take(self) -> list[Request]:
         """Move up to max_batch requests from the queue into a batch.
 
-        Eager: when other flush slots are free too, the queue is shared
-        between them (:data:`SPLIT_MIN` requests per batch at least), so that
-        one batch's page-cache work overlaps another's wait for the disk
-        instead of every slot but one standing idle.
+        Eager: when other flush slots are free too, a backlog of small mail
+        (:data:`SPLIT_MAX_BYTES` at most) is shared between them
+        (:data:`SPLIT_MIN` requests per batch at least), so that one batch's
+        page-cache work overlaps another's wait for the disk instead of every
+        slot but one standing idle. O(backlog) when it considers a split.
         """
         queue = self.queue
         config = self.config
@@ -219,7 +225,10 @@ class Collector:
         if free > 1 and queued >= 2 * SPLIT_MIN and config.policy == "eager":
             wanted = min(queued, free * config.max_batch)
             parts = min(free, wanted // SPLIT_MIN)  # 0 or 1 when max_batch is tiny
-            if parts > 1:
+            if (
+                parts > 1
+                and sum(r.size for r in itertools.islice(queue, wanted)) <= SPLIT_MAX_BYTES
+            ):
                 n = min(-(-wanted // parts), n)  # ceil: the parts differ by one at most
         if n == queued:
             batch = list(queue)
