@@ -17,6 +17,8 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -178,6 +180,49 @@ def test_the_writeback_forms_one_fsync_commits_every_move(
     assert [c for c in ops.calls if c.startswith("fsync_dir")] == [
         f"fsync_dir {boxes[-1].new_prefix}"
     ] * 2
+
+
+@pytest.mark.parametrize("recorded", ["ext4", "ext4-fast_commit", "xfs"], indirect=True)
+def test_two_threads_committing_at_once_lose_nothing(recorded: Recorder, tmp_path: Path) -> None:
+    """Two threads' writeback batches, their fsyncs overlapping, no forced commits: nothing lost."""
+    rec = recorded
+    expected: dict[str, bytes] = {}
+    acked: dict[str, list[str]] = {}
+    lock = threading.Lock()
+    spans: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def deliver(t: int) -> None:
+        boxes = [Maildir.create(rec.root / f"t{t}u{i}") for i in range(2)]
+        start.wait(30)
+        for b in range(4):
+            bodies = [
+                [f"t{t} batch {b} box {j} msg {i}\n".encode() * 50 for i in range(3)]
+                for j in range(2)
+            ]
+            began = time.monotonic()
+            results = commit_batch(list(zip(boxes, bodies, strict=True)))
+            spans[t].append((began, time.monotonic()))
+            with lock:
+                label = f"t{t}b{b}"
+                acked[label] = []
+                for j, (res, sent) in enumerate(zip(results, bodies, strict=True)):
+                    assert isinstance(res, list), res
+                    for mid, body in zip(res, sent, strict=True):
+                        expected[f"t{t}u{j}/new/{mid.name}"] = body
+                        acked[label].append(f"t{t}u{j}/new/{mid.name}")
+                rec.mark(label)
+
+    threads = [threading.Thread(target=deliver, args=(t,)) for t in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert len(acked) == 8  # both threads finished every batch
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in spans[0] for b0, b1 in spans[1])  # overlapped
+    n, problems = _check_states(rec.stop(), expected, acked, tmp_path)
+    assert n > 8
+    assert problems == []
 
 
 @pytest.mark.parametrize("recorded", ["ext4"], indirect=True)
