@@ -48,9 +48,10 @@ The writeback form (``"auto"`` only, on ext4 with a journal and on XFS)
     directory's last change holds every move made before it (ext4's jbd2
     commits whole transactions in sequence; XFS forces its log up to that
     change). Unlike ``syncfs``, it neither writes out nor waits for anyone
-    else's dirty data, and two batches' commits can overlap: 1.35 against
-    1.80 ms for a ``syncfs`` in its place, and a batch of 32 small files
-    takes 3.78 ms against 5.24 with two ``syncfs`` here (BUDGETS.md). A batch
+    else's dirty data, and two batches' commits can overlap: 0.95-1.35 ms
+    against 1.23-1.80 for a ``syncfs`` in its place, and a batch of 32 small
+    files takes 2.74-3.78 ms against 3.95-5.24 with two ``syncfs`` here (two
+    runs, BUDGETS.md). A batch
     that wrote duplicate records (:mod:`.seen`) ends with ``syncfs`` instead,
     which also covers their data. Where that ordering is not known to hold
     (:func:`~delivery_executor.fsops.orders_writeback` says which), ``"auto"``
