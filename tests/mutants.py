@@ -174,10 +174,10 @@ MUTANTS = [
     Mutant(
         "eager-split-with-a-tiny-max-batch",
         PKG + "executor/collector.py",
-        """            if parts > 1:
-                n = min(-(-wanted // parts), n)""",
-        """            if parts >= 0:
-                n = min(-(-wanted // parts), n)""",
+        """                parts > 1
+                and sum""",
+        """                parts >= 0
+                and sum""",
         ("tests/test_writeback_fsync.py", "-k", "small_max_batch"),
         "the backlog split divides by zero parts when max_batch is below SPLIT_MIN",
     ),
@@ -226,8 +226,8 @@ MUTANTS = [
     Mutant(
         "syncfs-on-first-new-dir",
         PKG + "store/commit.py",
-        '    err = yield ("syncfs", fd, where)',
-        '    err = yield ("syncfs", -1, live[0].md.new_prefix)',
+        "    err = yield call\n",
+        "    err = yield (call[0], -1, live[0].md.new_prefix) if call[0] == 'syncfs' else call\n",
         ("tests/test_isolation.py", "-k", "new-removed"),
         "syncfs opened on the first group's new/, as before issue 14",
     ),
