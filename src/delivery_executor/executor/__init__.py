@@ -30,7 +30,8 @@ Two batching policies:
     :data:`~.collector.SPLIT_MAX_BYTES` of bodies) is shared between them, so
     that one batch's page-cache work overlaps another's wait for the disk (32
     callers on one Maildir: two batches of 16, about 6 % faster than one of
-    32 here, BUDGETS.md). ``max_wait`` is then only an upper bound that is never waited out.
+    32 here, BUDGETS.md). ``max_wait`` is then only an upper bound that is
+    never waited out.
 ``"window"``
     The original's fixed window: after the first request, collect until
     ``max_batch`` requests or ``max_wait`` have passed, then wait for a slot.

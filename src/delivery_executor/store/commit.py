@@ -51,9 +51,10 @@ The writeback form (``"auto"`` only, on ext4 with a journal and on XFS)
     else's dirty data, and two batches' commits can overlap: 0.95-1.35 ms
     against 1.23-1.80 for a ``syncfs`` in its place, and a batch of 32 small
     files takes 2.74-3.78 ms against 3.95-5.24 with two ``syncfs`` here (two
-    runs, BUDGETS.md). A batch
-    that wrote duplicate records (:mod:`.seen`) ends with ``syncfs`` instead,
-    which also covers their data. Where that ordering is not known to hold
+    runs, BUDGETS.md). A batch that wrote duplicate records (:mod:`.seen`)
+    ends with ``syncfs`` instead, which also covers their data, and so does
+    one whose last directory cannot be opened any more (see :func:`_sync_dev`).
+    Where that ordering is not known to hold
     (:func:`~delivery_executor.fsops.orders_writeback` says which), ``"auto"``
     keeps two ``syncfs``. Checked on a recorded device, for every crash state,
     with journal commits forced between every two steps, and with the moves
