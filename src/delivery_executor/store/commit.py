@@ -153,7 +153,9 @@ WRITEBACK_MAX_BYTES = 4 << 20
 that, two ``syncfs``. Measured here (BUDGETS.md): the writeback form is a
 quarter faster for a batch of small mail and level at 64 KiB, but ``serve``
 ran a third slower with it at 1 MiB, with more system CPU in its own
-processes (the waits make the writing thread do the writeback)."""
+processes (the waits make the writing thread do the writeback), while its
+last step was a ``syncfs``. With the ``fsync`` last step, no bound led in 7
+of 10 rounds at 1 MiB (+7 % median), within the noise: the bound stays."""
 
 SYNC_MODES: tuple[SyncMode, ...] = ("auto", "syncfs", "fsync")
 _EEXIST_RETRIES = 8
