@@ -142,9 +142,9 @@ MUTANTS = [
     Mutant(
         "writeback-fsyncs-the-first-directory",
         PKG + "store/commit.py",
-        """                    last_dir[g.md.dev] = g.md.new_prefix
+        """                last_dir[g.md.dev] = g.md.new_prefix
 """,
-        """                    last_dir.setdefault(g.md.dev, g.md.new_prefix)
+        """                last_dir.setdefault(g.md.dev, g.md.new_prefix)
 """,
         ("tests/test_power_loss.py", "-k", "one_fsync and xfs"),
         "the writeback form's one fsync is of the first directory moved into, not the last",

@@ -422,6 +422,14 @@ class _Body:
             # else: too few bytes yet to know which; at most w + 1 past s.
 
 
+def _vouch(envelope: object, content: bytes, line_ends: int | None) -> None:
+    """Mark ``content`` as the reader's body with no bare LF (and its CRLF count, if
+    known), for :func:`has_no_bare_lf` and :func:`counted_line_ends`."""
+    setattr(envelope, NO_BARE_LF, content)
+    if line_ends is not None:
+        setattr(envelope, LINE_ENDS, line_ends)
+
+
 _MAKING = threading.Lock()
 
 
@@ -461,9 +469,7 @@ class BulkEnvelope(Envelope):
                 return
             data = raw.made_content()  # the same bytes for every envelope sharing raw
             self._original = self._content = data
-            setattr(self, NO_BARE_LF, data)
-            if raw.line_ends is not None:
-                setattr(self, LINE_ENDS, raw.line_ends)
+            _vouch(self, data, raw.line_ends)
             self._raw = None  # last: a concurrent reader sees the held body or the made one
 
     @property
@@ -585,9 +591,7 @@ class BulkDataMixin(_MixinBase):
         self.envelope.content = content
         self.envelope.original_content = original_content
         if body.bare_lf is False:
-            setattr(self.envelope, NO_BARE_LF, original_content)
-            if body.line_ends is not None:
-                setattr(self.envelope, LINE_ENDS, body.line_ends)
+            _vouch(self.envelope, original_content, body.line_ends)
         await self._handle_data()
 
     async def _handle_data(self) -> None:

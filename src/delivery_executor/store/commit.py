@@ -487,9 +487,10 @@ def _steps(work: list[_Group], options: StoreOptions) -> CommitSteps:
             try:
                 for name, suffix in zip(g.names, g.suffixes, strict=True):
                     g.ids.append(_move_new(g.md, name, suffix, ops))
-                    last_dir[g.md.dev] = g.md.new_prefix
             except OSError as exc:
-                g.fail(exc, ops)
+                g.fail(exc, ops)  # keeps the moves made: they count below
+            if g.ids:
+                last_dir[g.md.dev] = g.md.new_prefix
         # A name taken in new/ (next to never) moved a message under another:
         # its record is written again, naming that one.
         yield from _write_records(work, syncfs_devs, ops, moved=True, recorded=recorded)
@@ -706,7 +707,7 @@ def _write_back_all(
         paths = tuple(path for _, path in files)
         files.clear()
         try:
-            live = [g for g in work if g.md.dev == dev and g.error is None and g.names]
+            live = _live(work, dev)
             if live:
                 err = yield ("writeback", fds, paths)
                 if err is not None:
@@ -720,6 +721,11 @@ def _write_back_all(
                         ops.close(fd)
 
 
+def _live(work: list[_Group], dev: int) -> list[_Group]:
+    """The groups on file system ``dev`` that a sync there still concerns."""
+    return [g for g in work if g.md.dev == dev and g.error is None and g.names]
+
+
 def _sync_dev(
     work: list[_Group], dev: int, call: SyncCall, ops: FsOps, handle: int = -1
 ) -> Generator[SyncCall, OSError | None, None]:
@@ -731,7 +737,7 @@ def _sync_dev(
     ``handle``, a file held open since the writes: one broken Maildir must
     not fail its neighbours.
     """
-    live = [g for g in work if g.md.dev == dev and g.error is None and g.names]
+    live = _live(work, dev)
     if not live:
         return
     err = yield call
