@@ -201,6 +201,8 @@ def test_smtp_source_then_outage_then_flush(
 
     # serve is down: Postfix accepts, tries, and defers every one of them.
     smtp_source(postfix, f"later@{DOMAIN}", 300, 4)
+    # postlogd writes the log after smtp-source has its replies: wait for the lines.
+    wait_for(lambda: len(set(postfix.accepted_ids()) - first) >= 300, 10, "300 client= lines")
     second = set(postfix.accepted_ids()) - first
     assert len(second) == 300
 
