@@ -1,4 +1,5 @@
-/* The DATA path's byte loops in C: each is one pass over the bytes it needs.
+/* The DATA path's byte loops in C, each one pass over the bytes it needs, and
+ * the writeback of a batch's files in one call.
  *
  * find_dot_or_bare_lf_counted(buf, pos) -> (int, int)
  *     The offset of the first LF at or after pos that starts a line with a
@@ -34,6 +35,15 @@
  *     size); None if that count was wrong. ValueError for a dot that is not
  *     at a line start. Releases the GIL past 64 KiB (the buffer is held
  *     exported, so it cannot be resized meanwhile).
+ *
+ * writeback(fds) -> None or (int, int)       (Linux only)
+ *     sync_file_range(fd, 0, 0, WRITE) on every fd, then
+ *     sync_file_range(fd, 0, 0, WAIT_BEFORE|WRITE|WAIT_AFTER) on each, with the
+ *     GIL released once for all of them; None, or (index, errno) of the first
+ *     call that failed (nothing after it is made). The same calls as
+ *     FsOps.start_writeback then FsOps.wait_writeback per file (fsops.py),
+ *     which go through ctypes one by one: a thread making them must win the
+ *     GIL back after each, from an event loop that may be busy.
  *
  * The scan reads the buffer once; the conversion once when the count is
  * given, else twice (a memchr pass that counts, so that the result is
@@ -404,6 +414,66 @@ done:
     return result;
 }
 
+#ifdef __linux__
+#include <errno.h>
+#include <fcntl.h>
+
+static PyObject *
+writeback(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "writeback(fds): fds must be a sequence of ints");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int *fds = PyMem_New(int, n > 0 ? n : 1);
+    if (fds == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long fd = PyLong_AsLongAndOverflow(PySequence_Fast_GET_ITEM(seq, i), &overflow);
+        if (fd == -1 && PyErr_Occurred()) {
+            goto fail;
+        }
+        if (overflow || fd < INT_MIN || fd > INT_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "writeback(fds): fd out of range");
+            goto fail;
+        }
+        fds[i] = (int)fd;
+    }
+    Py_DECREF(seq);
+    Py_ssize_t failed = -1;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && failed < 0; i++) {
+        if (sync_file_range(fds[i], 0, 0, SYNC_FILE_RANGE_WRITE) != 0) {
+            failed = i;
+            err = errno;
+        }
+    }
+    const unsigned int wait = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
+                              | SYNC_FILE_RANGE_WAIT_AFTER;
+    for (Py_ssize_t i = 0; i < n && failed < 0; i++) {
+        if (sync_file_range(fds[i], 0, 0, wait) != 0) {
+            failed = i;
+            err = errno;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(fds);
+    if (failed < 0) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(ni)", failed, err);
+fail:
+    Py_DECREF(seq);
+    PyMem_Free(fds);
+    return NULL;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"find_dot_or_bare_lf_counted", (PyCFunction)(void (*)(void))find_dot_or_bare_lf_counted,
      METH_FASTCALL,
@@ -414,12 +484,17 @@ static PyMethodDef methods[] = {
      "(raw body without its stuffing dots, CRLF turned into LF, W - S), or None for a wrong crlf."},
     {"to_lf_counted", (PyCFunction)(void (*)(void))to_lf_counted, METH_FASTCALL,
      "(body with CRLF turned into LF, its LF count minus its CRLF count); crlf: its CRLF count if known."},
+#ifdef __linux__
+    {"writeback", writeback, METH_O,
+     "sync_file_range WRITE on every fd, then WAIT_BEFORE|WRITE|WAIT_AFTER on each, "
+     "without the GIL: None, or (index, errno) of the first that failed."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "delivery_executor._speedups",
-    "The DATA path's byte loops in C (optional: pure-Python fallbacks exist).", 0, methods,
+    "The DATA path's byte loops and the batch writeback in C (optional: pure-Python fallbacks exist).", 0, methods,
 };
 
 PyMODINIT_FUNC

@@ -1,3 +1,5 @@
+from collections.abc import Sequence
+
 def find_dot_or_bare_lf_counted(
     buf: bytes | bytearray | memoryview, pos: int, /
 ) -> tuple[int, int]: ...
@@ -8,3 +10,4 @@ def judge_lines(
 def unstuff_to_lf(
     buf: bytes | bytearray | memoryview, start: int, dots: list[int], crlf: int, /
 ) -> tuple[bytes, int] | None: ...
+def writeback(fds: Sequence[int], /) -> tuple[int, int] | None: ...

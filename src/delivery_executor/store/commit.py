@@ -400,11 +400,7 @@ def run_sync_call(ops: FsOps, call: SyncCall) -> OSError | None:
     kind, fd, path = call
     try:
         if isinstance(fd, tuple):  # "writeback": every file's writes queued before any wait
-            paths = path if isinstance(path, tuple) else (path,) * len(fd)
-            for f, p in zip(fd, paths, strict=True):
-                ops.start_writeback(f, p)
-            for f, p in zip(fd, paths, strict=True):
-                ops.wait_writeback(f, p)
+            ops.writeback(fd, path if isinstance(path, tuple) else (path,) * len(fd))
             return None
         assert isinstance(path, str)
         if kind == "fdatasync":
