@@ -433,6 +433,24 @@ MUTANTS = [
         ("tests/test_recipients.py", "-k", "sibling"),
         "a mapper's path in a sibling of the root (/var/mail2 next to /var/mail) is accepted",
     ),
+    # The batch writeback in one C call (FsOps.writeback).
+    Mutant(
+        "writeback-c-call-failure-ignored",
+        PKG + "fsops.py",
+        "            if failed is not None:\n",
+        "            if False:\n",
+        ("tests/test_speedups.py", "-k", "writeback_failures"),
+        "a failed sync_file_range in the C call is dropped: moves made over unwritten data",
+    ),
+    Mutant(
+        "writeback-c-call-bypasses-overrides",
+        PKG + "fsops.py",
+        "            and cls.start_writeback is FsOps.start_writeback\n"
+        "            and cls.wait_writeback is FsOps.wait_writeback\n",
+        "",
+        ("tests/test_speedups.py", "-k", "override"),
+        "a tracing or failing FsOps subclass is bypassed: the crash model no longer sees the waits",
+    ),
 ]
 
 
