@@ -31,6 +31,11 @@ gaps between commits and, for the executor, batch sizes and the share of time
 with 0, 1, 2... flushes in flight. ``--timeline out.json`` keeps the raw
 commits and flushes of the last round.
 
+``--sync-calls`` also times each sync call the executor's loop writer makes
+in its thread (wall time, by kind: the writeback of a batch's files, the
+last ``fsync``) and prints their p50 and p90 over the run; run it with
+``PYTHONPATH=<other tree>/src`` to compare two trees.
+
 ``--ab SRC`` interleaves this tree with another's ``src`` (e.g. a
 ``git worktree add`` of the base commit) round by round, each round in a
 fresh subprocess, and prints both sets of medians: before/after in one run.
@@ -75,6 +80,39 @@ class _NullWriter:
 
     async def aclose(self) -> None:
         return None
+
+
+@contextmanager
+def _timed_sync_calls(into: dict[str, list[float]]) -> Iterator[None]:
+    """While inside, the loop writer's sync calls append their wall time to ``into[kind]``."""
+    from delivery_executor.writers import local
+
+    real = getattr(local, "run_sync_call")  # noqa: B009 (not exported; patched here)
+
+    def timed(ops: Any, call: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return real(ops, call)
+        finally:
+            kind = "writeback" if isinstance(call[1], tuple) else str(call[0])
+            into.setdefault(kind, []).append(time.perf_counter() - t0)
+
+    setattr(local, "run_sync_call", timed)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(local, "run_sync_call", real)  # noqa: B010
+
+
+def format_sync_calls(calls: dict[str, list[float]]) -> str:
+    out = []
+    for kind, times in sorted(calls.items()):
+        t = sorted(times)
+        p50, p90 = t[len(t) // 2] * 1e6, t[int(len(t) * 0.9)] * 1e6
+        out.append(
+            f"sync call {kind:<10} {len(t):>6} calls  p50 {p50:>6.0f} us  p90 {p90:>6.0f} us"
+        )
+    return "\n".join(out)
 
 
 def _cpu() -> tuple[float, float]:
@@ -255,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="run only this contender (repeatable); e.g. one per run under callgrind",
     )
+    parser.add_argument(
+        "--sync-calls", action="store_true", help="time the executor's sync calls (p50, p90)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.ab is not None:
@@ -276,8 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             root, description = stack.enter_context(bench_filesystem())
         print(f"file system: {description}", flush=True)
+        calls: dict[str, list[float]] = {}
+        if args.sync_calls:
+            stack.enter_context(_timed_sync_calls(calls))
         result = run_all(root, args.messages, args.rounds, args.only or CONTENDERS, timeline)
     print(format_result(result))
+    if calls:
+        print(format_sync_calls(calls))
     library = str(Path(delivery_executor.__file__).parent)
     if args.json:
         args.json.write_text(
