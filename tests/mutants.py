@@ -445,8 +445,8 @@ MUTANTS = [
     Mutant(
         "writeback-c-call-bypasses-overrides",
         PKG + "fsops.py",
-        "            and cls.start_writeback is FsOps.start_writeback\n"
-        "            and cls.wait_writeback is FsOps.wait_writeback\n",
+        "            and cls.start_writeback is _STOCK_START\n"
+        "            and cls.wait_writeback is _STOCK_WAIT\n",
         "",
         ("tests/test_speedups.py", "-k", "override"),
         "a tracing or failing FsOps subclass is bypassed: the crash model no longer sees the waits",

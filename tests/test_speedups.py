@@ -401,6 +401,29 @@ def test_an_override_of_either_per_file_call_is_made_per_file(
     assert seen == [(override, p) for p in paths]
 
 
+@pytest.mark.skipif(not fsops.HAVE_WRITEBACK, reason="no sync_file_range here")
+def test_a_patch_on_fsops_itself_is_honoured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """monkeypatch.setattr(FsOps, "wait_writeback", ...) reaches the stock ops too: no C call."""
+    monkeypatch.setattr(fsops, "_WRITEBACK_ALL", lambda fds: pytest.fail("took the C call"))
+    waited: list[str] = []
+    real = FsOps.wait_writeback
+
+    def traced(self: FsOps, fd: int, path: str) -> None:
+        waited.append(path)
+        real(self, fd, path)
+
+    monkeypatch.setattr(FsOps, "wait_writeback", traced)
+    fds, paths = _open_files(tmp_path, 2)
+    try:
+        fsops.OS_OPS.writeback(tuple(fds), tuple(paths))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert waited == paths
+
+
 @needs_c
 @pytest.mark.skipif(not fsops.HAVE_WRITEBACK, reason="no sync_file_range here")
 def test_c_writeback_refuses_what_is_not_a_list_of_fds() -> None:

@@ -237,13 +237,13 @@ class FsOps:
         the GIL back after each from an event loop that may be busy, which
         cost the in-process executor about a tenth of its rate here
         (BUDGETS.md). A subclass that overrides either method (to trace or to
-        fail) gets them one by one.
+        fail), or patches either on this class, gets them one by one.
         """
         cls = type(self)
         if (
             _WRITEBACK_ALL is not None
-            and cls.start_writeback is FsOps.start_writeback
-            and cls.wait_writeback is FsOps.wait_writeback
+            and cls.start_writeback is _STOCK_START
+            and cls.wait_writeback is _STOCK_WAIT
         ):
             failed = _WRITEBACK_ALL(fds)
             if failed is not None:
@@ -262,6 +262,12 @@ class FsOps:
         if _SYNC_FILE_RANGE(fd, 0, 0, flags) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), path)
+
+
+# The per-file calls as defined above: FsOps.writeback takes its C path only
+# while a class still has these (a patch on FsOps itself counts as an override).
+_STOCK_START = FsOps.start_writeback
+_STOCK_WAIT = FsOps.wait_writeback
 
 
 def orders_writeback(path: str) -> bool:
