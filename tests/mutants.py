@@ -130,9 +130,9 @@ MUTANTS = [
     ),
     Mutant(
         "writeback-without-wait",
-        PKG + "store/commit.py",
-        """            for f, p in zip(fd, paths, strict=True):
-                ops.wait_writeback(f, p)
+        PKG + "fsops.py",
+        """        for fd, path in zip(fds, paths, strict=True):
+            self.wait_writeback(fd, path)
 """,
         """            pass
 """,
@@ -445,11 +445,29 @@ MUTANTS = [
     Mutant(
         "writeback-c-call-bypasses-overrides",
         PKG + "fsops.py",
-        "            and cls.start_writeback is _STOCK_START\n"
-        "            and cls.wait_writeback is _STOCK_WAIT\n",
+        '            and getattr(self.start_writeback, "__func__", None) is _STOCK_START\n'
+        '            and getattr(self.wait_writeback, "__func__", None) is _STOCK_WAIT\n'
+        "            and self._sync_file_range is _STOCK_SYNC_FILE_RANGE\n",
         "",
-        ("tests/test_speedups.py", "-k", "override"),
+        ("tests/test_speedups.py", "tests/test_writeback_review.py", "-k", "override"),
         "a tracing or failing FsOps subclass is bypassed: the crash model no longer sees the waits",
+    ),
+    Mutant(
+        "writeback-c-call-makes-no-calls",
+        PKG + "fsops.py",
+        "            failed = _WRITEBACK_ALL(fds)\n",
+        "            failed = _WRITEBACK_ALL(())\n",
+        ("tests/test_writeback_cache.py", "-k", "no_page_dirty"),
+        "the C writeback returns success having written nothing back",
+    ),
+    Mutant(
+        "writeback-c-call-skips-the-wait",
+        PKG + "fsops.py",
+        "            failed = _WRITEBACK_ALL(fds)\n",
+        "            failed = [FsOps._sync_file_range(f, 2, p) for f, p in zip(fds, paths)]"
+        " and None\n",
+        ("tests/test_writeback_cache.py", "-k", "no_page_dirty"),
+        "the C writeback starts every file's writeback and waits for none: moves outrun the data",
     ),
 ]
 

@@ -421,11 +421,18 @@ done:
 static PyObject *
 writeback(PyObject *Py_UNUSED(module), PyObject *arg)
 {
-    PyObject *seq = PySequence_Fast(arg, "writeback(fds): fds must be a sequence of ints");
+    /* A tuple (the same object for a tuple): an item's __index__ can neither
+     * shrink it nor free the items still to convert, as it could a list's. */
+    PyObject *fast = PySequence_Fast(arg, "writeback(fds): fds must be a sequence of ints");
+    if (fast == NULL) {
+        return NULL;
+    }
+    PyObject *seq = PyTuple_Check(fast) ? Py_NewRef(fast) : PySequence_Tuple(fast);
+    Py_DECREF(fast);
     if (seq == NULL) {
         return NULL;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     int *fds = PyMem_New(int, n > 0 ? n : 1);
     if (fds == NULL) {
         Py_DECREF(seq);
@@ -433,7 +440,7 @@ writeback(PyObject *Py_UNUSED(module), PyObject *arg)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         int overflow = 0;
-        long fd = PyLong_AsLongAndOverflow(PySequence_Fast_GET_ITEM(seq, i), &overflow);
+        long fd = PyLong_AsLongAndOverflow(PyTuple_GET_ITEM(seq, i), &overflow);
         if (fd == -1 && PyErr_Occurred()) {
             goto fail;
         }
