@@ -40,8 +40,8 @@
  *     sync_file_range(fd, 0, 0, WRITE) on every fd, then
  *     sync_file_range(fd, 0, 0, WAIT_BEFORE|WRITE|WAIT_AFTER) on each, with the
  *     GIL released once for all of them; None, or (index, errno) of the first
- *     call that failed (nothing after it is made; EINTR is retried). The same calls as
- *     FsOps.start_writeback then FsOps.wait_writeback per file (fsops.py),
+ *     call that failed (nothing after it is made; EINTR is retried). The same
+ *     calls as FsOps.start_writeback then FsOps.wait_writeback per file (fsops.py),
  *     which go through ctypes one by one: a thread making them must win the
  *     GIL back after each, from an event loop that may be busy.
  *
@@ -454,10 +454,10 @@ writeback(PyObject *Py_UNUSED(module), PyObject *arg)
     Py_ssize_t failed = -1;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    const unsigned int wait = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
-                              | SYNC_FILE_RANGE_WAIT_AFTER;
+    const unsigned int wait_all = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
+                                  | SYNC_FILE_RANGE_WAIT_AFTER;
     for (int pass = 0; pass < 2 && failed < 0; pass++) {
-        unsigned int flags = pass == 0 ? SYNC_FILE_RANGE_WRITE : wait;
+        unsigned int flags = pass == 0 ? SYNC_FILE_RANGE_WRITE : wait_all;
         for (Py_ssize_t i = 0; i < n && failed < 0; i++) {
             int rc;
             do {  /* a signal is no failure: retried, as Python retries its own calls */
