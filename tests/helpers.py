@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from delivery_executor import DeliveryExecutor
+from delivery_executor import DeliveryExecutor, fsops
 from delivery_executor.fsops import FsOps
 from delivery_executor.smtp import DeliveryHandler, SessionFactory
 from delivery_executor.userdb import UserdbResolver
@@ -183,3 +183,22 @@ async def userdb_lmtp(resolver: UserdbResolver) -> AsyncIterator[int]:
     async with listening(factory, ex) as port:
         yield port
     await resolver.aclose()
+
+
+def spy_c_writeback(monkeypatch: pytest.MonkeyPatch, path: str = "c") -> list[tuple[int, ...]]:
+    """Route ``FsOps.writeback`` through its C call, recording each call's fds, or, for
+    ``path="python"``, through the per-file calls; skips where the C helpers are off."""
+    calls: list[tuple[int, ...]] = []
+    if path == "python":
+        monkeypatch.setattr(fsops, "_WRITEBACK_ALL", None)
+        return calls
+    real = fsops._WRITEBACK_ALL
+    if real is None:
+        pytest.skip("C helpers off")
+
+    def spy(fds: Sequence[int]) -> tuple[int, int] | None:
+        calls.append(tuple(fds))
+        return real(fds)
+
+    monkeypatch.setattr(fsops, "_WRITEBACK_ALL", spy)
+    return calls

@@ -439,7 +439,7 @@ MUTANTS = [
         PKG + "fsops.py",
         "            if failed is not None:\n",
         "            if False:\n",
-        ("tests/test_speedups.py", "-k", "writeback_failures"),
+        ("tests/test_writeback_call.py", "-k", "writeback_failures"),
         "a failed sync_file_range in the C call is dropped: moves made over unwritten data",
     ),
     Mutant(
@@ -449,7 +449,7 @@ MUTANTS = [
         '            and getattr(self.wait_writeback, "__func__", None) is _STOCK_WAIT\n'
         "            and self._sync_file_range is _STOCK_SYNC_FILE_RANGE\n",
         "",
-        ("tests/test_speedups.py", "tests/test_writeback_review.py", "-k", "override"),
+        ("tests/test_writeback_call.py", "-k", "override"),
         "a tracing or failing FsOps subclass is bypassed: the crash model no longer sees the waits",
     ),
     Mutant(

@@ -1,23 +1,21 @@
-"""The C helpers: built, in use, and equal to the Python paths they replace."""
+"""The DATA path's C helpers: built, in use, and equal to the Python paths they replace.
+
+The batch writeback's C call: ``tests/test_writeback_call.py``."""
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from delivery_executor import _native, fsops
-from delivery_executor.fsops import FsOps
+from delivery_executor import _native
 from delivery_executor.smtp import handler, reader
 
 pytestmark = pytest.mark.timeout(60)
@@ -306,134 +304,3 @@ def test_unstuff_to_lf_of_a_big_body_without_the_gil() -> None:
     fused = body.lf_content()
     assert fused is not None
     assert fused[0] == b"".join(line + b"\n" for line in lines)
-
-
-# -- the batch writeback (FsOps.writeback): one C call, the GIL released once
-
-
-def _open_files(tmp_path: Path, n: int) -> tuple[list[int], list[str]]:
-    paths = [str(tmp_path / f"f{i}") for i in range(n)]
-    fds = []
-    for p in paths:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.write(fd, b"x" * 5000)
-        fds.append(fd)
-    return fds, paths
-
-
-@needs_c
-@pytest.mark.skipif(not fsops.HAVE_WRITEBACK, reason="no sync_file_range here")
-def test_stock_ops_write_a_batch_back_in_one_c_call(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """FsOps().writeback hands every fd to the C helper at once, and succeeds on real files."""
-    calls: list[tuple[int, ...]] = []
-    real = fsops._WRITEBACK_ALL
-    assert real is not None
-
-    def spy(fds: Sequence[int]) -> tuple[int, int] | None:
-        calls.append(tuple(fds))
-        return real(fds)
-
-    monkeypatch.setattr(fsops, "_WRITEBACK_ALL", spy)
-    fds, paths = _open_files(tmp_path, 3)
-    try:
-        FsOps().writeback(tuple(fds), tuple(paths))
-    finally:
-        for fd in fds:
-            os.close(fd)
-    assert calls == [tuple(fds)]
-
-
-@pytest.mark.skipif(not fsops.HAVE_WRITEBACK, reason="no sync_file_range here")
-@pytest.mark.parametrize("path", ["c", "python"])
-def test_writeback_failures_name_their_file_with_the_errno(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
-) -> None:
-    """A bad fd fails with its own errno and path, in the C call as in the per-file fallback."""
-    if path == "c" and fsops._WRITEBACK_ALL is None:
-        pytest.skip("C helpers off")
-    if path == "python":
-        monkeypatch.setattr(fsops, "_WRITEBACK_ALL", None)
-    fds, paths = _open_files(tmp_path, 1)
-    read_end, write_end = os.pipe()
-    try:
-        with pytest.raises(OSError, match="Bad file descriptor") as bad:
-            FsOps().writeback((fds[0], -1), (paths[0], "/m/tmp/closed"))
-        assert bad.value.errno == errno.EBADF and bad.value.filename == "/m/tmp/closed"
-        with pytest.raises(OSError, match="Illegal seek") as pipe:
-            FsOps().writeback((write_end, fds[0]), ("/m/tmp/pipe", paths[0]))
-        assert pipe.value.errno == errno.ESPIPE and pipe.value.filename == "/m/tmp/pipe"
-        FsOps().writeback((), ())
-    finally:
-        for fd in (*fds, read_end, write_end):
-            os.close(fd)
-
-
-@pytest.mark.skipif(not fsops.HAVE_WRITEBACK, reason="no sync_file_range here")
-@pytest.mark.parametrize("override", ["start_writeback", "wait_writeback"])
-def test_an_override_of_either_per_file_call_is_made_per_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, override: str
-) -> None:
-    """A subclass that traces one per-file call gets every call one by one, starts before waits."""
-    monkeypatch.setattr(fsops, "_WRITEBACK_ALL", lambda fds: pytest.fail("took the C call"))
-    seen: list[tuple[str, str]] = []
-
-    class Tracing(FsOps):
-        __slots__ = ()
-
-    def traced(kind: str) -> Callable[[FsOps, int, str], None]:
-        real = getattr(FsOps, kind)
-
-        def call(self: FsOps, fd: int, path: str) -> None:
-            seen.append((kind, path))
-            real(self, fd, path)
-
-        return call
-
-    setattr(Tracing, override, traced(override))
-    fds, paths = _open_files(tmp_path, 2)
-    try:
-        Tracing().writeback(tuple(fds), tuple(paths))
-    finally:
-        for fd in fds:
-            os.close(fd)
-    assert seen == [(override, p) for p in paths]
-
-
-@pytest.mark.skipif(not fsops.HAVE_WRITEBACK, reason="no sync_file_range here")
-def test_a_patch_on_fsops_itself_is_honoured(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """monkeypatch.setattr(FsOps, "wait_writeback", ...) reaches the stock ops too: no C call."""
-    monkeypatch.setattr(fsops, "_WRITEBACK_ALL", lambda fds: pytest.fail("took the C call"))
-    waited: list[str] = []
-    real = FsOps.wait_writeback
-
-    def traced(self: FsOps, fd: int, path: str) -> None:
-        waited.append(path)
-        real(self, fd, path)
-
-    monkeypatch.setattr(FsOps, "wait_writeback", traced)
-    fds, paths = _open_files(tmp_path, 2)
-    try:
-        fsops.OS_OPS.writeback(tuple(fds), tuple(paths))
-    finally:
-        for fd in fds:
-            os.close(fd)
-    assert waited == paths
-
-
-@needs_c
-@pytest.mark.skipif(not fsops.HAVE_WRITEBACK, reason="no sync_file_range here")
-def test_c_writeback_refuses_what_is_not_a_list_of_fds() -> None:
-    """Not a sequence, not an int, or out of an int's range: TypeError or OverflowError."""
-    assert speedups is not None
-    with pytest.raises(TypeError, match="sequence of ints"):
-        speedups.writeback(3)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        speedups.writeback(["3"])  # type: ignore[list-item]
-    for huge in (2**31, -(2**31) - 1, 2**70):
-        with pytest.raises(OverflowError, match="out of range"):
-            speedups.writeback([huge])
-    assert speedups.writeback([]) is None

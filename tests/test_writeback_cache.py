@@ -13,13 +13,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from delivery_executor import Maildir, commit_batch, fsops
 from delivery_executor.fsops import FsOps
+
+from .helpers import spy_c_writeback
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -73,31 +74,21 @@ def _needs_page_state(where: Path) -> None:
         p.unlink()
 
 
-def _spy_c(monkeypatch: pytest.MonkeyPatch, path: str) -> list[int]:
-    """Route FsOps.writeback through the C call (counted) or the per-file calls."""
-    calls: list[int] = []
-    real = fsops._WRITEBACK_ALL
-    if path == "python":
-        monkeypatch.setattr(fsops, "_WRITEBACK_ALL", None)
-        return calls
-    if real is None:
-        pytest.skip("C helpers off")
-
-    def spy(fds: Sequence[int]) -> tuple[int, int] | None:
-        calls.append(len(fds))
-        return real(fds)
-
-    monkeypatch.setattr(fsops, "_WRITEBACK_ALL", spy)
-    return calls
+@pytest.fixture(params=["c", "python"])
+def writeback_path(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, list[tuple[int, ...]]]:
+    """Each test twice, on a tmp_path that keeps page state: ("c", the C calls' fds), with
+    FsOps.writeback through its C call, and ("python", []) through the per-file calls."""
+    _needs_page_state(tmp_path)
+    return request.param, spy_c_writeback(monkeypatch, request.param)
 
 
-@pytest.mark.parametrize("path", ["c", "python"])
 def test_writeback_leaves_no_page_dirty_or_in_flight(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+    tmp_path: Path, writeback_path: tuple[str, list[tuple[int, ...]]]
 ) -> None:
     """FsOps().writeback on 16 dirty 256 KiB files: every page clean and on the device after."""
-    _needs_page_state(tmp_path)
-    calls = _spy_c(monkeypatch, path)
+    path, calls = writeback_path
     for trial in range(5):
         fds, paths = [], []
         try:
@@ -113,16 +104,14 @@ def test_writeback_leaves_no_page_dirty_or_in_flight(
         finally:
             for fd in fds:
                 os.close(fd)
-    assert calls == ([16] * 5 if path == "c" else [])
+    assert [len(c) for c in calls] == ([16] * 5 if path == "c" else [])
 
 
-@pytest.mark.parametrize("path", ["c", "python"])
 def test_a_writeback_form_batch_returns_with_its_mail_written_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+    tmp_path: Path, writeback_path: tuple[str, list[tuple[int, ...]]]
 ) -> None:
     """commit_batch, stock ops, writeback form: every delivered file clean when it returns."""
-    _needs_page_state(tmp_path)
-    calls = _spy_c(monkeypatch, path)
+    path, calls = writeback_path
     boxes = [
         Maildir(str(m.path), m.dev, m.owner, ordered=True)  # as on ext4+journal or XFS
         for m in (Maildir.create(tmp_path / f"u{i}") for i in range(2))
@@ -135,4 +124,4 @@ def test_a_writeback_form_batch_returns_with_its_mail_written_back(
         files += [box.new_prefix + mid.name + box.info for mid in res]
     assert len(files) == 8
     assert [_unclean(f) for f in files] == [(0, 0)] * 8
-    assert calls == ([8] if path == "c" else [])
+    assert [len(c) for c in calls] == ([8] if path == "c" else [])
